@@ -1,0 +1,3 @@
+"""hlsa: hybrid linear + sparse attention language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Token mixers (one per file) and the small modules they share."""
