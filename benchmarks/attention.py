@@ -1,0 +1,306 @@
+"""Sparse attention with columns (LTE training pattern) on one GPU: correctness first, then timings against peers.
+
+Usage (GPU machine): `PYTHONPATH=src python benchmarks/attention.py --out DIR [--quick] [--no-flex]`
+Writes `attention_h200.json` and `attention_h200.png` in DIR and prints a table.
+
+Pattern per (b, kv head): causal band of W + 1 = 769 keys, 4 sinks and 512 selected columns at random positions
+(`column_end = INT32_MAX`), no padding. Peers from the same run: FlexAttention (compiled, same mask), SDPA full causal
+(flash backend), SDPA with the dense boolean mask (where it fits). Effective TFLOP/s count attended pairs only:
+4 * D FLOPs per pair forward, 2.5x that backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import platform
+import subprocess
+
+import torch
+import torch.nn.functional as F
+
+from hlsa.ops.sparse_attention import sparse_attention, sparse_attention_ref
+
+INT32_MAX = 2**31 - 1
+WINDOW = 768
+N_COLUMNS = 512
+N_SINKS = 4
+
+
+def make_inputs(B: int, T: int, HQ: int, HKV: int, D: int, dtype: torch.dtype, *, requires_grad: bool = True):
+    """Random q, k, v `[B, T, H, D]` and a training column_end `[B, T, HKV]` (sinks + random columns)."""
+    q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=dtype) for h in (HQ, HKV, HKV))
+    for x in (q, k, v):
+        x.requires_grad_(requires_grad)
+    column_end = torch.zeros(B, T, HKV, device="cuda", dtype=torch.int32)
+    column_end[:, :N_SINKS] = INT32_MAX
+    picks = torch.rand(B, HKV, T - N_SINKS, device="cuda").argsort(dim=-1)[..., :N_COLUMNS] + N_SINKS  # [B, HKV, N]
+    column_end.permute(0, 2, 1).scatter_(2, picks, INT32_MAX)
+    return q, k, v, column_end
+
+
+def attended_pairs(column_end: torch.Tensor, HQ: int) -> int:
+    """Number of visible (query, key) pairs summed over the query heads (training pattern, no padding)."""
+    B, T, HKV = column_end.shape
+    band = _band_pairs(T)
+    j = torch.arange(T, device=column_end.device)[None, :, None]
+    far = ((column_end > j + WINDOW + 1) * (T - j - WINDOW - 1).clamp_min(0)).sum().item()
+    return int((band * B * HKV + far) * (HQ // HKV))
+
+
+def _band_pairs(T: int) -> int:
+    w = WINDOW + 1
+    return w * (w + 1) // 2 + max(T - w, 0) * w if T > w else T * (T + 1) // 2
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check_correctness() -> list[dict]:
+    """Kernel vs the fp32/fp64 reference on slices that fit the dense reference; returns one row per case."""
+    rows = []
+    cases = [  # (name, B, T, HQ, HKV, D, window, dtype, pad, finite column ends)
+        ("bf16 T4096 D64 GQA4 W768", 2, 4096, 16, 4, 64, WINDOW, torch.bfloat16, 0, False),
+        ("bf16 T4096 D128 MHA W768", 1, 4096, 8, 8, 128, WINDOW, torch.bfloat16, 0, False),
+        ("fp32 T3001 D128 GQA2 W100 pad+ends", 2, 3001, 4, 2, 128, 100, torch.float32, 333, True),
+        ("fp32 T2000 D64 W5", 1, 2000, 4, 1, 64, 5, torch.float32, 0, False),
+        ("bf16 T4096 D64 full causal", 1, 4096, 8, 2, 64, None, torch.bfloat16, 17, False),
+    ]
+    for name, B, T, HQ, HKV, D, window, dtype, pad, finite in cases:
+        q, k, v, ce = make_inputs(B, T, HQ, HKV, D, dtype)
+        if finite:
+            ends = torch.randint(0, T + 10, ce.shape, device="cuda", dtype=torch.int32)
+            ce = torch.where(torch.rand(ce.shape, device="cuda") < 0.3, ends, ce)
+        km = None
+        if pad:
+            km = torch.ones(B, T, device="cuda", dtype=torch.bool)
+            km[0, :pad] = False
+        o = sparse_attention(q, k, v, window=window, column_end=ce, key_mask=km)
+        do = torch.randn_like(o)
+        grads = torch.autograd.grad(o, (q, k, v), do)
+        up = [x.detach().double() if dtype == torch.float32 else x.detach().float() for x in (q, k, v)]
+        for x in up:
+            x.requires_grad_(True)
+        o_ref = sparse_attention_ref(*up, window=window, column_end=ce, key_mask=km)
+        grads_ref = torch.autograd.grad(o_ref, up, do.to(o_ref.dtype))
+        errs = {n: rel_err(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), (o, *grads), (o_ref, *grads_ref))}
+        ok = all(math.isfinite(e) and e < (2e-2 if dtype == torch.bfloat16 else 1e-5) for e in errs.values())
+        rows.append({"case": name, "ok": ok, **errs})
+        print(f"check {name:40s} ok={ok} " + " ".join(f"{n}={e:.2e}" for n, e in errs.items()), flush=True)
+        del o_ref, grads_ref, up
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench(fn, grads: list[torch.Tensor]) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=50, rep=200, grad_to_none=grads, return_mode="median")
+
+
+def time_pair(fwd, leaves: list[torch.Tensor]) -> dict:
+    """Median ms of forward only and forward + backward of `fwd()`; errors are recorded, not raised."""
+    out = {}
+    try:
+        with torch.no_grad():
+            out["fwd_ms"] = bench(fwd, leaves)
+        o0 = fwd()
+        do = torch.randn_like(o0)
+        del o0
+        out["fwdbwd_ms"] = bench(lambda: fwd().backward(do), leaves)
+    except (torch.OutOfMemoryError, RuntimeError) as err:  # a peer that cannot run at this size
+        out["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    torch.cuda.empty_cache()
+    return out
+
+
+def peers(q, k, v, column_end, *, use_flex: bool, use_dense: bool) -> dict:
+    """Times of FlexAttention, SDPA full causal (flash) and dense-masked SDPA on the same inputs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, T, HQ, D = q.shape
+    G = HQ // k.shape[2]
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D] views of the same leaves
+    res = {}
+
+    def causal():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            kk, vv = kt.repeat_interleave(G, 1), vt.repeat_interleave(G, 1)
+            return F.scaled_dot_product_attention(qt, kk, vv, is_causal=True)
+
+    res["sdpa_causal_flash"] = time_pair(causal, [q, k, v])
+    selected = (column_end > 0).permute(0, 2, 1).contiguous()  # [B, HKV, T]
+    if use_dense:
+        try:
+            i = torch.arange(T, device="cuda")
+            mask = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :] <= WINDOW) | selected[:, :, None, :])
+            mask = mask.repeat_interleave(G, 1)  # [B, HQ, T, T]
+
+            def dense():
+                kk, vv = kt.repeat_interleave(G, 1), vt.repeat_interleave(G, 1)
+                return F.scaled_dot_product_attention(qt, kk, vv, attn_mask=mask)
+
+            res["sdpa_dense_mask"] = time_pair(dense, [q, k, v])
+            del mask
+        except torch.OutOfMemoryError as err:
+            res["sdpa_dense_mask"] = {"error": f"OutOfMemoryError: {str(err).splitlines()[0][:200]}"}
+    if use_flex:
+        res["flex_compiled"] = flex_times(qt, kt, vt, selected, [q, k, v])
+    torch.cuda.empty_cache()
+    return res
+
+
+def flex_times(qt, kt, vt, selected, leaves) -> dict:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, HQ, T, _ = qt.shape
+    G = HQ // kt.shape[1]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & ((q_idx - kv_idx <= WINDOW) | selected[b, h // G, kv_idx])
+
+    try:
+        block_mask = create_block_mask(mask_mod, B, HQ, T, T, device="cuda", _compile=True)
+        flex = torch.compile(flex_attention)
+        return time_pair(lambda: flex(qt, kt, vt, block_mask=block_mask, enable_gqa=True), leaves)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+
+
+def run_benchmarks(args) -> list[dict]:
+    rows = []
+    shapes = [(T, hkv, D) for T in (4096, 16384, 65536) for hkv in (16, 4) for D in (64, 128)]
+    if args.quick:
+        shapes = [(4096, 4, 64), (16384, 4, 64), (65536, 4, 64), (4096, 16, 128)]
+    for T, HKV, D in shapes:
+        B, HQ = 65536 // T, 16
+        q, k, v, ce = make_inputs(B, T, HQ, HKV, D, torch.bfloat16)
+        pairs = attended_pairs(ce, HQ)
+        row = {"B": B, "T": T, "HQ": HQ, "HKV": HKV, "D": D, "window": WINDOW, "pairs": pairs}
+        ours = functools.partial(sparse_attention, q, k, v, window=WINDOW, column_end=ce)
+        row["ours"] = time_pair(ours, [q, k, v])
+        use_flex = not args.no_flex and T <= args.flex_max_t and D == 64
+        row.update(peers(q, k, v, ce, use_flex=use_flex, use_dense=T <= 4096))
+        flops = 4 * D * pairs
+        ours = row["ours"]
+        if "fwd_ms" in ours:
+            ours["fwd_tflops"] = flops / ours["fwd_ms"] / 1e9
+            ours["fwdbwd_tflops"] = 3.5 * flops / ours["fwdbwd_ms"] / 1e9
+        row["ratios"] = {
+            f"{peer}_{kind}": ours[f"{kind}_ms"] / row[peer][f"{kind}_ms"]
+            for peer in ("sdpa_causal_flash", "sdpa_dense_mask", "flex_compiled")
+            for kind in ("fwd", "fwdbwd")
+            if peer in row and f"{kind}_ms" in row[peer] and f"{kind}_ms" in ours
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del q, k, v, ce
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sweep() -> list[dict]:
+    """Time block configs of each kernel (others at their defaults) at T=4096, kv 4, D 64 and 128."""
+    import hlsa.ops.triton.sparse_attention as kernels
+
+    default = kernels.launch_config
+    candidates = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 3)]
+    candidates += [(64, 64, 4, 2), (32, 128, 4, 2), (32, 64, 4, 3), (128, 64, 8, 2)]
+    rows = []
+    for D in (64, 128):
+        q, k, v, ce = make_inputs(16, 4096, 16, 4, D, torch.bfloat16)
+        ours = functools.partial(sparse_attention, q, k, v, window=WINDOW, column_end=ce)
+        for kernel in ("fwd", "dq", "dkdv"):
+            for cfg in candidates:
+                kernels.launch_config = lambda name, d, kernel=kernel, cfg=cfg: (
+                    cfg if name == kernel else default(name, d)
+                )
+                t = time_pair(ours, [q, k, v])
+                rows.append({"D": D, "kernel": kernel, "config": cfg, **t})
+                print(json.dumps(rows[-1]), flush=True)
+        kernels.launch_config = default
+    return rows
+
+
+def machine() -> dict:
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    commit = commit if len(commit) == 40 else ""  # the device copy of the tree may carry no usable history
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "commit": commit or "unknown (uncommitted tree)",
+        "dtype": "bfloat16",
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{machine()}")
+    head = f"{'T':>6} {'HKV':>3} {'D':>4} | {'ours fwd':>8} {'f+b':>7} {'TF/s f':>6} {'TF/s fb':>7} | "
+    print(head + f"{'sdpa f':>7} {'f+b':>7} | {'dense f':>7} {'f+b':>7} | {'flex f':>7} {'f+b':>7}")
+    for r in rows:
+        cells = []
+        for peer in ("ours", "sdpa_causal_flash", "sdpa_dense_mask", "flex_compiled"):
+            t = r.get(peer, {})
+            cells.append(f"{t.get('fwd_ms', float('nan')):7.3f} {t.get('fwdbwd_ms', float('nan')):7.3f}")
+            if peer == "ours":
+                cells[-1] += f" {t.get('fwd_tflops', float('nan')):6.0f} {t.get('fwdbwd_tflops', float('nan')):7.0f}"
+        print(f"{r['T']:>6} {r['HKV']:>3} {r['D']:>4} | " + " | ".join(cells))
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    labels = [f"T{r['T']}\nkv{r['HKV']} D{r['D']}" for r in rows]
+    peers_ = ("ours", "sdpa_causal_flash", "sdpa_dense_mask", "flex_compiled")
+    for ax, kind in zip(axes, ("fwd", "fwdbwd")):
+        width = 0.2
+        for n, peer in enumerate(peers_):
+            vals = [r.get(peer, {}).get(f"{kind}_ms", float("nan")) for r in rows]
+            ax.bar([x + n * width for x in range(len(rows))], vals, width, label=peer)
+        ax.set_xticks([x + 1.5 * width for x in range(len(rows))], labels, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"{kind}: B*T=65536, HQ=16, W=768, 4 sinks + 512 columns, bf16")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--flex-max-t", type=int, default=4096)
+    parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="also time block configs of each kernel")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    checks = [] if args.skip_check else check_correctness()
+    tuning = sweep() if args.sweep else []
+    rows = run_benchmarks(args)
+    print_table(rows)
+    result = {"machine": machine(), "checks": checks, "window": WINDOW, "columns": N_COLUMNS, "sinks": N_SINKS}
+    result["rows"], result["sweep"] = rows, tuning
+    with open(os.path.join(args.out, "attention_h200.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot(rows, os.path.join(args.out, "attention_h200.png"))
+
+
+if __name__ == "__main__":
+    main()

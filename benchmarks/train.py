@@ -1,0 +1,173 @@
+"""Training throughput of the 0.4B hybrids on one GPU: GDN+LTE vs GDN+SWA vs GDN+full attention.
+
+Runs the real trainer step (`hlsa.train.trainer.Trainer.train_step`: bf16 autocast, LTE L1 + controller, clip,
+AdamW) on synthetic 4096-token sequences, warms up, synchronises, then times. Prints a table headed by a machine
+line and writes `benchmarks/results/train_h200.json` (shapes, dtype, versions, commit).
+
+    PYTHONPATH=src python benchmarks/train.py                # all three, micro-batch 8 x 4096
+    PYTHONPATH=src python benchmarks/train.py --archs lte --batch 4 --steps 5
+
+The model configs follow SPEC section 6 (d=1024, 24 layers, GDN 8x128 on even layers, 16/16 heads of D=64 on odd
+layers, vocab 32000, tied embeddings); the authors' SWA window 1024 is W=1023 in our convention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ATTN = {"num_heads": 16, "num_kv_heads": 16, "head_dim": 64}
+LTE = {**ATTN, "window_size": 768, "buffer_size": 512, "sink_size": 4, "conv_dilation": [2, 2, 2]}
+MIXER = {"lte": "lte", "swa": "swa", "attn": "attn"}
+
+
+def config_dict(arch: str) -> dict:
+    """The authors' 0.4B hybrid with `arch` on the odd layers."""
+    cfg = {
+        "vocab_size": 32000,
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        "gdn": {"num_heads": 8, "head_dim": 128},
+        "mixers": ["gdn", MIXER[arch]] * 12,
+    }
+    if arch == "lte":
+        cfg["lte"] = LTE
+    else:
+        cfg["attn"] = {**ATTN, "window_size": 1023} if arch == "swa" else ATTN
+    return cfg
+
+
+def bypass_fla_guard() -> bool:
+    """fla refuses its gated chunk backward on Hopper with Triton < 3.7.1 (fla issue #640); allow it, and say so."""
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+    except ImportError:
+        return False
+    if getattr(chunk_o, "TRITON_ABOVE_3_7_1", True):
+        return False
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+    return True
+
+
+def bench(arch: str, *, batch: int, seq_len: int, steps: int, warmup: int, workdir: Path) -> dict:
+    from hlsa.config import HybridConfig
+    from hlsa.train.options import build_options
+    from hlsa.train.trainer import Trainer
+
+    path = workdir / f"{arch}.json"
+    HybridConfig(**config_dict(arch)).to_json_file(str(path))
+    opts = build_options(
+        overrides={
+            "model.config": str(path),
+            "data.source": "synthetic:mqar",
+            "data.task_vocab": 32000,
+            "data.num_pairs": 64,
+            "data.num_queries": 64,
+            "data.seq_len": seq_len,
+            "data.batch_size": batch,
+            "train.steps": warmup + steps,
+            "train.dtype": "bf16",
+            "checkpoint.dir": str(workdir / arch),
+            "checkpoint.interval": 0,
+            "log.progress": False,
+            "log.tensorboard": False,
+        }
+    )
+    trainer = Trainer(opts)
+    params = sum(p.numel() for p in trainer.model.parameters())
+    for s in range(1, warmup + 1):
+        trainer.train_step(s)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for s in range(warmup + 1, warmup + steps + 1):
+        m = trainer.train_step(s)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    return {
+        "arch": f"gdn_{arch}_0.4B",
+        "params": params,
+        "batch": batch,
+        "seq_len": seq_len,
+        "step_ms": 1e3 * dt,
+        "tokens_per_s": batch * seq_len / dt,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "last_loss": m["loss"],
+    }
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    for name in ("triton", "fla", "transformers"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    try:
+        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        out["commit"] = None
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", default="lte,swa,attn", help="comma-separated subset of lte,swa,attn")
+    p.add_argument("--batch", type=int, default=8, help="micro-batch (halved on out-of-memory)")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default="benchmarks/results/train_h200.json")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/train.py needs a CUDA GPU")
+    info = {**versions(), "dtype": "bf16 autocast, fp32 weights, AdamW", "fla_guard_bypassed": bypass_fla_guard()}
+    print(f"# {info['gpu']} | torch {info['torch']} | triton {info['triton']} | fla {info['fla']}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.archs.split(","):
+            batch = args.batch
+            while batch >= 1:
+                try:
+                    rows.append(
+                        bench(
+                            arch,
+                            batch=batch,
+                            seq_len=args.seq_len,
+                            steps=args.steps,
+                            warmup=args.warmup,
+                            workdir=Path(tmp),
+                        )
+                    )
+                    break
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    batch //= 2
+            else:
+                rows.append({"arch": f"gdn_{arch}_0.4B", "error": "out of memory at batch 1"})
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{'arch':<18}{'params':>10}{'batch':>7}{'step ms':>10}{'tok/s':>12}{'peak GiB':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['arch']:<18}  {r['error']}")
+            continue
+        print(
+            f"{r['arch']:<18}{r['params'] / 1e6:>9.1f}M{r['batch']:>7}{r['step_ms']:>10.1f}"
+            f"{r['tokens_per_s']:>12.0f}{r['peak_mem_gib']:>10.1f}"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "results": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""Convert a checkpoint of the authors' code (their fla fork) into an hlsa checkpoint.
+
+Supported source `model_type`s: `hybrid_gated_deltanet` (GDN + LTE/NSA/attention layers), `gated_deltanet` (GDN,
+optionally with an `attn` dict of full or sliding-window attention layers), `transformer` and `nsa`.
+
+Two steps, both strict:
+
+1. `translate_config`: the authors' config.json -> `HybridConfig` keyword arguments. Window conventions differ
+   (docs/design.md): their SWA/transformer `window_size=w` is a flash-attn window of `w` tokens including the query,
+   i.e. our `W = w - 1`; their NSA sliding branch is the same (`512 -> 511`); their LTE band is already `W + 1`, so
+   LTE windows are copied unchanged. Settings we do not implement (`qk_norm`, negative eigenvalues, ...) raise.
+2. `convert_state_dict`: one explicit old -> new name table (`RULES`), a shape check of every tensor against an
+   hlsa model of the translated config built on the meta device, and a check that every key of the model is filled
+   and no source key is left over. Any mismatch raises `ValueError` listing the offending keys.
+
+The only tensor change: the LTE router's `Conv2d` weights `[C_out, C_in/g, 1, k]` become `Conv1d` weights
+`[C_out, C_in/g, k]`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+AUTHOR_MODEL_TYPES = ("hybrid_gated_deltanet", "gated_deltanet", "transformer", "nsa")
+
+# Source config keys that carry no model semantics here (kernel/fusion switches and HF bookkeeping).
+_IGNORED_KEYS = {
+    "model_type", "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+    "use_cache", "attn_mode", "fuse_cross_entropy", "fuse_linear_cross_entropy", "fuse_norm", "fuse_swiglu",
+    "use_l2warp", "output_attentions", "output_hidden_states", "return_dict", "use_return_dict",
+}  # fmt: skip
+_COMMON_KEYS = (
+    "hidden_size", "num_hidden_layers", "hidden_ratio", "intermediate_size", "hidden_act", "norm_eps",
+    "initializer_range", "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+    "pad_token_id", "vocab_size",
+)  # fmt: skip
+_GDN_KEYS = ("num_heads", "head_dim", "expand_v", "use_short_conv", "conv_size", "use_gate")
+# Settings of the authors' code that hlsa does not implement: key -> the only accepted value.
+_UNSUPPORTED = {"qk_norm": False, "allow_neg_eigval": False, "elementwise_affine": True, "num_v_heads": None}
+
+
+def _copy(src: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: src[k] for k in keys if k in src}
+
+
+def _check_supported(cfg: Mapping[str, Any], where: str) -> None:
+    for key, ok in _UNSUPPORTED.items():
+        value = cfg.get(key, ok)
+        if key == "num_v_heads" and value is not None and value == cfg.get("num_heads"):
+            continue
+        if value != ok:
+            raise ValueError(f"{where}.{key}={value!r} is not supported by hlsa (only {ok!r}); cannot convert")
+
+
+def _ours_minus_one(window: int | None, where: str) -> int | None:
+    """Their flash-attn window of `w` tokens (query included) is our `W = w - 1`."""
+    if window is None:
+        return None
+    if not isinstance(window, int) or window < 2:
+        raise ValueError(f"{where}.window_size must be an integer >= 2 or null, got {window!r}")
+    return window - 1
+
+
+def _attn_sub(src: Mapping[str, Any]) -> dict[str, Any]:
+    sub = _copy(src, ("num_heads", "num_kv_heads", "qkv_bias", "rope_theta"))
+    sub["window_size"] = _ours_minus_one(src.get("window_size"), "attn")
+    return sub
+
+
+def _nsa_sub(src: Mapping[str, Any]) -> dict[str, Any]:
+    sub = _copy(src, ("num_heads", "num_kv_heads", "head_dim", "qkv_bias", "block_size", "block_counts", "rope_theta"))
+    sub["window_size"] = _ours_minus_one(src.get("window_size", 512), "nsa")
+    return sub
+
+
+def _lte_sub(src: Mapping[str, Any]) -> dict[str, Any]:
+    # The authors' LTE keys are ours; their band is already W + 1 tokens, so window_size is copied unchanged.
+    return {k: v for k, v in src.items() if k not in ("attn_type", "layers")}
+
+
+def _fla_intermediate_size(cfg: Mapping[str, Any]) -> int:
+    """fla's rule: `256 * ceil(int(d * ratio * 2 / 3) / 256)` (SwiGLU width), used when the config leaves it null."""
+    if cfg.get("intermediate_size") is not None:
+        return int(cfg["intermediate_size"])
+    width = int(cfg["hidden_size"] * cfg.get("hidden_ratio", 4) * 2 / 3)
+    return 256 * ((width + 255) // 256)
+
+
+def _hybrid_layers(cfg: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """Mixers and sub-configs of the GDN-based types (`gated_deltanet`, `hybrid_gated_deltanet`)."""
+    n = cfg["num_hidden_layers"]
+    mixers, subs = ["gdn"] * n, {"gdn": _copy(cfg, _GDN_KEYS)}
+    attn = cfg.get("attn")
+    if attn is None:
+        return mixers, subs
+    attn_type = attn.get("attn_type", "attn")
+    if attn_type == "lte":
+        kind, subs["lte"] = "lte", _lte_sub(attn)
+    elif attn_type == "nsa":
+        kind, subs["nsa"] = "nsa", _nsa_sub(attn)
+    elif attn_type == "attn":
+        subs["attn"] = _attn_sub(attn)
+        kind = "attn" if subs["attn"]["window_size"] is None else "swa"
+    else:
+        raise ValueError(f"attn.attn_type={attn_type!r} is not one of 'attn', 'nsa', 'lte'")
+    for i in attn["layers"]:
+        if not 0 <= i < n:
+            raise ValueError(f"attn.layers contains {i}, outside 0..{n - 1}")
+        mixers[i] = kind
+    return mixers, subs
+
+
+def translate_config(cfg: Mapping[str, Any], *, vocab_size: int | None = None) -> dict[str, Any]:
+    """The authors' config dict -> `HybridConfig(**kwargs)` keyword arguments.
+
+    Args:
+        cfg: their config.json, parsed.
+        vocab_size: used when `cfg` has no `vocab_size` (pass the embedding's row count); fla's default is 32000.
+    """
+    model_type = cfg.get("model_type")
+    if model_type not in AUTHOR_MODEL_TYPES:
+        raise ValueError(f"config model_type={model_type!r}; expected one of {AUTHOR_MODEL_TYPES}")
+    _check_supported(cfg, "config")
+    if model_type in ("gated_deltanet", "hybrid_gated_deltanet"):
+        mixers, subs = _hybrid_layers(cfg)
+    elif model_type == "transformer":
+        subs = {"attn": {**_attn_sub(cfg), "head_dim": cfg["hidden_size"] // cfg["num_heads"]}}
+        mixers = ["attn" if subs["attn"]["window_size"] is None else "swa"] * cfg["num_hidden_layers"]
+    else:
+        subs = {"nsa": _nsa_sub(cfg)}
+        mixers = ["nsa"] * cfg["num_hidden_layers"]
+    known = set(_COMMON_KEYS) | set(_GDN_KEYS) | _IGNORED_KEYS | set(_UNSUPPORTED) | {"attn"}
+    known |= {"num_kv_heads", "qkv_bias", "rope_theta", "window_size", "block_size", "block_counts"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"config has key(s) {unknown} that this converter does not know; refusing to guess")
+    out = _copy(cfg, _COMMON_KEYS)
+    out["vocab_size"] = cfg.get("vocab_size", vocab_size or 32000)
+    out["intermediate_size"] = _fla_intermediate_size(cfg)
+    out["mixers"] = mixers
+    out.update(subs)
+    return out
+
+
+def _squeeze_conv2d(t: torch.Tensor) -> torch.Tensor:
+    """Conv2d weight `[C_out, C_in/g, 1, k]` (kernel (1, k)) -> Conv1d weight `[C_out, C_in/g, k]`."""
+    if t.dim() != 4 or t.shape[2] != 1:
+        raise ValueError(f"expected a Conv2d weight of shape [C_out, C_in/g, 1, k], got {tuple(t.shape)}")
+    return t.squeeze(2)
+
+
+_L = r"model\.layers\.(\d+)\."
+# The old -> new name table: (pattern on the authors' key, our key template, tensor transform or None).
+RULES: list[tuple[str, str, Callable[[torch.Tensor], torch.Tensor] | None]] = [
+    (r"model\.embeddings\.weight", "model.embeddings.weight", None),
+    (r"model\.norm\.weight", "model.norm.weight", None),
+    (r"lm_head\.weight", "lm_head.weight", None),
+    (r"model\.(l1_lambda|num_kept)", r"model.\1", None),
+    (_L + r"(attn_norm|mlp_norm)\.weight", r"model.layers.\1.\2.weight", None),
+    (_L + r"mlp\.(gate_proj|up_proj|down_proj)\.weight", r"model.layers.\1.mlp.\2.weight", None),
+    # GDN
+    (_L + r"attn\.(A_log|dt_bias)", r"model.layers.\1.attn.\2", None),
+    (_L + r"attn\.(a_proj|b_proj|g_proj)\.weight", r"model.layers.\1.attn.\2.weight", None),
+    (_L + r"attn\.([qkv]_conv1d)\.weight", r"model.layers.\1.attn.\2.weight", None),
+    (_L + r"attn\.o_norm\.weight", r"model.layers.\1.attn.o_norm.weight", None),
+    # attention / NSA / LTE projections (and GDN's q/k/v/o)
+    (_L + r"attn\.([qkvo]_proj)\.(weight|bias)", r"model.layers.\1.attn.\2.\3", None),
+    # LTE router: Conv2d (1, k) -> Conv1d k
+    (_L + r"attn\.router\.conv_stack\.(convs\.\d+|proj)\.weight", r"model.layers.\1.attn.router.conv_stack.\2.weight",
+     _squeeze_conv2d),
+    (_L + r"attn\.router\.conv_stack\.(convs\.\d+|proj)\.bias", r"model.layers.\1.attn.router.conv_stack.\2.bias",
+     None),
+]  # fmt: skip
+
+
+def _rename(key: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor] | None]:
+    for pattern, template, transform in RULES:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return m.expand(template), transform
+    raise ValueError(f"source key {key!r} matches no rule of hlsa.convert.RULES; the checkpoint is not convertible")
+
+
+def expected_shapes(config_kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of an hlsa model with this config, built on the meta device (no memory, no init cost)."""
+    from hlsa.config import HybridConfig
+    from hlsa.model import HybridForCausalLM
+
+    with torch.device("meta"):
+        model = HybridForCausalLM(HybridConfig(**config_kwargs))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config_kwargs: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """Rename and reshape the authors' tensors; strict (raises `ValueError` on any unmapped/missing/misshaped key).
+
+    Works on meta tensors too (shape checks only). With tied embeddings the result has no `lm_head.weight`
+    (transformers re-ties it at load); a source `lm_head.weight` that differs from the embeddings is an error.
+    """
+    want = expected_shapes(config_kwargs)
+    tied = bool(config_kwargs.get("tie_word_embeddings", False))
+    out: dict[str, torch.Tensor] = {}
+    bad: list[str] = []
+    for key, tensor in state_dict.items():
+        new, transform = _rename(key)
+        value = transform(tensor) if transform is not None else tensor
+        if new not in want:
+            bad.append(f"{key} -> {new}: no such key in the hlsa model")
+        elif tuple(value.shape) != want[new]:
+            bad.append(f"{key} -> {new}: shape {tuple(value.shape)} != expected {want[new]}")
+        elif new in out:
+            bad.append(f"{key} -> {new}: two source keys map to the same target")
+        else:
+            out[new] = value
+    missing = sorted(set(want) - set(out) - ({"lm_head.weight"} if tied else set()))
+    bad += [f"{k}: missing from the source checkpoint" for k in missing]
+    if bad:
+        raise ValueError("checkpoint does not convert cleanly:\n  " + "\n  ".join(bad))
+    if tied and "lm_head.weight" in out:
+        head = out.pop("lm_head.weight")
+        emb = out["model.embeddings.weight"]
+        if not head.is_meta and not torch.equal(head, emb):
+            raise ValueError("tie_word_embeddings is true but lm_head.weight differs from model.embeddings.weight")
+    return out
+
+
+def load_source(src: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config dict, state dict) of a checkpoint directory: `config.json` plus `model.safetensors`,
+    `pytorch_model.bin`, or their sharded `*.index.json` forms."""
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise ValueError(f"SRC {src}: no config.json (pass a checkpoint directory)")
+    cfg = json.loads((src / "config.json").read_text())
+    files = _weight_files(src)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state.update(load_file(str(f)))
+        else:
+            state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+    return cfg, state
+
+
+def _weight_files(src: Path) -> list[Path]:
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):  # fmt: skip
+        if (src / single).is_file():
+            return [src / single]
+        if (src / index).is_file():
+            shards = sorted(set(json.loads((src / index).read_text())["weight_map"].values()))
+            return [src / s for s in shards]
+    raise ValueError(f"SRC {src}: no model.safetensors or pytorch_model.bin (or their .index.json) found")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path) -> dict[str, Any]:
+    """Convert directory `src` (authors' format) into directory `dst` (hlsa: config.json + model.safetensors, plus
+    the source's tokenizer files). Returns the translated config kwargs."""
+    from safetensors.torch import save_file
+
+    from hlsa.config import HybridConfig
+
+    cfg, state = load_source(src)
+    emb = state.get("model.embeddings.weight")
+    kwargs = translate_config(cfg, vocab_size=None if emb is None else emb.shape[0])
+    converted = convert_state_dict(state, kwargs)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    config = HybridConfig(**kwargs)
+    config.architectures = ["HybridForCausalLM"]
+    if emb is not None:
+        config.dtype = emb.dtype  # `from_pretrained(dtype="auto")` then loads the weights as stored
+    config.save_pretrained(dst)
+    save_file(
+        {k: v.contiguous() for k, v in converted.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"}
+    )
+    for name in _TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, dst / name)
+    return kwargs

@@ -1,0 +1,52 @@
+"""Loading helpers shared by the `hlsa eval` commands (kept free of heavy imports at module level)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str | None) -> torch.device:
+    """`device`, or CUDA when available, else CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_model(path: str | Path, *, device: torch.device, dtype: str | None = None) -> torch.nn.Module:
+    """An hlsa checkpoint directory -> `HybridForCausalLM` in eval mode on `device` (dtype: the checkpoint's)."""
+    from hlsa.model import HybridForCausalLM
+
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"model {path}: not a checkpoint directory (no config.json)")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model = HybridForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype] if dtype else "auto")
+    return model.to(device).eval()
+
+
+def load_tokenizer(model_dir: str | Path, tokenizer: str | None) -> Any:
+    """`tokenizer` = a tokenizer directory, `"byte"` for hlsa's byte tokenizer, or None for the checkpoint's own
+    tokenizer (the byte tokenizer when the checkpoint has none)."""
+    from transformers import AutoTokenizer
+
+    from hlsa.tokenizer import byte_tokenizer
+
+    if tokenizer == "byte":
+        return byte_tokenizer()
+    path = Path(tokenizer or model_dir)
+    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tokenizer is not None:
+        raise ValueError(f"tokenizer {tokenizer}: no tokenizer.json/tokenizer_config.json there (or pass 'byte')")
+    return byte_tokenizer()
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write `payload` as indented JSON, creating parent directories."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")

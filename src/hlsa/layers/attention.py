@@ -1,0 +1,122 @@
+"""Softmax attention with RoPE and GQA: full causal (`window_size=None`) or sliding window (band of W+1 tokens).
+
+Caches: SWA keeps a ring of `W + 1` slots (constant memory); full attention keeps every token in a buffer that grows
+by doubling (the baseline whose memory grows with the context).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hlsa.layers.ring import fill_ring, write_slot
+from hlsa.layers.rotary import RotaryEmbedding
+from hlsa.ops.decode_attention import decode_attention
+from hlsa.ops.sparse_attention import sparse_attention
+
+
+@dataclass
+class KVState:
+    """Head-major key/value slots with a validity mask. For SWA `S = W + 1` (a ring); for full attention `S` grows."""
+
+    k: torch.Tensor  # [B, HKV, S, D], keys after RoPE
+    v: torch.Tensor  # [B, HKV, S, D]
+    valid: torch.Tensor  # bool [B, HKV, S]
+    position: torch.Tensor  # int64 [], next token's position (device copy of `seen`, for sync-free decode)
+    seen: int = 0
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        window_size: int | None = None,
+        qkv_bias: bool = False,
+        rope_theta: float = 10000.0,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+        if window_size is not None and window_size < 1:
+            raise ValueError(f"window_size must be >= 1 or None for full attention (got {window_size})")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.window_size = window_size
+        self.backend = backend
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.rotary = RotaryEmbedding(head_dim, base=rope_theta)
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(q, k, positions)
+        return q, k, v
+
+    def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> KVState:
+        # Full attention starts small and doubles; SWA allocates its whole ring once.
+        slots = self.window_size + 1 if self.window_size is not None else 256
+        shape = (batch_size, self.num_kv_heads, slots, self.head_dim)
+        return KVState(
+            k=torch.zeros(shape, device=device, dtype=dtype),
+            v=torch.zeros(shape, device=device, dtype=dtype),
+            valid=torch.zeros(shape[:3], device=device, dtype=torch.bool),
+            position=torch.zeros((), device=device, dtype=torch.long),
+        )
+
+    def forward(
+        self, x: torch.Tensor, *, pad_mask: torch.Tensor | None = None, state: KVState | None = None
+    ) -> tuple[torch.Tensor, None]:
+        """x [B, T, d] -> (y [B, T, d], None). With `state`, a prefill (empty state) or token-by-token continuation."""
+        if state is not None and state.seen > 0:
+            ys = [self._decode(x[:, i : i + 1], state) for i in range(x.shape[1])]
+            return torch.cat(ys, dim=1), None
+        t = x.shape[1]
+        q, k, v = self._qkv(x, torch.arange(t, device=x.device))
+        o = sparse_attention(q, k, v, window=self.window_size, key_mask=pad_mask, backend=self.backend)
+        if state is not None:
+            self._prefill(state, k, v, pad_mask)
+        return self.o_proj(o.flatten(2)), None
+
+    def _prefill(self, state: KVState, k: torch.Tensor, v: torch.Tensor, pad_mask: torch.Tensor | None) -> None:
+        b, t = k.shape[:2]
+        if self.window_size is None and t > state.k.shape[2]:
+            self._grow(state, t)
+        valid = torch.ones(b, t, device=k.device, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
+        fill_ring(state.k, k)
+        fill_ring(state.v, v)
+        fill_ring(state.valid, valid[:, :, None].expand(b, t, self.num_kv_heads))
+        state.seen = t
+        state.position.fill_(t)
+
+    def _decode(self, x: torch.Tensor, state: KVState) -> torch.Tensor:
+        if self.window_size is None and state.seen == state.k.shape[2]:
+            self._grow(state, 2 * state.seen)
+        q, k, v = self._qkv(x, state.position.view(1))
+        write_slot(state.k, k[:, 0], state.position)
+        write_slot(state.v, v[:, 0], state.position)
+        write_slot(state.valid, torch.ones_like(state.valid[:, :, 0]), state.position)
+        o = decode_attention(q[:, 0], state.k, state.v, valid=state.valid, backend=self.backend)
+        state.seen += 1
+        state.position.add_(1)
+        return self.o_proj(o.flatten(1))[:, None]
+
+    @staticmethod
+    def _grow(state: KVState, slots: int) -> None:
+        """Full attention only: enlarge the buffers to `slots` (amortised doubling; slot p holds position p)."""
+        old = state.k.shape[2]
+        for name in ("k", "v", "valid"):
+            buf = getattr(state, name)
+            grown = buf.new_zeros((*buf.shape[:2], slots, *buf.shape[3:]))
+            grown[:, :, :old] = buf
+            setattr(state, name, grown)

@@ -1,0 +1,226 @@
+"""Gated DeltaNet mixer (Yang, Kautz & Hatamizadeh, arXiv 2412.06464), with fla's layer layout and parameter names.
+
+Shape legend: `B` batch, `T` length, `d` hidden size, `H` heads, `K` key head dim, `Vh` value head dim,
+`C` channels of a short convolution (`H*K` for q and k, `H*Vh` for v), `W` conv size.
+
+Per token: q, k, v projections -> depthwise causal conv (size W) + SiLU -> q, k L2-normalised per head;
+`beta = sigmoid(b_proj x)`, `g = -exp(A_log) * softplus(a_proj x + dt_bias)` (log decay per head);
+gated delta rule (`hlsa.ops.gated_delta`); `o_norm(o, g_proj x) = rmsnorm(o) * weight * silu(gate)` per head; o_proj.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hlsa.layers.norm import RMSNorm
+from hlsa.ops.gated_delta import chunk_gated_delta_rule
+
+# fla's `l2norm` epsilon: x / sqrt(sum(x^2) + eps).
+L2NORM_EPS = 1e-6
+# fla's GatedDeltaNet initialisation of the decay (Mamba2's dt recipe): A ~ U(0, 16), dt log-uniform in
+# [DT_MIN, DT_MAX], floored at DT_FLOOR.
+A_INIT_RANGE = (0.0, 16.0)
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
+
+
+@dataclass
+class GDNState:
+    """Decode state of one GDN layer, updated in place by `GatedDeltaNet.forward`.
+
+    `conv_q, conv_k, conv_v`: `[B, C, W-1]` the last inputs of each short convolution (`None` without short convs);
+    `recurrent`: `[B, H, K, Vh]` fp32 delta-rule state; `seen`: tokens consumed so far (pads included).
+    """
+
+    conv_q: torch.Tensor | None
+    conv_k: torch.Tensor | None
+    conv_v: torch.Tensor | None
+    recurrent: torch.Tensor
+    seen: int = 0
+
+
+class GatedRMSNorm(RMSNorm):
+    """`rmsnorm(x) * weight * silu(gate)` over the last dim, in fp32 (fla's `FusedRMSNormGated`, swish gate).
+
+    A subclass of `RMSNorm` so that a model-wide init that resets RMSNorm weights to ones covers it too.
+    """
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float() * F.silu(gate.float())).to(x.dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet token mixer, following the mixer contract of docs/design.md.
+
+    Parameter names and shapes match the authors' checkpoints (fla's layer). `A_log` and `dt_bias` get fla's decay
+    initialisation here and are marked `_no_weight_decay`; a model-wide init must not overwrite them (call
+    `reset_decay_parameters()` again after materialising a meta-device model). Every other parameter may be
+    re-initialised by the model (`o_norm.weight` starts at ones).
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        expand_v: float = 1.0,
+        use_short_conv: bool = True,
+        conv_size: int = 4,
+        use_gate: bool = True,
+        norm_eps: float = 1e-5,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim)):
+            if value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        head_v_dim = head_dim * expand_v
+        if expand_v <= 0 or not math.isclose(head_v_dim, round(head_v_dim)):
+            raise ValueError(f"expand_v * head_dim must be a positive integer, got {expand_v} * {head_dim}")
+        if use_short_conv and conv_size < 1:
+            raise ValueError(f"conv_size must be >= 1 when use_short_conv=True, got {conv_size}")
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_k_dim, self.head_v_dim = head_dim, int(round(head_v_dim))
+        self.key_dim, self.value_dim = num_heads * head_dim, num_heads * self.head_v_dim
+        self.use_short_conv, self.conv_size, self.use_gate = use_short_conv, conv_size, use_gate
+        self.backend = backend
+
+        # Registration order = the authors' state dict order.
+        self.A_log = nn.Parameter(torch.empty(num_heads, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.empty(num_heads, dtype=torch.float32))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        if use_short_conv:
+            self.q_conv1d = _depthwise_conv(self.key_dim, conv_size)
+            self.k_conv1d = _depthwise_conv(self.key_dim, conv_size)
+            self.v_conv1d = _depthwise_conv(self.value_dim, conv_size)
+        if use_gate:
+            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+            self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
+        else:
+            self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        self.reset_decay_parameters()
+
+    @torch.no_grad()
+    def reset_decay_parameters(self) -> None:
+        """fla's init: `A_log = log(U(0, 16))`; `dt_bias = softplus^-1(dt)`, dt log-uniform in [1e-3, 1e-1]."""
+        A = torch.empty_like(self.A_log, dtype=torch.float32).uniform_(*A_INIT_RANGE)
+        self.A_log.copy_(torch.log(A))
+        log_dt = torch.rand_like(self.dt_bias, dtype=torch.float32) * (math.log(DT_MAX) - math.log(DT_MIN))
+        dt = torch.exp(log_dt + math.log(DT_MIN)).clamp(min=DT_FLOOR)
+        # softplus^-1(dt) = dt + log(1 - exp(-dt)), written with expm1 for accuracy at small dt.
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def init_state(self, batch_size: int, *, device: torch.device | str, dtype: torch.dtype) -> GDNState:
+        """Zero state: conv histories `[B, C, W-1]` in `dtype`, recurrent state `[B, H, K, Vh]` in fp32."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        convs: list[torch.Tensor | None] = [None, None, None]
+        if self.use_short_conv:
+            convs = [
+                torch.zeros(batch_size, channels, self.conv_size - 1, device=device, dtype=dtype)
+                for channels in (self.key_dim, self.key_dim, self.value_dim)
+            ]
+        recurrent = torch.zeros(
+            batch_size, self.num_heads, self.head_k_dim, self.head_v_dim, device=device, dtype=torch.float32
+        )
+        return GDNState(conv_q=convs[0], conv_k=convs[1], conv_v=convs[2], recurrent=recurrent)
+
+    def forward(
+        self, x: torch.Tensor, *, pad_mask: torch.Tensor | None = None, state: GDNState | None = None
+    ) -> tuple[torch.Tensor, None]:
+        """Mix `x [B, T, d]`; returns `(y [B, T, d], None)`.
+
+        `pad_mask` (bool `[B, T]`, False at left pads) is only checked: the Block zeroes hidden states at pads, and
+        a zero input keeps a zero state (k = 0 writes nothing) and feeds the convs the zeros of a sequence start,
+        so real tokens see exactly what they would see unpadded. With a `state`, the chunk (any length) continues
+        from it and the state is updated in place (detached: no gradient flows through the cache).
+        """
+        self._check_forward(x, pad_mask, state)
+        B, T, _ = x.shape
+        H, K, Vh = self.num_heads, self.head_k_dim, self.head_v_dim
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*K], [B, T, H*K], [B, T, H*Vh]
+        if self.use_short_conv:
+            q = self._short_conv(q, self.q_conv1d, None if state is None else state.conv_q)
+            k = self._short_conv(k, self.k_conv1d, None if state is None else state.conv_k)
+            v = self._short_conv(v, self.v_conv1d, None if state is None else state.conv_v)
+        else:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        q = _l2norm(q.view(B, T, H, K))  # [B, T, H, K]
+        k = _l2norm(k.view(B, T, H, K))  # [B, T, H, K]
+        v = v.view(B, T, H, Vh)  # [B, T, H, Vh]
+
+        beta = self.b_proj(x).sigmoid()  # [B, T, H]
+        # Log decay in fp32, as fla's kernels compute it: g = -exp(A_log) * softplus(a + dt_bias) <= 0.
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())  # [B, T, H]
+        o, final_state = chunk_gated_delta_rule(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=None if state is None else state.recurrent,
+            output_final_state=state is not None,
+            backend=self.backend,
+        )  # [B, T, H, Vh], [B, H, K, Vh]
+        if state is not None:
+            state.recurrent.copy_(final_state.detach())
+            state.seen += T
+
+        if self.use_gate:
+            o = self.o_norm(o, self.g_proj(x).view(B, T, H, Vh))
+        else:
+            o = self.o_norm(o)
+        return self.o_proj(o.reshape(B, T, H * Vh)), None
+
+    def _short_conv(self, x: torch.Tensor, conv: nn.Conv1d, cache: torch.Tensor | None) -> torch.Tensor:
+        """Depthwise causal conv + SiLU of `x [B, T, C]` after the `W-1` inputs in `cache [B, C, W-1]` (zeros when
+        `None`, as at a sequence start); the cache is then updated in place to the last `W-1` inputs."""
+        B, T, C = x.shape
+        history = x.new_zeros(B, C, self.conv_size - 1) if cache is None else cache.to(x.dtype)
+        x_BCT = torch.cat([history, x.transpose(1, 2)], dim=-1)  # [B, C, W-1+T]
+        y_BCT = conv(x_BCT)  # [B, C, T] (no padding: the history is the left context)
+        if cache is not None:
+            cache.copy_(x_BCT[:, :, T:].detach())
+        return F.silu(y_BCT).transpose(1, 2)
+
+    def _check_forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None, state: GDNState | None) -> None:
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must be [B, T, hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
+        B, T, _ = x.shape
+        if pad_mask is not None and (pad_mask.dtype != torch.bool or pad_mask.shape != (B, T)):
+            raise ValueError(f"pad_mask must be bool [B, T] = [{B}, {T}], got {pad_mask.dtype} {tuple(pad_mask.shape)}")
+        if state is None:
+            return
+        expected = (B, self.num_heads, self.head_k_dim, self.head_v_dim)
+        if state.recurrent.shape != expected:
+            raise ValueError(
+                f"state.recurrent must be {expected}, got {tuple(state.recurrent.shape)}; "
+                f"build the state with init_state(batch_size={B}, ...)"
+            )
+        if self.use_short_conv and any(c is None for c in (state.conv_q, state.conv_k, state.conv_v)):
+            raise ValueError("state has no conv history but the layer uses short convs; build it with init_state")
+
+
+def _depthwise_conv(channels: int, size: int) -> nn.Conv1d:
+    # weight [C, 1, W] like the authors' `*_conv1d.weight`; causality comes from the history prepended in forward.
+    return nn.Conv1d(channels, channels, kernel_size=size, groups=channels, bias=False)
+
+
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    # fla's l2norm, in fp32: a zero vector (a pad) stays zero.
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).sum(-1, keepdim=True) + L2NORM_EPS)).to(x.dtype)

@@ -1,0 +1,260 @@
+"""Learnable Token Eviction attention (SPEC.md sections 1-2): sinks + a window of W+1 + a buffer of N router-chosen
+older tokens per kv head.
+
+Training (`self.training`): every positively scored key is a column visible to all later queries ("Lambda plus
+columns"), with no buffer cap, and the router learns through the straight-through value gain.
+Inference (eval, with or without cache): a query at `t` sees sinks, the band `t-W..t`, and the top-N positive scores
+among keys older than `t - W` (docs/design.md). The authors cap the buffer once for the last query only (SPEC 1.6);
+we apply the rule per query, which is exactly what the constant-memory decode cache reproduces.
+
+Decode cache per layer: `W+1` ring slots + `N` buffer slots of post-RoPE keys, their scores, and a small ring of the
+last `2m+1` router inputs (pre-RoPE `[k || v]`), so that each token is scored exactly once, as soon as its right
+context of `m` tokens is known, with the same numbers as a full forward (no de-rotation of cached keys).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from hlsa.layers.lte_router import LTERouter, select, sink_mask, value_gain
+from hlsa.layers.ring import fill_ring, write_slot
+from hlsa.layers.rotary import RotaryEmbedding
+from hlsa.ops.decode_attention import decode_attention
+from hlsa.ops.lte_evict import lte_evict
+from hlsa.ops.lte_retention import lte_column_end
+from hlsa.ops.sparse_attention import sparse_attention
+
+INT32_MAX = torch.iinfo(torch.int32).max
+
+
+class LTERouting(NamedTuple):
+    """Per-layer router output: `score` float [B, T, HKV] (differentiable), `selected` bool [B, T, HKV]."""
+
+    score: torch.Tensor
+    selected: torch.Tensor
+
+
+@dataclass
+class LTEState:
+    k: torch.Tensor  # [B, HKV, W+1+N, D] post-RoPE keys: ring slots first, then the compact buffer
+    v: torch.Tensor  # [B, HKV, W+1+N, D]
+    score: torch.Tensor  # float32 [B, HKV, W+1+N]; -inf = not scored yet / pad, +inf = sink
+    valid: torch.Tensor  # bool [B, HKV, W+1+N]
+    buffer_len: torch.Tensor  # int32 [B, HKV]
+    token_pos: torch.Tensor  # int32 [B, HKV, W+1+N], position of the token in each slot (ties evict the latest)
+    router_x: torch.Tensor  # [B, HKV, 2m+1, 2D] ring of router inputs (pre-RoPE k || v)
+    router_valid: torch.Tensor  # bool [B, HKV, 2m+1]
+    offset: torch.Tensor  # int64 [B] left-padding length of each row (sinks start after it)
+    position: torch.Tensor  # int64 [], next token's position
+    seen: int = 0
+
+
+class LTEAttention(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        window_size: int,
+        buffer_size: int,
+        sink_size: int,
+        conv_size: tuple[int, ...] = (3, 3, 3),
+        conv_dilation: tuple[int, ...] = (2, 2, 2),
+        dropout_prob: float = 0.1,
+        routing_method: str = "sigmoid",
+        routing_grad: bool = True,
+        routing_shared: str = "head",
+        qkv_bias: bool = False,
+        rope_theta: float = 10000.0,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+        if buffer_size < sink_size:
+            raise ValueError(f"buffer_size ({buffer_size}) must be >= sink_size ({sink_size})")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.window_size, self.buffer_size, self.sink_size = window_size, buffer_size, sink_size
+        self.backend = backend
+        # Warm-up (SPEC 4): with routing disabled, training attends to every earlier token (full causal).
+        self.routing_enabled = True
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.rotary = RotaryEmbedding(head_dim, base=rope_theta)
+        self.router = LTERouter(
+            num_kv_heads,
+            head_dim,
+            conv_size=tuple(conv_size),
+            conv_dilation=tuple(conv_dilation),
+            dropout_prob=dropout_prob,
+            routing_method=routing_method,
+            routing_grad=routing_grad,
+            routing_shared=routing_shared,
+        )
+        if window_size < self.router.margin:
+            raise ValueError(
+                f"window_size ({window_size}) must be >= the router margin ({self.router.margin}): a score reads "
+                "the next `margin` tokens, which a query must already have seen"
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def inference_scores(self, score: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+        """Scores that rank keys at inference: sinks +inf (always kept), pads -inf (never kept). [B, T, HKV]."""
+        real = torch.ones(score.shape[:2], device=score.device, dtype=torch.bool) if pad_mask is None else pad_mask
+        ranked = score.detach().float().masked_fill(sink_mask(real, self.sink_size)[:, :, None], float("inf"))
+        return ranked.masked_fill(~real[:, :, None], float("-inf"))
+
+    def forward(
+        self, x: torch.Tensor, *, pad_mask: torch.Tensor | None = None, state: LTEState | None = None
+    ) -> tuple[torch.Tensor, LTERouting]:
+        """x [B, T, d] -> (y [B, T, d], LTERouting). With `state`: prefill (empty state) or token-by-token decode."""
+        if state is not None and self.training:
+            raise ValueError("LTEAttention: the decode cache is for inference; call model.eval() before generating")
+        if state is not None and state.seen > 0:
+            outs = [self._decode(x[:, i : i + 1], state) for i in range(x.shape[1])]
+            return torch.cat([y for y, _ in outs], dim=1), LTERouting(
+                torch.cat([r.score for _, r in outs], dim=1), torch.cat([r.selected for _, r in outs], dim=1)
+            )
+        b, t, _ = x.shape
+        q, k, v = self._project(x)
+        score = self.router(k, v, pad_mask=pad_mask)  # [B, T, HKV], pre-RoPE keys (SPEC 1.2)
+        selected = select(score, pad_mask, self.sink_size)
+        if torch.is_grad_enabled():
+            v = value_gain(v, score)  # forward: v unchanged; backward: d score = sum_d(dv * v) (SPEC 1.5)
+        k_prerope = k
+        q, k = self.rotary(q, k, torch.arange(t, device=x.device))
+        if self.training:
+            visible = select(score, pad_mask, self.sink_size, enabled=self.routing_enabled)
+            column_end = torch.where(visible, INT32_MAX, 0).to(torch.int32)
+        else:
+            ranked = self.inference_scores(score, pad_mask)
+            column_end = lte_column_end(ranked, window=self.window_size, buffer_size=self.buffer_size)
+        o = sparse_attention(
+            q, k, v, window=self.window_size, column_end=column_end, key_mask=pad_mask, backend=self.backend
+        )
+        if state is not None:
+            self._prefill(state, k_prerope, k, v, score, pad_mask)
+        return self.o_proj(o.flatten(2)), LTERouting(score, selected)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> LTEState:
+        b, h, d = batch_size, self.num_kv_heads, self.head_dim
+        slots, ctx = self.window_size + 1 + self.buffer_size, 2 * self.router.margin + 1
+        return LTEState(
+            k=torch.zeros(b, h, slots, d, device=device, dtype=dtype),
+            v=torch.zeros(b, h, slots, d, device=device, dtype=dtype),
+            score=torch.full((b, h, slots), float("-inf"), device=device),
+            valid=torch.zeros(b, h, slots, device=device, dtype=torch.bool),
+            buffer_len=torch.zeros(b, h, device=device, dtype=torch.int32),
+            token_pos=torch.full((b, h, slots), -1, device=device, dtype=torch.int32),
+            router_x=torch.zeros(b, h, ctx, 2 * d, device=device, dtype=dtype),
+            router_valid=torch.zeros(b, h, ctx, device=device, dtype=torch.bool),
+            offset=torch.zeros(b, device=device, dtype=torch.long),
+            position=torch.zeros((), device=device, dtype=torch.long),
+        )
+
+    def _prefill(
+        self,
+        state: LTEState,
+        k_prerope: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        score: torch.Tensor,
+        pad_mask: torch.Tensor | None,
+    ) -> None:
+        """Fill the cache from a prompt: ring = last W+1 tokens, buffer = final top-N of older tokens (SPEC 2.2)."""
+        b, t = k.shape[:2]
+        ring, m = self.window_size + 1, self.router.margin
+        real = torch.ones(b, t, device=k.device, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
+        ranked = self.inference_scores(score, pad_mask)
+        # Scores of the last m tokens still lack right context: they are scored during decode (before eviction).
+        ranked[:, max(0, t - m) :] = float("-inf")
+        real_h = real[:, :, None].expand(b, t, self.num_kv_heads)
+        # Ring: the last W+1 tokens.
+        fill_ring(state.k[:, :, :ring], k)
+        fill_ring(state.v[:, :, :ring], v)
+        fill_ring(state.score[:, :, :ring], ranked)
+        fill_ring(state.valid[:, :, :ring], real_h)
+        positions = torch.arange(t, device=k.device, dtype=torch.int32)
+        fill_ring(state.token_pos[:, :, :ring], positions[None, :, None].expand(b, t, self.num_kv_heads))
+        # Buffer: top-N positive scores among tokens older than the ring; stable sort keeps earlier keys on ties.
+        older = max(0, t - ring)
+        if older > 0 and self.buffer_size > 0:
+            cand = ranked[:, :older].transpose(1, 2)  # [B, HKV, older]
+            order = torch.sort(cand, dim=-1, descending=True, stable=True).indices[..., : self.buffer_size]
+            top = cand.gather(-1, order)
+            keep = top > 0
+            n = order.shape[-1]
+            idx = order[..., None].expand(-1, -1, -1, self.head_dim)
+            state.k[:, :, ring : ring + n] = k.transpose(1, 2).gather(2, idx)
+            state.v[:, :, ring : ring + n] = v.transpose(1, 2).to(state.v.dtype).gather(2, idx)
+            # Kept entries are a prefix (sorted descending, positives first).
+            state.score[:, :, ring : ring + n] = torch.where(keep, top, float("-inf"))
+            state.valid[:, :, ring : ring + n] = keep
+            state.token_pos[:, :, ring : ring + n] = order.to(torch.int32)
+            state.buffer_len.copy_(keep.sum(-1).to(torch.int32))
+        # Router context: the last 2m+1 tokens' inputs, for scoring the pending tokens during decode.
+        fill_ring(state.router_x, self._router_input(k_prerope, v, real))
+        fill_ring(state.router_valid, real_h)
+        state.offset.copy_((~real).sum(1) if pad_mask is not None else torch.zeros_like(state.offset))
+        state.seen = t
+        state.position.fill_(t)
+
+    def _router_input(self, k_prerope: torch.Tensor, v: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        return torch.cat([k_prerope, v], dim=-1) * real[:, :, None, None].to(k_prerope.dtype)
+
+    def _decode(self, x: torch.Tensor, state: LTEState) -> tuple[torch.Tensor, LTERouting]:
+        m, ring = self.router.margin, self.window_size + 1
+        pos = state.position
+        q, k, v = self._project(x)  # T == 1
+        real = torch.ones(x.shape[0], 1, device=x.device, dtype=torch.bool)
+        write_slot(state.router_x, self._router_input(k, v, real)[:, 0], pos)
+        write_slot(state.router_valid, real.expand(-1, self.num_kv_heads), pos)
+        # Score token j = pos - m, whose right context is now complete (the window is j-m .. j+m = pos-2m .. pos).
+        ctx = state.router_x.shape[2]
+        window_slots = (pos - 2 * m + torch.arange(ctx, device=x.device)) % ctx
+        window = state.router_x.index_select(2, window_slots).transpose(1, 2)  # [B, 2m+1, HKV, 2D]
+        window_valid = state.router_valid.index_select(2, window_slots)[:, 0]  # [B, 2m+1]
+        j = pos - m
+        raw = self.router.score_window(window, window_valid)  # [B, HKV]
+        is_sink = ((j - state.offset) >= 0) & ((j - state.offset) < self.sink_size)
+        new = torch.where(is_sink[:, None], float("inf"), raw.float())
+        new = torch.where(window_valid[:, m : m + 1], new, float("-inf"))
+        j_slot = (j % ring).view(1)
+        old = state.score.index_select(2, j_slot)[..., 0]
+        state.score.index_copy_(2, j_slot, torch.where(j >= 0, new, old)[..., None])
+        # Move the token leaving the window into the buffer (if it earns its place), write the new token.
+        q, k = self.rotary(q, k, pos.view(1))
+        lte_evict(
+            state.k,
+            state.v,
+            state.score,
+            state.valid,
+            state.buffer_len,
+            state.token_pos,
+            position=pos,
+            k_new=k[:, 0].to(state.k.dtype),
+            v_new=v[:, 0].to(state.v.dtype),
+            ring_size=ring,
+            backend=self.backend,
+        )
+        o = decode_attention(q[:, 0], state.k, state.v, valid=state.valid, backend=self.backend)
+        state.seen += 1
+        state.position.add_(1)
+        # Reported routing: the score of token j, the one scored at this step.
+        return self.o_proj(o.flatten(1))[:, None], LTERouting(raw[:, None], raw[:, None] > 0)

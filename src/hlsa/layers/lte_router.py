@@ -1,0 +1,249 @@
+"""The LTE router: a small per-KV-head CNN over time that scores tokens for eviction (SPEC 1.2, 1.3, 1.5).
+
+Each KV head's pre-RoPE key and value, `x = [k || v]` (`[B, T, HKV, 2D]`), goes through a non-causal 1-D CNN:
+per conv `(k_i, d_i)`: dropout, a dilated conv that halves the channels ('same' zero padding), the padding mask,
+SiLU; then a 1x1 projection to one logit per head. The score is `sigmoid(logit) - 0.5` (or `relu(logit)`); a token
+is selected (kept beyond the window) when its score is positive, and the first `sink_size` real tokens always are.
+
+Every conv output is multiplied by the padding mask, so a pad behaves exactly like the zero padding beyond the
+sequence ends. That makes streaming scoring exact: the score of token `j` depends only on the router inputs of
+tokens `[j - margin, j + margin]`, and `LTERouter.score_window` recomputes it from those `2 * margin + 1` inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROUTING_METHODS = ("sigmoid", "relu")
+ROUTING_SHARED = ("head", "layer")
+
+
+class ConvStack(nn.Module):
+    """`groups` independent CNNs over time, each mapping `in_channels // groups` channels to one logit.
+
+    `forward(x [N, C, L], mask [N, 1, L] | None, *, same)` -> `[N, groups, L]` ('same' zero padding at every conv),
+    or with `same=False` `[N, groups, L - 2 * margin]`: no padding, only the positions whose receptive field lies
+    inside the input, each computed exactly as with `same=True`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        groups: int,
+        *,
+        conv_size: Sequence[int],
+        conv_dilation: Sequence[int],
+        dropout_prob: float,
+    ) -> None:
+        super().__init__()
+        if len(conv_size) == 0 or len(conv_size) != len(conv_dilation):
+            raise ValueError(f"conv_size, conv_dilation need one entry per conv; got {conv_size}, {conv_dilation}")
+        if any(k < 1 or k % 2 == 0 for k in conv_size):
+            raise ValueError(f"conv_size must hold odd kernel sizes ('same' padding is symmetric); got {conv_size}")
+        if any(d < 1 for d in conv_dilation):
+            raise ValueError(f"conv_dilation must hold dilations >= 1; got {conv_dilation}")
+        if not 0.0 <= dropout_prob < 1.0:
+            raise ValueError(f"dropout_prob must be in [0, 1); got {dropout_prob}")
+        # Symmetric 'same' padding of a dilated kernel: (k - 1) * d / 2 zeros on each side (odd k).
+        self.radii = tuple((k - 1) // 2 * d for k, d in zip(conv_size, conv_dilation))
+        self.dropout = nn.Dropout(dropout_prob)
+        channels = [in_channels // 2**i for i in range(len(conv_size) + 1)]
+        self.convs = nn.ModuleList(
+            nn.Conv1d(c_in, c_out, k, dilation=d, padding=r, groups=groups)
+            for c_in, c_out, k, d, r in zip(channels, channels[1:], conv_size, conv_dilation, self.radii)
+        )
+        self.proj = nn.Conv1d(channels[-1], groups, 1, groups=groups)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Kaiming-normal weights, default conv biases, projection bias 0.5: almost every token is kept at first."""
+        for conv in self.convs:
+            conv.reset_parameters()  # the default uniform bias is what the authors keep
+            nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.kaiming_normal_(self.proj.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.constant_(self.proj.bias, 0.5)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, *, same: bool = True) -> torch.Tensor:
+        for conv, r in zip(self.convs, self.radii):
+            x = self.dropout(x)
+            if same:
+                x = conv(x)  # 'same' zero padding: conv.padding == r
+            else:  # no padding: the output loses r positions on each side, and so does the mask
+                x = F.conv1d(x, conv.weight, conv.bias, dilation=conv.dilation, groups=conv.groups)
+                mask = None if mask is None else mask[..., r : mask.shape[-1] - r]
+            if mask is not None:
+                x = x * mask
+            x = F.silu(x)
+        return self.proj(x)
+
+
+class LTERouter(nn.Module):
+    """Scores each token of each KV head from its pre-RoPE key and value and those of its neighbours.
+
+    Args:
+        num_kv_heads: `HKV`.
+        head_dim: `D`; the per-head input has `2D` channels, halved by each conv (`2D` must divide by `2**len`).
+        conv_size, conv_dilation: odd kernel sizes and dilations of the convs (same length).
+        dropout_prob: dropout before each conv (training only).
+        routing_method: "sigmoid" (`score = sigmoid(logit) - 0.5`) or "relu" (`score = relu(logit)`).
+        routing_grad: if False the router input is detached (no router gradient into the k/v projections).
+        routing_shared: "head" (one CNN per KV head: a grouped conv) or "layer" (one CNN for all heads; unlike the
+            authors' code, which skips it there, the per-conv padding mask is applied in this mode too).
+    """
+
+    def __init__(
+        self,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        conv_size: Sequence[int] = (3, 3, 3),
+        conv_dilation: Sequence[int] = (2, 2, 2),
+        dropout_prob: float = 0.1,
+        routing_method: str = "sigmoid",
+        routing_grad: bool = True,
+        routing_shared: str = "head",
+    ) -> None:
+        super().__init__()
+        if num_kv_heads < 1 or head_dim < 1:
+            raise ValueError(f"num_kv_heads and head_dim must be positive; got {num_kv_heads}, {head_dim}")
+        if routing_method not in ROUTING_METHODS:
+            raise ValueError(f"routing_method must be one of {ROUTING_METHODS}; got {routing_method!r}")
+        if routing_shared not in ROUTING_SHARED:
+            raise ValueError(f"routing_shared must be one of {ROUTING_SHARED}; got {routing_shared!r}")
+        if (2 * head_dim) % 2 ** len(conv_size) != 0:
+            raise ValueError(f"2 * head_dim = {2 * head_dim} must divide by 2**len(conv_size): each conv halves it")
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.routing_method, self.routing_grad, self.routing_shared = routing_method, routing_grad, routing_shared
+        groups = num_kv_heads if routing_shared == "head" else 1
+        self.conv_stack = ConvStack(
+            2 * head_dim * groups, groups, conv_size=conv_size, conv_dilation=conv_dilation, dropout_prob=dropout_prob
+        )
+
+    @property
+    def receptive_field(self) -> int:
+        """Tokens that one score depends on: `1 + sum((k_i - 1) * d_i)` (13 for the default)."""
+        return 1 + 2 * sum(self.conv_stack.radii)
+
+    @property
+    def margin(self) -> int:
+        """Neighbours on each side that one score depends on: `receptive_field // 2` (6 for the default)."""
+        return self.receptive_field // 2
+
+    def reset_parameters(self) -> None:
+        self.conv_stack.reset_parameters()
+
+    def forward(self, k: torch.Tensor, v: torch.Tensor, *, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of a whole sequence.
+
+        Args:
+            k: pre-RoPE keys `[B, T, HKV, D]`.
+            v: values `[B, T, HKV, D]`.
+            pad_mask: bool `[B, T]`, False at (left) pads, or None. Pads' scores are meaningless: use `select`.
+
+        Returns:
+            score `[B, T, HKV]` in the input dtype, differentiable (selection is `score > 0`).
+        """
+        expected = (*k.shape[:2], self.num_kv_heads, self.head_dim)
+        if k.shape != expected or v.shape != expected:
+            raise ValueError(f"k and v must have shape [B, T, HKV, D] = {list(expected)}; got {k.shape}, {v.shape}")
+        if pad_mask is not None and (pad_mask.dtype != torch.bool or pad_mask.shape != k.shape[:2]):
+            raise ValueError(f"pad_mask must be a bool tensor of shape [B, T] = {list(k.shape[:2])}, or None")
+        x = torch.cat([k, v], dim=-1)  # [B, T, HKV, 2D]
+        if not self.routing_grad:
+            x = x.detach()
+        return self._score(self._logits(x, pad_mask, same=True))
+
+    def score_window(self, x_window: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Score of the centre token of a window of router inputs (streaming scoring for decode).
+
+        Equals (up to conv round-off) the score `forward` gives token `j` when `x_window` holds the router inputs
+        of tokens `j - m .. j + m` (`m = margin`) in chronological order and `valid` is False where a position is
+        before the sequence start, a pad, or past the sequence end (the score of the sequence cut there). Invalid
+        positions' contents are ignored. Call it in eval mode (dropout); it allocates only window-sized tensors.
+
+        Args:
+            x_window: `[B, 2m + 1, HKV, 2D]`, `concat(k_prerope, v)` per KV head.
+            valid: bool `[B, 2m + 1]`.
+
+        Returns:
+            score `[B, HKV]` of the token at window index `m`.
+        """
+        expected = (x_window.shape[0], 2 * self.margin + 1, self.num_kv_heads, 2 * self.head_dim)
+        if x_window.shape != expected:
+            raise ValueError(f"x_window must have shape [B, 2 * margin + 1, HKV, 2D] = {list(expected)}")
+        if valid.dtype != torch.bool or valid.shape != expected[:2]:
+            raise ValueError(f"valid must be a bool tensor of shape [B, 2 * margin + 1] = {list(expected[:2])}")
+        return self._score(self._logits(x_window, valid, same=False))[:, 0]
+
+    def _logits(self, x: torch.Tensor, mask: torch.Tensor | None, *, same: bool) -> torch.Tensor:
+        """`x [B, L, HKV, 2D]`, `mask [B, L] | None` -> logits `[B, L', HKV]` (`L' = L` if `same`)."""
+        B, L, H, C = x.shape
+        if self.routing_shared == "head":
+            x = x.reshape(B, L, H * C).transpose(1, 2)  # [B, (h c), L]: group h holds head h's channels
+            mask = None if mask is None else mask[:, None, :]  # [B, 1, L]
+        else:
+            x = x.permute(0, 2, 3, 1).reshape(B * H, C, L)  # [(b h), c, L]: every head through the same CNN
+            mask = None if mask is None else mask.repeat_interleave(H, dim=0)[:, None, :]  # [(b h), 1, L]
+        if mask is not None:
+            mask = mask.to(x.dtype)
+            x = x * mask
+        logits = self.conv_stack(x, mask, same=same)  # [B, H, L'] or [(b h), 1, L']
+        return logits.reshape(B, H, -1).transpose(1, 2)
+
+    def _score(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) - 0.5 if self.routing_method == "sigmoid" else F.relu(logits)
+
+
+def sink_mask(pad_mask: torch.Tensor, sink_size: int) -> torch.Tensor:
+    """bool `[B, T]`: True on the first `sink_size` non-pad tokens of each row (`pad_mask` bool `[B, T]`)."""
+    return pad_mask & (pad_mask.cumsum(dim=1) <= sink_size)
+
+
+def select(score: torch.Tensor, pad_mask: torch.Tensor | None, sink_size: int, *, enabled: bool = True) -> torch.Tensor:
+    """Tokens kept beyond the window, bool `[B, T, HKV]`: positive score or a sink (first real tokens); no pad.
+
+    Args:
+        score: `[B, T, HKV]` from `LTERouter.forward`.
+        pad_mask: bool `[B, T]` (False at pads) or None.
+        sink_size: `s >= 0`; rows with fewer than `s` real tokens make all of them sinks.
+        enabled: False (the L1 warm-up, the authors' `router.enabled=False`) selects every real token.
+    """
+    if score.dim() != 3 or sink_size < 0:
+        raise ValueError(f"score must be [B, T, HKV] and sink_size >= 0; got {list(score.shape)}, {sink_size}")
+    if pad_mask is None:
+        pad_mask = torch.ones(score.shape[:2], dtype=torch.bool, device=score.device)
+    elif pad_mask.dtype != torch.bool or pad_mask.shape != score.shape[:2]:
+        raise ValueError(f"pad_mask must be a bool tensor of shape [B, T] = {list(score.shape[:2])}, or None")
+    if not enabled:
+        return pad_mask[:, :, None].expand(score.shape).clone()
+    return ((score > 0) | sink_mask(pad_mask, sink_size)[:, :, None]) & pad_mask[:, :, None]
+
+
+class _ValueGain(torch.autograd.Function):
+    """Straight-through gradient of a per-token value gain `v * alpha` at `alpha = 1` (SPEC 1.5)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, v: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(v)
+        ctx.score_dtype = score.dtype
+        return v.view_as(v)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (v,) = ctx.saved_tensors
+        return grad, (grad * v).sum(dim=-1).to(ctx.score_dtype)
+
+
+def value_gain(v: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """`v [B, T, HKV, D]` (per KV head, before GQA expansion) unchanged; `score [B, T, HKV]` gets its gradient.
+
+    Backward: `grad_v = g`, `grad_score = sum_d g * v`, the gradients of `v * (1 + score - score.detach())[..., None]`
+    without the multiply. This is how the router learns from the attention loss.
+    """
+    if score.shape != v.shape[:-1]:
+        raise ValueError(f"score must have shape v.shape[:-1] = {list(v.shape[:-1])}; got {list(score.shape)}")
+    return _ValueGain.apply(v, score)

@@ -1,0 +1,100 @@
+"""Decode attention: one query token per sequence against a head-major KV cache with a per-slot validity mask.
+
+Used by the SWA (ring), LTE (ring + compact buffer) and full-attention caches at decode time. Slot order is
+irrelevant because cached keys already carry RoPE, so one op serves every cache layout (docs/design.md,
+"Decode-time ops").
+
+Shape legend: `B` batch, `HQ` query heads, `HKV` key/value heads (`G = HQ // HKV`; query head `i` reads kv-head
+`i // G`), `S` cache slots, `D` head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"decode_attention: q must be [B, HQ, D] and k_cache, v_cache [B, HKV, S, D] of one shape; got q "
+            f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
+        )
+    B, HQ, D = q.shape
+    HKV, S = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape[0] != B or k_cache.shape[3] != D or HQ % HKV != 0:
+        raise ValueError(
+            f"decode_attention: k_cache must be [B, HKV, S, D] with B, D as in q and HQ divisible by HKV; got q "
+            f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}"
+        )
+    if not (q.dtype == k_cache.dtype == v_cache.dtype) or not q.is_floating_point():
+        raise ValueError(
+            f"decode_attention: q, k_cache, v_cache must share one float dtype; got {q.dtype}, {k_cache.dtype}, "
+            f"{v_cache.dtype}"
+        )
+    if valid.shape != (B, HKV, S) or valid.dtype != torch.bool:
+        raise ValueError(
+            f"decode_attention: valid must be bool [B, HKV, S] = {(B, HKV, S)}; got {valid.dtype} {tuple(valid.shape)}"
+        )
+    if not (q.device == k_cache.device == v_cache.device == valid.device):
+        raise ValueError("decode_attention: q, k_cache, v_cache and valid must be on the same device")
+
+
+def decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    valid: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Readable reference: masked softmax over all valid slots, in the input dtype.
+
+    Args and Returns as in `decode_attention`.
+    """
+    _check_inputs(q, k_cache, v_cache, valid)
+    B, HQ, D = q.shape
+    HKV = k_cache.shape[1]
+    scale = D**-0.5 if scale is None else scale
+    q_BHGD = q.reshape(B, HKV, HQ // HKV, D)
+    s = torch.einsum("bhgd,bhsd->bhgs", q_BHGD, k_cache) * scale  # [B, HKV, G, S]
+    s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
+    # Clamping the row max keeps rows without a valid slot finite: their exp is 0 everywhere, hence output 0.
+    m = s.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min)
+    e = torch.exp(s - m)
+    p = e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+    o = torch.einsum("bhgs,bhsd->bhgd", p, v_cache)  # [B, HKV, G, D]
+    return o.reshape(B, HQ, D)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    valid: torch.Tensor,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention of one query token per sequence over the valid slots of a KV cache (no host sync).
+
+    Args:
+        q: `[B, HQ, D]`.
+        k_cache, v_cache: `[B, HKV, S, D]` (keys already rotated; `HQ % HKV == 0`).
+        valid: bool `[B, HKV, S]`: slots that hold a token.
+        scale: softmax scale, default `D ** -0.5`.
+        backend: "torch" (reference), "triton", or None (Triton for CUDA tensors, else the reference).
+
+    Returns:
+        `[B, HQ, D]` in the dtype of q; a query whose kv-head has no valid slot gets zeros.
+    """
+    if backend not in (None, "torch", "triton"):
+        raise ValueError(f"decode_attention: backend must be None, 'torch' or 'triton'; got {backend!r}")
+    if backend is None:
+        backend = "triton" if q.is_cuda else "torch"
+    if backend == "torch":
+        return decode_attention_ref(q, k_cache, v_cache, valid=valid, scale=scale)
+    _check_inputs(q, k_cache, v_cache, valid)
+    from hlsa.ops.triton.decode_attention import decode_attention_triton
+
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return decode_attention_triton(q, k_cache, v_cache, valid=valid, scale=scale)

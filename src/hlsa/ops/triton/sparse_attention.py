@@ -1,0 +1,327 @@
+"""Triton kernels for `hlsa.ops.sparse_attention`: forward, dq, the column prologue and the autograd Function.
+
+Legend: `B` batch, `T` length, `HQ`/`HKV` query/key-value heads, `G = HQ // HKV`, `D` head dim (`BD` its power-of-two
+tile), `BM` queries and `BN` keys per tile. Layout `[B, T, H, D]`, contiguous. Logits are kept in base 2
+(`scale * log2(e)`), so `lse` is a base-2 log-sum-exp `[B, HQ, T]` (`+inf` for rows that see no key).
+
+Visit order for a query block `[t0, t0 + BM)` (forward and dq):
+1. the *compacted* columns of its kv head: keys `j` with `column_end[j] > j + W + 1` (more than the band) and
+   `j + W < t0 + BM - 1`, gathered by index, masked `j + W < i < column_end[j]` (their far pairs only);
+2. the band key blocks `[floor((t0 - W) / BN) * BN, t0 + BM)`, masked `i - W <= j <= i` and `key_mask[j]`; the
+   blocks fully inside every query's band skip the position test.
+So each visible pair is counted once (near pairs in the band, far pairs in the columns) and the work is
+O(T * (W + BM + number of columns)). The backward (sparse_attention_bwd.py) splits the pairs the same way.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from hlsa.ops.triton.sparse_attention_bwd import dkdv
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_rows(p_base, o_rows, m_rows, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    """Rows `o_rows` of one head from a `[T, H, D]` slab starting at `p_base` -> `[len(o_rows), BD]`."""
+    o_d = tl.arange(0, BD)
+    m_rd = m_rows[:, None] & (o_d < D)[None, :]
+    return tl.load(p_base + o_rows[:, None] * (H * D) + o_d[None, :], mask=m_rd, other=0.0)
+
+
+@triton.jit
+def _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, APPLY_MASK: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step over a `[BM, BN]` tile (base-2 logits)."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
+    if APPLY_MASK:
+        b_s = tl.where(vis, b_s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(b_s, 1))
+    # A row with nothing visible yet keeps m = -inf; shifting by 0 instead avoids exp2(-inf - -inf) = nan.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    b_p = tl.exp2(b_s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, APPLY_MASK: tl.constexpr, PREC: tl.constexpr):
+    """dq contribution of one `[BM, BN]` tile: p recomputed from lse, ds = p * (dp - delta)."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
+    if APPLY_MASK:
+        b_s = tl.where(vis, b_s, float("-inf"))
+    b_p = tl.exp2(b_s - b_lse[:, None])
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return b_dq + tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+
+
+@triton.jit
+def _band_vis(o_m, o_n, km, T, W, EDGE: tl.constexpr, USE_KM: tl.constexpr):
+    """Visibility of band keys `o_n` to queries `o_m`; interior tiles (EDGE False) only check the key mask."""
+    m_n = o_n < T
+    if USE_KM:
+        m_n = m_n & tl.load(km + o_n, mask=o_n < T, other=0).to(tl.int1)
+    vis = m_n[None, :]
+    if EDGE:
+        vis = vis & (o_n[None, :] <= o_m[:, None]) & (o_m[:, None] - o_n[None, :] <= W)
+    return vis
+
+
+@triton.jit
+def _band_bounds(t0, T, W, BM: tl.constexpr, BN: tl.constexpr):
+    """Band key tiles of query block t0: edge [s0, a), interior [a, t0), edge [t0, t_end)."""
+    s0 = (tl.maximum(t0 - W, 0) // BN) * BN
+    a = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(t0 + BM - 1 - W, 0), BN) * BN, s0), t0)
+    return s0, a, tl.minimum(t0 + BM, T)
+
+
+@triton.jit
+def _fwd_kernel(
+    q, k, v, o, lse, ce, km, cols, ccount, scale, T, W,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hq = i_bh // HQ, i_bh % HQ
+    i_hk = i_hq // (HQ // HKV)
+    i_bk = i_b * HKV + i_hk
+    t0 = i_m * BM
+    o_m = t0 + tl.arange(0, BM)
+    p_q = q + (i_b.to(tl.int64) * T * HQ + i_hq) * D
+    p_k = k + (i_b.to(tl.int64) * T * HKV + i_hk) * D
+    p_v = v + (i_b.to(tl.int64) * T * HKV + i_hk) * D
+    km_b = km + i_b.to(tl.int64) * T
+    b_q = _load_rows(p_q, o_m, o_m < T, HQ, D, BD)
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    if USE_COLS:
+        n_col = tl.load(ccount + i_bk.to(tl.int64) * (T + 1) + tl.minimum(tl.maximum(t0 + BM - 1 - W, 0), T))
+        for c0 in range(0, n_col, BN):
+            o_c = c0 + tl.arange(0, BN)
+            m_c = o_c < n_col
+            b_pos = tl.load(cols + i_bk.to(tl.int64) * T + o_c, mask=m_c, other=0)
+            b_ce = tl.load(ce + (i_b.to(tl.int64) * T + b_pos) * HKV + i_hk, mask=m_c, other=0)
+            vis = (o_m[:, None] < b_ce[None, :]) & (o_m[:, None] - b_pos[None, :] > W)
+            b_k = _load_rows(p_k, b_pos, m_c, HKV, D, BD)
+            b_v = _load_rows(p_v, b_pos, m_c, HKV, D, BD)
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
+    s0, a, t_end = _band_bounds(t0, T, W, BM, BN)
+    for n0 in range(s0, a, BN):
+        o_n = n0 + tl.arange(0, BN)
+        vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
+        b_k = _load_rows(p_k, o_n, o_n < T, HKV, D, BD)
+        b_v = _load_rows(p_v, o_n, o_n < T, HKV, D, BD)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
+    for n0 in range(a, t0, BN):
+        o_n = n0 + tl.arange(0, BN)
+        vis = _band_vis(o_m, o_n, km_b, T, W, False, USE_KM)
+        b_k = _load_rows(p_k, o_n, o_n < T, HKV, D, BD)
+        b_v = _load_rows(p_v, o_n, o_n < T, HKV, D, BD)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, USE_KM, PREC)
+    for n0 in range(t0, t_end, BN):
+        o_n = n0 + tl.arange(0, BN)
+        vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
+        b_k = _load_rows(p_k, o_n, o_n < T, HKV, D, BD)
+        b_v = _load_rows(p_v, o_n, o_n < T, HKV, D, BD)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
+    seen = l_i > 0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    o_d = tl.arange(0, BD)
+    p_o = o + (i_b.to(tl.int64) * T * HQ + i_hq) * D + o_m[:, None] * (HQ * D) + o_d[None, :]
+    tl.store(p_o, acc.to(o.dtype.element_ty), mask=(o_m < T)[:, None] & (o_d < D)[None, :])
+    b_lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    tl.store(lse + i_bh.to(tl.int64) * T + o_m, b_lse, mask=o_m < T)
+
+
+@triton.jit
+def _dq_kernel(
+    q, k, v, do, dq, lse, delta, ce, km, cols, ccount, scale, T, W,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hq = i_bh // HQ, i_bh % HQ
+    i_hk = i_hq // (HQ // HKV)
+    i_bk = i_b * HKV + i_hk
+    t0 = i_m * BM
+    o_m = t0 + tl.arange(0, BM)
+    m_m = o_m < T
+    p_k = k + (i_b.to(tl.int64) * T * HKV + i_hk) * D
+    p_v = v + (i_b.to(tl.int64) * T * HKV + i_hk) * D
+    km_b = km + i_b.to(tl.int64) * T
+    b_q = _load_rows(q + (i_b.to(tl.int64) * T * HQ + i_hq) * D, o_m, m_m, HQ, D, BD)
+    b_do = _load_rows(do + (i_b.to(tl.int64) * T * HQ + i_hq) * D, o_m, m_m, HQ, D, BD)
+    b_lse = tl.load(lse + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=float("inf"))
+    b_delta = tl.load(delta + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)
+    b_dq = tl.zeros([BM, BD], dtype=tl.float32)
+    if USE_COLS:
+        n_col = tl.load(ccount + i_bk.to(tl.int64) * (T + 1) + tl.minimum(tl.maximum(t0 + BM - 1 - W, 0), T))
+        for c0 in range(0, n_col, BN):
+            o_c = c0 + tl.arange(0, BN)
+            m_c = o_c < n_col
+            b_pos = tl.load(cols + i_bk.to(tl.int64) * T + o_c, mask=m_c, other=0)
+            b_ce = tl.load(ce + (i_b.to(tl.int64) * T + b_pos) * HKV + i_hk, mask=m_c, other=0)
+            vis = (o_m[:, None] < b_ce[None, :]) & (o_m[:, None] - b_pos[None, :] > W)
+            b_k = _load_rows(p_k, b_pos, m_c, HKV, D, BD)
+            b_v = _load_rows(p_v, b_pos, m_c, HKV, D, BD)
+            b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, True, PREC)
+    s0, a, t_end = _band_bounds(t0, T, W, BM, BN)
+    for n0 in range(s0, a, BN):
+        o_n = n0 + tl.arange(0, BN)
+        vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
+        b_k = _load_rows(p_k, o_n, o_n < T, HKV, D, BD)
+        b_v = _load_rows(p_v, o_n, o_n < T, HKV, D, BD)
+        b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, True, PREC)
+    for n0 in range(a, t0, BN):
+        o_n = n0 + tl.arange(0, BN)
+        vis = _band_vis(o_m, o_n, km_b, T, W, False, USE_KM)
+        b_k = _load_rows(p_k, o_n, o_n < T, HKV, D, BD)
+        b_v = _load_rows(p_v, o_n, o_n < T, HKV, D, BD)
+        b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, USE_KM, PREC)
+    for n0 in range(t0, t_end, BN):
+        o_n = n0 + tl.arange(0, BN)
+        vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
+        b_k = _load_rows(p_k, o_n, o_n < T, HKV, D, BD)
+        b_v = _load_rows(p_v, o_n, o_n < T, HKV, D, BD)
+        b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, True, PREC)
+    # ds was taken w.r.t. natural logits; dq = scale * ds @ k (the base-2 factor only lives in the exponent).
+    b_dq = b_dq * (scale / 1.4426950408889634)
+    o_d = tl.arange(0, BD)
+    p_dq = dq + (i_b.to(tl.int64) * T * HQ + i_hq) * D + o_m[:, None] * (HQ * D) + o_d[None, :]
+    tl.store(p_dq, b_dq.to(dq.dtype.element_ty), mask=m_m[:, None] & (o_d < D)[None, :])
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch_config(kernel: str, D: int) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages) for `kernel` in {"fwd", "dq", "dkdv"}; small tiles under the interpreter."""
+    if _interpreted():
+        return 16, 16, 1, 1
+    # Measured on an H200 at T=4096, D=64, bf16 (docs/kernels.md); D=128 keeps the wider-tile defaults, untuned.
+    table = {
+        "fwd": (128, 32, 4, 3) if D <= 64 else (128, 64, 8, 3),
+        "dq": (128, 32, 4, 3) if D <= 64 else (128, 64, 8, 2),
+        "dkdv": (64, 64, 4, 2) if D <= 64 else (64, 64, 8, 2),
+    }
+    return table[kernel]
+
+
+def column_prologue(
+    column_end: torch.Tensor, key_mask: torch.Tensor | None, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact, per (b, kv head), the sorted positions of keys that outlive their band.
+
+    Returns:
+        cols int32 `[B * HKV, T]`: column positions in increasing order (entries past the count are junk);
+        ccount int32 `[B * HKV, T + 1]`: `ccount[:, j]` = number of columns at positions `< j`.
+    """
+    B, T, HKV = column_end.shape
+    pos = torch.arange(T, device=column_end.device, dtype=torch.int32)
+    is_col = column_end > (pos + window + 1)[None, :, None]  # [B, T, HKV]
+    if key_mask is not None:
+        is_col = is_col & key_mask[:, :, None]
+    is_col = is_col.permute(0, 2, 1).reshape(B * HKV, T)
+    csum = is_col.cumsum(dim=1, dtype=torch.int32)
+    ccount = torch.nn.functional.pad(csum, (1, 0))
+    # Non-columns all land in the spare slot T, which is dropped.
+    dest = torch.where(is_col, csum - 1, T).long()
+    cols = torch.zeros(B * HKV, T + 1, device=column_end.device, dtype=torch.int32)
+    cols.scatter_(1, dest, pos.expand(B * HKV, T).contiguous())
+    return cols[:, :T].contiguous(), ccount
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products (the reference's arithmetic); bf16/fp16 ignore this setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+Tensor = torch.Tensor
+
+
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, ce: Tensor, km: Tensor, cols: Tensor, ccount: Tensor,
+    window_eff: int, scale: float, use_cols: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Launch the forward kernel -> (o [B, T, HQ, D], lse [B, HQ, T] fp32)."""
+    B, T, HQ, D = q.shape
+    BM, BN, warps, stages = launch_config("fwd", D)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
+    _fwd_kernel[(triton.cdiv(T, BM), B * HQ)](
+        q, k, v, o, lse, ce, km, cols, ccount, scale * LOG2E, T, window_eff,
+        HQ=HQ, HKV=k.shape[2], D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN,
+        USE_COLS=use_cols, USE_KM=km is not q, PREC=_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return o, lse
+
+
+def backward_dq(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, ce: Tensor, km: Tensor, cols: Tensor,
+    ccount: Tensor, window_eff: int, scale: float, use_cols: bool,
+) -> Tensor:  # fmt: skip
+    """Launch the dq kernel -> dq [B, T, HQ, D]."""
+    B, T, HQ, D = q.shape
+    BM, BN, warps, stages = launch_config("dq", D)
+    dq = torch.empty_like(q)
+    _dq_kernel[(triton.cdiv(T, BM), B * HQ)](
+        q, k, v, do, dq, lse, delta, ce, km, cols, ccount, scale * LOG2E, T, window_eff,
+        HQ=HQ, HKV=k.shape[2], D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN,
+        USE_COLS=use_cols, USE_KM=km is not q, PREC=_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return dq
+
+
+class SparseAttentionFunction(torch.autograd.Function):
+    """Forward and backward through the Triton kernels; the columns are compacted once and reused."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, column_end, key_mask, window, scale):  # noqa: ANN001, ANN205
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        T = q.shape[1]
+        # Full causal attention is a band as wide as the sequence; a band that wide leaves nothing to columns.
+        window_eff = T if window is None else min(window, T)
+        use_cols = column_end is not None and window_eff < T
+        if use_cols:
+            ce = column_end.contiguous()
+            cols, ccount = column_prologue(ce, key_mask, window_eff)
+        else:
+            ce = cols = ccount = q  # placeholders, never read (USE_COLS is False)
+        km = key_mask.contiguous() if key_mask is not None else q
+        o, lse = forward(q, k, v, ce, km, cols, ccount, window_eff, scale, use_cols)
+        ctx.save_for_backward(q, k, v, o, lse, ce, km, cols, ccount)
+        ctx.window_eff, ctx.scale, ctx.use_cols = window_eff, scale, use_cols
+        return o
+
+    @staticmethod
+    def backward(ctx, do):  # noqa: ANN001, ANN205
+        q, k, v, o, lse, ce, km, cols, ccount = ctx.saved_tensors
+        do = do.contiguous()
+        delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, HQ, T]
+        pattern = (ce, km, cols, ccount, ctx.window_eff, ctx.scale, ctx.use_cols)
+        dq = backward_dq(q, k, v, do, lse, delta, *pattern)
+        dk, dv = dkdv(q, k, v, do, lse, delta, *pattern, config=launch_config("dkdv", q.shape[-1]))
+        return dq, dk, dv, None, None, None, None
+
+
+def sparse_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int | None,
+    column_end: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Triton path of `hlsa.ops.sparse_attention.sparse_attention` (inputs already validated)."""
+    return SparseAttentionFunction.apply(q, k, v, column_end, key_mask, window, scale)

@@ -1,0 +1,191 @@
+"""Triton dk/dv kernels for `hlsa.ops.sparse_attention` (legend in sparse_attention.py).
+
+The visible pairs split as in the forward: *near* pairs (`i - W <= j <= i`) and *far* pairs of column keys
+(`j + W < i < column_end[j]`). One program owns a block of BN keys of one (b, kv head) and loops over the G query heads
+of that kv head, so dk and dv are each written once, without atomics:
+1. `_dkdv_col_kernel` (run first): one program per segment of QS queries; it walks the compacted columns older than
+   the segment's band in chunks of BN and accumulates their far pairs with the segment's queries; the fp32 partials
+   are atomically added into a compact buffer indexed like the column list (several segments share a column, and a
+   program per chunk instead would leave a few programs walking all T queries: 36 programs at T=65536, B=1).
+2. `_dkdv_band_kernel`: per key block `[n0, n0 + BN)`, the near pairs over queries `[n0, n0 + BN + W)`, then the column
+   partial of its keys is added and the sum written in the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dkdv_step(b_dk, b_dv, b_k, b_v, p_q, p_do, lse_h, delta_h, o_m, m_m, vis, scale,
+               HQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Transposed tile `[BN keys, BM queries]`: dv += p^T do, dk += ds^T q (ds w.r.t. natural logits)."""
+    o_d = tl.arange(0, BD)
+    m_qd = m_m[:, None] & (o_d < D)[None, :]
+    b_q = tl.load(p_q + o_m[:, None] * (HQ * D) + o_d[None, :], mask=m_qd, other=0.0)
+    b_do = tl.load(p_do + o_m[:, None] * (HQ * D) + o_d[None, :], mask=m_qd, other=0.0)
+    b_lse = tl.load(lse_h + o_m, mask=m_m, other=float("inf"))
+    b_delta = tl.load(delta_h + o_m, mask=m_m, other=0.0)
+    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale
+    b_pt = tl.where(vis, tl.exp2(b_st - b_lse[None, :]), 0.0)
+    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    return b_dk, b_dv
+
+
+@triton.jit
+def _dkdv_col_kernel(
+    q, k, v, do, lse, delta, ce, cols, ccount, dk_col, dv_col, scale, T, W,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    QS: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    i_s, i_bk = tl.program_id(0), tl.program_id(1)
+    i_b, i_hk = i_bk // HKV, i_bk % HKV
+    G: tl.constexpr = HQ // HKV
+    s_lo = i_s * QS
+    s_hi = tl.minimum(s_lo + QS, T)
+    # Only columns older than this segment's band reach it: j + W < i < s_hi.
+    n_col = tl.load(ccount + i_bk.to(tl.int64) * (T + 1) + tl.minimum(tl.maximum(s_hi - 1 - W, 0), T))
+    o_d = tl.arange(0, BD)
+    for c0 in range(0, n_col, BN):
+        o_c = c0 + tl.arange(0, BN)
+        m_c = o_c < n_col
+        b_pos = tl.load(cols + i_bk.to(tl.int64) * T + o_c, mask=m_c, other=0)
+        b_ce = tl.load(ce + (i_b.to(tl.int64) * T + b_pos) * HKV + i_hk, mask=m_c, other=0)
+        m_kd = m_c[:, None] & (o_d < D)[None, :]
+        p_kv = (i_b.to(tl.int64) * T * HKV + i_hk) * D + b_pos[:, None] * (HKV * D) + o_d[None, :]
+        b_k = tl.load(k + p_kv, mask=m_kd, other=0.0)
+        b_v = tl.load(v + p_kv, mask=m_kd, other=0.0)
+        b_dk = tl.zeros([BN, BD], dtype=tl.float32)
+        b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+        # Positions are sorted, so the chunk's first column has the earliest far query.
+        q_lo = tl.maximum(tl.min(tl.where(m_c, b_pos, T)) + W + 1, s_lo)
+        q_hi = tl.minimum(tl.max(b_ce), s_hi)
+        for i_g in range(G):
+            i_hq = i_hk * G + i_g
+            p_q = q + (i_b.to(tl.int64) * T * HQ + i_hq) * D
+            p_do = do + (i_b.to(tl.int64) * T * HQ + i_hq) * D
+            lse_h = lse + (i_b.to(tl.int64) * HQ + i_hq) * T
+            delta_h = delta + (i_b.to(tl.int64) * HQ + i_hq) * T
+            for m0 in range(q_lo, q_hi, BM):
+                o_m = m0 + tl.arange(0, BM)
+                m_m = o_m < q_hi
+                vis = (o_m[None, :] - b_pos[:, None] > W) & (o_m[None, :] < b_ce[:, None]) & m_m[None, :]
+                b_dk, b_dv = _dkdv_step(
+                    b_dk, b_dv, b_k, b_v, p_q, p_do, lse_h, delta_h, o_m, m_m, vis, scale, HQ, D, BD, PREC
+                )
+        # Several query segments add into the same column rows.
+        p_out = i_bk.to(tl.int64) * T * D + o_c[:, None] * D + o_d[None, :]
+        if q_lo < q_hi:
+            tl.atomic_add(dk_col + p_out, b_dk, mask=m_kd, sem="relaxed")
+            tl.atomic_add(dv_col + p_out, b_dv, mask=m_kd, sem="relaxed")
+
+
+@triton.jit
+def _dkdv_band_kernel(
+    q, k, v, do, dk, dv, lse, delta, km, ccount, dk_col, dv_col, scale, T, W,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    i_n, i_bk = tl.program_id(0), tl.program_id(1)
+    i_b, i_hk = i_bk // HKV, i_bk % HKV
+    G: tl.constexpr = HQ // HKV
+    n0 = i_n * BN
+    o_n = n0 + tl.arange(0, BN)
+    m_n = o_n < T
+    o_d = tl.arange(0, BD)
+    m_kd = m_n[:, None] & (o_d < D)[None, :]
+    p_kv = (i_b.to(tl.int64) * T * HKV + i_hk) * D + o_n[:, None] * (HKV * D) + o_d[None, :]
+    b_k = tl.load(k + p_kv, mask=m_kd, other=0.0)
+    b_v = tl.load(v + p_kv, mask=m_kd, other=0.0)
+    m_key = m_n
+    if USE_KM:
+        m_key = m_key & tl.load(km + i_b.to(tl.int64) * T + o_n, mask=m_n, other=0).to(tl.int1)
+    b_dk = tl.zeros([BN, BD], dtype=tl.float32)
+    b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+    q_hi = tl.minimum(n0 + BN + W, T)
+    for i_g in range(G):
+        i_hq = i_hk * G + i_g
+        p_q = q + (i_b.to(tl.int64) * T * HQ + i_hq) * D
+        p_do = do + (i_b.to(tl.int64) * T * HQ + i_hq) * D
+        lse_h = lse + (i_b.to(tl.int64) * HQ + i_hq) * T
+        delta_h = delta + (i_b.to(tl.int64) * HQ + i_hq) * T
+        for m0 in range((n0 // BM) * BM, q_hi, BM):
+            o_m = m0 + tl.arange(0, BM)
+            m_m = o_m < T
+            vis = (o_n[:, None] <= o_m[None, :]) & (o_m[None, :] - o_n[:, None] <= W) & m_key[:, None] & m_m[None, :]
+            b_dk, b_dv = _dkdv_step(
+                b_dk, b_dv, b_k, b_v, p_q, p_do, lse_h, delta_h, o_m, m_m, vis, scale, HQ, D, BD, PREC
+            )
+    if USE_COLS:
+        # Keys that are columns add their far-pair partial, stored at their index in the column list.
+        p_cnt = ccount + i_bk.to(tl.int64) * (T + 1) + o_n
+        b_idx = tl.load(p_cnt, mask=m_n, other=0)
+        is_col = (tl.load(p_cnt + 1, mask=m_n, other=0) > b_idx) & m_n
+        p_part = i_bk.to(tl.int64) * T * D + b_idx[:, None] * D + o_d[None, :]
+        m_part = is_col[:, None] & (o_d < D)[None, :]
+        b_dk += tl.load(dk_col + p_part, mask=m_part, other=0.0)
+        b_dv += tl.load(dv_col + p_part, mask=m_part, other=0.0)
+    # ds was taken w.r.t. natural logits; dk = scale * ds^T q (column partials are stored unscaled too).
+    b_dk = b_dk * (scale / 1.4426950408889634)
+    tl.store(dk + p_kv, b_dk.to(dk.dtype.element_ty), mask=m_kd)
+    tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_kd)
+
+
+def query_segment(T: int, n_heads: int, BM: int) -> int:
+    """Queries per program of the column kernel: about 512 programs in all, 1024 queries at most, a BM multiple."""
+    per = triton.cdiv(T * n_heads, 512)
+    return min(max(triton.cdiv(per, BM) * BM, BM), max(1024, BM))
+
+
+def dkdv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    do: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    ce: torch.Tensor,
+    km: torch.Tensor,
+    cols: torch.Tensor,
+    ccount: torch.Tensor,
+    window_eff: int,
+    scale: float,
+    use_cols: bool,
+    *,
+    config: tuple[int, int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dk, dv `[B, T, HKV, D]` from q, do `[B, T, HQ, D]`, lse, delta `[B, HQ, T]` fp32 and the column prologue.
+
+    `km is q` means no key mask and `use_cols=False` means no columns (placeholders are never read).
+    `config` = (BM, BN, num_warps, num_stages).
+    """
+    B, T, HQ, D = q.shape
+    HKV = k.shape[2]
+    BM, BN, warps, stages = config
+    BD = triton.next_power_of_2(D)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    if use_cols:
+        # Sized for the worst case (every key a column) so that no host sync reads the count.
+        dk_col = torch.zeros(B * HKV, T, D, device=q.device, dtype=torch.float32)
+        dv_col = torch.zeros_like(dk_col)
+        QS = query_segment(T, B * HKV, BM)
+        _dkdv_col_kernel[(triton.cdiv(T, QS), B * HKV)](
+            q, k, v, do, lse, delta, ce, cols, ccount, dk_col, dv_col, scale * LOG2E, T, window_eff,
+            HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, QS=QS, PREC=prec, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+    else:
+        dk_col = dv_col = lse  # placeholders, never read
+    _dkdv_band_kernel[(triton.cdiv(T, BN), B * HKV)](
+        q, k, v, do, dk, dv, lse, delta, km, ccount, dk_col, dv_col, scale * LOG2E, T, window_eff,
+        HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, USE_COLS=use_cols, USE_KM=km is not q, PREC=prec,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return dk, dv

@@ -1,0 +1,96 @@
+"""`hlsa train` and `hlsa demo` (registered by `hlsa.cli`). Only argparse at import time; torch loads when a
+command runs.
+
+Every training option is a flag named `--<section>.<name>` (`--optim.lr 1e-3`, `--data.seq_len 512`), taking
+precedence over `--options FILE` (TOML or YAML with the same sections), which takes precedence over the defaults.
+Shortcuts: `--config` = `--model.config`, `--data` = `--data.source`, `--out` = `--checkpoint.dir`,
+`--steps` = `--train.steps`, `--resume` = `--checkpoint.resume true`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+SHORTCUTS = {
+    "config": "model.config",
+    "data": "data.source",
+    "out": "checkpoint.dir",
+    "steps": "train.steps",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `train` and `demo` subcommands."""
+    from hlsa.train.options import option_fields
+
+    train = subparsers.add_parser(
+        "train",
+        help="train a model (synthetic tasks, local text files or hub datasets)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--options", metavar="FILE", help="options file (.toml, .yaml)")
+    train.add_argument("--config", metavar="PATH", help="HybridConfig JSON, or a model directory to fine-tune")
+    train.add_argument("--data", metavar="SOURCE", help="files (a,b,...), a hub dataset name, or synthetic:mqar")
+    train.add_argument("--out", metavar="DIR", help="checkpoint directory")
+    train.add_argument("--steps", type=int, help="optimizer steps")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    for section, name, kind, default in option_fields():
+        train.add_argument(
+            f"--{section}.{name}",
+            dest=f"opt:{section}.{name}",
+            metavar=kind.__name__.upper(),
+            default=argparse.SUPPRESS,
+            help=f"(default: {default!r})",
+        )
+    train.set_defaults(func=run_train)
+
+    demo = subparsers.add_parser("demo", help="recall by distance: GDN vs GDN+SWA vs GDN+LTE vs Transformer (CPU)")
+    demo.add_argument("--train", action="store_true", help="retrain the demo checkpoints first (about 40 CPU-minutes)")
+    demo.add_argument("--checkpoints", default="checkpoints/demo", help="where the demo checkpoints live")
+    demo.add_argument("--out", default="docs/demo", help="where the table (markdown, JSON) and the PNG go")
+    demo.add_argument("--recipe", default="", help="training options of the demo (default configs/train/demo.toml)")
+    demo.add_argument("--archs", default="", help="comma-separated subset of the demo architectures")
+    demo.add_argument("--examples", type=int, default=256, help="evaluation sequences per architecture")
+    demo.add_argument("--threads", type=int, default=2, help="torch threads")
+    demo.set_defaults(func=run_demo)
+
+
+def collect_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """Flat `{"section.name": value}` from the parsed flags (file values are applied before these)."""
+    out: dict[str, object] = {}
+    for key, value in vars(args).items():
+        if key.startswith("opt:"):
+            out[key[4:]] = value
+    for short, full in SHORTCUTS.items():
+        value = getattr(args, short, None)
+        if value is not None:
+            out[full] = value
+    if getattr(args, "resume", False):
+        out["checkpoint.resume"] = True
+    return out
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from hlsa.train.options import build_options, read_options_file
+    from hlsa.train.trainer import Trainer
+
+    file_values = read_options_file(args.options) if args.options else {}
+    opts = build_options(file_values, collect_overrides(args))
+    Trainer(opts).run()
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from hlsa.demo import main as demo_main
+
+    archs = [a for a in args.archs.split(",") if a]
+    return demo_main(
+        retrain=args.train,
+        checkpoints=args.checkpoints,
+        out=args.out,
+        recipe=args.recipe or None,
+        archs=archs or None,
+        examples=args.examples,
+        threads=args.threads,
+    )

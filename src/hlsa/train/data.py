@@ -1,0 +1,267 @@
+"""Training data: documents -> tokens -> fixed-length packed rows, or synthetic retrieval tasks.
+
+`data.source` grammar (docs/training.md):
+
+* `synthetic:mqar`, `synthetic:passkey` - generated on the fly (`hlsa.train.tasks`), no tokenizer;
+* one or more local paths joined by `,`: `.txt` files (one document per file), `.jsonl` (one JSON object per line,
+  text in `data.text_field`), `.parquet` (column `data.text_field`), or directories holding such files;
+* anything else is a Hugging Face hub dataset name, streamed with `datasets` (imported lazily).
+
+Packing: each document is `[bos] + tokens + [eos]` (where the tokenizer has them), documents are concatenated and cut
+into rows of `seq_len` tokens; a document longer than a row simply continues in the next one. Under data
+parallelism document `i` belongs to rank `i % world`. A stream's position (`state_dict`) is the number of documents
+read, the epoch and the leftover tokens, so resuming re-reads (without re-tokenizing) the skipped documents and
+then continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hlsa.train.tasks import make_task
+
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+SYNTHETIC = "synthetic:"
+
+
+class DataExhaustedError(Exception):
+    """A stream that is read once (`data.repeat = false`, hub datasets) has no more rows."""
+
+
+class TaskStream:
+    """Batches of a synthetic task; row `r` of batch `b` on rank `k` is example `(b * world + k) * B + r`."""
+
+    def __init__(self, task: Any, *, seed: int, batch_size: int, rank: int = 0, world: int = 1) -> None:
+        self.task, self.seed, self.batch_size, self.rank, self.world = task, seed, batch_size, rank, world
+        self.batches = 0
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        first = (self.batches * self.world + self.rank) * self.batch_size
+        rows = [self.task.example(self.seed, first + r) for r in range(self.batch_size)]
+        self.batches += 1
+        return {
+            "input_ids": torch.stack([e.input_ids for e in rows]),
+            "labels": torch.stack([e.labels for e in rows]),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches = int(state["batches"])
+
+
+class PackedText:
+    """Packs the documents of `open_docs()` (a fresh iterator per epoch) into `[B, seq_len]` rows for one rank."""
+
+    def __init__(
+        self,
+        open_docs: Callable[[], Iterator[str]],
+        encode: Callable[[str], list[int]],
+        *,
+        seq_len: int,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        repeat: bool = True,
+        name: str = "data",
+    ) -> None:
+        if seq_len < 2:
+            raise ValueError(f"data.seq_len must be >= 2 (got {seq_len})")
+        self.open_docs, self.encode, self.name = open_docs, encode, name
+        self.seq_len, self.batch_size, self.rank, self.world, self.repeat = seq_len, batch_size, rank, world, repeat
+        self.epoch, self.doc, self.buffer = 0, 0, []
+        self._docs: Iterator[str] | None = None
+        self._full_pass, self._found = True, False
+
+    def _open(self) -> Iterator[str]:
+        """The document iterator positioned after the first `self.doc` documents of this epoch."""
+        docs = self.open_docs()
+        for _ in range(self.doc):
+            next(docs)
+        return docs
+
+    def _next_doc_tokens(self) -> list[int]:
+        while True:
+            if self._docs is None:
+                self._full_pass, self._found = self.doc == 0, False
+                self._docs = self._open()
+            for text in self._docs:
+                self.doc += 1
+                if (self.doc - 1) % self.world == self.rank:
+                    ids = self.encode(text)
+                    if ids:
+                        self._found = True
+                        return ids
+            # A whole pass without a token for this rank would loop forever: empty files, or fewer docs than ranks.
+            if self._full_pass and not self._found:
+                raise ValueError(
+                    f"{self.name}: no text for rank {self.rank} of {self.world} (empty files, or fewer documents "
+                    "than ranks); give data.source with more text"
+                )
+            if not self.repeat:
+                raise DataExhaustedError(f"{self.name}: end of data after epoch {self.epoch}")
+            self.epoch, self.doc, self._docs = self.epoch + 1, 0, None
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        rows = []
+        for _ in range(self.batch_size):
+            while len(self.buffer) < self.seq_len:
+                self.buffer.extend(self._next_doc_tokens())
+            rows.append(self.buffer[: self.seq_len])
+            self.buffer = self.buffer[self.seq_len :]
+        ids = torch.tensor(rows, dtype=torch.int64)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "doc": self.doc, "buffer": list(self.buffer)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.doc, self.buffer = int(state["epoch"]), int(state["doc"]), list(state["buffer"])
+        self._docs = None
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+def local_files(source: str) -> list[Path] | None:
+    """The files named by `source` (paths joined by ','), or None when `source` does not look like local paths."""
+    parts = [p.strip() for p in source.split(",") if p.strip()]
+    looks_local = any(Path(p).exists() or Path(p).suffix in SUFFIXES or p.startswith((".", "/", "~")) for p in parts)
+    if not looks_local:
+        return None
+    files: list[Path] = []
+    for p in parts:
+        path = Path(p).expanduser()
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.is_file())
+            if not found:
+                raise ValueError(f"data.source: directory {p!r} holds no {'/'.join(SUFFIXES)} files")
+            files.extend(found)
+        elif path.is_file():
+            if path.suffix not in SUFFIXES:
+                raise ValueError(f"data.source: {p!r} has suffix {path.suffix!r}; supported are {SUFFIXES}")
+            files.append(path)
+        else:
+            raise ValueError(f"data.source: file {p!r} does not exist; check the path (or name a hub dataset)")
+    return files
+
+
+def iter_local(files: list[Path], text_field: str) -> Iterator[str]:
+    """Documents of local files, in order."""
+    for path in files:
+        if path.suffix == ".txt":
+            yield path.read_text(encoding="utf-8", errors="replace")
+        elif path.suffix == ".jsonl":
+            yield from _iter_jsonl(path, text_field)
+        else:
+            yield from _iter_parquet(path, text_field)
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if text_field not in row:
+                raise ValueError(f"{path}:{n}: no field {text_field!r}; set data.text_field to the text column")
+            yield str(row[text_field])
+
+
+def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        raise ValueError(f"{path}: no column {text_field!r} (has {pf.schema_arrow.names}); set data.text_field")
+    for batch in pf.iter_batches(columns=[text_field]):
+        yield from (str(t) for t in batch.column(0).to_pylist() if t is not None)
+
+
+def open_hub(name: str, *, config: str, split: str, text_field: str) -> Callable[[], Iterator[str]]:
+    """A factory of document iterators over a streamed hub dataset; fails now (not mid-run) on a bad name."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ValueError(
+            f"data.source {name!r} is not a local file, so it would be a hub dataset, which needs the `datasets` "
+            "package: pip install 'hlsa[train]'"
+        ) from e
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
+    except (FileNotFoundError, ConnectionError, ValueError) as e:  # DatasetNotFoundError is a FileNotFoundError
+        raise ValueError(
+            f"data.source: cannot open hub dataset {name!r} (config {config or None!r}, split {split!r}): {e}. "
+            "Check the name, or pass a local .txt/.jsonl/.parquet path"
+        ) from e
+
+    def docs() -> Iterator[str]:
+        for row in ds:
+            if text_field not in row:
+                raise ValueError(f"hub dataset {name!r} has no column {text_field!r}; set data.text_field")
+            yield str(row[text_field])
+
+    return docs
+
+
+def make_encoder(tokenizer: str) -> tuple[Callable[[str], list[int]], int]:
+    """`(encode, vocab_len)`: `encode(text) = [bos] + ids + [eos]` with the tokenizer's specials (when it has them)."""
+    if tokenizer == "byte":
+        from hlsa.tokenizer import byte_tokenizer
+
+        tok = byte_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    head = [] if tok.bos_token_id is None else [tok.bos_token_id]
+    tail = [] if tok.eos_token_id is None else [tok.eos_token_id]
+
+    def encode(text: str) -> list[int]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        return head + ids + tail if ids else []
+
+    return encode, len(tok)
+
+
+def build_stream(opts: Any, *, seed: int, rank: int = 0, world: int = 1) -> tuple[TaskStream | PackedText, int]:
+    """The training stream for `opts` (a `DataOptions`) and the vocabulary size it needs."""
+    src = opts.source.strip()
+    if not src:
+        raise ValueError("data.source is empty; pass --data PATH, a hub dataset name, or synthetic:mqar")
+    if src.startswith(SYNTHETIC):
+        task = make_task(
+            src[len(SYNTHETIC) :],
+            seq_len=opts.seq_len,
+            vocab=opts.task_vocab,
+            num_pairs=opts.num_pairs,
+            num_queries=opts.num_queries,
+            digits=opts.passkey_digits,
+        )
+        return TaskStream(task, seed=seed, batch_size=opts.batch_size, rank=rank, world=world), opts.task_vocab
+    files = local_files(src)
+    if files is not None:
+
+        def open_docs() -> Iterator[str]:
+            return iter_local(files, opts.text_field)
+
+        repeat = opts.repeat
+    else:
+        open_docs = open_hub(src, config=opts.hub_config, split=opts.split, text_field=opts.text_field)
+        repeat = False
+    encode, vocab = make_encoder(opts.tokenizer)
+    stream = PackedText(
+        open_docs,
+        encode,
+        seq_len=opts.seq_len,
+        batch_size=opts.batch_size,
+        rank=rank,
+        world=world,
+        repeat=repeat,
+        name=src,
+    )
+    return stream, vocab

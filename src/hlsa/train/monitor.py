@@ -1,0 +1,92 @@
+"""Where training metrics go: a tqdm bar, `log.jsonl` in the checkpoint directory, TensorBoard (when installed) and
+W&B (only when `log.wandb = true`). Only rank 0 writes anything."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class Monitor:
+    """Rank 0's sinks for per-step metrics; every method is a no-op on other ranks."""
+
+    def __init__(self, opts: Any, *, rank: int, start_step: int, total_steps: int, run_dir: Path) -> None:
+        self.active = rank == 0
+        self.every = max(opts.train.log_every, 1)
+        self.bar = self.tb = self.wandb = None
+        self.jsonl = None
+        self._t0 = time.perf_counter()
+        if not self.active:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (run_dir / "log.jsonl").open("a")
+        if opts.log.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        if opts.log.tensorboard:
+            self.tb = _tensorboard(run_dir / "tb")
+        if opts.log.wandb:
+            self.wandb = _wandb(opts)
+
+    def step(self, step: int, metrics: dict[str, float], *, tokens: int) -> None:
+        """Record one optimizer step; `tokens` is the global token count of that step."""
+        if not self.active:
+            return
+        now = time.perf_counter()
+        metrics = {**metrics, "tokens_per_s": tokens / max(now - self._t0, 1e-9)}
+        self._t0 = now
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.bar is not None:
+            self.bar.update(1)
+            short = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
+            short["lr"] = f"{metrics['lr']:.2e}"
+            if "lte/num_kept" in metrics:
+                short["kept"] = f"{metrics['lte/num_kept']:.1f}"
+            self.bar.set_postfix(short, refresh=False)
+        if step % self.every == 0:
+            self.jsonl.flush()
+            if self.tb is not None:
+                for k, v in metrics.items():
+                    self.tb.add_scalar(k, v, step)
+            if self.wandb is not None:
+                self.wandb.log(metrics, step=step)
+
+    def message(self, text: str) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        for sink in (self.bar, self.tb, self.jsonl):
+            if sink is not None:
+                sink.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _tensorboard(path: Path) -> Any:
+    """A SummaryWriter, or None when TensorBoard is not installed (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
+def _wandb(opts: Any) -> Any:
+    try:
+        import wandb
+    except ImportError as e:
+        raise ValueError(
+            "log.wandb = true needs the wandb package (pip install wandb), or set log.wandb = false"
+        ) from e
+    wandb.init(project=opts.log.wandb_project, config=opts.to_dict())
+    return wandb

@@ -1,0 +1,283 @@
+"""The training loop, in nanoGPT's order (LR, micro-steps, clip, step, controller, log, checkpoint), made safe:
+non-finite steps are skipped and counted, checkpoints are atomic, SIGTERM/Ctrl-C save before exiting, and `--resume`
+continues bit for bit (model, AdamW, scheduler, LTE controller buffers, RNG states and data position).
+
+`Trainer(opts).run()` is the whole job; `hlsa train` builds `opts` from a file and the command line.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hlsa.train import checkpoint as ckpt
+from hlsa.train.controller import SparsityController
+from hlsa.train.data import DataExhaustedError, build_stream
+from hlsa.train.distributed import (
+    all_mean,
+    any_rank,
+    broadcast_params_equal,
+    gather_objects,
+    init_world,
+    parallelize,
+    pick_device,
+)
+from hlsa.train.monitor import Monitor
+from hlsa.train.options import Options
+
+
+def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak LR for optimizer step `step + 1`: linear warm-up, then cosine down to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def load_config(path: str) -> Any:
+    """A `HybridConfig` from a JSON file or a `save_pretrained` directory."""
+    from hlsa.config import HybridConfig
+
+    p = Path(path)
+    if p.is_dir():
+        return HybridConfig.from_pretrained(p)
+    if p.is_file():
+        return HybridConfig.from_json_file(str(p))
+    raise ValueError(f"model.config {path!r} does not exist; pass a HybridConfig JSON file or a model directory")
+
+
+class StopRequest:
+    """SIGTERM / first Ctrl-C set a flag that the loop checks after each step (a second Ctrl-C interrupts now)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Owns the model, optimizer, scheduler, data stream and controller of one run."""
+
+    def __init__(self, opts: Options, *, model: nn.Module | None = None) -> None:
+        self.opts = opts
+        t = opts.train
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        self.world = init_world("cpu" if t.device == "cpu" or not torch.cuda.is_available() else "cuda")
+        self.device = pick_device(t.device, self.world)
+        self.data, vocab = build_stream(opts.data, seed=t.seed, rank=self.world.rank, world=self.world.size)
+        torch.manual_seed(t.seed)
+        self.model = model if model is not None else self._build_model(vocab)
+        self.model.to(self.device)
+        if self.world.size > 1:
+            broadcast_params_equal(self.model)
+        self.net = parallelize(self.model, t.parallel, self.world, self.device)
+        self.optimizer = self._build_optimizer()
+        o = opts.optim
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, warmup=o.warmup_steps, total=t.steps, min_ratio=o.min_lr_ratio),
+        )
+        self.controller = SparsityController.for_model(self.model, seq_len=opts.data.seq_len)
+        self.step, self.skipped = 0, 0
+        self.history: list[dict[str, float]] = []
+        self.run_dir = Path(opts.checkpoint.dir)
+        torch.manual_seed(t.seed + self.world.rank)  # per-rank dropout streams, identical on every (re)start
+        if opts.checkpoint.resume:
+            self._resume()
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _build_model(self, vocab: int) -> nn.Module:
+        from hlsa.model import HybridForCausalLM
+
+        path = self.opts.model.config
+        if not path:
+            raise ValueError("model.config is empty; pass --config PATH to a HybridConfig JSON or model directory")
+        config = load_config(path)
+        if config.vocab_size < vocab:
+            raise ValueError(
+                f"model vocab_size ({config.vocab_size}) is smaller than the data's vocabulary ({vocab}); "
+                "raise vocab_size in the model config or use a smaller tokenizer / data.task_vocab"
+            )
+        if Path(path).is_dir():  # a saved model: start from its weights (fine-tuning)
+            return HybridForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return HybridForCausalLM(config)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        o = self.opts.optim
+        return torch.optim.AdamW(
+            [p for p in self.net.parameters() if p.requires_grad],
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+        )
+
+    def _autocast(self) -> Any:
+        dtype = self.opts.train.dtype
+        if dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"train.dtype must be auto, bf16 or fp32 (got {dtype!r})")
+        if dtype == "fp32" or (dtype == "auto" and self.device.type != "cuda"):
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def run(self) -> list[dict[str, float]]:
+        """Train until `train.steps`; returns the per-step metrics of this run (also in `<dir>/log.jsonl`)."""
+        t, c = self.opts.train, self.opts.checkpoint
+        monitor = Monitor(
+            self.opts, rank=self.world.rank, start_step=self.step, total_steps=t.steps, run_dir=self.run_dir
+        )
+        tokens = self.opts.data.batch_size * self.opts.data.seq_len * self.opts.optim.grad_accum * self.world.size
+        saved_at = self.step
+        try:
+            with StopRequest() as stop:
+                while self.step < t.steps:
+                    try:
+                        metrics = self.train_step(self.step + 1)
+                    except DataExhaustedError as e:
+                        monitor.message(f"stopping at step {self.step}: {e}")
+                        break
+                    self.step += 1
+                    self.history.append(metrics)
+                    monitor.step(self.step, metrics, tokens=tokens)
+                    if not metrics["finite"]:
+                        monitor.message(f"step {self.step}: non-finite loss/grad norm, update skipped ({self.skipped})")
+                    if any_rank(stop.requested, self.world, self.device):
+                        monitor.message(f"stop requested: saving step {self.step} to {self.run_dir}")
+                        break
+                    if c.interval > 0 and self.step % c.interval == 0:
+                        self.save()
+                        saved_at = self.step
+            if self.step != saved_at:
+                self.save()
+            if c.export:
+                self.export(c.export)
+        finally:
+            monitor.close()
+        return self.history
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches; returns its metrics."""
+        o, ctl = self.opts.optim, self.controller
+        self.net.train()
+        if ctl is not None:
+            ctl.begin_step(step)
+        total = ce = 0.0
+        for micro in range(o.grad_accum):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.next_batch().items()}
+            last = micro == o.grad_accum - 1
+            sync = nullcontext() if last or not hasattr(self.net, "no_sync") else self.net.no_sync()
+            with sync:
+                with self._autocast():
+                    out = self.net(input_ids=batch["input_ids"], labels=batch["labels"])
+                loss = out.loss
+                l1 = ctl.loss(out.routing, step) if ctl is not None else None
+                full = loss if l1 is None else loss + l1
+                (full / o.grad_accum).backward()
+            if ctl is not None:
+                ctl.observe(out.routing)
+            ce += float(loss.detach()) / o.grad_accum
+            total += float(full.detach()) / o.grad_accum
+        if ctl is not None:
+            ctl.drop_frozen_grads(step)
+        gnorm = self._clip()
+        total, ce = all_mean([total, ce], self.world, self.device)
+        finite = math.isfinite(total) and math.isfinite(gnorm)
+        if not finite and not self.opts.train.skip_nan_inf:
+            raise FloatingPointError(f"step {step}: loss {total}, grad norm {gnorm}; set train.skip_nan_inf = true")
+        lr = self.optimizer.param_groups[0]["lr"]
+        if finite:
+            self.optimizer.step()
+        else:
+            self.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if ctl is not None:
+            ctl.end_step(step, valid=finite)
+        metrics = {"loss": total, "ce": ce, "grad_norm": gnorm, "lr": lr, "finite": float(finite)}
+        metrics["skipped"] = float(self.skipped)
+        if ctl is not None:
+            metrics.update(ctl.metrics())
+        return metrics
+
+    def _clip(self) -> float:
+        clip = self.opts.optim.clip
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
+        return float(norm)
+
+    # ------------------------------------------------------------------------------------------------ state
+    def _trainer_state(self) -> dict[str, Any]:
+        mine = {"rng": ckpt.rng_state(), "data": self.data.state_dict()}
+        return {
+            "step": self.step,
+            "skipped": self.skipped,
+            "scheduler": self.scheduler.state_dict(),
+            "world_size": self.world.size,
+            "ranks": gather_objects(mine, self.world),
+            "options": self.opts.to_dict(),
+        }
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step (collective; rank 0 writes)."""
+        model_sd, optim_sd = ckpt.full_state(self.net, self.optimizer)
+        state = self._trainer_state()
+        if not self.world.is_main:
+            return None
+        c = self.opts.checkpoint
+        return ckpt.save_checkpoint(
+            self.run_dir,
+            self.step,
+            config=self.model.config,
+            model_sd=model_sd,
+            optim_sd=optim_sd,
+            trainer_state=state,
+            keep=c.keep,
+        )
+
+    def _resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return
+        model_sd, optim_sd, state = ckpt.load_checkpoint(path)
+        if state["world_size"] != self.world.size:
+            raise ValueError(
+                f"{path} was written by {state['world_size']} ranks, this run has {self.world.size}; resume with "
+                "the same number of processes (each rank's data position is saved)"
+            )
+        ckpt.restore_state(self.net, self.optimizer, model_sd, optim_sd)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.skipped = int(state["step"]), int(state["skipped"])
+        mine = state["ranks"][self.world.rank]
+        self.data.load_state_dict(mine["data"])
+        ckpt.set_rng_state(mine["rng"])
+
+    def export(self, out_dir: str) -> None:
+        """Write a plain HF directory of the current weights (collective; rank 0 writes)."""
+        model_sd, _ = ckpt.full_state(self.net, self.optimizer)
+        if self.world.is_main:
+            ckpt.export_pretrained(self.model.config, model_sd, out_dir)

@@ -1,0 +1,107 @@
+"""The LTE layer's attention pattern equals a brute-force per-(query, key) rule, in training and at inference."""
+
+import pytest
+import torch
+
+from hlsa.layers.lte import LTEAttention
+
+
+def make_layer(window, *, heads=4, kv_heads=2, head_dim=8, buffer=5, sinks=2, conv=(3,), dilation=(1,)):
+    torch.manual_seed(0)
+    layer = LTEAttention(
+        32,
+        heads,
+        kv_heads,
+        head_dim,
+        window_size=window,
+        buffer_size=buffer,
+        sink_size=sinks,
+        conv_size=conv,
+        conv_dilation=dilation,
+        dropout_prob=0.0,
+    )
+    torch.nn.init.normal_(layer.router.conv_stack.proj.bias, 0.0, 1.0)  # mixed-sign scores
+    return layer
+
+
+def brute_force(layer, x, pad, visible_fn):
+    """Attention computed one (query, key) pair at a time from the layer's own projections."""
+    b, t, _ = x.shape
+    q, k, v = layer._project(x)
+    q, k = layer.rotary(q, k, torch.arange(t))
+    g = layer.num_heads // layer.num_kv_heads
+    out = torch.zeros(b, t, layer.num_heads, layer.head_dim)
+    for bi in range(b):
+        for h in range(layer.num_heads):
+            for i in range(t):
+                keys = [j for j in range(i + 1) if pad[bi, j] and visible_fn(bi, h // g, i, j)]
+                if not keys:
+                    continue
+                s = torch.stack([q[bi, i, h] @ k[bi, j, h // g] for j in keys]) * layer.head_dim**-0.5
+                p = torch.softmax(s, 0)
+                out[bi, i, h] = sum(pj * v[bi, j, h // g] for pj, j in zip(p, keys))
+    return layer.o_proj(out.flatten(2))
+
+
+CASES = [  # (window, conv sizes, T)
+    (1, (1,), 19),
+    (7, (3, 3), 37),
+    (64, (3, 3, 3), 70),
+]
+
+
+@pytest.mark.parametrize("window, conv, t", CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize("gqa", [1, 2])
+def test_training_mask_matches_brute_force(window, conv, t, gqa):
+    layer = make_layer(window, heads=2 * gqa, kv_heads=2, conv=conv, dilation=(1,) * len(conv)).train()
+    x = torch.randn(2, t, 32)
+    pad = torch.ones(2, t, dtype=torch.bool)
+    pad[1, :5] = False  # left padding
+    x = x * pad[:, :, None]
+    y, routing = layer(x, pad_mask=pad)
+    sel = routing.selected
+    # Sinks: the first 2 real tokens of every row, whatever their score.
+    assert sel[0, :2].all() and sel[1, 5:7].all() and not sel[1, :5].any()
+
+    def visible(b, h, i, j):
+        return i - j <= window or bool(sel[b, j, h])
+
+    expected = brute_force(layer, x, pad, visible)
+    torch.testing.assert_close(y[pad], expected[pad], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window, conv, t", CASES, ids=lambda c: str(c))
+def test_inference_rule_matches_brute_force(window, conv, t):
+    layer = make_layer(window, conv=conv, dilation=(1,) * len(conv), buffer=4).eval()
+    x = torch.randn(2, t, 32)
+    pad = torch.ones(2, t, dtype=torch.bool)
+    pad[0, :3] = False
+    x = x * pad[:, :, None]
+    with torch.no_grad():
+        y, routing = layer(x, pad_mask=pad)
+        ranked = layer.inference_scores(routing.score, pad)  # sinks +inf, pads -inf
+
+        def visible(b, h, i, j):
+            if i - j <= window:
+                return True
+            older = ranked[b, : i - window, h]  # keys j' < i - W
+            order = sorted(range(len(older)), key=lambda jj: (-float(older[jj]), jj))  # ties: earlier first
+            kept = [jj for jj in order[: layer.buffer_size] if older[jj] > 0]
+            return j in kept
+
+        expected = brute_force(layer, x, pad, visible)
+    torch.testing.assert_close(y[pad], expected[pad], rtol=1e-5, atol=1e-5)
+
+
+def test_routing_disabled_is_full_causal_in_training():
+    layer = make_layer(1, conv=(1,)).train()
+    layer.routing_enabled = False
+    x = torch.randn(1, 15, 32)
+    y, _ = layer(x)
+    expected = brute_force(layer, x, torch.ones(1, 15, dtype=torch.bool), lambda *_: True)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_window_must_cover_router_margin():
+    with pytest.raises(ValueError, match="must be >= the router margin"):
+        make_layer(2, conv=(3, 3), dilation=(2, 2))

@@ -1,0 +1,93 @@
+"""lte_column_end: rank count vs the per-query top-N definition; torch and Triton scans vs the rank count."""
+
+import pytest
+import torch
+
+from hlsa.ops.lte_retention import INT32_MAX, lte_column_end, lte_column_end_ref, lte_column_end_scan
+
+
+def random_scores(B: int, T: int, H: int, *, levels: int = 4) -> torch.Tensor:
+    """Integer-valued scores (many ties), some non-positive, a few +inf sinks and -inf pads."""
+    s = torch.randint(-levels + 1, levels + 1, (B, T, H)).float()
+    r = torch.rand(B, T, H)
+    s[r < 0.08] = float("inf")
+    s[r > 0.92] = float("-inf")
+    return s
+
+
+def retained_by_definition(score_row: list[float], t: int, window: int, n: int) -> set[int]:
+    """Keys retained for query t: top-n positive scores among keys j < t - W, ties favour the earlier key."""
+    cands = [j for j in range(max(t - window, 0)) if score_row[j] > 0]
+    return set(sorted(cands, key=lambda j: (-score_row[j], j))[:n])
+
+
+@pytest.mark.parametrize("window,buffer_size", [(0, 2), (1, 3), (3, 0), (2, 50)], ids=lambda x: str(x))
+def test_ref_matches_per_query_definition(window: int, buffer_size: int) -> None:
+    T = 23
+    score = random_scores(2, T, 2)
+    end = lte_column_end_ref(score, window=window, buffer_size=buffer_size)
+    for b in range(2):
+        for h in range(2):
+            row = score[b, :, h].tolist()
+            for t in range(T):
+                kept = retained_by_definition(row, t, window, buffer_size)
+                seen = {j for j in range(max(t - window, 0)) if t < end[b, j, h]}
+                assert seen == kept, (b, h, t)
+    # The three closed forms of the contract.
+    pos = torch.arange(T)[None, :, None]
+    assert ((score <= 0) <= (end == 0)).all()
+    assert ((end == 0) | (end == INT32_MAX) | (end >= pos + window + 1)).all()
+
+
+@pytest.mark.parametrize(
+    "B,T,H,window,buffer_size",
+    [(2, 1, 1, 0, 1), (2, 37, 3, 1, 3), (1, 64, 2, 5, 17), (3, 50, 1, 0, 0), (1, 30, 2, 4, 100), (2, 120, 2, 7, 9)],
+    ids=lambda x: str(x),
+)
+def test_scan_matches_ref(B: int, T: int, H: int, window: int, buffer_size: int) -> None:
+    for levels in (2, 50):
+        score = random_scores(B, T, H, levels=levels)
+        expect = lte_column_end_ref(score, window=window, buffer_size=buffer_size)
+        torch.testing.assert_close(lte_column_end_scan(score, window=window, buffer_size=buffer_size), expect)
+        torch.testing.assert_close(lte_column_end(score, window=window, buffer_size=buffer_size), expect)
+
+
+def test_all_sinks_and_all_pads() -> None:
+    inf = torch.full((1, 10, 1), float("inf"))
+    end = lte_column_end(inf, window=2, buffer_size=3)
+    # The first three keys are kept forever; every later sink loses the tie to them and never enters.
+    assert end[0, :3, 0].tolist() == [INT32_MAX] * 3
+    assert end[0, 3:, 0].tolist() == [j + 3 for j in range(3, 10)]
+    assert (lte_column_end(-inf, window=2, buffer_size=3) == 0).all()
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="buffer_size"):
+        lte_column_end(torch.zeros(1, 4, 1), window=1, buffer_size=-1)
+    with pytest.raises(ValueError, match="window"):
+        lte_column_end(torch.zeros(1, 4, 1), window=-1, buffer_size=1)
+    with pytest.raises(ValueError, match="score"):
+        lte_column_end(torch.zeros(4, 1), window=1, buffer_size=1)
+    with pytest.raises(ValueError, match="backend"):
+        lte_column_end(torch.zeros(1, 4, 1), window=1, buffer_size=1, backend="cuda")
+
+
+@pytest.mark.parametrize(
+    "B,T,H,window,buffer_size",
+    [(2, 1, 1, 0, 1), (2, 37, 3, 1, 3), (1, 64, 2, 5, 17), (3, 20, 1, 0, 0), (1, 30, 2, 4, 100)],
+    ids=lambda x: str(x),
+)
+def test_triton_scan_matches_ref(B: int, T: int, H: int, window: int, buffer_size: int) -> None:
+    score = random_scores(B, T, H, levels=2)
+    expect = lte_column_end_ref(score, window=window, buffer_size=buffer_size)
+    got = lte_column_end(score, window=window, buffer_size=buffer_size, backend="triton")
+    torch.testing.assert_close(got, expect)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_default_matches_ref() -> None:
+    score = random_scores(2, 500, 4, levels=3).cuda()
+    for buffer_size in (0, 5, 64, 1000):
+        expect = lte_column_end_ref(score, window=17, buffer_size=buffer_size)
+        torch.testing.assert_close(lte_column_end(score, window=17, buffer_size=buffer_size), expect)

@@ -1,0 +1,168 @@
+"""sparse_attention: the reference against a per-query loop, and the Triton kernels (interpreted on CPU) against it."""
+
+import math
+
+import pytest
+import torch
+
+from hlsa.ops.lte_retention import lte_column_end_scan
+from hlsa.ops.sparse_attention import sparse_attention, sparse_attention_ref
+
+INT32_MAX = 2**31 - 1
+
+
+def make_case(B: int, T: int, HQ: int, HKV: int, D: int, n_cols: int | None, pad: int, dtype=torch.float32):
+    """Random q, k, v, a training column_end with `n_cols` selected keys per (b, kv head) ('all' = -1), key_mask."""
+    q = torch.randn(B, T, HQ, D, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, T, HKV, D, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, T, HKV, D, dtype=dtype, requires_grad=True)
+    column_end = None
+    if n_cols is not None:
+        n = T if n_cols < 0 else min(n_cols, T)
+        picks = torch.rand(B, HKV, T).argsort(dim=-1)[..., :n]
+        column_end = torch.zeros(B, HKV, T, dtype=torch.int32).scatter_(2, picks, INT32_MAX)
+        column_end = column_end.permute(0, 2, 1).contiguous()
+    key_mask = None
+    if pad:
+        key_mask = torch.ones(B, T, dtype=torch.bool)
+        key_mask[0, : min(pad, T)] = False  # row 0 left-padded, row 1 (if any) not
+    return q, k, v, column_end, key_mask
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).double().norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fresh buffers start as NaN (floats) or -1 (ints), so an output element that a kernel never writes shows."""
+
+    def poison(fn):
+        def make(*args, **kwargs):
+            t = fn(*args, **kwargs)
+            return t.fill_(float("nan") if t.is_floating_point() else (True if t.dtype == torch.bool else -1))
+
+        return make
+
+    monkeypatch.setattr(torch, "empty", poison(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poison(torch.empty_like))
+
+
+def loop_attention(q, k, v, window, column_end, key_mask):
+    """Per-query python loop over the visibility rule, in float64: checks the reference itself."""
+    B, T, HQ, D = q.shape
+    G = HQ // k.shape[2]
+    out = torch.zeros(B, T, HQ, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(HQ):
+            for i in range(T):
+                keys = []
+                for j in range(i + 1):
+                    near = window is None or i - j <= window
+                    far = column_end is not None and window is not None and i < column_end[b, j, h // G]
+                    if (near or far) and (key_mask is None or key_mask[b, j]):
+                        keys.append(j)
+                if keys:
+                    s = torch.stack([q[b, i, h].double() @ k[b, j, h // G].double() for j in keys]) / math.sqrt(D)
+                    out[b, i, h] = torch.softmax(s, 0) @ v[b, keys, h // G].double()
+    return out
+
+
+@pytest.mark.parametrize(
+    "window,n_cols,pad", [(1, 3, 0), (0, None, 2), (4, -1, 3), (None, None, 4), (2, 2, 11)], ids=lambda x: str(x)
+)
+def test_reference_matches_loop(window, n_cols, pad) -> None:
+    q, k, v, ce, km = make_case(2, 11, 4, 2, 8, n_cols, pad)
+    if n_cols == 2:  # finite column ends (the inference rule)
+        ce = torch.randint(0, 14, ce.shape, dtype=torch.int32)
+    out = sparse_attention_ref(q, k, v, window=window, column_end=ce, key_mask=km)
+    torch.testing.assert_close(out.double(), loop_attention(q, k, v, window, ce, km), atol=1e-5, rtol=1e-5)
+    assert sparse_attention(q, k, v, window=window, column_end=ce, key_mask=km).equal(out)  # CPU -> reference
+
+
+# (B, T, HQ, HKV, D, window, columns per head (None: plain SWA, -1: all), left padding)
+CASES = [
+    (1, 1, 2, 2, 32, 1, -1, 0),
+    (2, 37, 4, 1, 32, 5, 3, 5),
+    (1, 50, 2, 2, 32, 1, 17, 0),
+    (2, 48, 2, 1, 64, 0, 3, 7),
+    (1, 64, 4, 4, 32, 64, 17, 0),
+    (1, 100, 4, 1, 32, 64, None, 9),
+    (1, 83, 2, 2, 64, 100, 3, 0),
+    (2, 45, 2, 1, 32, None, None, 5),
+    (1, 70, 4, 1, 32, 5, -1, 3),
+]
+SLOW_CASES = [(1, 300, 4, 1, 32, 5, 17, 21), (1, 201, 2, 2, 64, 100, 17, 0)]
+
+
+def check_triton(B, T, HQ, HKV, D, window, n_cols, pad, column_end=None) -> None:
+    q, k, v, ce, km = make_case(B, T, HQ, HKV, D, n_cols, pad)
+    ce = ce if column_end is None else column_end
+    out = sparse_attention(q, k, v, window=window, column_end=ce, key_mask=km, backend="triton")
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref = sparse_attention_ref(q, k, v, window=window, column_end=ce, key_mask=km)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), do)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), (out, *grads), (ref, *grads_ref)):
+        assert torch.isfinite(a).all(), name
+        # Relative error in norm, with an absolute floor (a one-key row has dq = 0 exactly in the reference).
+        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-5, (name, rel_err(a, b))
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+    if km is not None:  # queries at padded positions see nothing
+        assert (out[0, : min(pad, T)] == 0).all()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-T{}-HQ{}-HKV{}-D{}-W{}-cols{}-pad{}".format(*c))
+def test_triton_matches_reference(case, poisoned_empty) -> None:
+    check_triton(*case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SLOW_CASES, ids=lambda c: "B{}-T{}-HQ{}-HKV{}-D{}-W{}-cols{}-pad{}".format(*c))
+def test_triton_matches_reference_long(case, poisoned_empty) -> None:
+    check_triton(*case)
+
+
+@pytest.mark.parametrize("window,buffer_size", [(5, 3), (1, 17)], ids=lambda x: str(x))
+def test_triton_inference_rule(window, buffer_size, poisoned_empty) -> None:
+    """column_end from the per-query top-N rule (finite ends), with sinks and left padding."""
+    B, T, HKV, pad = 2, 61, 2, 6
+    score = torch.randn(B, T, HKV)
+    score[:, pad : pad + 2] = float("inf")  # sinks at the first real tokens
+    score[0, :pad] = float("-inf")
+    column_end = lte_column_end_scan(score, window=window, buffer_size=buffer_size)
+    check_triton(B, T, 4, HKV, 32, window, None, pad, column_end=column_end)
+
+
+def test_bad_arguments() -> None:
+    q, k, v, ce, km = make_case(1, 8, 4, 2, 8, 2, 1)
+    with pytest.raises(ValueError, match="window"):
+        sparse_attention(q, k, v, window=-1)
+    with pytest.raises(ValueError, match="column_end"):
+        sparse_attention(q, k, v, window=2, column_end=ce.long())
+    with pytest.raises(ValueError, match="key_mask"):
+        sparse_attention(q, k, v, window=2, key_mask=km[:, :4])
+    with pytest.raises(ValueError, match="HKV"):
+        sparse_attention(q, k[:, :, :1].expand(1, 8, 3, 8), v[:, :, :1].expand(1, 8, 3, 8), window=2)
+    with pytest.raises(ValueError, match="backend"):
+        sparse_attention(q, k, v, window=2, backend="flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_matches_reference(dtype) -> None:
+    torch.set_default_device("cuda")
+    try:
+        q, k, v, ce, km = make_case(2, 1000, 8, 2, 64, 40, 17, dtype=dtype)
+        out = sparse_attention(q, k, v, window=100, column_end=ce, key_mask=km)
+        do = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        up = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        ref = sparse_attention_ref(*up, window=100, column_end=ce, key_mask=km)
+        grads_ref = torch.autograd.grad(ref, up, do.double())
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        for a, b in zip((out, *grads), (ref, *grads_ref)):
+            assert rel_err(a, b) < tol
+    finally:
+        torch.set_default_device(None)

@@ -1,0 +1,207 @@
+"""The authors' checkpoints -> hlsa: config translation (window conventions) and a strict name/shape mapping.
+
+`authors_shapes` re-derives the authors' state-dict layout from a config; it is first checked against the recorded
+key/shape lists of all 14 released configs, then used to build small checkpoints in their format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hlsa.convert import convert_checkpoint, convert_state_dict, expected_shapes, translate_config
+
+REFERENCE = Path("/work/shared/reference")
+NAMES = sorted(p.stem for p in (REFERENCE / "authors_configs").glob("*.json")) if REFERENCE.exists() else []
+needs_reference = pytest.mark.skipif(not NAMES, reason="authors' reference configs not available")
+
+
+def _reference(name: str) -> tuple[dict, dict[str, list[int]]]:
+    cfg = json.loads((REFERENCE / "authors_configs" / f"{name}.json").read_text())
+    record = json.loads((REFERENCE / "authors_state_dicts.json").read_text())[name]
+    return cfg, record["state_dict"]
+
+
+def _gdn_shapes(p: str, cfg: dict) -> dict[str, list[int]]:
+    d, h, k = cfg["hidden_size"], cfg["num_heads"], cfg["head_dim"]
+    kd, vd, cs = h * k, int(h * k * cfg["expand_v"]), cfg["conv_size"]
+    return {
+        f"{p}A_log": [h], f"{p}dt_bias": [h], f"{p}q_proj.weight": [kd, d], f"{p}k_proj.weight": [kd, d],
+        f"{p}v_proj.weight": [vd, d], f"{p}a_proj.weight": [h, d], f"{p}b_proj.weight": [h, d],
+        f"{p}q_conv1d.weight": [kd, 1, cs], f"{p}k_conv1d.weight": [kd, 1, cs], f"{p}v_conv1d.weight": [vd, 1, cs],
+        f"{p}g_proj.weight": [vd, d], f"{p}o_norm.weight": [vd // h], f"{p}o_proj.weight": [d, vd],
+    }  # fmt: skip
+
+
+def _attn_shapes(p: str, d: int, a: dict, head_dim: int) -> dict[str, list[int]]:
+    hq, hkv = a["num_heads"], a.get("num_kv_heads") or a["num_heads"]
+    out = {
+        f"{p}q_proj.weight": [hq * head_dim, d], f"{p}k_proj.weight": [hkv * head_dim, d],
+        f"{p}v_proj.weight": [hkv * head_dim, d], f"{p}o_proj.weight": [d, hq * head_dim],
+    }  # fmt: skip
+    if a.get("attn_type") == "nsa" or "block_size" in a:
+        out[f"{p}g_proj.weight"] = [3 * hq, d]
+    if a.get("attn_type") == "lte":
+        channels = 2 * head_dim * hkv
+        for i, k in enumerate(a["conv_size"]):
+            out[f"{p}router.conv_stack.convs.{i}.weight"] = [channels // 2, channels // hkv, 1, k]
+            out[f"{p}router.conv_stack.convs.{i}.bias"] = [channels // 2]
+            channels //= 2
+        out[f"{p}router.conv_stack.proj.weight"] = [hkv, channels // hkv, 1, 1]
+        out[f"{p}router.conv_stack.proj.bias"] = [hkv]
+    return out
+
+
+def authors_shapes(cfg: dict, vocab_size: int) -> dict[str, list[int]]:
+    """Key -> shape of a state dict of the authors' model for config `cfg` (lm_head listed even when tied)."""
+    d, n = cfg["hidden_size"], cfg["num_hidden_layers"]
+    width = int(d * cfg.get("hidden_ratio", 4) * 2 / 3)
+    inter = cfg.get("intermediate_size") or 256 * ((width + 255) // 256)
+    out = {"model.embeddings.weight": [vocab_size, d]}
+    attn = cfg.get("attn") or {}
+    if cfg["model_type"] in ("transformer", "nsa"):
+        attn, layers = dict(cfg), range(n)
+    else:
+        layers = attn.get("layers", [])
+    if attn.get("attn_type") == "lte":
+        out["model.l1_lambda"] = out["model.num_kept"] = [len(layers), attn["num_kv_heads"]]
+    for i in range(n):
+        p = f"model.layers.{i}."
+        out[f"{p}attn_norm.weight"] = [d]
+        if i in layers:
+            head_dim = attn.get("head_dim") if "block_size" in attn else d // attn["num_heads"]
+            out.update(_attn_shapes(f"{p}attn.", d, attn, head_dim))
+        else:
+            out.update(_gdn_shapes(f"{p}attn.", cfg))
+        out[f"{p}mlp_norm.weight"] = [d]
+        out.update({f"{p}mlp.gate_proj.weight": [inter, d], f"{p}mlp.up_proj.weight": [inter, d]})
+        out[f"{p}mlp.down_proj.weight"] = [d, inter]
+    out["model.norm.weight"] = [d]
+    out["lm_head.weight"] = [vocab_size, d]
+    return out
+
+
+@needs_reference
+@pytest.mark.parametrize("name", NAMES)
+def test_shape_helper_matches_the_recorded_state_dicts(name: str) -> None:
+    cfg, recorded = _reference(name)
+    assert authors_shapes(cfg, 32000) == recorded
+
+
+@needs_reference
+@pytest.mark.parametrize("name", NAMES)
+def test_every_released_checkpoint_maps_exactly(name: str) -> None:
+    cfg, recorded = _reference(name)
+    kwargs = translate_config(cfg, vocab_size=32000)
+    meta = {k: torch.empty(shape, device="meta") for k, shape in recorded.items()}
+    converted = convert_state_dict(meta, kwargs)
+    want = expected_shapes(kwargs)
+    tied = cfg["tie_word_embeddings"]
+    assert set(converted) == set(want) - ({"lm_head.weight"} if tied else set())
+    assert all(tuple(converted[k].shape) == want[k] for k in converted)
+
+
+@needs_reference
+def test_window_conventions() -> None:
+    swa = translate_config(_reference("gated_delta_net_swa_0.4B")[0])
+    assert swa["attn"]["window_size"] == 1023 and swa["mixers"][:4] == ["gdn", "swa", "gdn", "swa"]
+    full = translate_config(_reference("gated_delta_net_attn_1.4B")[0])
+    assert full["attn"]["window_size"] is None and full["mixers"][1] == "attn" and full["attn"]["num_kv_heads"] == 8
+    assert translate_config(_reference("gated_delta_net_nsa_0.4B")[0])["nsa"]["window_size"] == 511
+    assert translate_config(_reference("nsa_1.4B")[0])["mixers"] == ["nsa"] * 24
+    lte = translate_config(_reference("gated_delta_net_lte_0.4B")[0])
+    assert lte["lte"]["window_size"] == 768 and lte["lte"]["buffer_size"] == 512 and lte["mixers"][23] == "lte"
+    assert translate_config(_reference("transformer_1.4B")[0])["mixers"] == ["attn"] * 24
+
+
+TINY_LTE = {
+    "model_type": "hybrid_gated_deltanet", "hidden_size": 64, "num_hidden_layers": 2, "num_heads": 2, "head_dim": 16,
+    "expand_v": 1, "conv_size": 4, "use_gate": True, "use_short_conv": True, "hidden_ratio": 4,
+    "intermediate_size": None, "hidden_act": "swish", "norm_eps": 1e-6, "initializer_range": 0.02,
+    "max_position_embeddings": 256, "tie_word_embeddings": True, "vocab_size": 259, "attn_mode": "chunk",
+    "fuse_cross_entropy": True, "bos_token_id": 257, "eos_token_id": 258,
+    "attn": {"attn_type": "lte", "layers": [1], "num_heads": 4, "num_kv_heads": 2, "qkv_bias": False,
+             "window_size": 8, "rope_theta": 10000.0, "conv_size": [3, 3, 3], "conv_dilation": [1, 1, 1],
+             "dropout_prob": 0.0, "buffer_size": 6, "sink_size": 2, "routing_method": "sigmoid", "routing_grad": True,
+             "routing_shared": "head", "routing_freeze_steps": 0, "l1_lambda_init": 1e-9, "l1_lambda_min": 1e-9,
+             "l1_lambda_max": 1.0, "l1_alpha": 1.5, "l1_alpha_neg": 2, "l1_warmup_steps": 0,
+             "l1_lambda_initial_steps": 0, "l1_lambda_update_steps": 32, "l1_lambda_shared": "head",
+             "l1_lambda_tolerate": [0.95, 1.0]},
+}  # fmt: skip
+TINY_SWA = {
+    **{k: v for k, v in TINY_LTE.items() if k != "attn"}, "model_type": "gated_deltanet", "tie_word_embeddings": False,
+    "attn": {"layers": [0], "num_heads": 4, "num_kv_heads": 2, "qkv_bias": False, "window_size": 16,
+             "rope_theta": 10000.0},
+}  # fmt: skip
+
+
+def _random_checkpoint(cfg: dict, path: Path, *, fmt: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    state = {k: 0.02 * torch.randn(shape, generator=g) for k, shape in authors_shapes(cfg, cfg["vocab_size"]).items()}
+    if cfg["tie_word_embeddings"]:
+        state["lm_head.weight"] = state["model.embeddings.weight"].clone()
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(cfg))
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path / "model.safetensors"))
+    else:
+        torch.save(state, path / "pytorch_model.bin")
+    return state
+
+
+@pytest.mark.parametrize(("cfg", "fmt"), [(TINY_LTE, "safetensors"), (TINY_SWA, "bin")], ids=["lte-tied", "swa-bin"])
+def test_convert_command_end_to_end(tmp_path: Path, cfg: dict, fmt: str) -> None:
+    from hlsa.eval.cli import register
+    from hlsa.model import HybridForCausalLM
+
+    src, dst = tmp_path / "authors", tmp_path / "ours"
+    state = _random_checkpoint(cfg, src, fmt=fmt)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["convert", str(src), str(dst)])
+    assert args.func(args) == 0
+    model = HybridForCausalLM.from_pretrained(dst).eval()
+    ours = model.state_dict()
+    for key, value in state.items():
+        mapped = ours[key]
+        if ".router.conv_stack." in key and key.endswith(".weight"):
+            value = value[:, :, 0]  # Conv2d (1, k) -> Conv1d k
+        torch.testing.assert_close(mapped, value, rtol=0, atol=0, msg=key)
+    if cfg is TINY_SWA:
+        assert model.config.attn["window_size"] == 15 and model.config.mixers == ["swa", "gdn"]
+    logits = model(torch.tensor([[1, 2, 3, 4, 5]])).logits
+    assert logits.shape == (1, 5, 259) and torch.isfinite(logits).all()
+
+
+def test_strictness() -> None:
+    kwargs = translate_config(TINY_LTE)
+    good = {k: torch.zeros(s) for k, s in authors_shapes(TINY_LTE, 259).items()}
+    assert "lm_head.weight" not in convert_state_dict(good, kwargs)
+    with pytest.raises(ValueError, match="matches no rule"):
+        convert_state_dict({**good, "model.extra.weight": torch.zeros(1)}, kwargs)
+    with pytest.raises(ValueError, match="model.norm.weight: missing"):
+        convert_state_dict({k: v for k, v in good.items() if k != "model.norm.weight"}, kwargs)
+    with pytest.raises(ValueError, match="shape"):
+        convert_state_dict({**good, "model.layers.0.attn.A_log": torch.zeros(3)}, kwargs)
+    with pytest.raises(ValueError, match="no such key"):
+        convert_state_dict({**good, "model.layers.0.attn.q_proj.bias": torch.zeros(32)}, kwargs)
+    with pytest.raises(ValueError, match="differs"):
+        convert_state_dict({**good, "lm_head.weight": torch.ones(259, 64)}, kwargs)
+    with pytest.raises(ValueError, match="does not know"):
+        translate_config({**TINY_LTE, "mystery_switch": 1})
+    with pytest.raises(ValueError, match="qk_norm"):
+        translate_config({**TINY_SWA, "model_type": "transformer", "num_heads": 4, "qk_norm": True})
+    with pytest.raises(ValueError, match="model_type"):
+        translate_config({**TINY_LTE, "model_type": "mamba"})
+
+
+def test_convert_rejects_a_directory_without_weights(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LTE))
+    with pytest.raises(ValueError, match="model.safetensors"):
+        convert_checkpoint(tmp_path, tmp_path / "out")

@@ -1,0 +1,149 @@
+"""Data: synthetic tasks, local files, packing, resume positions and the error cases."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from hlsa.train.data import DataExhaustedError, PackedText, TaskStream, build_stream, local_files
+from hlsa.train.options import DataOptions
+from hlsa.train.tasks import IGNORE, MQAR, Passkey, make_task
+
+
+def test_mqar_answers_are_the_values_of_earlier_pairs() -> None:
+    task = MQAR(seq_len=96, vocab=64, num_pairs=6, num_queries=5)
+    for index in range(20):
+        ex = task.example(seed=3, index=index)
+        ids, labels = ex.input_ids, ex.labels
+        assert ids.shape == labels.shape == (96,) and int(ids.max()) < 64
+        assert ((labels != IGNORE).nonzero().flatten() == ex.answer_pos).all()
+        for pos, dist in zip(ex.answer_pos.tolist(), ex.distance.tolist(), strict=True):
+            key, value = int(ids[pos - 1]), int(labels[pos])
+            assert key < 16 and 16 <= value < 32 and int(ids[pos]) == value
+            # the fact sits `dist` tokens earlier: the same key followed by the same value
+            assert int(ids[pos - 1 - dist]) == key and int(ids[pos - dist]) == value
+    again = task.example(seed=3, index=7)
+    assert torch.equal(again.input_ids, task.example(seed=3, index=7).input_ids)
+    assert not torch.equal(again.input_ids, task.example(seed=4, index=7).input_ids)
+
+
+def test_passkey_layout() -> None:
+    ex = Passkey(seq_len=40, vocab=32, digits=4).example(seed=0, index=1)
+    code = ex.input_ids[-4:]
+    assert int(ex.input_ids[-5]) == 11 and (ex.labels[-4:] == code).all() and (ex.labels[:-4] == IGNORE).all()
+    depth = 35 - int(ex.distance[0])
+    assert int(ex.input_ids[depth]) == 10 and torch.equal(ex.input_ids[depth + 1 : depth + 5], code)
+
+
+def test_task_errors() -> None:
+    with pytest.raises(ValueError, match="seq_len"):
+        MQAR(seq_len=10, num_pairs=4, num_queries=4)
+    with pytest.raises(ValueError, match="num_pairs"):
+        MQAR(seq_len=512, vocab=32, num_pairs=9)
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        make_task("copy", seq_len=8, vocab=16, num_pairs=1, num_queries=1, digits=1)
+
+
+def test_task_stream_ranks_partition_the_examples() -> None:
+    task = MQAR(seq_len=32, vocab=64, num_pairs=2, num_queries=2)
+    single = TaskStream(task, seed=0, batch_size=2)
+    ranks = [TaskStream(task, seed=0, batch_size=1, rank=r, world=2) for r in range(2)]
+    whole = single.next_batch()["input_ids"]
+    assert torch.equal(torch.cat([r.next_batch()["input_ids"] for r in ranks]), whole)
+
+
+def byte_opts(source: str, **over: object) -> DataOptions:
+    return DataOptions(source=source, tokenizer="byte", seq_len=8, batch_size=2, **over)
+
+
+def test_long_document_spans_rows_and_short_ones_pack(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("x" * 30)
+    (tmp_path / "b.txt").write_text("yz")
+    stream, vocab = build_stream(byte_opts(str(tmp_path)), seed=0)
+    assert vocab == 259
+    rows = torch.cat([stream.next_batch()["input_ids"] for _ in range(3)])  # 48 tokens: 32 of a, 4 of b, 12 of a
+    flat = rows.flatten().tolist()
+    assert flat[:32] == [257] + [ord("x")] * 30 + [258]
+    assert flat[32:36] == [257, ord("y"), ord("z"), 258]
+    assert flat[36:38] == [257, ord("x")]  # second epoch
+
+
+def test_jsonl_and_parquet(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"body": "hello"}) + "\n\n" + json.dumps({"body": "you"}) + "\n")
+    pq.write_table(pa.table({"body": ["abc"]}), tmp_path / "e.parquet")
+    stream, _ = build_stream(byte_opts(f"{tmp_path}/d.jsonl,{tmp_path}/e.parquet", text_field="body"), seed=0)
+    flat = stream.next_batch()["input_ids"].flatten().tolist()
+    assert bytes(t for t in flat if t < 256) == b"helloyouabc"
+    with pytest.raises(ValueError, match="no field 'text'"):
+        build_stream(byte_opts(f"{tmp_path}/d.jsonl"), seed=0)[0].next_batch()
+
+
+def test_empty_and_missing_files(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    stream, _ = build_stream(byte_opts(str(tmp_path / "empty.txt")), seed=0)
+    with pytest.raises(ValueError, match="no text"):
+        stream.next_batch()
+    with pytest.raises(ValueError, match="does not exist"):
+        build_stream(byte_opts(str(tmp_path / "missing.jsonl")), seed=0)
+    with pytest.raises(ValueError, match="suffix"):
+        (tmp_path / "x.csv").write_text("a")
+        local_files(str(tmp_path / "x.csv"))
+    with pytest.raises(ValueError, match="data.source is empty"):
+        build_stream(byte_opts(""), seed=0)
+
+
+def test_read_once_stream_ends(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("abcdefghijklmn")  # 16 tokens: one batch of 2 x 8
+    stream, _ = build_stream(byte_opts(str(tmp_path / "a.txt"), repeat=False), seed=0)
+    stream.next_batch()
+    with pytest.raises(DataExhaustedError):
+        stream.next_batch()
+
+
+def test_unknown_hub_dataset_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub lookup is replaced by one that fails like `datasets` does for a missing repo (no network)."""
+    fake = types.ModuleType("datasets")
+
+    def load_dataset(name: str, config: str | None, *, split: str, streaming: bool) -> None:
+        assert streaming
+        raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub or cannot be accessed.")
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(ValueError, match="cannot open hub dataset 'nobody/no-such-set'"):
+        build_stream(byte_opts("nobody/no-such-set"), seed=0)
+
+
+def test_packed_text_resumes_exactly() -> None:
+    docs = [f"document number {i} " * (i % 3 + 1) for i in range(7)]
+
+    def make(rank: int = 0, world: int = 1) -> PackedText:
+        return PackedText(
+            lambda: iter(docs),
+            lambda t: [ord(c) for c in t] + [0],
+            seq_len=13,
+            batch_size=3,
+            rank=rank,
+            world=world,
+        )
+
+    whole = make()
+    expect = [whole.next_batch()["input_ids"] for _ in range(6)]
+    first = make()
+    first.next_batch(), first.next_batch()
+    second = make()
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))  # the state is plain data
+    for want in expect[2:]:
+        assert torch.equal(second.next_batch()["input_ids"], want)
+    # rank sharding: document i belongs to rank i % 2
+    r1 = make(rank=1, world=2)
+    text = "".join(chr(t) for t in r1.next_batch()["input_ids"].flatten().tolist() if t)
+    assert text.startswith(docs[1])

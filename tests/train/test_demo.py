@@ -1,0 +1,27 @@
+"""The demo's evaluation path on an untrained tiny checkpoint (the shipped checkpoints are evaluated by `make demo`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hlsa import demo
+
+
+def test_demo_evaluates_and_writes_its_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hlsa.config import HybridConfig
+    from hlsa.model import HybridForCausalLM
+
+    HybridForCausalLM(HybridConfig(**demo.ARCHS["gdn_lte"])).save_pretrained(tmp_path / "ckpt" / "gdn_lte")
+    out = tmp_path / "out"
+    assert demo.main(checkpoints=str(tmp_path / "ckpt"), out=str(out), examples=3, threads=1) == 0
+    table = capsys.readouterr().out
+    assert "| gdn_lte |" in table and "skipping gdn_swa" in table
+    results = json.loads((out / "results.json").read_text())["gdn_lte"]
+    assert sum(results["queries"].values()) == 3 * 16  # every query of the recipe is counted once
+    assert results["cache_bytes"] == results["cache_bytes_4x"]  # SWA ring + LTE buffer: constant memory
+    assert (out / "recall.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="unknown"):
+        demo.main(checkpoints=str(tmp_path / "ckpt"), out=str(out), archs=["mamba"])
