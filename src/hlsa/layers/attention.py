@@ -28,7 +28,42 @@ class KVState:
     seen: int = 0
 
 
-class Attention(nn.Module):
+class ProjectedAttention(nn.Module):
+    """What every softmax mixer with RoPE shares: q/k/v/o projections (the authors' parameter names), GQA head
+    counts and the rotary embedding. `Attention` and `LTEAttention` build on it."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool = False,
+        rope_theta: float = 10000.0,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.backend = backend
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.rotary = RotaryEmbedding(head_dim, base=rope_theta)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, d] -> q [B, T, HQ, D], k, v [B, T, HKV, D] (before RoPE)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+
+class Attention(ProjectedAttention):
     def __init__(
         self,
         hidden_size: int,
@@ -41,25 +76,15 @@ class Attention(nn.Module):
         rope_theta: float = 10000.0,
         backend: str | None = None,
     ) -> None:
-        super().__init__()
-        if num_heads % num_kv_heads != 0:
-            raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+        super().__init__(
+            hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias=qkv_bias, rope_theta=rope_theta, backend=backend
+        )
         if window_size is not None and window_size < 1:
             raise ValueError(f"window_size must be >= 1 or None for full attention (got {window_size})")
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.window_size = window_size
-        self.backend = backend
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
-        self.rotary = RotaryEmbedding(head_dim, base=rope_theta)
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = self._project(x)
         q, k = self.rotary(q, k, positions)
         return q, k, v
 

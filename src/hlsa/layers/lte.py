@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
+from hlsa.layers.attention import ProjectedAttention
 from hlsa.layers.lte_router import LTERouter, select, sink_mask, value_gain
 from hlsa.layers.ring import fill_ring, write_slot
-from hlsa.layers.rotary import RotaryEmbedding
 from hlsa.ops.decode_attention import decode_attention
 from hlsa.ops.lte_evict import lte_evict
 from hlsa.ops.lte_retention import lte_column_end
@@ -53,7 +52,7 @@ class LTEState:
     seen: int = 0
 
 
-class LTEAttention(nn.Module):
+class LTEAttention(ProjectedAttention):
     def __init__(
         self,
         hidden_size: int,
@@ -74,21 +73,14 @@ class LTEAttention(nn.Module):
         rope_theta: float = 10000.0,
         backend: str | None = None,
     ) -> None:
-        super().__init__()
-        if num_heads % num_kv_heads != 0:
-            raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+        super().__init__(
+            hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias=qkv_bias, rope_theta=rope_theta, backend=backend
+        )
         if buffer_size < sink_size:
             raise ValueError(f"buffer_size ({buffer_size}) must be >= sink_size ({sink_size})")
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.window_size, self.buffer_size, self.sink_size = window_size, buffer_size, sink_size
-        self.backend = backend
         # Warm-up (SPEC 4): with routing disabled, training attends to every earlier token (full causal).
         self.routing_enabled = True
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
-        self.rotary = RotaryEmbedding(head_dim, base=rope_theta)
         self.router = LTERouter(
             num_kv_heads,
             head_dim,
@@ -106,13 +98,6 @@ class LTEAttention(nn.Module):
             )
 
     # ------------------------------------------------------------------------------------------------------------
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        return q, k, v
-
     def inference_scores(self, score: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         """Scores that rank keys at inference: sinks +inf (always kept), pads -inf (never kept). [B, T, HKV]."""
         real = torch.ones(score.shape[:2], device=score.device, dtype=torch.bool) if pad_mask is None else pad_mask

@@ -110,6 +110,7 @@ def lte_column_end(score: torch.Tensor, *, window: int, buffer_size: int, backen
     if backend not in (None, "torch", "scan", "triton"):
         raise ValueError(f"lte_column_end: backend must be None, 'torch', 'scan' or 'triton'; got {backend!r}")
     if backend is None:
+        _check(score, window, buffer_size)
         B, T, H = score.shape
         # The register tile of the Triton scan holds min(N, T) slots; beyond MAX_TRITON_SLOTS it would spill.
         fits = min(buffer_size, T) <= MAX_TRITON_SLOTS
