@@ -209,7 +209,7 @@ def main(
         results[name] = r
         print(f"[demo] {name}: overall recall {100 * r['overall']:.1f}%", flush=True)
     if not results:
-        raise ValueError(f"no demo checkpoints under {checkpoints}; run `hlsa demo --train` (CPU, ~30 minutes)")
+        raise ValueError(f"no demo checkpoints under {checkpoints}; run `hlsa demo --train` (about one CPU-hour)")
     table = render(results, task.seq_len)
     print(table)
     out_dir = Path(out)

@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(func=run_train)
 
     demo = subparsers.add_parser("demo", help="recall by distance: GDN vs GDN+SWA vs GDN+LTE vs Transformer (CPU)")
-    demo.add_argument("--train", action="store_true", help="retrain the demo checkpoints first (about 40 CPU-minutes)")
+    demo.add_argument("--train", action="store_true", help="retrain the demo checkpoints first (about one CPU-hour)")
     demo.add_argument("--checkpoints", default="checkpoints/demo", help="where the demo checkpoints live")
     demo.add_argument("--out", default="docs/demo", help="where the table (markdown, JSON) and the PNG go")
     demo.add_argument("--recipe", default="", help="training options of the demo (default configs/train/demo.toml)")
