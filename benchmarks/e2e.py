@@ -18,6 +18,7 @@ matplotlib is importable; `--plot-only JSON` draws them later). Method and cavea
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -37,87 +38,69 @@ from hlsa.model import HybridForCausalLM
 K = 1024
 ARCHS = ("gdn", "gdn_swa", "gdn_attn", "gdn_lte", "gdn_nsa", "transformer", "nsa")
 REPO = Path(__file__).resolve().parent.parent
-# Decode steps beyond C that a synthetic growing cache (full attention, NSA) has room for, so no step reallocates.
-HEADROOM = 256
+FULL_CONTEXTS = (4 * K, 16 * K, 64 * K, 128 * K)
+HEADROOM = 256  # decode steps beyond C that a synthetic growing cache (full attention, NSA) holds without regrowing
 INIT_STD = 0.02  # scale of random cache contents (keeps softmax and the delta rule in a normal range)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What to measure. `targets` = (short, mid, long) contexts and (mid, big) batches for the PASS/MISS lines."""
+    """What to measure (defaults: GPU runs); PASS/MISS use `target_contexts` (short, mid, long), `target_batches`."""
 
     mode: str
-    config_dir: Path
-    suffix: str
-    device: str
     decode_archs: tuple[str, ...]
     contexts: tuple[int, ...]
-    extra_contexts: dict[str, tuple[int, ...]]
-    batches: tuple[int, ...]
     prefill_archs: tuple[str, ...]
     prefill_lengths: tuple[int, ...]
-    steps: int
-    repeats: int
-    prefill_repeats: int
     budget_s: float
-    copy_bytes: int
-    target_contexts: tuple[int, int, int]
-    target_batches: tuple[int, int]
+    extra_contexts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per-architecture extra contexts
+    batches: tuple[int, ...] = (1, 16, 64)
+    steps: int = 8  # decode steps per timed repeat
+    repeats: int = 3
+    prefill_repeats: int = 2
+    copy_bytes: int = 2**31
+    target_contexts: tuple[int, int, int] = (4 * K, 64 * K, 128 * K)
+    target_batches: tuple[int, int] = (16, 64)
+    memory_contexts: tuple[int, ...] = FULL_CONTEXTS
+    config_dir: Path = REPO / "configs"
+    suffix: str = "_0.4B"
+    device: str = "cuda"
     dtype: torch.dtype = torch.bfloat16
-    memory_contexts: tuple[int, ...] = field(default=(4 * K, 16 * K, 64 * K, 128 * K))
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    full_ctx = (4 * K, 16 * K, 64 * K, 128 * K)
-    common = dict(config_dir=REPO / "configs", suffix="_0.4B", device="cuda", target_batches=(16, 64))
     if args.smoke:
         return Plan(
             mode="smoke", config_dir=REPO / "configs" / "tiny", suffix="", device="cpu", decode_archs=ARCHS,
             contexts=(32, 64), extra_contexts={"gdn_lte": (128,)}, batches=(1, 2, 3), prefill_archs=ARCHS,
             prefill_lengths=(16, 48), steps=2, repeats=1, prefill_repeats=1, budget_s=args.budget_s or 60.0,
-            copy_bytes=2**22, target_contexts=(32, 64, 128), target_batches=(2, 3), memory_contexts=(32, 64, 128),
+            copy_bytes=2**22, target_contexts=(32, 64, 128), target_batches=(2, 3), memory_contexts=(256, 512, 1024),
+            dtype=torch.float32,  # CPU bf16 kernels are ~50x slower than fp32; the GPU run is bf16
         )  # fmt: skip
     if args.quick:
         four = ("gdn_lte", "transformer", "gdn_swa", "gdn")
         return Plan(
             mode="quick", decode_archs=four, contexts=(4 * K, 64 * K), extra_contexts={"gdn_lte": (128 * K,)},
-            batches=(1, 16, 64), prefill_archs=four, prefill_lengths=(4 * K, 16 * K, 64 * K), steps=8, repeats=3,
-            prefill_repeats=2, budget_s=args.budget_s or 420.0, copy_bytes=2**31,
-            target_contexts=(4 * K, 64 * K, 128 * K), **common,
+            prefill_archs=four, prefill_lengths=(4 * K, 16 * K, 64 * K), budget_s=args.budget_s or 400.0,
         )  # fmt: skip
-    return Plan(
-        mode="full", decode_archs=ARCHS, contexts=full_ctx, extra_contexts={}, batches=(1, 16, 64),
-        prefill_archs=ARCHS, prefill_lengths=full_ctx, steps=8, repeats=3, prefill_repeats=2,
-        budget_s=args.budget_s or 1800.0, copy_bytes=2**31, target_contexts=(4 * K, 64 * K, 128 * K), **common,
-    )  # fmt: skip
+    return Plan(mode="full", decode_archs=ARCHS, contexts=FULL_CONTEXTS, prefill_archs=ARCHS,
+                prefill_lengths=FULL_CONTEXTS, budget_s=args.budget_s or 3600.0)  # fmt: skip
 
 
-class Clock:
-    """Median seconds of `fn()` over repeats: CUDA events on the GPU, perf_counter on the CPU."""
-
-    def __init__(self, device: str) -> None:
-        self.cuda = device == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def median(self, fn: Callable[[], object], repeats: int) -> float:
-        times = []
-        for _ in range(repeats):
-            self.sync()
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+def median_seconds(fn: Callable[[], object], repeats: int, cuda: bool) -> float:
+    """Median seconds of `fn()` over `repeats` calls: CUDA events on the GPU, perf_counter on the CPU."""
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            end.record()
+            end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 if cuda else time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 # --- models and synthetic caches -------------------------------------------------------------------------------------
@@ -132,29 +115,23 @@ def build_model(arch: str, plan: Plan, device: str | None = None) -> HybridForCa
 def graph_blocker(model: HybridForCausalLM) -> str | None:
     """Why a decode step of `model` cannot be replayed from a CUDA graph, or None when it can."""
     kinds = {block.kind for block in model.model.layers}
-    reasons = []
-    if "attn" in kinds:
-        reasons.append("full attention grows its KV buffer by reallocation (Python-side length check)")
-    if "nsa" in kinds:
-        reasons.append("NSA passes seq_len and RoPE positions as Python ints (baked into a captured graph)")
-    return "; ".join(reasons) or None
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+    reasons = {
+        "attn": "full attention grows its KV buffer by reallocation (a Python-side length check)",
+        "nsa": "NSA passes seq_len and RoPE positions as Python ints (they would be baked into a captured graph)",
+    }
+    return "; ".join(reason for kind, reason in reasons.items() if kind in kinds) or None
 
 
 def _fill_lte(state: object, context: int, ring: int, buffer: int) -> None:
     """Ring and buffer full of positively scored tokens, as after a long prompt whose buffer has filled up."""
-    device = state.k.device
     state.score.uniform_(0.1, 1.0)
     state.valid.fill_(True)
     state.buffer_len.fill_(buffer)
     # Ring slot s holds the token at the position p in [C - ring, C) with p % ring == s; buffer: older tokens.
-    p = torch.arange(context - ring, context, device=device)
-    ring_pos = torch.empty(ring, dtype=torch.int32, device=device)
+    p = torch.arange(context - ring, context, device=state.k.device)
+    ring_pos = torch.empty(ring, dtype=torch.int32, device=state.k.device)
     ring_pos[p % ring] = p.to(torch.int32)
-    older = torch.linspace(0, max(0, context - ring - 1), buffer, device=device).to(torch.int32)
+    older = torch.linspace(0, max(0, context - ring - 1), buffer, device=state.k.device).to(torch.int32)
     state.token_pos.copy_(torch.cat([ring_pos, older])[None, None].expand_as(state.token_pos))
     state.router_x.normal_(0.0, INIT_STD)
     state.router_valid.fill_(True)
@@ -177,14 +154,16 @@ def synthetic_cache(model: HybridForCausalLM, batch: int, context: int, headroom
         if kind == "swa":
             state.valid.fill_(True)
         elif kind == "attn":
-            slots = _round_up(context + headroom, 256)
+            slots = -(-(context + headroom) // 256) * 256
             shape = (batch, mixer.num_kv_heads, slots, mixer.head_dim)
             state.k = torch.empty(shape, device=state.k.device, dtype=state.k.dtype).normal_(0.0, INIT_STD)
             state.v = torch.empty_like(state.k).normal_(0.0, INIT_STD)
             state.valid = torch.zeros(shape[:3], device=state.k.device, dtype=torch.bool)
             state.valid[:, :, :context] = True
         elif kind == "nsa":
-            _fill_nsa(mixer, state, context, headroom)
+            mixer._grow(state, context + headroom)  # zero-filled, rounded up to whole chunks
+            for tensor in (state.k, state.v, state.k_cmp, state.v_cmp):
+                tensor.normal_(0.0, INIT_STD)
         elif kind == "lte":
             _fill_lte(state, context, mixer.window_size + 1, mixer.buffer_size)
         if hasattr(state, "position"):
@@ -192,17 +171,6 @@ def synthetic_cache(model: HybridForCausalLM, batch: int, context: int, headroom
         state.seen = context
     cache.seen = context
     return cache
-
-
-def _fill_nsa(mixer: torch.nn.Module, state: object, context: int, headroom: int) -> None:
-    mixer._grow(state, _round_up(context + headroom, 1024))  # zero-filled; the used prefix is empty
-    for name in ("k", "v", "k_cmp", "v_cmp"):
-        getattr(state, name).normal_(0.0, INIT_STD)
-    state.start.zero_()
-
-
-def state_bytes(state: object) -> int:
-    return HybridCache([state]).nbytes()
 
 
 def step_bytes_per_seq(model: HybridForCausalLM, cache: HybridCache, context: int, batch: int) -> int:
@@ -216,9 +184,9 @@ def step_bytes_per_seq(model: HybridForCausalLM, cache: HybridCache, context: in
     for block, state in zip(model.model.layers, cache.states):
         kind, mixer = block.kind, block.attn
         if kind == "gdn":
-            total += 2 * state_bytes(state) // batch
+            total += 2 * HybridCache([state]).nbytes() // batch
         elif kind in ("swa", "lte"):
-            total += state_bytes(state) // batch
+            total += HybridCache([state]).nbytes() // batch
         elif kind == "attn":
             total += context * mixer.num_kv_heads * (2 * mixer.head_dim * state.k.element_size() + 1)
         else:
@@ -230,79 +198,56 @@ def step_bytes_per_seq(model: HybridForCausalLM, cache: HybridCache, context: in
 
 def weight_bytes(model: HybridForCausalLM) -> int:
     """Bytes of distinct parameters (the tied embedding / LM head counted once): read once per decode step."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
+    return sum({p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}.values())
 
 
 # --- measurements ----------------------------------------------------------------------------------------------------
-def copy_bandwidth(plan: Plan, clock: Clock) -> float:
+def copy_bandwidth(plan: Plan) -> float:
     """Device-to-device `copy_` bandwidth in bytes/s, counting bytes read + written."""
     src = torch.empty(plan.copy_bytes // 2, dtype=torch.bfloat16, device=plan.device).normal_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    seconds = clock.median(lambda: dst.copy_(src), 5)
+    dst = src.clone()  # also the warm-up copy
+    seconds = median_seconds(lambda: dst.copy_(src), 5, plan.device == "cuda")
     return 2 * plan.copy_bytes / seconds
 
 
-def _seen(cache: HybridCache) -> list[int]:
-    return [cache.seen] + [state.seen for state in cache.states]
+def _set_seen(cache: HybridCache, seen: int) -> None:  # all layers consumed the same tokens
+    cache.seen = seen
+    for state in cache.states:
+        state.seen = seen
 
 
-def _set_seen(cache: HybridCache, values: list[int], advance: int = 0) -> None:
-    cache.seen = values[0] + advance
-    for state, value in zip(cache.states, values[1:]):
-        state.seen = value + advance
-
-
-def time_decode_eager(model: HybridForCausalLM, cache: HybridCache, token: torch.Tensor, plan: Plan, clock: Clock):
-    """Median seconds per decode step, eager: two warm-up steps (kernel compilation), then `steps` per repeat."""
-    for _ in range(2):
-        model(token, cache=cache)
-
-    def run() -> None:
-        for _ in range(plan.steps):
-            model(token, cache=cache)
-
-    return clock.median(run, plan.repeats) / plan.steps
-
-
-def time_decode_graph(model: HybridForCausalLM, cache: HybridCache, token: torch.Tensor, plan: Plan, clock: Clock):
-    """Median seconds per decode step replayed from a CUDA graph of one step.
+def time_decode(model: HybridForCausalLM, cache: HybridCache, token: torch.Tensor, plan: Plan, graph: bool) -> float:
+    """Median seconds per decode step: eager calls, or replays of a CUDA graph that holds one step.
 
     Capturing runs the Python code (which increments the host-side `seen` counters) but no kernels, and a replay
     moves the device `position` tensors but no Python counter: the counters are restored after the capture and
-    advanced by the number of replays, so the cache stays consistent.
+    advanced by the number of replays, so the cache stays consistent with its device state.
     """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture: compiles and autotunes every kernel
-        for _ in range(2):
-            model(token, cache=cache)
-    torch.cuda.current_stream().wait_stream(side)
-    before = _seen(cache)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            model(token, cache=cache)
-    finally:
-        _set_seen(cache, before)
-    graph.replay()
-    _set_seen(cache, before, 1)
+    for _ in range(2):  # warm-up outside any capture: compiles and autotunes every kernel
+        model(token, cache=cache)
+    step, before = functools.partial(model, token, cache=cache), cache.seen
+    if graph:
+        torch.cuda.synchronize()
+        cuda_graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(cuda_graph):
+                model(token, cache=cache)
+        finally:
+            _set_seen(cache, before)
+        step = cuda_graph.replay
+        step()  # the first replay uploads the graph: keep it out of the timing
+        before += 1
 
     def run() -> None:
         for _ in range(plan.steps):
-            graph.replay()
+            step()
 
-    seconds = clock.median(run, plan.repeats) / plan.steps
-    _set_seen(cache, before, 1 + plan.steps * plan.repeats)
+    seconds = median_seconds(run, plan.repeats, plan.device == "cuda") / plan.steps
+    _set_seen(cache, before + plan.steps * plan.repeats)
     return seconds
 
 
-def decode_point(model: HybridForCausalLM, arch: str, batch: int, context: int, plan: Plan, clock: Clock) -> dict:
+def decode_point(model: HybridForCausalLM, arch: str, batch: int, context: int, plan: Plan) -> dict:
     """One decode measurement at (batch, context); OOM is recorded, not raised."""
     row = {"arch": arch, "batch": batch, "context": context}
     _reset_memory(plan)
@@ -310,31 +255,23 @@ def decode_point(model: HybridForCausalLM, arch: str, batch: int, context: int, 
         cache = synthetic_cache(model, batch, context)
         token = torch.randint(0, model.config.vocab_size, (batch, 1), device=plan.device)
         row["mode"] = "graph" if plan.device == "cuda" and graph_blocker(model) is None else "eager"
-        if row["mode"] == "graph":
-            try:
-                step = time_decode_graph(model, cache, token, plan, clock)
-            except torch.OutOfMemoryError:
+        try:
+            step = time_decode(model, cache, token, plan, graph=row["mode"] == "graph")
+        except RuntimeError as err:
+            if row["mode"] == "eager" or isinstance(err, torch.OutOfMemoryError):
                 raise
-            except RuntimeError as err:  # a failed capture is reported, then the point is measured eagerly
-                row.update(mode="eager", graph_error=str(err)[:300])
-                cache = synthetic_cache(model, batch, context)
-        if row["mode"] == "eager":
-            step = time_decode_eager(model, cache, token, plan, clock)
+            row.update(mode="eager", graph_error=str(err)[:300])  # a failed capture is reported, then run eagerly
+            cache = synthetic_cache(model, batch, context)
+            step = time_decode(model, cache, token, plan, graph=False)
     except torch.OutOfMemoryError:
         return {**row, "status": "oom"}
-    per_seq = step_bytes_per_seq(model, cache, context, batch)
-    row.update(
-        status="ok",
-        latency_ms=step * 1e3,
-        tokens_per_s=batch / step,
-        cache_bytes_per_seq=cache.nbytes() // batch,
-        step_bytes_per_seq=per_seq,
-        peak_memory_bytes=_peak_memory(plan),
-    )
-    return row
+    per_seq = step_bytes_per_seq(model, cache, context, batch)  # before the cache is freed
+    return {**row, "status": "ok", "latency_ms": step * 1e3, "tokens_per_s": batch / step,
+            "step_bytes_per_seq": per_seq,
+            "cache_bytes_per_seq": cache.nbytes() // batch, "peak_memory_bytes": _peak_memory(plan)}  # fmt: skip
 
 
-def prefill_point(model: HybridForCausalLM, arch: str, length: int, plan: Plan, clock: Clock) -> dict:
+def prefill_point(model: HybridForCausalLM, arch: str, length: int, plan: Plan) -> dict:
     """Batch-1 prefill of `length` random tokens into an empty cache (one warm-up, then the median of repeats)."""
     row = {"arch": arch, "length": length}
     _reset_memory(plan)
@@ -347,17 +284,11 @@ def prefill_point(model: HybridForCausalLM, arch: str, length: int, plan: Plan, 
     try:
         ids = torch.randint(0, model.config.vocab_size, (1, length), device=plan.device)
         run()
-        seconds = clock.median(run, plan.prefill_repeats)
+        seconds = median_seconds(run, plan.prefill_repeats, plan.device == "cuda")
     except torch.OutOfMemoryError:
         return {**row, "status": "oom"}
-    return {
-        **row,
-        "status": "ok",
-        "seconds": seconds,
-        "tokens_per_s": length / seconds,
-        "cache_bytes": caches[0].nbytes(),
-        "peak_memory_bytes": _peak_memory(plan),
-    }
+    return {**row, "status": "ok", "seconds": seconds, "tokens_per_s": length / seconds,
+            "cache_bytes": caches[0].nbytes(), "peak_memory_bytes": _peak_memory(plan)}  # fmt: skip
 
 
 def _reset_memory(plan: Plan) -> None:
@@ -372,36 +303,21 @@ def _peak_memory(plan: Plan) -> int | None:
 
 def memory_table(plan: Plan) -> list[dict]:
     """Cache bytes per sequence against context for every architecture (shapes only: meta-device models)."""
-    rows = []
-    for arch in ARCHS:
-        model = build_model(arch, plan, device="meta")
-        for context in plan.memory_contexts:
-            cache = synthetic_cache(model, 1, context, headroom=0)
-            rows.append({"arch": arch, "context": context, "cache_bytes_per_seq": cache.nbytes()})
-    return rows
-
-
-def roofline(row: dict, weights: int, bandwidth: float) -> None:
-    """Adds the best achievable tokens/s (bytes a step must move / copy bandwidth) and our fraction of it."""
-    step_bytes = weights + row["batch"] * row["step_bytes_per_seq"]
-    row["roofline_tokens_per_s"] = row["batch"] * bandwidth / step_bytes
-    row["roofline_fraction"] = row["tokens_per_s"] / row["roofline_tokens_per_s"]
+    models = {arch: build_model(arch, plan, device="meta") for arch in ARCHS}
+    return [
+        {"arch": arch, "context": c, "cache_bytes_per_seq": synthetic_cache(model, 1, c, headroom=0).nbytes()}
+        for arch, model in models.items()
+        for c in plan.memory_contexts
+    ]
 
 
 # --- the run ----------------------------------------------------------------------------------------------------------
 def model_info(model: HybridForCausalLM) -> dict:
-    config = model.config
-    kinds = [block.kind for block in model.model.layers]
-    return {
-        "mixers": {kind: kinds.count(kind) for kind in sorted(set(kinds))},
-        "hidden_size": config.hidden_size,
-        "num_layers": config.num_hidden_layers,
-        "vocab_size": config.vocab_size,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "weight_bytes": weight_bytes(model),
-        "decode_mode": "eager" if graph_blocker(model) else "graph",
-        "graph_blocker": graph_blocker(model),
-    }
+    config, kinds, blocker = model.config, [block.kind for block in model.model.layers], graph_blocker(model)
+    return {"mixers": {kind: kinds.count(kind) for kind in sorted(set(kinds))}, "hidden_size": config.hidden_size,
+            "num_layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
+            "parameters": sum(p.numel() for p in model.parameters()), "weight_bytes": weight_bytes(model),
+            "decode_mode": "eager" if blocker else "graph", "graph_blocker": blocker}  # fmt: skip
 
 
 def arch_points(arch: str, plan: Plan) -> list[tuple[str, int, int]]:
@@ -415,25 +331,29 @@ def arch_points(arch: str, plan: Plan) -> list[tuple[str, int, int]]:
     return points
 
 
-def run_arch(arch: str, plan: Plan, clock: Clock, deadline: float, results: dict) -> None:
-    """Every point of one architecture; points past the time budget are recorded as skipped."""
+def run_arch(arch: str, plan: Plan, deadline: float, results: dict, path: Path) -> None:
+    """Every point of one architecture. Points past the time budget are recorded as skipped, failures as errors,
+    and the JSON is rewritten after each point so that a run cut short keeps what it measured."""
     model = build_model(arch, plan)
     results["models"][arch] = model_info(model)
-    weights = results["models"][arch]["weight_bytes"]
+    weights, bandwidth = results["models"][arch]["weight_bytes"], results["copy_bandwidth_bytes_per_s"]
     for kind, batch, n in arch_points(arch, plan):
-        if time.monotonic() > deadline:
-            skipped = {"arch": arch, "status": "skipped (time budget)"}
-            key = {"decode": {"batch": batch, "context": n}, "prefill": {"length": n}}[kind]
-            results[kind].append({**skipped, **key})
-            continue
-        if kind == "decode":
-            row = decode_point(model, arch, batch, n, plan, clock)
-            if row["status"] == "ok":
-                roofline(row, weights, results["copy_bandwidth_bytes_per_s"])
-        else:
-            row = prefill_point(model, arch, n, plan, clock)
+        where = {"batch": batch, "context": n} if kind == "decode" else {"length": n}
+        try:
+            if time.monotonic() > deadline:
+                row = {"arch": arch, **where, "status": "skipped (time budget)"}
+            elif kind == "decode":
+                row = decode_point(model, arch, batch, n, plan)
+            else:
+                row = prefill_point(model, arch, n, plan)
+        except Exception as err:  # one broken point must not cost the rest of a one-shot GPU run
+            row = {"arch": arch, **where, "status": f"error: {type(err).__name__}: {str(err)[:300]}"}
+        if kind == "decode" and row["status"] == "ok":  # best tokens/s: bytes a step must move / copy bandwidth
+            row["roofline_tokens_per_s"] = batch * bandwidth / (weights + batch * row["step_bytes_per_seq"])
+            row["roofline_fraction"] = row["tokens_per_s"] / row["roofline_tokens_per_s"]
         results[kind].append(row)
         print(_describe(kind, row), flush=True)
+        path.write_text(json.dumps(results, indent=1))
     del model
     _reset_memory(plan)
 
@@ -441,10 +361,8 @@ def run_arch(arch: str, plan: Plan, clock: Clock, deadline: float, results: dict
 def _describe(kind: str, row: dict) -> str:
     where = f"B={row['batch']:>3} C={row['context']:>6}" if kind == "decode" else f"T={row['length']:>6}"
     head = f"{kind:7s} {row['arch']:12s} {where}"
-    if row["status"] != "ok":
-        return f"{head}  {row['status']}"
-    if kind == "prefill":
-        return f"{head}  {row['tokens_per_s']:12.0f} tok/s  {row['seconds'] * 1e3:9.1f} ms"
+    if row["status"] != "ok" or kind == "prefill":
+        return f"{head}  {row['tokens_per_s']:12.0f} tok/s" if row["status"] == "ok" else f"{head}  {row['status']}"
     return (
         f"{head}  {row['mode']:5s} {row['tokens_per_s']:10.0f} tok/s  {row['latency_ms']:8.3f} ms/step  "
         f"roofline {row['roofline_tokens_per_s']:10.0f} tok/s ({row['roofline_fraction']:.0%})"
@@ -453,6 +371,11 @@ def _describe(kind: str, row: dict) -> str:
 
 def check_targets(results: dict, plan: Plan) -> list[dict]:
     """Issue 7's targets as PASS / MISS / NOT MEASURED lines."""
+
+    def _check(name: str, value: float | None, threshold: float) -> dict:
+        verdict = "NOT MEASURED" if value is None else ("PASS" if value >= threshold else "MISS")
+        return {"target": name, "value": value, "threshold": threshold, "verdict": verdict}
+
     tps = {(r["arch"], r["batch"], r["context"]): r for r in results["decode"] if r["status"] == "ok"}
     short, mid, long = plan.target_contexts
     b_mid, b_big = plan.target_batches
@@ -470,11 +393,6 @@ def check_targets(results: dict, plan: Plan) -> list[dict]:
     return checks
 
 
-def _check(name: str, value: float | None, threshold: float) -> dict:
-    verdict = "NOT MEASURED" if value is None else ("PASS" if value >= threshold else "MISS")
-    return {"target": name, "value": value, "threshold": threshold, "verdict": verdict}
-
-
 def environment(plan: Plan, commit: str | None) -> dict:
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("triton", "transformers", "fla"):
@@ -482,17 +400,19 @@ def environment(plan: Plan, commit: str | None) -> dict:
             versions[name] = __import__(name).__version__
         except Exception:  # absent or broken: recorded, not fatal
             versions[name] = None
-    if commit is None:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        commit = git.stdout.strip() or "unknown (no git checkout)"
+    try:
+        commit = commit or subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    except OSError:  # no git on the machine
+        commit = ""
+    commit = commit.strip() or "unknown (no git checkout; pass --commit)"
     device = torch.cuda.get_device_name() if plan.device == "cuda" else platform.processor() or "cpu"
     plan_dict = {k: v for k, v in asdict(plan).items() if k not in ("config_dir", "dtype")}
     return {"versions": versions, "git_commit": commit, "device": device, "dtype": str(plan.dtype), "plan": plan_dict}
 
 
 # --- outputs ---------------------------------------------------------------------------------------------------------
-def plot(results: dict, out: Path) -> list[str]:
-    """Draw e2e_decode.png and e2e_memory.png into `out`; returns the files written (none without matplotlib)."""
+def plot(results: dict, out: Path) -> None:
+    """Draw e2e_decode.png (decode tokens/s against context, one panel per batch) and e2e_memory.png into `out`."""
     try:
         import matplotlib
 
@@ -500,56 +420,38 @@ def plot(results: dict, out: Path) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: no plots (run --plot-only on the JSON elsewhere)")
-        return []
+        return
+    out.mkdir(parents=True, exist_ok=True)
     decode = [r for r in results["decode"] if r["status"] == "ok"]
     batches = sorted({r["batch"] for r in decode}) or [1]
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
     for ax, batch in zip(axes[0], batches):
-        for arch in ARCHS:
-            rows = sorted((r for r in decode if r["arch"] == arch and r["batch"] == batch), key=lambda r: r["context"])
-            if rows:
-                label = f"{arch} ({rows[0]['mode']})"
-                ax.plot([r["context"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", label=label)
-        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode tokens/s", title=f"batch {batch}")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"Decode throughput, 0.4B models, {results['environment']['device']}")
+        _lines(
+            ax, [r for r in decode if r["batch"] == batch], "context", "tokens_per_s", f"decode tok/s, batch {batch}"
+        )
+    fig.suptitle(f"0.4B models, random weights, {results['environment']['dtype']}, {results['environment']['device']}")
     fig.tight_layout()
     fig.savefig(out / "e2e_decode.png", dpi=120)
-    plt.close(fig)
-    _plot_memory(plt, results, out)
-    return [str(out / "e2e_decode.png"), str(out / "e2e_memory.png")]
-
-
-def _plot_memory(plt: object, results: dict, out: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    _lines(left, results["memory"], "context", "cache_bytes_per_seq", "decode cache bytes per sequence")
     prefill = [r for r in results["prefill"] if r["status"] == "ok" and r.get("peak_memory_bytes")]
-    for arch in ARCHS:
-        rows = [r for r in results["memory"] if r["arch"] == arch]
-        if rows:
-            left.plot([r["context"] for r in rows], [r["cache_bytes_per_seq"] / 2**20 for r in rows], "o-", label=arch)
-        rows = [r for r in prefill if r["arch"] == arch]
-        if rows:
-            right.plot([r["length"] for r in rows], [r["peak_memory_bytes"] / 2**30 for r in rows], "o-", label=arch)
-    left.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="cache MiB per sequence")
-    right.set(xscale="log", xlabel="prompt length (batch 1)", ylabel="peak GPU memory in prefill (GiB)")
-    for ax in (left, right):
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+    _lines(right, prefill, "length", "peak_memory_bytes", "peak GPU bytes, prefill at batch 1")
     fig.tight_layout()
     fig.savefig(out / "e2e_memory.png", dpi=120)
-    plt.close(fig)
+    plt.close("all")
 
 
-def report(results: dict) -> None:
-    for arch, info in results["models"].items():
-        print(
-            f"{arch:12s} decode {info['decode_mode']:5s}"
-            + (f"  ({info['graph_blocker']})" if info["graph_blocker"] else "")
-        )
-    for check in results["targets"]:
-        value = "-" if check["value"] is None else f"{check['value']:.3f}"
-        print(f"{check['verdict']:12s} {check['target']}  (measured {value})")
+def _lines(ax: object, rows: list[dict], x: str, y: str, title: str) -> None:
+    """One line per architecture (labelled with its decode mode where the rows have one), log-log axes."""
+    for arch in ARCHS:
+        mine = sorted((r for r in rows if r["arch"] == arch), key=lambda r: r[x])
+        if mine:
+            label = f"{arch} ({mine[0]['mode']})" if "mode" in mine[0] else arch
+            ax.plot([r[x] for r in mine], [r[y] for r in mine], "o-", label=label)
+    ax.set(xscale="log", yscale="log", xlabel=x, title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
 
 
 def main() -> None:
@@ -568,23 +470,28 @@ def main() -> None:
     plan = make_plan(args)
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --smoke for the CPU check")
-    json_dir = args.out or (Path(tempfile.mkdtemp(prefix="e2e_")) if args.smoke else REPO / "benchmarks" / "results")
+    if args.smoke:
+        torch.set_num_threads(1)  # tiny ops: threads only contend (CI runs tests in parallel)
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="e2e_smoke_"))
+    json_dir = args.out or REPO / "benchmarks" / "results"
     json_dir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + plan.budget_s
-    clock = Clock(plan.device)
     torch.manual_seed(0)
     results = {"environment": environment(plan, args.commit), "models": {}, "decode": [], "prefill": []}
     with torch.no_grad():
-        results["copy_bandwidth_bytes_per_s"] = copy_bandwidth(plan, clock)
+        results["copy_bandwidth_bytes_per_s"] = copy_bandwidth(plan)
         print(f"copy bandwidth (read + write): {results['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s", flush=True)
         results["memory"] = memory_table(plan)
         for arch in dict.fromkeys(plan.decode_archs + plan.prefill_archs):
-            run_arch(arch, plan, clock, deadline, results)
+            run_arch(arch, plan, deadline, results, json_dir / "e2e_h200.json")
     results["targets"] = check_targets(results, plan)
-    path = json_dir / "e2e_h200.json"
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path}")
-    report(results)
+    (json_dir / "e2e_h200.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {json_dir / 'e2e_h200.json'}")
+    for arch, info in results["models"].items():
+        print(f"{arch:12s} decode {info['decode_mode']:5s} {info['graph_blocker'] or ''}")
+    for check in results["targets"]:
+        value = "-" if check["value"] is None else f"{check['value']:.3f}"
+        print(f"{check['verdict']:12s} {check['target']}  (measured {value})")
     plot(results, args.out or REPO / "docs")
 
 

@@ -1,12 +1,14 @@
 """Every architecture builds, runs forward/backward, learns a fixed batch, saves and loads (issue 2)."""
 
+import math
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hlsa import HybridConfig, HybridForCausalLM
 
-from .conftest import CONFIGS_DIR, tiny_model
+from .conftest import CONFIGS_DIR, tiny_config, tiny_model
 
 # Analytic parameter counts of the 0.4B configs (SPEC.md section 6).
 PARAMS_04B = {
@@ -93,3 +95,25 @@ def test_tied_and_untied_embeddings():
 def test_bad_input_messages(call, message):
     with pytest.raises(ValueError, match=message):
         call(tiny_model("gdn_lte"))
+
+
+def test_init_follows_spec():
+    """SPEC 6: N(0, initializer_range) for projections and embeddings; o_proj/down_proj kaiming-uniform(a=sqrt 5)
+    divided by sqrt(2 * layers); router convs kaiming-normal with a +0.5 output bias; norms at one."""
+    torch.manual_seed(0)
+    model = HybridForCausalLM(tiny_config("gdn_lte", initializer_range=0.006, tie_word_embeddings=False))
+    layers = model.config.num_hidden_layers
+    lte, gdn = model.model.layers[1], model.model.layers[0]
+
+    def std_close(t, expected):
+        assert abs(t.std().item() - expected) < 0.15 * expected, (t.std().item(), expected)
+
+    for w in (lte.attn.q_proj.weight, gdn.attn.k_proj.weight, lte.mlp.up_proj.weight, model.model.embeddings.weight):
+        std_close(w, 0.006)
+    for w in (lte.attn.o_proj.weight, gdn.attn.o_proj.weight, gdn.mlp.down_proj.weight):
+        std_close(w, 1 / math.sqrt(3 * w.shape[1]) / math.sqrt(2 * layers))
+    conv = lte.attn.router.conv_stack.convs[0]
+    std_close(conv.weight, math.sqrt(2 / (conv.weight.shape[1] * conv.weight.shape[2])))
+    assert torch.all(lte.attn.router.conv_stack.proj.bias == 0.5)
+    assert torch.all(lte.attn_norm.weight == 1) and torch.all(gdn.attn.o_norm.weight == 1)
+    assert torch.all(model.model.l1_lambda == 0) and model.model.l1_lambda.shape == (2, 2)

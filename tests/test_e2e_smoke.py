@@ -1,0 +1,109 @@
+"""CPU checks of benchmarks/e2e.py: the `--smoke` run end to end, and the synthetic decode caches against real ones."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "e2e.py"
+GRAPH_SAFE = {"gdn", "gdn_swa", "gdn_lte"}
+
+
+def _load_e2e():
+    spec = importlib.util.spec_from_file_location("e2e_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke_json(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("e2e")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "e2e_h200.json").read_text())
+
+
+def test_smoke_json_has_every_section(smoke_json: dict) -> None:
+    env = smoke_json["environment"]
+    assert {"versions", "git_commit", "device", "dtype", "plan"} <= set(env)
+    assert env["versions"]["torch"] and env["plan"]["mode"] == "smoke"
+    assert smoke_json["copy_bandwidth_bytes_per_s"] > 0
+    assert set(smoke_json["models"]) == {"gdn", "gdn_swa", "gdn_attn", "gdn_lte", "gdn_nsa", "transformer", "nsa"}
+    for arch, info in smoke_json["models"].items():
+        assert (info["graph_blocker"] is None) == (arch in GRAPH_SAFE), arch
+        assert info["weight_bytes"] > 0 and info["parameters"] > 0
+    decode_keys = {"latency_ms", "tokens_per_s", "cache_bytes_per_seq", "step_bytes_per_seq", "roofline_fraction"}
+    for row in smoke_json["decode"]:
+        assert row["status"] == "ok", row
+        assert decode_keys <= set(row) and row["mode"] == "eager"  # no CUDA graphs on the CPU
+        assert 0 < row["roofline_fraction"] and row["tokens_per_s"] > 0
+    assert {(r["arch"], r["context"]) for r in smoke_json["decode"] if r["arch"] == "gdn_lte"} >= {("gdn_lte", 128)}
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in smoke_json["prefill"])
+    assert len(smoke_json["prefill"]) == 7 * 2
+    verdicts = {t["verdict"] for t in smoke_json["targets"]}
+    assert verdicts <= {"PASS", "MISS", "NOT MEASURED"} and len(smoke_json["targets"]) >= 5
+
+
+def test_memory_table_growth(smoke_json: dict) -> None:
+    """Full attention's cache grows linearly with the context; GDN+LTE's is constant."""
+    by = {(r["arch"], r["context"]): r["cache_bytes_per_seq"] for r in smoke_json["memory"]}
+    step = by[("transformer", 512)] - by[("transformer", 256)]
+    assert step > 0 and by[("transformer", 1024)] - by[("transformer", 512)] == 2 * step
+    assert by[("gdn_lte", 1024)] == by[("gdn_lte", 256)]
+
+
+def _shapes(cache) -> list[dict]:
+    return [
+        {name: (tuple(v.shape), v.dtype) for name, v in vars(state).items() if isinstance(v, torch.Tensor)}
+        for state in cache.states
+    ]
+
+
+@pytest.mark.parametrize("arch", ["gdn_swa", "gdn_lte", "transformer"])
+def test_synthetic_cache_matches_a_real_prefill(arch: str) -> None:
+    """Same tensors (shapes, dtypes), same counters and the same valid slots as a real prefill of C tokens."""
+    e2e = _load_e2e()
+    plan = e2e.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
+    torch.manual_seed(0)
+    model = e2e.build_model(arch, plan)
+    context = 512  # a multiple of the full-attention allocation unit, so that both hold exactly C slots
+    with torch.no_grad():
+        real = model.allocate_cache(1)
+        model(torch.randint(0, model.config.vocab_size, (1, context)), cache=real, logits_to_keep=1)
+        fake = e2e.synthetic_cache(model, 1, context, headroom=0)
+        assert _shapes(fake) == _shapes(real)
+        assert fake.seen == real.seen == context
+        for block, f, r in zip(model.model.layers, fake.states, real.states):
+            assert f.seen == r.seen
+            if hasattr(r, "position"):
+                assert int(f.position) == int(r.position) == context
+            if block.kind in ("swa", "attn"):
+                assert torch.equal(f.valid, r.valid)
+            if block.kind == "lte":  # the ring holds the same positions; the buffer is full in the synthetic one
+                ring = block.attn.window_size + 1
+                assert torch.equal(f.token_pos[..., :ring], r.token_pos[..., :ring])
+                assert bool(f.valid.all()) and int(f.buffer_len.min()) == block.attn.buffer_size
+
+
+@pytest.mark.parametrize("arch", ["gdn_lte", "gdn_nsa", "transformer"])
+def test_decode_on_synthetic_cache_advances(arch: str) -> None:
+    e2e = _load_e2e()
+    plan = e2e.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
+    model = e2e.build_model(arch, plan)
+    with torch.no_grad():
+        cache = e2e.synthetic_cache(model, 2, 100)
+        logits = model(torch.zeros(2, 1, dtype=torch.long), cache=cache).logits
+    assert logits.shape == (2, 1, model.config.vocab_size) and bool(torch.isfinite(logits).all())
+    assert cache.seen == 101 and all(state.seen == 101 for state in cache.states)
