@@ -135,3 +135,21 @@ def test_cache_needs_eval_mode():
     model = tiny_model("gdn_lte").train()
     with pytest.raises(ValueError, match="call model.eval"):
         model(torch.ones(1, 3, dtype=torch.long), cache=model.allocate_cache(1))
+
+
+@pytest.mark.parametrize("arch_name", CONSTANT_MEMORY + ["gdn_attn"])
+def test_decode_step_reads_no_tensor_values_on_the_host(arch_name, monkeypatch):
+    """On a GPU, reading a tensor's value on the host (`.item()`, `bool(t)`, `.tolist()`, ...) is a sync; a decode step
+    must do none, so it can be captured in a CUDA graph. Checked on the CPU paths by making those calls raise."""
+    model = tiny_model(arch_name)
+    cache = model.allocate_cache(2)
+    with torch.no_grad():
+        model(torch.randint(0, 100, (2, 12)), cache=cache)
+
+        def refuse(*_args, **_kwargs):
+            raise AssertionError("host read of a tensor value inside a decode step")
+
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"):
+            monkeypatch.setattr(torch.Tensor, name, refuse)
+        for _ in range(3):
+            model(torch.zeros(2, 1, dtype=torch.long), cache=cache)
