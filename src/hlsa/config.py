@@ -77,7 +77,6 @@ LTE_DEFAULTS: dict[str, Any] = {
     "l1_lambda_shared": "head",
     "l1_lambda_tolerate": [0.95, 1.0],
 }
-SUBCONFIG_DEFAULTS = {"gdn": GDN_DEFAULTS, "attn": ATTN_DEFAULTS, "nsa": NSA_DEFAULTS, "lte": LTE_DEFAULTS}
 # Which sub-config a layer kind reads.
 SUBCONFIG_OF = {"gdn": "gdn", "attn": "attn", "swa": "attn", "nsa": "nsa", "lte": "lte"}
 
