@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from .conftest import ARCHS, tiny_model
+from .test_generation import decode_logits
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -65,10 +66,8 @@ def test_cuda_prefill_decode_matches_full_forward(arch):
     ids = torch.randint(0, model.config.vocab_size, (3, 40), device="cuda")
     with torch.no_grad():
         full = model(ids).logits
-        cache = model.allocate_cache(3)
-        steps = [model(ids[:, :17], cache=cache).logits]
-        steps += [model(ids[:, t : t + 1], cache=cache).logits for t in range(17, 40)]
-    assert rel(torch.cat(steps, 1), full) < 2e-3
+        cached, _ = decode_logits(model, ids, 17)
+    assert rel(cached, full) < 2e-3
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hlsa.layers.ring import fill_ring, write_slot
 from hlsa.layers.rotary import RotaryEmbedding
+from hlsa.layers.slots import fill_ring, grow_slots, write_slot
 from hlsa.ops.decode_attention import decode_attention
 from hlsa.ops.sparse_attention import sparse_attention
 
@@ -139,9 +139,5 @@ class Attention(ProjectedAttention):
     @staticmethod
     def _grow(state: KVState, slots: int) -> None:
         """Full attention only: enlarge the buffers to `slots` (amortised doubling; slot p holds position p)."""
-        old = state.k.shape[2]
         for name in ("k", "v", "valid"):
-            buf = getattr(state, name)
-            grown = buf.new_zeros((*buf.shape[:2], slots, *buf.shape[3:]))
-            grown[:, :, :old] = buf
-            setattr(state, name, grown)
+            setattr(state, name, grow_slots(getattr(state, name), slots, used=state.seen))

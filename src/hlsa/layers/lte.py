@@ -21,7 +21,7 @@ import torch
 
 from hlsa.layers.attention import ProjectedAttention
 from hlsa.layers.lte_router import LTERouter, select, sink_mask, value_gain
-from hlsa.layers.ring import fill_ring, write_slot
+from hlsa.layers.slots import fill_ring, write_slot
 from hlsa.ops.decode_attention import decode_attention
 from hlsa.ops.lte_evict import lte_evict
 from hlsa.ops.lte_retention import lte_column_end

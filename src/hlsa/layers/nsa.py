@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from hlsa.layers.rotary import RotaryEmbedding
+from hlsa.layers.slots import grow_slots
 from hlsa.ops.nsa import left_pad_starts, nsa, nsa_decode
 
 # Cache slots are allocated in multiples of this many tokens (then doubled) so decode steps rarely reallocate.
@@ -138,10 +139,7 @@ class NativeSparseAttention(nn.Module):
             ("k_cmp", new_cap // self.block_size + 1, state.k_cmp.shape[2]),
             ("v_cmp", new_cap // self.block_size + 1, state.v_cmp.shape[2]),
         ):
-            old = getattr(state, name)
-            new = old.new_zeros(*old.shape[:2], slots, old.shape[3])
-            new[:, :, :used] = old[:, :, :used]
-            setattr(state, name, new)
+            setattr(state, name, grow_slots(getattr(state, name), slots, used=used))
 
     def _prefill_cache(self, state: NSAState, k: torch.Tensor, v: torch.Tensor, pad_mask: torch.Tensor | None) -> None:
         """Store the prefill keys/values and pool the complete blocks of each row (from its first real token)."""

@@ -1,8 +1,8 @@
-"""Ring buffers for window caches: token at position `p` lives in slot `p % ring_size`.
+"""Slot buffers of the decode caches, head-major `[B, HKV, S, ...]`.
 
-Shared by the SWA cache and the LTE cache (whose first `W + 1` slots are the same ring). Caches are head-major
-`[B, HKV, S, D]`; the decode write takes the position as a device tensor, so a step needs no host sync and can be
-captured in a CUDA graph.
+Window caches (SWA, and the first `W + 1` slots of LTE's) are rings: the token at position `p` lives in slot
+`p % ring_size`; the decode write takes the position as a device tensor, so a step needs no host sync and can be
+captured in a CUDA graph. Full-history caches (full attention, NSA) hold position `p` in slot `p` and grow.
 """
 
 from __future__ import annotations
@@ -27,3 +27,10 @@ def write_slot(ring: torch.Tensor, value: torch.Tensor, position: torch.Tensor) 
     """Decode write: ring [B, HKV, R, ...] <- value [B, HKV, ...] at slot `position % R` (position: int64 [] tensor)."""
     slot = (position % ring.shape[2]).view(1)
     ring.index_copy_(2, slot, value.unsqueeze(2).to(ring.dtype))
+
+
+def grow_slots(buf: torch.Tensor, slots: int, *, used: int) -> torch.Tensor:
+    """A zero buffer like `buf [B, HKV, S, ...]` with `slots` slots, holding a copy of the first `used` ones."""
+    grown = buf.new_zeros((*buf.shape[:2], slots, *buf.shape[3:]))
+    grown[:, :, :used] = buf[:, :, :used]
+    return grown
