@@ -28,19 +28,16 @@ import torch
 import torch.nn.functional as F
 
 from hlsa.layers.gdn import GatedDeltaNet
-from hlsa.ops.gated_delta import CHUNK_SIZE, chunk_gated_delta_rule, gated_delta_rule_chunked, gated_delta_rule_ref
+from hlsa.ops.gated_delta import (
+    CHUNK_SIZE,
+    allow_fla_gated_backward_on_hopper,
+    chunk_gated_delta_rule,
+    gated_delta_rule_chunked,
+    gated_delta_rule_ref,
+)
 
 DEVICE = "cuda"
 GRAD_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
-
-
-def bypass_hopper_guard() -> bool:
-    """Let fla's gated chunk backward run under Triton < 3.7.1 (fla issue #640). Returns whether it was needed."""
-    import fla.ops.common.chunk_o as chunk_o
-
-    needed = not chunk_o.TRITON_ABOVE_3_7_1
-    chunk_o.TRITON_ABOVE_3_7_1 = True
-    return needed
 
 
 def make_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype) -> dict:
@@ -212,7 +209,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check_gdn.py needs a CUDA device and fla-core")
     torch.manual_seed(0)
-    guard_bypassed = bypass_hopper_guard()
+    guard_bypassed = allow_fla_gated_backward_on_hopper()
     checks = [row for D in (64, 128) for dtype in (torch.float32, torch.bfloat16) for row in check_op(D, dtype)]
     result = {"machine": machine(guard_bypassed), "checks": checks, "layer": check_layer(), "timing": time_paths()}
     print_table(result)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from hlsa.ops.gated_delta import allow_fla_gated_backward_on_hopper
+
 ATTN = {"num_heads": 16, "num_kv_heads": 16, "head_dim": 64}
 LTE = {**ATTN, "window_size": 768, "buffer_size": 512, "sink_size": 4, "conv_dilation": [2, 2, 2]}
 MIXER = {"lte": "lte", "swa": "swa", "attn": "attn"}
@@ -43,18 +45,6 @@ def config_dict(arch: str) -> dict:
     else:
         cfg["attn"] = {**ATTN, "window_size": 1023} if arch == "swa" else ATTN
     return cfg
-
-
-def bypass_fla_guard() -> bool:
-    """fla refuses its gated chunk backward on Hopper with Triton < 3.7.1 (fla issue #640); allow it, and say so."""
-    try:
-        import fla.ops.common.chunk_o as chunk_o
-    except ImportError:
-        return False
-    if getattr(chunk_o, "TRITON_ABOVE_3_7_1", True):
-        return False
-    chunk_o.TRITON_ABOVE_3_7_1 = True
-    return True
 
 
 def bench(arch: str, *, batch: int, seq_len: int, steps: int, warmup: int, workdir: Path) -> dict:
@@ -129,7 +119,11 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/train.py needs a CUDA GPU")
-    info = {**versions(), "dtype": "bf16 autocast, fp32 weights, AdamW", "fla_guard_bypassed": bypass_fla_guard()}
+    info = {
+        **versions(),
+        "dtype": "bf16 autocast, fp32 weights, AdamW",
+        "fla_guard_bypassed": allow_fla_gated_backward_on_hopper(),
+    }
     print(f"# {info['gpu']} | torch {info['torch']} | triton {info['triton']} | fla {info['fla']}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ ARCHS: dict[str, dict[str, Any]] = {
         "lte": {
             **_ATTN,
             "window_size": WINDOW,
-            "buffer_size": 16,
+            "buffer_size": 96,
             "sink_size": 2,
             "conv_size": [3, 3, 3],
             "conv_dilation": [1, 1, 1],
@@ -65,14 +64,14 @@ ARCHS: dict[str, dict[str, Any]] = {
             "num_kv_heads": 1,
             "head_dim": 16,
             "block_size": 16,
-            "block_counts": 4,
+            "block_counts": 6,
             "window_size": WINDOW,
         },
     },
     "transformer": {**_COMMON, "mixers": ["attn"] * 4, "attn": _ATTN},
 }
-BUCKETS = ((1, WINDOW), (WINDOW + 1, 2 * WINDOW), (2 * WINDOW + 1, 4 * WINDOW), (4 * WINDOW + 1, 10**9))
-BUCKET_NAMES = ("<=W", "W..2W", "2W..4W", ">4W")
+BUCKETS = ((1, WINDOW), (WINDOW + 1, 4 * WINDOW), (4 * WINDOW + 1, 16 * WINDOW), (16 * WINDOW + 1, 10**9))
+BUCKET_NAMES = ("<=W", "W..4W", "4W..16W", ">16W")
 
 
 def load_recipe(path: Path) -> dict[str, Any]:
@@ -83,8 +82,9 @@ def load_recipe(path: Path) -> dict[str, Any]:
     return read_options_file(path)
 
 
-def train_arch(name: str, recipe: dict[str, Any], out_dir: Path, *, threads: int) -> None:
-    """`hlsa train --options demo.toml --config <out_dir>/config.json`, exported to `out_dir` with its log."""
+def train_arch(name: str, recipe: dict[str, Any], out_dir: Path, run_dir: Path, *, threads: int) -> None:
+    """`hlsa train --options <recipe> --config <out_dir>/config.json --out <run_dir> --resume`, exported to `out_dir`
+    with its log. Checkpoints stay in `run_dir`, so an interrupted `hlsa demo --train` continues where it stopped."""
     from hlsa.config import HybridConfig
     from hlsa.train.options import build_options
     from hlsa.train.trainer import Trainer
@@ -92,15 +92,15 @@ def train_arch(name: str, recipe: dict[str, Any], out_dir: Path, *, threads: int
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "config.json"
     HybridConfig(**ARCHS[name]).to_json_file(str(config_path))
-    with tempfile.TemporaryDirectory(prefix=f"hlsa-demo-{name}-") as run_dir:
-        overrides = {
-            "model.config": str(config_path),
-            "checkpoint.dir": run_dir,
-            "checkpoint.export": str(out_dir),
-            "train.threads": threads,
-        }
-        Trainer(build_options(recipe, overrides)).run()
-        shutil.copy(Path(run_dir) / "log.jsonl", out_dir / "train_log.jsonl")
+    overrides = {
+        "model.config": str(config_path),
+        "checkpoint.dir": str(run_dir),
+        "checkpoint.resume": True,
+        "checkpoint.export": str(out_dir),
+        "train.threads": threads,
+    }
+    Trainer(build_options(recipe, overrides)).run()
+    shutil.copy(run_dir / "log.jsonl", out_dir / "train_log.jsonl")
 
 
 @torch.no_grad()
@@ -159,7 +159,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     ax.set_xlabel(f"query distance (W = {WINDOW})")
     ax.set_ylabel("recall accuracy (%)")
     ax.set_ylim(0, 102)
-    ax.set_title("MQAR recall by distance, tiny models (CPU)")
+    ax.set_title("MQAR recall by distance, tiny models")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -171,6 +171,7 @@ def main(
     *,
     retrain: bool = False,
     checkpoints: str = "checkpoints/demo",
+    runs: str = "runs/demo",
     out: str = "docs/demo",
     recipe: str | None = None,
     archs: list[str] | None = None,
@@ -195,7 +196,7 @@ def main(
         ckpt = Path(checkpoints) / name
         if retrain:
             print(f"[demo] training {name} ...", flush=True)
-            train_arch(name, spec, ckpt, threads=threads)
+            train_arch(name, spec, ckpt, Path(runs) / name, threads=threads)
         if not (ckpt / "model.safetensors").is_file():
             if archs:  # asked for by name: that is an error
                 raise ValueError(f"no demo checkpoint in {ckpt}; run `hlsa demo --train --archs {name}`")

@@ -212,6 +212,23 @@ def _gated_delta_rule_fla(
     )
 
 
+def allow_fla_gated_backward_on_hopper() -> bool:
+    """Let fla's gated chunk backward run on Hopper under Triton < 3.7.1, which fla refuses (fla issue #640).
+
+    The guard is fla's own module attribute; this flips it for the process. hlsa's GPU tests
+    (tests/model/test_gpu.py, tests/ops/test_gated_delta.py) check the resulting gradients against our reference
+    on the H200 with Triton 3.6. Returns whether the guard was active (False without fla, or where it never refuses).
+    """
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+    except ImportError:
+        return False
+    if getattr(chunk_o, "TRITON_ABOVE_3_7_1", True):
+        return False
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+    return True
+
+
 def _compute_dtype(q: torch.Tensor) -> torch.dtype:
     # fp32 at least (the state is fp32, as in fla's kernels); fp64 inputs stay fp64 so tests can use them as truth.
     return torch.promote_types(q.dtype, torch.float32)

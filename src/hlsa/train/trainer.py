@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hlsa.ops.gated_delta import allow_fla_gated_backward_on_hopper
 from hlsa.train import checkpoint as ckpt
 from hlsa.train.controller import SparsityController
 from hlsa.train.data import DataExhaustedError, build_stream
@@ -86,6 +88,8 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.world = init_world("cpu" if t.device == "cpu" or not torch.cuda.is_available() else "cuda")
         self.device = pick_device(t.device, self.world)
+        if t.fla_hopper_bypass and self.device.type == "cuda" and allow_fla_gated_backward_on_hopper():
+            print("[train] fla's Hopper guard bypassed (train.fla_hopper_bypass)", file=sys.stderr)
         self.data, vocab = build_stream(opts.data, seed=t.seed, rank=self.world.rank, world=self.world.size)
         torch.manual_seed(t.seed)
         self.model = model if model is not None else self._build_model(vocab)
