@@ -20,7 +20,8 @@ def test_demo_evaluates_and_writes_its_outputs(tmp_path: Path, capsys: pytest.Ca
     table = capsys.readouterr().out
     assert "| gdn_lte |" in table and "skipping gdn_swa" in table
     results = json.loads((out / "results.json").read_text())["gdn_lte"]
-    assert sum(results["queries"].values()) == 3 * 16  # every query of the recipe is counted once
+    recipe = demo.load_recipe(demo.DEFAULT_RECIPE)["data"]
+    assert sum(results["queries"].values()) == 3 * recipe["num_queries"]  # every query is counted once
     assert results["cache_bytes"] == results["cache_bytes_4x"]  # SWA ring + LTE buffer: constant memory
     assert (out / "recall.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="unknown"):
