@@ -31,7 +31,7 @@ _COMMON = {
     "initializer_range": 0.02,
     "gdn": {"num_heads": 2, "head_dim": 32},
 }
-_ATTN = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16}
+_ATTN = {"num_heads": 2, "num_kv_heads": 1, "head_dim": 32}
 # Architectures: one HybridConfig each; the sparse layers sit at odd depths as in the authors' hybrids.
 ARCHS: dict[str, dict[str, Any]] = {
     "gdn": {**_COMMON, "mixers": ["gdn"] * 4},
