@@ -8,7 +8,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hlsa.ops.gated_delta import chunk_gated_delta_rule, gated_delta_rule_chunked, gated_delta_rule_ref
+from hlsa.ops.gated_delta import (
+    allow_fla_gated_backward_on_hopper,
+    chunk_gated_delta_rule,
+    gated_delta_rule_chunked,
+    gated_delta_rule_ref,
+)
 
 GRAD_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
 
@@ -186,3 +191,12 @@ def test_fla_matches_reference_on_gpu(T, monkeypatch):
     )
     for name in grads:
         assert rel_err(grads[name], g_ref[name]) < 5e-3, name
+
+
+def test_fla_hopper_guard_is_lifted_only_where_it_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    chunk_o = pytest.importorskip("fla.ops.common.chunk_o")
+    monkeypatch.setattr(chunk_o, "TRITON_ABOVE_3_7_1", True)
+    assert allow_fla_gated_backward_on_hopper() is False  # new enough Triton: nothing to do
+    monkeypatch.setattr(chunk_o, "TRITON_ABOVE_3_7_1", False)
+    assert allow_fla_gated_backward_on_hopper() is True
+    assert chunk_o.TRITON_ABOVE_3_7_1 is True

@@ -26,3 +26,19 @@ def test_demo_evaluates_and_writes_its_outputs(tmp_path: Path, capsys: pytest.Ca
     assert (out / "recall.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="unknown"):
         demo.main(checkpoints=str(tmp_path / "ckpt"), out=str(out), archs=["mamba"])
+
+
+def test_demo_training_resumes_from_its_run_directory(tmp_path: Path) -> None:
+    recipe = demo.load_recipe(demo.DEFAULT_RECIPE)
+    recipe["data"].update(seq_len=48, batch_size=2, num_queries=4)
+    recipe["train"].update(steps=2, log_every=1)
+    recipe["checkpoint"].update(interval=1)
+    recipe["log"].update(progress=False)
+    out, run = tmp_path / "ckpt" / "gdn_swa", tmp_path / "runs" / "gdn_swa"
+    demo.train_arch("gdn_swa", recipe, out, run, threads=1)
+    first = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert first == [1, 2] and (out / "model.safetensors").is_file()
+    recipe["train"].update(steps=3)  # a longer run continues from step 2 instead of starting over
+    demo.train_arch("gdn_swa", recipe, out, run, threads=1)
+    second = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert second == [1, 2, 3]

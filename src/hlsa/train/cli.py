@@ -49,7 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="recall by distance: GDN vs GDN+SWA vs GDN+LTE vs GDN+NSA vs Transformer (evaluated on the CPU)"
     )
     demo.add_argument(
-        "--train", action="store_true", help="retrain the demo checkpoints first (minutes on a GPU, hours on a CPU)"
+        "--train",
+        action="store_true",
+        help="retrain the demo checkpoints first (about one CPU-hour; resumes from --runs)",
     )
     demo.add_argument("--checkpoints", default="checkpoints/demo", help="where the demo checkpoints live")
     demo.add_argument("--runs", default="runs/demo", help="training checkpoints of --train (resumed if present)")
