@@ -26,10 +26,11 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 from hlsa.cache import HybridCache
 from hlsa.config import HybridConfig
@@ -66,6 +67,7 @@ class Plan:
     suffix: str = "_0.4B"
     device: str = "cuda"
     dtype: torch.dtype = torch.bfloat16
+    compile: bool = False  # torch.compile the decode step (Inductor fuses the elementwise glue between kernels)
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -219,19 +221,26 @@ def _set_seen(cache: HybridCache, seen: int) -> None:  # all layers consumed the
 def time_decode(model: HybridForCausalLM, cache: HybridCache, token: torch.Tensor, plan: Plan, graph: bool) -> float:
     """Median seconds per decode step: eager calls, or replays of a CUDA graph that holds one step.
 
+    With `plan.compile` the step is `torch.compile`d first (the replays then run Inductor's fused kernels). The
+    host-side token counters become symbolic after the second compiled step, so three warm-up steps leave one
+    reusable graph (`tests/model/test_generation.py` checks this on the CPU).
+
     Capturing runs the Python code (which increments the host-side `seen` counters) but no kernels, and a replay
     moves the device `position` tensors but no Python counter: the counters are restored after the capture and
     advanced by the number of replays, so the cache stays consistent with its device state.
     """
-    for _ in range(2):  # warm-up outside any capture: compiles and autotunes every kernel
-        model(token, cache=cache)
-    step, before = functools.partial(model, token, cache=cache), cache.seen
+    if plan.compile:
+        torch._dynamo.reset()  # a fresh compile per point: dynamo gives up (runs eagerly) after 8 recompiles of a frame
+    forward = torch.compile(decode_step) if plan.compile else decode_step
+    for _ in range(3 if plan.compile else 2):  # warm-up outside any capture: compiles and autotunes every kernel
+        forward(model, token, cache)
+    step, before = functools.partial(forward, model, token, cache), cache.seen
     if graph:
         torch.cuda.synchronize()
         cuda_graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(cuda_graph):
-                model(token, cache=cache)
+                forward(model, token, cache)
         finally:
             _set_seen(cache, before)
         step = cuda_graph.replay
@@ -247,6 +256,10 @@ def time_decode(model: HybridForCausalLM, cache: HybridCache, token: torch.Tenso
     return seconds
 
 
+def decode_step(model: HybridForCausalLM, token: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+    return model(token, cache=cache).logits
+
+
 def decode_point(model: HybridForCausalLM, arch: str, batch: int, context: int, plan: Plan) -> dict:
     """One decode measurement at (batch, context); OOM is recorded, not raised."""
     row = {"arch": arch, "batch": batch, "context": context}
@@ -255,6 +268,7 @@ def decode_point(model: HybridForCausalLM, arch: str, batch: int, context: int, 
         cache = synthetic_cache(model, batch, context)
         token = torch.randint(0, model.config.vocab_size, (batch, 1), device=plan.device)
         row["mode"] = "graph" if plan.device == "cuda" and graph_blocker(model) is None else "eager"
+        row["compiled"] = plan.compile
         try:
             step = time_decode(model, cache, token, plan, graph=row["mode"] == "graph")
         except RuntimeError as err:
@@ -463,11 +477,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="where JSON/PNGs go (default benchmarks/results, docs)")
     parser.add_argument("--budget-s", type=float, default=None, help="skip points once this many seconds have passed")
     parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decode step (then graph-capture it)")
     args = parser.parse_args()
     if args.plot_only:
         plot(json.loads(args.plot_only.read_text()), args.out or REPO / "docs")
         return
-    plan = make_plan(args)
+    plan = replace(make_plan(args), compile=args.compile)
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --smoke for the CPU check")
     if args.smoke:

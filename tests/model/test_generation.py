@@ -153,3 +153,27 @@ def test_decode_step_reads_no_tensor_values_on_the_host(arch_name, monkeypatch):
             monkeypatch.setattr(torch.Tensor, name, refuse)
         for _ in range(3):
             model(torch.zeros(2, 1, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize("arch_name", CONSTANT_MEMORY)
+def test_decode_step_compiles_whole_and_once(arch_name):
+    """gpt-fast-style `torch.compile` of a decode step: dynamo traces it without a graph break (`fullgraph`), the
+    host-side token counters turn symbolic after the second step so later steps reuse that graph, and the compiled
+    steps give the eager logits. CPU paths only (on CUDA the Triton and fla kernels are in the trace too, which
+    `benchmarks/e2e.py --compile` exercises); the eager backend keeps the test cheap."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(arch_name)
+    prompt = torch.randint(0, 100, (2, 12))
+    eager_cache, compiled_cache = model.allocate_cache(2), model.allocate_cache(2)
+    step = torch.compile(lambda ids, cache: model(ids, cache=cache).logits, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        model(prompt, cache=eager_cache)
+        model(prompt, cache=compiled_cache)
+        for _ in range(6):
+            ids = torch.randint(0, 100, (2, 1))
+            torch.testing.assert_close(step(ids, compiled_cache), model(ids, cache=eager_cache).logits, rtol=0, atol=0)
+    assert counters["stats"]["unique_graphs"] <= 2
+    assert compiled_cache.seen == eager_cache.seen == 18

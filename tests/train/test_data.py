@@ -140,10 +140,63 @@ def test_packed_text_resumes_exactly() -> None:
     first = make()
     first.next_batch(), first.next_batch()
     second = make()
-    second.load_state_dict(json.loads(json.dumps(first.state_dict())))  # the state is plain data
+    assert second.resume([json.loads(json.dumps(first.state_dict()))]) is None  # plain data; same layout: exact
     for want in expect[2:]:
         assert torch.equal(second.next_batch()["input_ids"], want)
     # rank sharding: document i belongs to rank i % 2
     r1 = make(rank=1, world=2)
     text = "".join(chr(t) for t in r1.next_batch()["input_ids"].flatten().tolist() if t)
     assert text.startswith(docs[1])
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_task_stream_resharded_resume_continues_with_the_next_examples(new_world: int) -> None:
+    task = MQAR(seq_len=24, vocab=32, num_pairs=2, num_queries=2)
+    old = [TaskStream(task, seed=5, batch_size=2, rank=k, world=2) for k in range(2)]
+    for stream in old:
+        for _ in range(3):
+            stream.next_batch()  # 2 ranks x 3 batches x 2 rows: examples 0..11 used
+    states = json.loads(json.dumps([s.state_dict() for s in old]))
+    for rank in range(new_world):
+        stream = TaskStream(task, seed=5, batch_size=2, rank=rank, world=new_world)
+        assert stream.resume(states) is None  # exact: nothing to report
+        for batch in range(2):
+            got = stream.next_batch()["input_ids"]
+            first = 12 + (batch * new_world + rank) * 2
+            want = torch.stack([task.example(5, first + r).input_ids for r in range(2)])
+            assert torch.equal(got, want), (rank, batch)
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_packed_text_resharded_resume_loses_no_document(new_world: int) -> None:
+    docs = [f"<{i}:" + "x" * (3 + 5 * (i % 4)) + ">" for i in range(24)]
+
+    def make(rank: int, world: int) -> PackedText:
+        return PackedText(
+            lambda: iter(docs), lambda t: [ord(c) for c in t], seq_len=7, batch_size=2, rank=rank, world=world
+        )
+
+    def text(batches: list[torch.Tensor]) -> str:
+        return "".join(chr(t) for b in batches for t in b.flatten().tolist())
+
+    old = [make(k, 2) for k in range(2)]
+    old_text = [text([s.next_batch()["input_ids"] for _ in range(3)]) for s in old]
+    states = json.loads(json.dumps([s.state_dict() for s in old]))
+    new = [make(k, new_world) for k in range(new_world)]
+    notes = [s.resume(states) for s in new]
+    assert all(note and "resharded from 2" in note for note in notes)
+    new_text = []
+    for s in new:
+        batches = []
+        try:
+            for _ in range(100):
+                batches.append(s.next_batch()["input_ids"])
+                if s.epoch > 0:  # wrapped around: the rest of the first epoch has been read
+                    break
+        finally:
+            new_text.append(text(batches))
+    for doc in docs:  # every document is emitted whole, before or after the resharding
+        assert any(doc in t for t in old_text + new_text), doc
+    restart = int(notes[0].split("document ")[1].split()[0])
+    assert all(any(doc in t for t in old_text) for doc in docs[:restart])  # skipped ones were used whole
+    assert max(s["doc"] for s in states) - restart <= 2 * 2  # repeats: at most a few documents per old rank

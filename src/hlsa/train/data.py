@@ -12,6 +12,12 @@ into rows of `seq_len` tokens; a document longer than a row simply continues in 
 parallelism document `i` belongs to rank `i % world`. A stream's position (`state_dict`) is the number of documents
 read, the epoch and the leftover tokens, so resuming re-reads (without re-tokenizing) the skipped documents and
 then continues exactly.
+
+`resume(states)` takes the positions of every rank of the run that wrote the checkpoint. With as many ranks as
+before, each rank continues exactly. With a different number of ranks, synthetic tasks still continue exactly (the
+examples used so far are a prefix of the example indices), while packed text restarts every rank at the earliest
+document that some old rank had not yet fully emitted: nothing is skipped, and the documents after it that other
+ranks had already used are seen again (the returned note says how many).
 """
 
 from __future__ import annotations
@@ -34,14 +40,18 @@ class DataExhaustedError(Exception):
 
 
 class TaskStream:
-    """Batches of a synthetic task; row `r` of batch `b` on rank `k` is example `(b * world + k) * B + r`."""
+    """Batches of a synthetic task; row `r` of batch `b` on rank `k` is example `start + (b * world + k) * B + r`.
+
+    `start` counts the examples used before the current layout of ranks (non-zero after resuming with a different
+    number of ranks); all ranks draw batches in lockstep, so the examples used so far are always a prefix.
+    """
 
     def __init__(self, task: Any, *, seed: int, batch_size: int, rank: int = 0, world: int = 1) -> None:
         self.task, self.seed, self.batch_size, self.rank, self.world = task, seed, batch_size, rank, world
-        self.batches = 0
+        self.start, self.batches = 0, 0
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        first = (self.batches * self.world + self.rank) * self.batch_size
+        first = self.start + (self.batches * self.world + self.rank) * self.batch_size
         rows = [self.task.example(self.seed, first + r) for r in range(self.batch_size)]
         self.batches += 1
         return {
@@ -50,10 +60,16 @@ class TaskStream:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batches": self.batches}
+        return {"start": self.start, "batches": self.batches, "stride": self.world * self.batch_size}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batches = int(state["batches"])
+    def resume(self, states: list[dict[str, Any]]) -> str | None:
+        """Continue after the examples that the ranks whose `state_dict`s these are have used (any number of ranks,
+        any batch size before): exact in every case, so there is nothing to report."""
+        # `stride` is absent from checkpoints written before resharding existed: those used this batch size.
+        used = min(int(s.get("start", 0)) + int(s["batches"]) * int(s.get("stride", len(states) * self.batch_size))
+                   for s in states)  # fmt: skip
+        self.start, self.batches = used, 0
+        return None
 
 
 class PackedText:
@@ -76,6 +92,8 @@ class PackedText:
         self.open_docs, self.encode, self.name = open_docs, encode, name
         self.seq_len, self.batch_size, self.rank, self.world, self.repeat = seq_len, batch_size, rank, world, repeat
         self.epoch, self.doc, self.buffer = 0, 0, []
+        # [document index, tokens] runs making up `buffer`, oldest first: where a resharded resume must restart
+        self.buffer_docs: list[list[int]] = []
         self._docs: Iterator[str] | None = None
         self._full_pass, self._found = True, False
 
@@ -112,18 +130,53 @@ class PackedText:
         rows = []
         for _ in range(self.batch_size):
             while len(self.buffer) < self.seq_len:
-                self.buffer.extend(self._next_doc_tokens())
+                ids = self._next_doc_tokens()
+                self.buffer.extend(ids)
+                self.buffer_docs.append([self.doc - 1, len(ids)])
             rows.append(self.buffer[: self.seq_len])
             self.buffer = self.buffer[self.seq_len :]
+            self._drop_emitted(self.seq_len)
         ids = torch.tensor(rows, dtype=torch.int64)
         return {"input_ids": ids, "labels": ids.clone()}
 
+    def _drop_emitted(self, n: int) -> None:
+        while n > 0:
+            run = self.buffer_docs[0]
+            take = min(n, run[1])
+            run[1] -= take
+            n -= take
+            if run[1] == 0:
+                self.buffer_docs.pop(0)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "doc": self.doc, "buffer": list(self.buffer)}
+        return {"epoch": self.epoch, "doc": self.doc, "buffer": list(self.buffer), "buffer_docs": self.buffer_docs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.doc, self.buffer = int(state["epoch"]), int(state["doc"]), list(state["buffer"])
+        legacy = [[self.doc - 1, len(self.buffer)]] if self.buffer else []  # checkpoints without `buffer_docs`
+        self.buffer_docs = [list(run) for run in state.get("buffer_docs", legacy)]
         self._docs = None
+
+    def resume(self, states: list[dict[str, Any]]) -> str | None:
+        """Continue after a run whose ranks had these `state_dict`s: exactly with as many ranks as before, else from
+        the earliest document not yet fully emitted by its rank (returns a note saying how many may repeat)."""
+        if len(states) == self.world:
+            self.load_state_dict(states[self.rank])
+            return None
+
+        def unfinished(s: dict[str, Any]) -> tuple[int, int]:  # (epoch, first document this rank has not emitted)
+            legacy = [[int(s["doc"]) - 1, len(s["buffer"])]] if s["buffer"] else []
+            runs = s.get("buffer_docs", legacy)
+            return int(s["epoch"]), int(runs[0][0]) if runs else int(s["doc"])
+
+        epoch, doc = min(unfinished(s) for s in states)
+        furthest = max((int(s["epoch"]), int(s["doc"])) for s in states)
+        self.epoch, self.doc, self.buffer, self.buffer_docs, self._docs = epoch, doc, [], [], None
+        again = furthest[1] - doc if furthest[0] == epoch else "an epoch's worth of"
+        return (
+            f"{self.name}: resharded from {len(states)} to {self.world} ranks; restarting at document {doc} of epoch "
+            f"{epoch}, so up to {again} documents already used by some ranks are read again"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- sources

@@ -268,17 +268,19 @@ class Trainer:
         if path is None:
             return
         model_sd, optim_sd, state = ckpt.load_checkpoint(path)
-        if state["world_size"] != self.world.size:
-            raise ValueError(
-                f"{path} was written by {state['world_size']} ranks, this run has {self.world.size}; resume with "
-                "the same number of processes (each rank's data position is saved)"
-            )
+        # Model and optimizer states are unsharded, so any number of ranks can load them (FSDP2 reshards).
         ckpt.restore_state(self.net, self.optimizer, model_sd, optim_sd)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped = int(state["step"]), int(state["skipped"])
-        mine = state["ranks"][self.world.rank]
-        self.data.load_state_dict(mine["data"])
-        ckpt.set_rng_state(mine["rng"])
+        note = self.data.resume([r["data"] for r in state["ranks"]])
+        if state["world_size"] == self.world.size:
+            ckpt.set_rng_state(state["ranks"][self.world.rank]["rng"])
+        elif self.world.is_main:  # each rank keeps the fresh seed + rank streams (dropout): they cannot be split
+            print(
+                f"[train] resuming {path} (written by {state['world_size']} ranks) on {self.world.size}: "
+                f"{note or 'the data continues exactly'}; RNG streams restart from train.seed",
+                file=sys.stderr,
+            )
 
     def export(self, out_dir: str) -> None:
         """Write a plain HF directory of the current weights (collective; rank 0 writes)."""
