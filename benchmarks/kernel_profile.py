@@ -1,0 +1,166 @@
+"""Where the time goes: kernel tables of decode steps and training steps (issues 7 and 9).
+
+`e2e.py` found decode bound by a fixed per-layer cost (6.3 ms per step at batch 1 and 10 ms at batch 64 for the 0.4B
+GDN+LTE) and `train.py` found GDN+LTE training 22% slower than GDN+SWA; this script names the kernels behind both.
+Per architecture it profiles (`torch.profiler`) a few eager decode steps of the 0.4B model on a synthetic cache
+(`e2e.synthetic_cache`) and a few real trainer steps (`Trainer.train_step`, bf16 autocast, synthetic MQAR rows),
+and reports per phase: kernels per step, device time per step, and the kernels (CPU: aten operations) with the most
+total time, with their counts. Eager, not CUDA graphs, so the host-side launch cost shows up too (wall time per step
+next to device time).
+
+    PYTHONPATH=src python benchmarks/kernel_profile.py --out DIR          # GPU: gdn_lte and gdn_swa, ~2 min
+    PYTHONPATH=src python benchmarks/kernel_profile.py --smoke --out DIR  # CPU, tiny configs, seconds (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from hlsa.config import HybridConfig
+from hlsa.ops.gated_delta import allow_fla_gated_backward_on_hopper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import e2e  # noqa: E402  (the sibling benchmark: model building and synthetic caches)
+
+TOP = 25
+
+
+def kernel_table(prof: profile, steps: int, cuda: bool) -> dict:
+    """Per-step totals and the top entries: CUDA kernels on the GPU, aten operations on the CPU."""
+    device = DeviceType.CUDA if cuda else DeviceType.CPU
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for evt in prof.key_averages():
+        if evt.device_type != device or (not cuda and not evt.key.startswith("aten::")):
+            continue
+        us = evt.self_device_time_total if cuda else evt.self_cpu_time_total
+        totals[evt.key][0] += evt.count
+        totals[evt.key][1] += us
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][1])
+    return {
+        "unit": "CUDA kernels" if cuda else "aten operations (views included)",
+        "kernels_per_step": sum(c for c, _ in totals.values()) / steps,
+        "device_us_per_step": sum(t for _, t in totals.values()) / steps,
+        "top": [{"name": k[:160], "per_step": c / steps, "us_per_step": t / steps} for k, (c, t) in rows[:TOP]],
+    }
+
+
+def profiled(fn, steps: int, cuda: bool) -> tuple[dict, float]:
+    """Run `fn` `steps` times under the profiler; the table and the wall milliseconds per step."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    return kernel_table(prof, steps, cuda), wall_ms
+
+
+@torch.no_grad()
+def decode_profile(arch: str, plan: e2e.Plan, batch: int, context: int, steps: int) -> dict:
+    model = e2e.build_model(arch, plan)
+    cache = e2e.synthetic_cache(model, batch, context)
+    token = torch.randint(0, model.config.vocab_size, (batch, 1), device=plan.device)
+    for _ in range(3):  # compile and autotune every kernel outside the profile
+        model(token, cache=cache)
+    table, wall_ms = profiled(lambda: model(token, cache=cache), steps, plan.device == "cuda")
+    return {"batch": batch, "context": context, "wall_ms_per_step": wall_ms, **table}
+
+
+def train_profile(arch: str, plan: e2e.Plan, batch: int, seq_len: int, steps: int, workdir: Path) -> dict:
+    from hlsa.train.options import build_options
+    from hlsa.train.trainer import Trainer
+
+    config = workdir / f"{arch}.json"
+    HybridConfig.from_json_file(str(plan.config_dir / f"{arch}{plan.suffix}.json")).to_json_file(str(config))
+    vocab = HybridConfig.from_json_file(str(config)).vocab_size
+    opts = build_options(
+        overrides={
+            "model.config": str(config),
+            "data.source": "synthetic:mqar",
+            "data.task_vocab": vocab,
+            "data.num_pairs": min(64, vocab // 4, seq_len // 8),
+            "data.num_queries": min(64, seq_len // 8),
+            "data.seq_len": seq_len,
+            "data.batch_size": batch,
+            "train.steps": steps + 2,
+            "train.device": plan.device,
+            "train.dtype": "bf16" if plan.device == "cuda" else "fp32",
+            "train.fla_hopper_bypass": True,
+            "checkpoint.dir": str(workdir / arch),
+            "checkpoint.interval": 0,
+            "log.progress": False,
+            "log.tensorboard": False,
+        }
+    )
+    trainer = Trainer(opts)
+    for s in (1, 2):  # warm-up: compilation, autotuning, the optimizer's state allocation
+        trainer.train_step(s)
+    counter = iter(range(3, steps + 3))
+    table, wall_ms = profiled(lambda: trainer.train_step(next(counter)), steps, plan.device == "cuda")
+    return {"batch": batch, "seq_len": seq_len, "wall_ms_per_step": wall_ms, **table}
+
+
+def show(arch: str, phase: str, r: dict) -> None:
+    print(
+        f"\n{arch} {phase}: {r['kernels_per_step']:.0f} {r['unit']}/step, "
+        f"{r['device_us_per_step'] / 1e3:.2f} ms device, {r['wall_ms_per_step']:.2f} ms wall"
+    )
+    for row in r["top"][:12]:
+        print(f"  {row['us_per_step']:10.1f} us  x{row['per_step']:6.1f}  {row['name'][:100]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny configs (tests)")
+    parser.add_argument("--archs", default="gdn_lte,gdn_swa")
+    parser.add_argument("--batch", type=int, default=16, help="decode batch")
+    parser.add_argument("--context", type=int, default=65536, help="decode context")
+    parser.add_argument("--train-batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    args = parser.parse_args()
+    if args.smoke:
+        plan = e2e.Plan(mode="smoke", config_dir=e2e.REPO / "configs" / "tiny", suffix="", device="cpu",
+                        dtype=torch.float32, decode_archs=(), contexts=(), prefill_archs=(), prefill_lengths=(),
+                        budget_s=0.0)  # fmt: skip
+        args.batch, args.context, args.train_batch, args.seq_len = 2, 48, 2, 32
+        torch.set_num_threads(1)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: use --smoke for the CPU check")
+        plan = e2e.Plan(
+            mode="profile", decode_archs=(), contexts=(), prefill_archs=(), prefill_lengths=(), budget_s=0.0
+        )
+        allow_fla_gated_backward_on_hopper()
+    results = {"environment": e2e.environment(plan, args.commit), "archs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.archs.split(","):
+            decode = decode_profile(arch, plan, args.batch, args.context, args.steps)
+            show(arch, f"decode B={args.batch} C={args.context}", decode)
+            train = train_profile(arch, plan, args.train_batch, args.seq_len, args.steps, Path(tmp))
+            show(arch, f"train {args.train_batch}x{args.seq_len}", train)
+            results["archs"][arch] = {"decode": decode, "train": train}
+            if plan.device == "cuda":
+                torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / ("profile_smoke.json" if args.smoke else "profile_h200.json")
+    path.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

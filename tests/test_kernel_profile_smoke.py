@@ -1,0 +1,33 @@
+"""CPU check of benchmarks/kernel_profile.py: the `--smoke` run profiles a decode step and a training step of two
+tiny architectures and writes tables whose totals add up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "kernel_profile.py"
+
+
+def test_kernel_profile_smoke(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "profile_smoke.json").read_text())
+    assert set(result["archs"]) == {"gdn_lte", "gdn_swa"}
+    for phases in result["archs"].values():
+        for phase in ("decode", "train"):
+            r = phases[phase]
+            assert r["kernels_per_step"] > 0 and r["wall_ms_per_step"] > 0
+            top = r["top"]
+            assert top == sorted(top, key=lambda row: -row["us_per_step"])
+            assert sum(row["us_per_step"] for row in top) <= r["device_us_per_step"] * (1 + 1e-6)
+        # the training step runs the backward: convolution gradients of the short convs (and the LTE router)
+        assert any("convolution_backward" in row["name"] for row in phases["train"]["top"])
+    # LTE's decode step does more than SWA's (router window, eviction)
+    lte, swa = result["archs"]["gdn_lte"]["decode"], result["archs"]["gdn_swa"]["decode"]
+    assert lte["kernels_per_step"] > swa["kernels_per_step"]
