@@ -65,6 +65,7 @@ LTE_DEFAULTS: dict[str, Any] = {
     "routing_method": "sigmoid",
     "routing_grad": True,
     "routing_shared": "head",
+    "router_bias_init": 0.5,  # the authors': every score starts positive (every token kept); < 0 starts as SWA
     "routing_freeze_steps": 0,
     "l1_lambda_init": 1e-9,
     "l1_lambda_min": 1e-9,
@@ -291,6 +292,11 @@ class HybridConfig(PretrainedConfig):
             )
         if lte["l1_lambda_shared"] not in ("head", "layer", "all"):
             raise ValueError(f"lte.l1_lambda_shared must be 'head', 'layer' or 'all' (got {lte['l1_lambda_shared']!r})")
+        if lte["routing_method"] == "relu" and not lte["router_bias_init"] > 0:
+            raise ValueError(
+                f"lte.router_bias_init must be > 0 with routing_method 'relu' (got {lte['router_bias_init']}): a "
+                "relu score starts at 0 for every token and its gradient is 0 there, so the router would never learn"
+            )
         if not 0.0 <= lte["dropout_prob"] < 1.0:
             raise ValueError(f"lte.dropout_prob must be in [0, 1) (got {lte['dropout_prob']})")
 

@@ -84,6 +84,7 @@ def build_mixer(config: HybridConfig, kind: str) -> nn.Module:
         routing_method=lte["routing_method"],
         routing_grad=lte["routing_grad"],
         routing_shared=lte["routing_shared"],
+        router_bias_init=lte["router_bias_init"],
         qkv_bias=lte["qkv_bias"],
         rope_theta=lte["rope_theta"],
         backend=backend,

@@ -277,3 +277,29 @@ def test_input_errors() -> None:
         select(torch.randn(1, 5, 2), torch.ones(1, 4, dtype=torch.bool), 1)
     with pytest.raises(ValueError, match="score"):
         value_gain(torch.randn(1, 5, 2, 4), torch.randn(1, 5, 4))
+
+
+@pytest.mark.parametrize("bias", [0.5, -1.0])
+def test_bias_init_sets_where_selection_starts(bias: float) -> None:
+    """The authors' +0.5 keeps most tokens at first (training attends to them all); a negative bias starts with
+    only the sinks (training starts as SWA), and `reset_parameters` keeps the configured bias."""
+    torch.manual_seed(0)
+    router = LTERouter(2, 8, bias_init=bias, dropout_prob=0.0)
+    router.reset_parameters()
+    assert torch.equal(router.conv_stack.proj.bias, torch.full((2,), bias))
+    k, v = torch.randn(2, 64, 2, 8) * 0.1, torch.randn(2, 64, 2, 8) * 0.1
+    kept = select(router(k, v), None, sink_size=2)[:, 2:].float().mean()
+    assert (kept > 0.9) if bias > 0 else (kept < 0.1)
+
+
+def test_relu_routing_needs_a_positive_bias() -> None:
+    from hlsa.config import HybridConfig
+
+    base = {
+        "num_hidden_layers": 1,
+        "mixers": ["lte"],
+        "lte": {"num_heads": 2, "num_kv_heads": 2, "head_dim": 8, "window_size": 16},
+    }
+    assert HybridConfig(**base).lte["router_bias_init"] == 0.5  # the authors' default
+    with pytest.raises(ValueError, match="router_bias_init must be > 0 with routing_method 'relu'"):
+        HybridConfig(**{**base, "lte": {**base["lte"], "routing_method": "relu", "router_bias_init": -1.0}})

@@ -69,6 +69,7 @@ class LTEAttention(ProjectedAttention):
         routing_method: str = "sigmoid",
         routing_grad: bool = True,
         routing_shared: str = "head",
+        router_bias_init: float = 0.5,
         qkv_bias: bool = False,
         rope_theta: float = 10000.0,
         backend: str | None = None,
@@ -90,6 +91,7 @@ class LTEAttention(ProjectedAttention):
             routing_method=routing_method,
             routing_grad=routing_grad,
             routing_shared=routing_shared,
+            bias_init=router_bias_init,
         )
         if window_size < self.router.margin:
             raise ValueError(

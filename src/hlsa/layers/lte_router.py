@@ -38,8 +38,10 @@ class ConvStack(nn.Module):
         conv_size: Sequence[int],
         conv_dilation: Sequence[int],
         dropout_prob: float,
+        bias_init: float = 0.5,
     ) -> None:
         super().__init__()
+        self.bias_init = bias_init
         if len(conv_size) == 0 or len(conv_size) != len(conv_dilation):
             raise ValueError(f"conv_size, conv_dilation need one entry per conv; got {conv_size}, {conv_dilation}")
         if any(k < 1 or k % 2 == 0 for k in conv_size):
@@ -60,12 +62,13 @@ class ConvStack(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Kaiming-normal weights, default conv biases, projection bias 0.5: almost every token is kept at first."""
+        """Kaiming-normal weights, default conv biases, projection bias `bias_init` (the authors' 0.5: almost every
+        token is kept at first; a negative bias starts with almost none kept, i.e. as sliding-window attention)."""
         for conv in self.convs:
             conv.reset_parameters()  # the default uniform bias is what the authors keep
             nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
         nn.init.kaiming_normal_(self.proj.weight, mode="fan_in", nonlinearity="relu")
-        nn.init.constant_(self.proj.bias, 0.5)
+        nn.init.constant_(self.proj.bias, self.bias_init)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, *, same: bool = True) -> torch.Tensor:
         for conv, r in zip(self.convs, self.radii):
@@ -93,6 +96,7 @@ class LTERouter(nn.Module):
         routing_grad: if False the router input is detached (no router gradient into the k/v projections).
         routing_shared: "head" (one CNN per KV head: a grouped conv) or "layer" (one CNN for all heads; unlike the
             authors' code, which skips it there, the per-conv padding mask is applied in this mode too).
+        bias_init: initial bias of the logit projection (see `ConvStack.reset_parameters`).
     """
 
     def __init__(
@@ -106,6 +110,7 @@ class LTERouter(nn.Module):
         routing_method: str = "sigmoid",
         routing_grad: bool = True,
         routing_shared: str = "head",
+        bias_init: float = 0.5,
     ) -> None:
         super().__init__()
         if num_kv_heads < 1 or head_dim < 1:
@@ -120,7 +125,12 @@ class LTERouter(nn.Module):
         self.routing_method, self.routing_grad, self.routing_shared = routing_method, routing_grad, routing_shared
         groups = num_kv_heads if routing_shared == "head" else 1
         self.conv_stack = ConvStack(
-            2 * head_dim * groups, groups, conv_size=conv_size, conv_dilation=conv_dilation, dropout_prob=dropout_prob
+            2 * head_dim * groups,
+            groups,
+            conv_size=conv_size,
+            conv_dilation=conv_dilation,
+            dropout_prob=dropout_prob,
+            bias_init=bias_init,
         )
 
     @property
