@@ -153,8 +153,7 @@ class PackedText:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.doc, self.buffer = int(state["epoch"]), int(state["doc"]), list(state["buffer"])
-        legacy = [[self.doc - 1, len(self.buffer)]] if self.buffer else []  # checkpoints without `buffer_docs`
-        self.buffer_docs = [list(run) for run in state.get("buffer_docs", legacy)]
+        self.buffer_docs = _buffer_runs(state)
         self._docs = None
 
     def resume(self, states: list[dict[str, Any]]) -> str | None:
@@ -165,9 +164,8 @@ class PackedText:
             return None
 
         def unfinished(s: dict[str, Any]) -> tuple[int, int]:  # (epoch, first document this rank has not emitted)
-            legacy = [[int(s["doc"]) - 1, len(s["buffer"])]] if s["buffer"] else []
-            runs = s.get("buffer_docs", legacy)
-            return int(s["epoch"]), int(runs[0][0]) if runs else int(s["doc"])
+            runs = _buffer_runs(s)
+            return int(s["epoch"]), runs[0][0] if runs else int(s["doc"])
 
         epoch, doc = min(unfinished(s) for s in states)
         furthest = max((int(s["epoch"]), int(s["doc"])) for s in states)
@@ -177,6 +175,13 @@ class PackedText:
             f"{self.name}: resharded from {len(states)} to {self.world} ranks; restarting at document {doc} of epoch "
             f"{epoch}, so up to {again} documents already used by some ranks are read again"
         )
+
+
+def _buffer_runs(state: dict[str, Any]) -> list[list[int]]:
+    """The `[document index, tokens]` runs of a saved buffer; checkpoints written before they were recorded get
+    their whole leftover attributed to the last document read."""
+    legacy = [[int(state["doc"]) - 1, len(state["buffer"])]] if state["buffer"] else []
+    return [[int(d), int(n)] for d, n in state.get("buffer_docs", legacy)]
 
 
 # ---------------------------------------------------------------------------------------------------- sources
