@@ -27,7 +27,6 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from hlsa.config import HybridConfig
-from hlsa.ops.gated_delta import allow_fla_gated_backward_on_hopper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402  (the sibling benchmark: model building and synthetic caches)
@@ -145,7 +144,6 @@ def main() -> None:
         plan = e2e.Plan(
             mode="profile", decode_archs=(), contexts=(), prefill_archs=(), prefill_lengths=(), budget_s=0.0
         )
-        allow_fla_gated_backward_on_hopper()
     results = {"environment": e2e.environment(plan, args.commit), "archs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs.split(","):
