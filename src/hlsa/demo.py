@@ -20,58 +20,91 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RECIPE = REPO / "configs" / "train" / "demo.toml"
-WINDOW = 16  # W of the SWA and LTE layers (a query sees itself and 16 earlier tokens)
 EVAL_SEED = 1_000_003  # disjoint from the training seed's examples
-
-_COMMON = {
-    "vocab_size": 256,
-    "hidden_size": 64,
-    "num_hidden_layers": 4,
-    "max_position_embeddings": 2048,
-    "initializer_range": 0.02,
-    "gdn": {"num_heads": 2, "head_dim": 32},
-}
-_ATTN = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16}
-# Architectures: one HybridConfig each; the sparse layers sit at odd depths as in the authors' hybrids.
-ARCHS: dict[str, dict[str, Any]] = {
-    "gdn": {**_COMMON, "mixers": ["gdn"] * 4},
-    "gdn_swa": {**_COMMON, "mixers": ["gdn", "swa"] * 2, "attn": {**_ATTN, "window_size": WINDOW}},
-    "gdn_lte": {
-        **_COMMON,
-        "mixers": ["gdn", "lte"] * 2,
-        "lte": {
-            **_ATTN,
-            "window_size": WINDOW,
-            "buffer_size": 16,
-            "sink_size": 2,
-            "conv_size": [3, 3, 3],
-            "conv_dilation": [1, 1, 1],
-            "dropout_prob": 0.0,
-            # the authors' controller sped up for a few hundred steps (start higher, update every 8 steps) and
-            # capped lower: at lambda_max 0.1 the L1 pressure kept this tiny model from learning the recall
-            # within 500 steps (loss 1.9 vs 0.05 for GDN+SWA); inference enforces the N-token buffer anyway
-            "l1_lambda_init": 1e-4,
-            "l1_lambda_min": 1e-5,
-            "l1_lambda_update_steps": 8,
-            "l1_lambda_max": 0.01,
-        },
-    },
-    "gdn_nsa": {
-        **_COMMON,
-        "mixers": ["gdn", "nsa"] * 2,
-        "nsa": {
-            "num_heads": 4,
-            "num_kv_heads": 1,
-            "head_dim": 16,
-            "block_size": 16,
-            "block_counts": 4,
-            "window_size": WINDOW,
-        },
-    },
-    "transformer": {**_COMMON, "mixers": ["attn"] * 4, "attn": _ATTN},
-}
-BUCKETS = ((1, WINDOW), (WINDOW + 1, 2 * WINDOW), (2 * WINDOW + 1, 4 * WINDOW), (4 * WINDOW + 1, 10**9))
 BUCKET_NAMES = ("<=W", "W..2W", "2W..4W", ">4W")
+
+# The `[demo]` table of a recipe: the shape shared by the demo's models. These defaults are the shipped
+# checkpoints' shape; a recipe overrides any of them.
+DEFAULT_SHAPE: dict[str, Any] = {
+    "layers": 4,
+    "hidden_size": 64,
+    "window": 16,  # W of the SWA and LTE layers (a query sees itself and W earlier tokens)
+    "gdn_heads": 2,
+    "gdn_head_dim": 32,
+    "attn_heads": 4,
+    "attn_kv_heads": 2,
+    "attn_head_dim": 16,
+    "lte_buffer": 16,
+    "lte_sinks": 2,
+    "router_bias_init": 0.5,
+}
+
+
+def arch_configs(shape: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """One `HybridConfig` dict per demo architecture; the sparse layers sit at odd depths as in the authors'
+    hybrids. `shape` overrides `DEFAULT_SHAPE` (unknown keys are an error)."""
+    unknown = sorted(set(shape or {}) - set(DEFAULT_SHAPE))
+    if unknown:
+        raise ValueError(f"[demo]: unknown keys {unknown}; valid keys are {list(DEFAULT_SHAPE)}")
+    s = {**DEFAULT_SHAPE, **(shape or {})}
+    n, w = s["layers"], s["window"]
+    common = {
+        "vocab_size": 256,
+        "hidden_size": s["hidden_size"],
+        "num_hidden_layers": n,
+        "max_position_embeddings": 2048,
+        "initializer_range": 0.02,
+        "gdn": {"num_heads": s["gdn_heads"], "head_dim": s["gdn_head_dim"]},
+    }
+    attn = {"num_heads": s["attn_heads"], "num_kv_heads": s["attn_kv_heads"], "head_dim": s["attn_head_dim"]}
+    hybrid = ["gdn", None] * (n // 2) + ["gdn"] * (n % 2)
+
+    def mixers(sparse: str) -> list[str]:
+        return [m or sparse for m in hybrid]
+
+    return {
+        "gdn": {**common, "mixers": ["gdn"] * n},
+        "gdn_swa": {**common, "mixers": mixers("swa"), "attn": {**attn, "window_size": w}},
+        "gdn_lte": {
+            **common,
+            "mixers": mixers("lte"),
+            "lte": {
+                **attn,
+                "window_size": w,
+                "buffer_size": s["lte_buffer"],
+                "sink_size": s["lte_sinks"],
+                "router_bias_init": s["router_bias_init"],
+                "conv_size": [3, 3, 3],
+                "conv_dilation": [1, 1, 1],
+                "dropout_prob": 0.0,
+                # the authors' controller sped up for a few hundred steps (start higher, update every 8 steps) and
+                # capped lower: at lambda_max 0.1 the L1 pressure kept this tiny model from learning the recall
+                # within 500 steps (loss 1.9 vs 0.05 for GDN+SWA); inference enforces the N-token buffer anyway
+                "l1_lambda_init": 1e-4,
+                "l1_lambda_min": 1e-5,
+                "l1_lambda_update_steps": 8,
+                "l1_lambda_max": 0.01,
+            },
+        },
+        "gdn_nsa": {
+            **common,
+            "mixers": mixers("nsa"),
+            "nsa": {
+                "num_heads": s["attn_heads"],
+                "num_kv_heads": 1,
+                "head_dim": s["attn_head_dim"],
+                "block_size": 16,
+                "block_counts": 4,
+                "window_size": w,
+            },
+        },
+        "transformer": {**common, "mixers": ["attn"] * n, "attn": attn},
+    }
+
+
+def buckets(window: int) -> tuple[tuple[int, int], ...]:
+    """Query-distance ranges of `BUCKET_NAMES` for a window of `window` tokens."""
+    return ((1, window), (window + 1, 2 * window), (2 * window + 1, 4 * window), (4 * window + 1, 10**9))
 
 
 def load_recipe(path: Path) -> dict[str, Any]:
@@ -91,7 +124,7 @@ def train_arch(name: str, recipe: dict[str, Any], out_dir: Path, run_dir: Path, 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "config.json"
-    HybridConfig(**ARCHS[name]).to_json_file(str(config_path))
+    HybridConfig(**arch_configs(recipe.get("demo"))[name]).to_json_file(str(config_path))
     overrides = {
         "model.config": str(config_path),
         "checkpoint.dir": str(run_dir),
@@ -99,22 +132,25 @@ def train_arch(name: str, recipe: dict[str, Any], out_dir: Path, run_dir: Path, 
         "checkpoint.export": str(out_dir),
         "train.threads": threads,
     }
-    Trainer(build_options(recipe, overrides)).run()
+    options = {section: values for section, values in recipe.items() if section != "demo"}
+    Trainer(build_options(options, overrides)).run()
     shutil.copy(run_dir / "log.jsonl", out_dir / "train_log.jsonl")
 
 
 @torch.no_grad()
-def evaluate(model: Any, task: Any, examples: int, batch: int = 32) -> dict[str, Any]:
-    """Recall accuracy per distance bucket (eval mode, full forward: LTE applies its top-N buffer rule)."""
-    hits = torch.zeros(len(BUCKETS))
-    counts = torch.zeros(len(BUCKETS))
+def evaluate(model: Any, task: Any, examples: int, window: int, batch: int = 32) -> dict[str, Any]:
+    """Recall accuracy per query-distance bucket of `window` (eval mode, full forward: LTE applies its top-N buffer
+    rule)."""
+    ranges = buckets(window)
+    hits = torch.zeros(len(ranges))
+    counts = torch.zeros(len(ranges))
     for first in range(0, examples, batch):
         rows = [task.example(EVAL_SEED, i) for i in range(first, min(first + batch, examples))]
         logits = model(input_ids=torch.stack([r.input_ids for r in rows])).logits
         for b, r in enumerate(rows):
             pred = logits[b, r.answer_pos - 1].argmax(-1)
             ok = (pred == r.labels[r.answer_pos]).float()
-            for k, (lo, hi) in enumerate(BUCKETS):
+            for k, (lo, hi) in enumerate(ranges):
                 sel = (r.distance >= lo) & (r.distance <= hi)
                 hits[k] += ok[sel].sum()
                 counts[k] += sel.sum()
@@ -146,7 +182,7 @@ def render(results: dict[str, dict[str, Any]], seq_len: int) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+def plot(results: dict[str, dict[str, Any]], path: Path, window: int) -> None:
     """Recall by distance bucket, one line per architecture."""
     import matplotlib
 
@@ -156,7 +192,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     for name, r in results.items():
         ax.plot(BUCKET_NAMES, [100 * r["accuracy"][b] for b in BUCKET_NAMES], marker="o", label=name)
-    ax.set_xlabel(f"query distance (W = {WINDOW})")
+    ax.set_xlabel(f"query distance (W = {window})")
     ax.set_ylabel("recall accuracy (%)")
     ax.set_ylim(0, 102)
     ax.set_title("MQAR recall by distance, tiny models (CPU)")
@@ -182,11 +218,13 @@ def main(
     from hlsa.train.tasks import MQAR
 
     torch.set_num_threads(threads)
-    names = archs or list(ARCHS)
-    unknown = sorted(set(names) - set(ARCHS))
-    if unknown:
-        raise ValueError(f"--archs: unknown {unknown}; choose from {list(ARCHS)}")
     spec = load_recipe(Path(recipe) if recipe else DEFAULT_RECIPE)
+    configs = arch_configs(spec.get("demo"))
+    window = configs["gdn_swa"]["attn"]["window_size"]
+    names = archs or list(configs)
+    unknown = sorted(set(names) - set(configs))
+    if unknown:
+        raise ValueError(f"--archs: unknown {unknown}; choose from {list(configs)}")
     data = spec["data"]
     task = MQAR(
         seq_len=data["seq_len"], vocab=data["task_vocab"], num_pairs=data["num_pairs"], num_queries=data["num_queries"]
@@ -203,7 +241,7 @@ def main(
             print(f"[demo] skipping {name}: no checkpoint in {ckpt} (hlsa demo --train --archs {name})", flush=True)
             continue
         model = HybridForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-        r = evaluate(model, task, examples)
+        r = evaluate(model, task, examples, window)
         r["params"] = sum(p.numel() for p in model.parameters())
         r["cache_bytes"] = cache_bytes(model, task.seq_len)
         r["cache_bytes_4x"] = cache_bytes(model, 4 * task.seq_len)
@@ -217,6 +255,6 @@ def main(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(table + "\n")
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, out_dir / "recall.png")
+    plot(results, out_dir / "recall.png", window)
     print(f"[demo] wrote {out_dir}/results.md, results.json, recall.png", file=sys.stderr)
     return 0

@@ -14,7 +14,7 @@ def test_demo_evaluates_and_writes_its_outputs(tmp_path: Path, capsys: pytest.Ca
     from hlsa.config import HybridConfig
     from hlsa.model import HybridForCausalLM
 
-    HybridForCausalLM(HybridConfig(**demo.ARCHS["gdn_lte"])).save_pretrained(tmp_path / "ckpt" / "gdn_lte")
+    HybridForCausalLM(HybridConfig(**demo.arch_configs()["gdn_lte"])).save_pretrained(tmp_path / "ckpt" / "gdn_lte")
     out = tmp_path / "out"
     assert demo.main(checkpoints=str(tmp_path / "ckpt"), out=str(out), examples=3, threads=1) == 0
     table = capsys.readouterr().out
