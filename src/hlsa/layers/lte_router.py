@@ -23,11 +23,18 @@ ROUTING_SHARED = ("head", "layer")
 
 
 class ConvStack(nn.Module):
-    """`groups` independent CNNs over time, each mapping `in_channels // groups` channels to one logit.
+    """`groups` independent CNNs over time (or one, shared by every head), each mapping a head's channels to one logit.
 
-    `forward(x [N, C, L], mask [N, 1, L] | None, *, same)` -> `[N, groups, L]` ('same' zero padding at every conv),
-    or with `same=False` `[N, groups, L - 2 * margin]`: no padding, only the positions whose receptive field lies
-    inside the input, each computed exactly as with `same=True`.
+    `forward(x [H, B, L, C], mask [B, L] | None, *, same)` -> logits `[H, B, L]` ('same' zero padding at every
+    conv), or with `same=False` `[H, B, L - 2 * margin]`: no padding, only the positions whose receptive field lies
+    inside the input, each computed exactly as with `same=True`. `groups` is `H` (one CNN per head) or 1 (shared).
+
+    The weights live in `nn.Conv1d` modules (PyTorch's layout and init, and the names of the authors' checkpoints),
+    but a conv is computed as one batched matmul of all `k` taps against the unshifted input, whose `k` outputs are
+    then summed at their shifts. cuDNN's grouped convolution spent most of an LTE decode step in layout transforms
+    (NCHW <-> NHWC, ~20 kernels per conv) and is slow in bf16 training; this form is one GEMM and a few adds, in
+    the head-major layout the attention already uses. `tests/layers/test_lte_router.py` checks it against
+    `F.conv1d` per head, gradients included.
     """
 
     def __init__(
@@ -52,6 +59,7 @@ class ConvStack(nn.Module):
             raise ValueError(f"dropout_prob must be in [0, 1); got {dropout_prob}")
         # Symmetric 'same' padding of a dilated kernel: (k - 1) * d / 2 zeros on each side (odd k).
         self.radii = tuple((k - 1) // 2 * d for k, d in zip(conv_size, conv_dilation))
+        self.groups = groups
         self.dropout = nn.Dropout(dropout_prob)
         channels = [in_channels // 2**i for i in range(len(conv_size) + 1)]
         self.convs = nn.ModuleList(
@@ -71,17 +79,31 @@ class ConvStack(nn.Module):
         nn.init.constant_(self.proj.bias, self.bias_init)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, *, same: bool = True) -> torch.Tensor:
+        mask = None if mask is None else mask[None, :, :, None].to(x.dtype)  # [1, B, L, 1]
         for conv, r in zip(self.convs, self.radii):
             x = self.dropout(x)
             if same:
-                x = conv(x)  # 'same' zero padding: conv.padding == r
+                x = F.pad(x, (0, 0, r, r))  # zero padding along time
             else:  # no padding: the output loses r positions on each side, and so does the mask
-                x = F.conv1d(x, conv.weight, conv.bias, dilation=conv.dilation, groups=conv.groups)
-                mask = None if mask is None else mask[..., r : mask.shape[-1] - r]
+                mask = None if mask is None else mask[:, :, r : mask.shape[2] - r]
+            x = self._conv(x, conv)
             if mask is not None:
                 x = x * mask
             x = F.silu(x)
-        return self.proj(x)
+        return self._conv(x, self.proj)[..., 0]
+
+    def _conv(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+        """Unpadded dilated conv of `x [H, B, L, C]` -> `[H, B, L - (k - 1) d, O]` (O output channels per group)."""
+        H, B, L, C = x.shape
+        k, d, g = conv.kernel_size[0], conv.dilation[0], self.groups
+        out = conv.out_channels // g
+        w = conv.weight.view(g, out, C, k).permute(0, 2, 3, 1).reshape(g, C, k * out)  # [g, C, (tap, o)]
+        y = torch.bmm(x.contiguous().view(g, -1, C), w.to(x.dtype)).view(H, B, L, k, out)
+        n = L - (k - 1) * d
+        acc = y[:, :, :n, 0]
+        for t in range(1, k):  # tap t of output position i reads input position i + t * d
+            acc = acc + y[:, :, t * d : t * d + n, t]
+        return acc + conv.bias.view(g, 1, 1, out).to(x.dtype)
 
 
 class LTERouter(nn.Module):
@@ -191,18 +213,10 @@ class LTERouter(nn.Module):
 
     def _logits(self, x: torch.Tensor, mask: torch.Tensor | None, *, same: bool) -> torch.Tensor:
         """`x [B, L, HKV, 2D]`, `mask [B, L] | None` -> logits `[B, L', HKV]` (`L' = L` if `same`)."""
-        B, L, H, C = x.shape
-        if self.routing_shared == "head":
-            x = x.reshape(B, L, H * C).transpose(1, 2)  # [B, (h c), L]: group h holds head h's channels
-            mask = None if mask is None else mask[:, None, :]  # [B, 1, L]
-        else:
-            x = x.permute(0, 2, 3, 1).reshape(B * H, C, L)  # [(b h), c, L]: every head through the same CNN
-            mask = None if mask is None else mask.repeat_interleave(H, dim=0)[:, None, :]  # [(b h), 1, L]
+        x = x.permute(2, 0, 1, 3)  # [HKV, B, L, 2D]: head-major, the layout of one batched matmul per conv
         if mask is not None:
-            mask = mask.to(x.dtype)
-            x = x * mask
-        logits = self.conv_stack(x, mask, same=same)  # [B, H, L'] or [(b h), 1, L']
-        return logits.reshape(B, H, -1).transpose(1, 2)
+            x = x * mask[None, :, :, None].to(x.dtype)
+        return self.conv_stack(x, mask, same=same).permute(1, 2, 0)
 
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) - 0.5 if self.routing_method == "sigmoid" else F.relu(logits)
