@@ -192,10 +192,13 @@ class GatedDeltaNet(nn.Module):
         B, T, C = x.shape
         history = x.new_zeros(B, C, self.conv_size - 1) if cache is None else cache.to(x.dtype)
         x_BCT = torch.cat([history, x.transpose(1, 2)], dim=-1)  # [B, C, W-1+T]
-        # The conv as a sum over its W taps of a sliding view (no padding: the history is the left context).
-        # cuDNN's depthwise conv costs ~6 kernels of layout transforms per call, most of a decode step's conv time.
-        taps = x_BCT.unfold(2, self.conv_size, 1)  # [B, C, T, W] view
-        y_BCT = (taps * conv.weight[:, 0, None, :].to(x.dtype)).sum(-1)  # [B, C, T]
+        # No padding: the history is the left context. One decode token: the dot product of the last W inputs with
+        # the taps (cuDNN would spend ~6 layout-transform kernels on it, most of a decode step's conv time).
+        # Sequences: cuDNN's depthwise conv (on the H200 the tap form cost 17% of a GDN+SWA training step).
+        if T == 1:
+            y_BCT = (x_BCT * conv.weight[:, 0, :].to(x.dtype)).sum(-1, keepdim=True)  # [B, C, 1]
+        else:
+            y_BCT = conv(x_BCT)  # [B, C, T]
         if cache is not None:
             cache.copy_(x_BCT[:, :, T:].detach())
         return F.silu(y_BCT).transpose(1, 2)
@@ -219,8 +222,7 @@ class GatedDeltaNet(nn.Module):
 
 
 def _depthwise_conv(channels: int, size: int) -> nn.Conv1d:
-    # weight [C, 1, W] like the authors' `*_conv1d.weight` (only the weight is used: `_short_conv` computes the
-    # conv); causality comes from the history prepended in forward.
+    # weight [C, 1, W] like the authors' `*_conv1d.weight`; causality comes from the history prepended in forward.
     return nn.Conv1d(channels, channels, kernel_size=size, groups=channels, bias=False)
 
 
