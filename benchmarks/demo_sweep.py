@@ -62,7 +62,6 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from hlsa.model import HybridForCausalLM
-    from hlsa.train.tasks import MQAR
 
     out = Path(job["out"]) / f"{job['variant']}__{job['arch']}__s{job['seed']}"
     recipe = job["recipe"]
@@ -70,10 +69,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     demo.train_arch(job["arch"], recipe, out / "export", out / "run", threads=1)
     seconds = time.time() - start
     model = HybridForCausalLM.from_pretrained(out / "export", dtype=torch.float32).eval()
-    d = recipe["data"]
-    task = MQAR(seq_len=d["seq_len"], vocab=d["task_vocab"], num_pairs=d["num_pairs"], num_queries=d["num_queries"])
-    window = demo.arch_configs(recipe.get("demo"))["gdn_swa"]["attn"]["window_size"]
-    result = demo.evaluate(model, task, job["examples"], window)
+    result = demo.evaluate(model, demo.recipe_task(recipe), job["examples"], demo.recipe_window(recipe))
     log = [json.loads(line) for line in (out / "export" / "train_log.jsonl").read_text().splitlines()]
     tail = log[-max(1, len(log) // 10) :]
     return {
@@ -87,6 +83,13 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _cell(values: list[float]) -> str:
+    """A percentage, or the mean [min-max] of several."""
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.fmean(values):.1f} [{100 * min(values):.0f}-{100 * max(values):.0f}]"
+
+
 def summary(rows: list[dict[str, Any]]) -> str:
     """Mean [min, max] over seeds of the recall per bucket, per variant and architecture."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -95,18 +98,12 @@ def summary(rows: list[dict[str, Any]]) -> str:
     head = ["variant", "arch", "seeds", *demo.BUCKET_NAMES, "overall", "loss"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (variant, arch), rs in sorted(groups.items()):
-
-        def cell(values: list[float]) -> str:
-            if len(values) == 1:
-                return f"{100 * values[0]:.1f}"
-            return f"{100 * statistics.fmean(values):.1f} [{100 * min(values):.0f}-{100 * max(values):.0f}]"
-
-        accs = [cell([r["accuracy"][b] for r in rs]) for b in demo.BUCKET_NAMES]
+        accs = [_cell([r["accuracy"][b] for r in rs]) for b in demo.BUCKET_NAMES]
         loss = statistics.fmean(r["final_loss"] for r in rs)
         lines.append(
             f"| {variant} | {arch} | {len(rs)} | "
             + " | ".join(accs)
-            + f" | {cell([r['overall'] for r in rs])} | {loss:.2f} |"
+            + f" | {_cell([r['overall'] for r in rs])} | {loss:.2f} |"
         )
     return "\n".join(lines)
 
@@ -135,12 +132,11 @@ def main() -> int:
             **j,
             "out": str(out),
             "examples": args.examples,
-            "overrides": {**grid.get("common", {}), **grid["variants"][j["variant"]]},
-            "recipe": recipe_for(
-                base, {**grid.get("common", {}), **grid["variants"][j["variant"]]}, j["seed"], args.device
-            ),
+            "overrides": overrides,
+            "recipe": recipe_for(base, overrides, j["seed"], args.device),
         }
         for j in grid_jobs(grid)
+        for overrides in [{**grid.get("common", {}), **grid["variants"][j["variant"]]}]
     ]
     print(f"[sweep] {len(jobs)} runs, {args.jobs} at a time -> {out}", flush=True)
     rows = []

@@ -102,6 +102,19 @@ def arch_configs(shape: dict[str, Any] | None = None) -> dict[str, dict[str, Any
     }
 
 
+def recipe_window(recipe: dict[str, Any]) -> int:
+    """W of the SWA/LTE layers of a recipe's models (its `[demo]` table, else the default)."""
+    return {**DEFAULT_SHAPE, **recipe.get("demo", {})}["window"]
+
+
+def recipe_task(recipe: dict[str, Any]) -> Any:
+    """The MQAR task of a recipe's `[data]` table (training and evaluation draw from the same generator)."""
+    from hlsa.train.tasks import MQAR
+
+    d = recipe["data"]
+    return MQAR(seq_len=d["seq_len"], vocab=d["task_vocab"], num_pairs=d["num_pairs"], num_queries=d["num_queries"])
+
+
 def buckets(window: int) -> tuple[tuple[int, int], ...]:
     """Query-distance ranges of `BUCKET_NAMES` for a window of `window` tokens."""
     return ((1, window), (window + 1, 2 * window), (2 * window + 1, 4 * window), (4 * window + 1, 10**9))
@@ -215,20 +228,15 @@ def main(
     threads: int = 2,
 ) -> int:
     from hlsa.model import HybridForCausalLM
-    from hlsa.train.tasks import MQAR
 
     torch.set_num_threads(threads)
     spec = load_recipe(Path(recipe) if recipe else DEFAULT_RECIPE)
     configs = arch_configs(spec.get("demo"))
-    window = configs["gdn_swa"]["attn"]["window_size"]
     names = archs or list(configs)
     unknown = sorted(set(names) - set(configs))
     if unknown:
         raise ValueError(f"--archs: unknown {unknown}; choose from {list(configs)}")
-    data = spec["data"]
-    task = MQAR(
-        seq_len=data["seq_len"], vocab=data["task_vocab"], num_pairs=data["num_pairs"], num_queries=data["num_queries"]
-    )
+    task, window = recipe_task(spec), recipe_window(spec)
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         ckpt = Path(checkpoints) / name
