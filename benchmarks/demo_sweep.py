@@ -78,6 +78,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "params": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(seconds, 1),
         "final_loss": statistics.fmean(r["loss"] for r in tail),
+        "loss_curve": [round(statistics.fmean(r["loss"] for r in log[i : i + 10]), 3) for i in range(0, len(log), 10)],
         "last_log": log[-1],
         **result,
     }

@@ -30,6 +30,7 @@ from hlsa.config import HybridConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402  (the sibling benchmark: model building and synthetic caches)
+import train as train_bench  # noqa: E402  (the sibling benchmark: the LTE routers' operating point)
 
 TOP = 25
 
@@ -77,7 +78,9 @@ def decode_profile(arch: str, plan: e2e.Plan, batch: int, context: int, steps: i
     return {"batch": batch, "context": context, "wall_ms_per_step": wall_ms, **table}
 
 
-def train_profile(arch: str, plan: e2e.Plan, batch: int, seq_len: int, steps: int, workdir: Path) -> dict:
+def train_profile(
+    arch: str, plan: e2e.Plan, batch: int, seq_len: int, steps: int, workdir: Path, lte_kept: int | None = None
+) -> dict:
     from hlsa.train.options import build_options
     from hlsa.train.trainer import Trainer
 
@@ -104,6 +107,9 @@ def train_profile(arch: str, plan: e2e.Plan, batch: int, seq_len: int, steps: in
         }
     )
     trainer = Trainer(opts)
+    if lte_kept is not None and "lte" in trainer.model.config.mixers:  # the controller's steady state (train.py)
+        probe = trainer.data.next_batch()["input_ids"].to(trainer.device)
+        train_bench.route_to_kept(trainer.model, lte_kept, probe)
     for s in (1, 2):  # warm-up: compilation, autotuning, the optimizer's state allocation
         trainer.train_step(s)
     counter = iter(range(3, steps + 3))
@@ -129,6 +135,8 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--phases", default="decode,train", help="comma-separated subset of decode,train")
+    parser.add_argument("--lte-kept", default="512", help="LTE tokens kept per head while training, or 'init'")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     args = parser.parse_args()
@@ -136,7 +144,7 @@ def main() -> None:
         plan = e2e.Plan(mode="smoke", config_dir=e2e.REPO / "configs" / "tiny", suffix="", device="cpu",
                         dtype=torch.float32, decode_archs=(), contexts=(), prefill_archs=(), prefill_lengths=(),
                         budget_s=0.0)  # fmt: skip
-        args.batch, args.context, args.train_batch, args.seq_len = 2, 48, 2, 32
+        args.batch, args.context, args.train_batch, args.seq_len, args.lte_kept = 2, 48, 2, 32, "8"
         torch.set_num_threads(1)
     else:
         if not torch.cuda.is_available():
@@ -146,12 +154,16 @@ def main() -> None:
         )
     results = {"environment": e2e.environment(plan, args.commit), "archs": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        phases = args.phases.split(",")
+        kept = None if args.lte_kept == "init" else int(args.lte_kept)
         for arch in args.archs.split(","):
-            decode = decode_profile(arch, plan, args.batch, args.context, args.steps)
-            show(arch, f"decode B={args.batch} C={args.context}", decode)
-            train = train_profile(arch, plan, args.train_batch, args.seq_len, args.steps, Path(tmp))
-            show(arch, f"train {args.train_batch}x{args.seq_len}", train)
-            results["archs"][arch] = {"decode": decode, "train": train}
+            results["archs"][arch] = mine = {}
+            if "decode" in phases:
+                mine["decode"] = decode_profile(arch, plan, args.batch, args.context, args.steps)
+                show(arch, f"decode B={args.batch} C={args.context}", mine["decode"])
+            if "train" in phases:
+                mine["train"] = train_profile(arch, plan, args.train_batch, args.seq_len, args.steps, Path(tmp), kept)
+                show(arch, f"train {args.train_batch}x{args.seq_len}", mine["train"])
             if plan.device == "cuda":
                 torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -107,3 +107,13 @@ def test_decode_on_synthetic_cache_advances(arch: str) -> None:
         logits = model(torch.zeros(2, 1, dtype=torch.long), cache=cache).logits
     assert logits.shape == (2, 1, model.config.vocab_size) and bool(torch.isfinite(logits).all())
     assert cache.seen == 101 and all(state.seen == 101 for state in cache.states)
+
+
+def test_bracketed_arch_times_its_short_context_again(smoke_json: dict) -> None:
+    """gdn_lte's first context is timed before and after the longer ones of each batch; targets use the mean."""
+    e2e = _load_e2e()
+    for batch in (1, 2, 3):
+        order = [r["context"] for r in smoke_json["decode"] if r["arch"] == "gdn_lte" and r["batch"] == batch]
+        assert order == [32, 64, 128, 32]
+    rows = [{"arch": "a", "batch": 1, "context": 4, "tokens_per_s": t} for t in (100.0, 80.0)]
+    assert e2e.mean_by_point(rows)[("a", 1, 4)]["tokens_per_s"] == 90.0

@@ -37,6 +37,8 @@ DEFAULT_SHAPE: dict[str, Any] = {
     "lte_buffer": 16,
     "lte_sinks": 2,
     "router_bias_init": 0.5,
+    "lte_warmup_steps": 0,  # lte.l1_warmup_steps: train with full attention first, then route and prune
+    "lte_lambda_max": 0.01,  # lte.l1_lambda_max: the cap on the L1 weight the sparsity controller may reach
 }
 
 
@@ -74,6 +76,7 @@ def arch_configs(shape: dict[str, Any] | None = None) -> dict[str, dict[str, Any
                 "buffer_size": s["lte_buffer"],
                 "sink_size": s["lte_sinks"],
                 "router_bias_init": s["router_bias_init"],
+                "l1_warmup_steps": s["lte_warmup_steps"],
                 "conv_size": [3, 3, 3],
                 "conv_dilation": [1, 1, 1],
                 "dropout_prob": 0.0,
@@ -83,7 +86,7 @@ def arch_configs(shape: dict[str, Any] | None = None) -> dict[str, dict[str, Any
                 "l1_lambda_init": 1e-4,
                 "l1_lambda_min": 1e-5,
                 "l1_lambda_update_steps": 8,
-                "l1_lambda_max": 0.01,
+                "l1_lambda_max": s["lte_lambda_max"],
             },
         },
         "gdn_nsa": {

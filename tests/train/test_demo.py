@@ -45,9 +45,19 @@ def test_demo_training_resumes_from_its_run_directory(tmp_path: Path) -> None:
 
 
 def test_recipe_demo_table_shapes_the_models() -> None:
-    configs = demo.arch_configs({"layers": 2, "window": 8, "lte_buffer": 5, "router_bias_init": -1.0})
+    configs = demo.arch_configs(
+        {
+            "layers": 2,
+            "window": 8,
+            "lte_buffer": 5,
+            "router_bias_init": -1.0,
+            "lte_warmup_steps": 7,
+            "lte_lambda_max": 0.5,
+        }
+    )
     assert configs["gdn_lte"]["mixers"] == ["gdn", "lte"] and configs["transformer"]["mixers"] == ["attn", "attn"]
     assert configs["gdn_lte"]["lte"]["buffer_size"] == 5 and configs["gdn_lte"]["lte"]["router_bias_init"] == -1.0
+    assert configs["gdn_lte"]["lte"]["l1_warmup_steps"] == 7 and configs["gdn_lte"]["lte"]["l1_lambda_max"] == 0.5
     assert configs["gdn_swa"]["attn"]["window_size"] == 8 == configs["gdn_nsa"]["nsa"]["window_size"]
     assert demo.arch_configs({"layers": 3})["gdn_swa"]["mixers"] == ["gdn", "swa", "gdn"]
     with pytest.raises(ValueError, match="unknown keys \\['windw'\\]"):

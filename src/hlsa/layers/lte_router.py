@@ -22,19 +22,62 @@ ROUTING_METHODS = ("sigmoid", "relu")
 ROUTING_SHARED = ("head", "layer")
 
 
+class _FlatConv(torch.autograd.Function):
+    """A dilated conv along one flat time axis as `k` GEMMs, one per tap, accumulated in place.
+
+    `x [G, N, C]`, `w [G, k, C, O]` (tap-major), `bias [G, O]` -> `y [G, N, O]` with
+    `y[:, p] = bias + sum_t x[:, p + (t - (k - 1) / 2) * d] @ w[:, t]` where that window lies inside `[0, N)`, and
+    `y[:, p] = 0` on the `(k - 1) / 2 * d` border rows at each end. The backward is the same GEMMs transposed, again
+    accumulated in place: no per-tap slices of a `k`-times larger tensor and no zero-filled slice gradients, which
+    is where autograd's version of this spent most of an LTE layer's extra training time on the H200.
+    """
+
+    @staticmethod
+    def forward(  # noqa: ANN205
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, d: int
+    ):
+        G, N, _ = x.shape
+        k, h = w.shape[1], (w.shape[1] - 1) // 2 * d
+        n = N - 2 * h
+        y = x.new_empty(G, N, w.shape[3])
+        y[:, :h].zero_()
+        y[:, N - h :].zero_()
+        mid = y[:, h : h + n]
+        mid.copy_(bias[:, None, :].expand_as(mid))
+        for t in range(k):
+            mid.baddbmm_(x[:, t * d : t * d + n], w[:, t])
+        ctx.save_for_backward(x, w)
+        ctx.d = d
+        return y
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, gy: torch.Tensor):  # noqa: ANN205
+        x, w = ctx.saved_tensors
+        d, N, k = ctx.d, x.shape[1], w.shape[1]
+        h = (k - 1) // 2 * d
+        n = N - 2 * h
+        gm = gy[:, h : h + n]
+        gx = torch.zeros_like(x)
+        for t in range(k):
+            gx[:, t * d : t * d + n].baddbmm_(gm, w[:, t].transpose(1, 2))
+        gw = torch.stack([torch.bmm(x[:, t * d : t * d + n].transpose(1, 2), gm) for t in range(k)], dim=1)
+        return gx, gw, gm.sum(1), None
+
+
 class ConvStack(nn.Module):
     """`groups` independent CNNs over time (or one, shared by every head), each mapping a head's channels to one logit.
 
     `forward(x [H, B, L, C], mask [B, L] | None, *, same)` -> logits `[H, B, L]` ('same' zero padding at every
-    conv), or with `same=False` `[H, B, L - 2 * margin]`: no padding, only the positions whose receptive field lies
-    inside the input, each computed exactly as with `same=True`. `groups` is `H` (one CNN per head) or 1 (shared).
+    conv), or with `same=False` `[H, B]`: the logit of the centre position of each row, from the row's own `L`
+    inputs only (no padding: the row holds the centre's whole receptive field).
 
     The weights live in `nn.Conv1d` modules (PyTorch's layout and init, and the names of the authors' checkpoints),
-    but a conv is computed as one batched matmul of all `k` taps against the unshifted input, whose `k` outputs are
-    then summed at their shifts. cuDNN's grouped convolution spent most of an LTE decode step in layout transforms
-    (NCHW <-> NHWC, ~20 kernels per conv) and is slow in bf16 training; this form is one GEMM and a few adds, in
-    the head-major layout the attention already uses. `tests/layers/test_lte_router.py` checks it against
-    `F.conv1d` per head, gradients included.
+    but every conv runs as per-tap GEMMs over one flat time axis (`_FlatConv`): the rows of all heads sharing a CNN
+    are laid end to end, each with `R` zeros on both sides (`R` the largest conv radius), and after every conv the
+    mask zeroes those pads again (and left-padding tokens), so no row ever reads another row's values.
+    cuDNN's grouped convolution spent most of an LTE decode step in layout transforms (NCHW <-> NHWC, ~20 kernels
+    per conv) and is slow in bf16 training. `tests/layers/test_lte_router.py` checks this against `F.conv1d` per
+    head, gradients included.
     """
 
     def __init__(
@@ -79,31 +122,22 @@ class ConvStack(nn.Module):
         nn.init.constant_(self.proj.bias, self.bias_init)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, *, same: bool = True) -> torch.Tensor:
-        mask = None if mask is None else mask[None, :, :, None].to(x.dtype)  # [1, B, L, 1]
-        for conv, r in zip(self.convs, self.radii):
-            x = self.dropout(x)
-            if same:
-                x = F.pad(x, (0, 0, r, r))  # zero padding along time
-            else:  # no padding: the output loses r positions on each side, and so does the mask
-                mask = None if mask is None else mask[:, :, r : mask.shape[2] - r]
-            x = self._conv(x, conv)
-            if mask is not None:
-                x = x * mask
-            x = F.silu(x)
-        return self._conv(x, self.proj)[..., 0]
+        H, B, L, C = x.shape
+        pad = max(self.radii) if same else 0
+        keep = torch.ones(B, L, device=x.device, dtype=torch.bool) if mask is None else mask
+        keep = F.pad(keep, (pad, pad))  # [B, Lp]: False on the zero padding and on left-padding tokens
+        x = F.pad(x, (0, 0, pad, pad)).reshape(self.groups, -1, C)  # [g, (H/g) * B * Lp, C], rows end to end
+        keep = keep.to(x.dtype).repeat(H // self.groups, 1).view(1, -1, 1)
+        for conv in self.convs:
+            x = F.silu(self._conv(self.dropout(x), conv) * keep)
+        logits = self._conv(x, self.proj).view(H, B, L + 2 * pad)
+        return logits[:, :, pad : pad + L] if same else logits[:, :, (L - 1) // 2]
 
     def _conv(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-        """Unpadded dilated conv of `x [H, B, L, C]` -> `[H, B, L - (k - 1) d, O]` (O output channels per group)."""
-        H, B, L, C = x.shape
-        k, d, g = conv.kernel_size[0], conv.dilation[0], self.groups
+        g, (k,), (d,) = self.groups, conv.kernel_size, conv.dilation
         out = conv.out_channels // g
-        w = conv.weight.view(g, out, C, k).permute(0, 2, 3, 1).reshape(g, C, k * out)  # [g, C, (tap, o)]
-        y = torch.bmm(x.contiguous().view(g, -1, C), w.to(x.dtype)).view(H, B, L, k, out)
-        n = L - (k - 1) * d
-        acc = y[:, :, :n, 0]
-        for t in range(1, k):  # tap t of output position i reads input position i + t * d
-            acc = acc + y[:, :, t * d : t * d + n, t]
-        return acc + conv.bias.view(g, 1, 1, out).to(x.dtype)
+        w = conv.weight.view(g, out, -1, k).permute(0, 3, 2, 1).contiguous().to(x.dtype)  # [g, k, C, O]
+        return _FlatConv.apply(x, w, conv.bias.view(g, out).to(x.dtype), d)
 
 
 class LTERouter(nn.Module):
@@ -209,14 +243,16 @@ class LTERouter(nn.Module):
             raise ValueError(f"x_window must have shape [B, 2 * margin + 1, HKV, 2D] = {list(expected)}")
         if valid.dtype != torch.bool or valid.shape != expected[:2]:
             raise ValueError(f"valid must be a bool tensor of shape [B, 2 * margin + 1] = {list(expected[:2])}")
-        return self._score(self._logits(x_window, valid, same=False))[:, 0]
+        return self._score(self._logits(x_window, valid, same=False))
 
     def _logits(self, x: torch.Tensor, mask: torch.Tensor | None, *, same: bool) -> torch.Tensor:
-        """`x [B, L, HKV, 2D]`, `mask [B, L] | None` -> logits `[B, L', HKV]` (`L' = L` if `same`)."""
-        x = x.permute(2, 0, 1, 3)  # [HKV, B, L, 2D]: head-major, the layout of one batched matmul per conv
+        """`x [B, L, HKV, 2D]`, `mask [B, L] | None` -> logits `[B, L, HKV]`, or the centre's `[B, HKV]` if not
+        `same`."""
+        x = x.permute(2, 0, 1, 3)  # [HKV, B, L, 2D]: head-major, the layout of the per-head GEMMs
         if mask is not None:
             x = x * mask[None, :, :, None].to(x.dtype)
-        return self.conv_stack(x, mask, same=same).permute(1, 2, 0)
+        logits = self.conv_stack(x, mask, same=same)
+        return logits.permute(1, 2, 0) if same else logits.transpose(0, 1)
 
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) - 0.5 if self.routing_method == "sigmoid" else F.relu(logits)
