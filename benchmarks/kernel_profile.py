@@ -81,35 +81,18 @@ def decode_profile(arch: str, plan: e2e.Plan, batch: int, context: int, steps: i
 def train_profile(
     arch: str, plan: e2e.Plan, batch: int, seq_len: int, steps: int, workdir: Path, lte_kept: int | None = None
 ) -> dict:
-    from hlsa.train.options import build_options
-    from hlsa.train.trainer import Trainer
-
     config = workdir / f"{arch}.json"
     HybridConfig.from_json_file(str(plan.config_dir / f"{arch}{plan.suffix}.json")).to_json_file(str(config))
-    vocab = HybridConfig.from_json_file(str(config)).vocab_size
-    opts = build_options(
-        overrides={
-            "model.config": str(config),
-            "data.source": "synthetic:mqar",
-            "data.task_vocab": vocab,
-            "data.num_pairs": min(64, vocab // 4, seq_len // 8),
-            "data.num_queries": min(64, seq_len // 8),
-            "data.seq_len": seq_len,
-            "data.batch_size": batch,
-            "train.steps": steps + 2,
-            "train.device": plan.device,
-            "train.dtype": "bf16" if plan.device == "cuda" else "fp32",
-            "train.fla_hopper_bypass": True,
-            "checkpoint.dir": str(workdir / arch),
-            "checkpoint.interval": 0,
-            "log.progress": False,
-            "log.tensorboard": False,
-        }
+    trainer, _ = train_bench.synthetic_trainer(
+        config,
+        batch=batch,
+        seq_len=seq_len,
+        steps=steps + 2,
+        workdir=workdir,
+        device=plan.device,
+        dtype="bf16" if plan.device == "cuda" else "fp32",
+        lte_kept=lte_kept,  # the controller's steady state (train.py)
     )
-    trainer = Trainer(opts)
-    if lte_kept is not None and "lte" in trainer.model.config.mixers:  # the controller's steady state (train.py)
-        probe = trainer.data.next_batch()["input_ids"].to(trainer.device)
-        train_bench.route_to_kept(trainer.model, lte_kept, probe)
     for s in (1, 2):  # warm-up: compilation, autotuning, the optimizer's state allocation
         trainer.train_step(s)
     counter = iter(range(3, steps + 3))
@@ -136,7 +119,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--phases", default="decode,train", help="comma-separated subset of decode,train")
-    parser.add_argument("--lte-kept", default="512", help="LTE tokens kept per head while training, or 'init'")
+    parser.add_argument(
+        "--lte-kept", type=train_bench.kept_arg, default=512, help="LTE tokens kept per head while training, or 'init'"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     args = parser.parse_args()
@@ -144,7 +129,7 @@ def main() -> None:
         plan = e2e.Plan(mode="smoke", config_dir=e2e.REPO / "configs" / "tiny", suffix="", device="cpu",
                         dtype=torch.float32, decode_archs=(), contexts=(), prefill_archs=(), prefill_lengths=(),
                         budget_s=0.0)  # fmt: skip
-        args.batch, args.context, args.train_batch, args.seq_len, args.lte_kept = 2, 48, 2, 32, "8"
+        args.batch, args.context, args.train_batch, args.seq_len, args.lte_kept = 2, 48, 2, 32, 8
         torch.set_num_threads(1)
     else:
         if not torch.cuda.is_available():
@@ -155,14 +140,15 @@ def main() -> None:
     results = {"environment": e2e.environment(plan, args.commit), "archs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         phases = args.phases.split(",")
-        kept = None if args.lte_kept == "init" else int(args.lte_kept)
         for arch in args.archs.split(","):
             results["archs"][arch] = mine = {}
             if "decode" in phases:
                 mine["decode"] = decode_profile(arch, plan, args.batch, args.context, args.steps)
                 show(arch, f"decode B={args.batch} C={args.context}", mine["decode"])
             if "train" in phases:
-                mine["train"] = train_profile(arch, plan, args.train_batch, args.seq_len, args.steps, Path(tmp), kept)
+                mine["train"] = train_profile(
+                    arch, plan, args.train_batch, args.seq_len, args.steps, Path(tmp), args.lte_kept
+                )
                 show(arch, f"train {args.train_batch}x{args.seq_len}", mine["train"])
             if plan.device == "cuda":
                 torch.cuda.empty_cache()

@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -101,37 +102,71 @@ def kept_per_head(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
     return float(torch.stack(counts).mean())
 
 
-def bench(
-    arch: str, *, batch: int, seq_len: int, steps: int, warmup: int, workdir: Path, lte_kept: int | None = None
-) -> dict:
+def kept_arg(value: str) -> int | None:
+    """`--lte-kept`: a positive token count, or `init` (None: the routers as built)."""
+    if value == "init":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of tokens or 'init', got {value!r}")
+    return int(value)
+
+
+def synthetic_trainer(
+    config_path: Path,
+    *,
+    batch: int,
+    seq_len: int,
+    steps: int,
+    workdir: Path,
+    device: str = "auto",
+    dtype: str = "bf16",
+    lte_kept: int | None = None,
+) -> tuple[Any, torch.Tensor]:
+    """A `Trainer` of the model at `config_path` on synthetic MQAR rows, without checkpoints or logs, and a probe batch
+    of its data. With `lte_kept`, its LTE routers are first moved to that operating point (`route_to_kept`).
+    Shared with `kernel_profile.py`, which profiles the same step."""
     from hlsa.config import HybridConfig
     from hlsa.train.options import build_options
     from hlsa.train.trainer import Trainer
 
-    path = workdir / f"{arch}.json"
-    HybridConfig(**config_dict(arch)).to_json_file(str(path))
+    vocab = HybridConfig.from_json_file(str(config_path)).vocab_size
     opts = build_options(
         overrides={
-            "model.config": str(path),
+            "model.config": str(config_path),
             "data.source": "synthetic:mqar",
-            "data.task_vocab": 32000,
-            "data.num_pairs": 64,
-            "data.num_queries": 64,
+            "data.task_vocab": vocab,
+            "data.num_pairs": min(64, vocab // 4, seq_len // 8),
+            "data.num_queries": min(64, seq_len // 8),
             "data.seq_len": seq_len,
             "data.batch_size": batch,
-            "train.steps": warmup + steps,
-            "train.dtype": "bf16",
-            "checkpoint.dir": str(workdir / arch),
+            "train.steps": steps,
+            "train.device": device,
+            "train.dtype": dtype,
+            "train.fla_hopper_bypass": True,
+            "checkpoint.dir": str(workdir / config_path.stem),
             "checkpoint.interval": 0,
             "log.progress": False,
             "log.tensorboard": False,
         }
     )
     trainer = Trainer(opts)
-    params = sum(p.numel() for p in trainer.model.parameters())
     probe = trainer.data.next_batch()["input_ids"].to(trainer.device)
-    if arch == "lte" and lte_kept is not None:
+    if lte_kept is not None and "lte" in trainer.model.config.mixers:
         route_to_kept(trainer.model, lte_kept, probe)
+    return trainer, probe
+
+
+def bench(
+    arch: str, *, batch: int, seq_len: int, steps: int, warmup: int, workdir: Path, lte_kept: int | None = None
+) -> dict:
+    from hlsa.config import HybridConfig
+
+    path = workdir / f"{arch}.json"
+    HybridConfig(**config_dict(arch)).to_json_file(str(path))
+    trainer, probe = synthetic_trainer(
+        path, batch=batch, seq_len=seq_len, steps=warmup + steps, workdir=workdir, lte_kept=lte_kept
+    )
+    params = sum(p.numel() for p in trainer.model.parameters())
     for s in range(1, warmup + 1):
         trainer.train_step(s)
     torch.cuda.synchronize()
@@ -180,7 +215,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument(
         "--lte-kept",
-        default="512",
+        type=kept_arg,
+        default=512,
         help="tokens per sequence each LTE head keeps while timed (the controller's target), or 'init' (as built)",
     )
     p.add_argument("--out", default="benchmarks/results/train_h200.json")
@@ -207,7 +243,7 @@ def main() -> None:
                             steps=args.steps,
                             warmup=args.warmup,
                             workdir=Path(tmp),
-                            lte_kept=None if args.lte_kept == "init" else int(args.lte_kept),
+                            lte_kept=args.lte_kept,
                         )
                     )
                     break

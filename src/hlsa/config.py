@@ -66,6 +66,9 @@ LTE_DEFAULTS: dict[str, Any] = {
     "routing_grad": True,
     "routing_shared": "head",
     "router_bias_init": 0.5,  # the authors': every score starts positive (every token kept); < 0 starts as SWA
+    # Which older tokens a query sees in training: "positive" (the authors': every positively scored token, no
+    # cap) or "buffer" (the inference rule: the top `buffer_size` positive scores older than its window)
+    "train_selection": "positive",
     "routing_freeze_steps": 0,
     "l1_lambda_init": 1e-9,
     "l1_lambda_min": 1e-9,
@@ -297,6 +300,8 @@ class HybridConfig(PretrainedConfig):
                 f"lte.router_bias_init must be > 0 with routing_method 'relu' (got {lte['router_bias_init']}): a "
                 "relu score starts at 0 for every token and its gradient is 0 there, so the router would never learn"
             )
+        if lte["train_selection"] not in ("positive", "buffer"):
+            raise ValueError(f"lte.train_selection must be 'positive' or 'buffer' (got {lte['train_selection']!r})")
         if not 0.0 <= lte["dropout_prob"] < 1.0:
             raise ValueError(f"lte.dropout_prob must be in [0, 1) (got {lte['dropout_prob']})")
 

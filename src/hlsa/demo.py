@@ -39,6 +39,7 @@ DEFAULT_SHAPE: dict[str, Any] = {
     "router_bias_init": 0.5,
     "lte_warmup_steps": 0,  # lte.l1_warmup_steps: train with full attention first, then route and prune
     "lte_lambda_max": 0.01,  # lte.l1_lambda_max: the cap on the L1 weight the sparsity controller may reach
+    "lte_train_selection": "positive",  # lte.train_selection: "buffer" trains under the inference rule
 }
 
 
@@ -87,6 +88,7 @@ def arch_configs(shape: dict[str, Any] | None = None) -> dict[str, dict[str, Any
                 "l1_lambda_min": 1e-5,
                 "l1_lambda_update_steps": 8,
                 "l1_lambda_max": s["lte_lambda_max"],
+                "train_selection": s["lte_train_selection"],
             },
         },
         "gdn_nsa": {

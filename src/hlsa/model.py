@@ -85,6 +85,7 @@ def build_mixer(config: HybridConfig, kind: str) -> nn.Module:
         routing_grad=lte["routing_grad"],
         routing_shared=lte["routing_shared"],
         router_bias_init=lte["router_bias_init"],
+        train_selection=lte["train_selection"],
         qkv_bias=lte["qkv_bias"],
         rope_theta=lte["rope_theta"],
         backend=backend,

@@ -6,7 +6,9 @@ import torch
 from hlsa.layers.lte import LTEAttention
 
 
-def make_layer(window, *, heads=4, kv_heads=2, head_dim=8, buffer=5, sinks=2, conv=(3,), dilation=(1,)):
+def make_layer(
+    window, *, heads=4, kv_heads=2, head_dim=8, buffer=5, sinks=2, conv=(3,), dilation=(1,), train_selection="positive"
+):
     torch.manual_seed(0)
     layer = LTEAttention(
         32,
@@ -19,6 +21,7 @@ def make_layer(window, *, heads=4, kv_heads=2, head_dim=8, buffer=5, sinks=2, co
         conv_size=conv,
         conv_dilation=dilation,
         dropout_prob=0.0,
+        train_selection=train_selection,
     )
     torch.nn.init.normal_(layer.router.conv_stack.proj.bias, 0.0, 1.0)  # mixed-sign scores
     return layer
@@ -71,14 +74,21 @@ def test_training_mask_matches_brute_force(window, conv, t, gqa):
 
 
 @pytest.mark.parametrize("window, conv, t", CASES, ids=lambda c: str(c))
-def test_inference_rule_matches_brute_force(window, conv, t):
-    layer = make_layer(window, conv=conv, dilation=(1,) * len(conv), buffer=4).eval()
+@pytest.mark.parametrize("mode", ["eval", "train_buffer"])
+def test_inference_rule_matches_brute_force(window, conv, t, mode):
+    """Eval mode, and training with `train_selection="buffer"`, both follow the per-query top-N buffer rule."""
+    layer = make_layer(window, conv=conv, dilation=(1,) * len(conv), buffer=4, train_selection="buffer")
+    layer.train(mode == "train_buffer")
     x = torch.randn(2, t, 32)
     pad = torch.ones(2, t, dtype=torch.bool)
     pad[0, :3] = False
     x = x * pad[:, :, None]
+    y, routing = layer(x, pad_mask=pad)
+    if mode == "train_buffer":  # the router still learns through the value gain
+        y[pad].square().sum().backward()
+        assert layer.router.conv_stack.proj.weight.grad.abs().sum() > 0
+    y = y.detach()
     with torch.no_grad():
-        y, routing = layer(x, pad_mask=pad)
         ranked = layer.inference_scores(routing.score, pad)  # sinks +inf, pads -inf
 
         def visible(b, h, i, j):
@@ -93,8 +103,9 @@ def test_inference_rule_matches_brute_force(window, conv, t):
     torch.testing.assert_close(y[pad], expected[pad], rtol=1e-5, atol=1e-5)
 
 
-def test_routing_disabled_is_full_causal_in_training():
-    layer = make_layer(1, conv=(1,)).train()
+@pytest.mark.parametrize("train_selection", ["positive", "buffer"])
+def test_routing_disabled_is_full_causal_in_training(train_selection):
+    layer = make_layer(1, conv=(1,), train_selection=train_selection).train()
     layer.routing_enabled = False
     x = torch.randn(1, 15, 32)
     y, _ = layer(x)
@@ -105,3 +116,8 @@ def test_routing_disabled_is_full_causal_in_training():
 def test_window_must_cover_router_margin():
     with pytest.raises(ValueError, match="must be >= the router margin"):
         make_layer(2, conv=(3, 3), dilation=(2, 2))
+
+
+def test_train_selection_must_be_known():
+    with pytest.raises(ValueError, match="train_selection must be 'positive' or 'buffer'"):
+        make_layer(4, train_selection="topk")

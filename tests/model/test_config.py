@@ -55,6 +55,7 @@ def tiny(**overrides):
             r"lte.window_size \(3\) must be >= the router's receptive margin",
         ),
         ({"lte": {"num_heads": 4, "routing_shared": "all"}}, r"lte.routing_shared must be 'head' or 'layer'"),
+        ({"lte": {"num_heads": 4, "train_selection": "topk"}}, r"lte.train_selection must be .positive. or .buffer."),
         ({"lte": {"num_heads": 4, "conv_size": [2, 3, 3]}}, r"conv_size entries must be odd"),
         ({"lte": {"num_heads": 4, "bogus": 1}}, r"lte: unknown field\(s\) \['bogus'\]"),
         ({"backend": "cuda"}, r"backend: 'cuda' is not one of"),

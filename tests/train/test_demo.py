@@ -53,11 +53,13 @@ def test_recipe_demo_table_shapes_the_models() -> None:
             "router_bias_init": -1.0,
             "lte_warmup_steps": 7,
             "lte_lambda_max": 0.5,
+            "lte_train_selection": "buffer",
         }
     )
     assert configs["gdn_lte"]["mixers"] == ["gdn", "lte"] and configs["transformer"]["mixers"] == ["attn", "attn"]
     assert configs["gdn_lte"]["lte"]["buffer_size"] == 5 and configs["gdn_lte"]["lte"]["router_bias_init"] == -1.0
     assert configs["gdn_lte"]["lte"]["l1_warmup_steps"] == 7 and configs["gdn_lte"]["lte"]["l1_lambda_max"] == 0.5
+    assert configs["gdn_lte"]["lte"]["train_selection"] == "buffer"
     assert configs["gdn_swa"]["attn"]["window_size"] == 8 == configs["gdn_nsa"]["nsa"]["window_size"]
     assert demo.arch_configs({"layers": 3})["gdn_swa"]["mixers"] == ["gdn", "swa", "gdn"]
     with pytest.raises(ValueError, match="unknown keys \\['windw'\\]"):

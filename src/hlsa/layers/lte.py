@@ -2,7 +2,9 @@
 older tokens per kv head.
 
 Training (`self.training`): every positively scored key is a column visible to all later queries ("Lambda plus
-columns"), with no buffer cap, and the router learns through the straight-through value gain.
+columns"), with no buffer cap, and the router learns through the straight-through value gain. With
+`train_selection="buffer"` training uses the inference rule below instead, so the router must rank tokens (only the
+top N count) rather than set a threshold.
 Inference (eval, with or without cache): a query at `t` sees sinks, the band `t-W..t`, and the top-N positive scores
 among keys older than `t - W` (docs/design.md). The authors cap the buffer once for the last query only (SPEC 1.6);
 we apply the rule per query, which is exactly what the constant-memory decode cache reproduces.
@@ -70,6 +72,7 @@ class LTEAttention(ProjectedAttention):
         routing_grad: bool = True,
         routing_shared: str = "head",
         router_bias_init: float = 0.5,
+        train_selection: str = "positive",
         qkv_bias: bool = False,
         rope_theta: float = 10000.0,
         backend: str | None = None,
@@ -80,6 +83,9 @@ class LTEAttention(ProjectedAttention):
         if buffer_size < sink_size:
             raise ValueError(f"buffer_size ({buffer_size}) must be >= sink_size ({sink_size})")
         self.window_size, self.buffer_size, self.sink_size = window_size, buffer_size, sink_size
+        if train_selection not in ("positive", "buffer"):
+            raise ValueError(f"train_selection must be 'positive' or 'buffer'; got {train_selection!r}")
+        self.train_selection = train_selection
         # Warm-up (SPEC 4): with routing disabled, training attends to every earlier token (full causal).
         self.routing_enabled = True
         self.router = LTERouter(
@@ -125,10 +131,10 @@ class LTEAttention(ProjectedAttention):
             v = value_gain(v, score)  # forward: v unchanged; backward: d score = sum_d(dv * v) (SPEC 1.5)
         k_prerope = k
         q, k = self.rotary(q, k, torch.arange(t, device=x.device))
-        if self.training:
+        if self.training and (self.train_selection == "positive" or not self.routing_enabled):
             visible = select(score, pad_mask, self.sink_size, enabled=self.routing_enabled)
             column_end = torch.where(visible, INT32_MAX, 0).to(torch.int32)
-        else:
+        else:  # inference, or training under the inference rule (train_selection "buffer")
             ranked = self.inference_scores(score, pad_mask)
             column_end = lte_column_end(ranked, window=self.window_size, buffer_size=self.buffer_size)
         o = sparse_attention(
