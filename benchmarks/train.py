@@ -55,15 +55,21 @@ def config_dict(arch: str) -> dict:
     return cfg
 
 
+def router_stacks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The CNN of every LTE router in `model`; a forward hook on one sees its logits `[H, B, T]` (score > 0 <=>
+    logit > 0)."""
+    from hlsa.layers.lte import LTEAttention
+
+    return [m.router.conv_stack for m in model.modules() if isinstance(m, LTEAttention)]
+
+
 def route_to_kept(model: torch.nn.Module, kept: int, input_ids: torch.Tensor, rounds: int = 2) -> None:
     """Shift each LTE router's logit bias per head so that about `kept` tokens per sequence score positive.
 
     One forward pass records every router's logits; a head's bias moves by minus the logit quantile that leaves
     `kept` of the sequence above zero. Earlier layers' new selections change later layers' inputs, so it repeats.
     """
-    from hlsa.layers.lte import LTEAttention
-
-    stacks = [m.router.conv_stack for m in model.modules() if isinstance(m, LTEAttention)]
+    stacks = router_stacks(model)
     logits: dict[torch.nn.Module, torch.Tensor] = {}
 
     def record(module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
@@ -86,15 +92,12 @@ def route_to_kept(model: torch.nn.Module, kept: int, input_ids: torch.Tensor, ro
 
 def kept_per_head(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
     """Mean tokens per sequence and LTE head with a positive score (what the controller counts)."""
-    from hlsa.layers.lte import LTEAttention
-
     counts = []
 
     def record(module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
         counts.append((out > 0).float().sum(-1).mean())  # logits [H, B, T] > 0 <=> score > 0
 
-    stacks = [m.router.conv_stack for m in model.modules() if isinstance(m, LTEAttention)]
-    hooks = [s.register_forward_hook(record) for s in stacks]
+    hooks = [s.register_forward_hook(record) for s in router_stacks(model)]
     with torch.no_grad(), torch.autocast(input_ids.device.type, dtype=torch.bfloat16):
         model(input_ids=input_ids)
     for h in hooks:
