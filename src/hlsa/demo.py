@@ -38,7 +38,7 @@ DEFAULT_SHAPE: dict[str, Any] = {
     "lte_sinks": 2,
     "router_bias_init": 0.5,
     "lte_warmup_steps": 0,  # lte.l1_warmup_steps: train with full attention first, then route and prune
-    "lte_lambda_max": 0.01,  # lte.l1_lambda_max: the cap on the L1 weight the sparsity controller may reach
+    "lte_lambda_max": 0.01,  # lte.l1_lambda_max: the cap on the L1 weight the sparsity controller may reach; 0: no L1
     "lte_train_selection": "positive",  # lte.train_selection: "buffer" trains under the inference rule
 }
 
@@ -84,8 +84,10 @@ def arch_configs(shape: dict[str, Any] | None = None) -> dict[str, dict[str, Any
                 # the authors' controller sped up for a few hundred steps (start higher, update every 8 steps) and
                 # capped lower: at lambda_max 0.1 the L1 pressure kept this tiny model from learning the recall
                 # within 500 steps (loss 1.9 vs 0.05 for GDN+SWA); inference enforces the N-token buffer anyway
-                "l1_lambda_init": 1e-4,
-                "l1_lambda_min": 1e-5,
+                # (lte_lambda_max 0 turns the L1 term off: with train_selection "buffer" the top-N rule caps the
+                # kept set during training too, and the L1 term only drives scores across zero, dropping columns)
+                "l1_lambda_init": min(1e-4, s["lte_lambda_max"]),
+                "l1_lambda_min": min(1e-5, s["lte_lambda_max"]),
                 "l1_lambda_update_steps": 8,
                 "l1_lambda_max": s["lte_lambda_max"],
                 "train_selection": s["lte_train_selection"],

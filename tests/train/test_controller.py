@@ -220,3 +220,13 @@ def test_metrics_per_layer() -> None:
     m = ctl.metrics()
     assert m["lte/num_kept/layer0"] == 3.0 and m["lte/num_kept/layer1"] == 10.0 and m["lte/lambda/layer1"] == 0.25
     assert m["lte/num_kept"] == pytest.approx(6.5) and m["lte/kept_fraction"] == pytest.approx(0.065)
+
+
+def test_zero_cap_keeps_the_penalty_off() -> None:
+    """lambda_init = lambda_min = lambda_max = 0 (the demo's `lte_lambda_max = 0`): lambda never leaves zero, even
+    for heads that keep far more than the buffer, so the L1 term is off for the whole run."""
+    lm = FakeLM("head")
+    lm.config.lte.update(l1_lambda_init=0.0, l1_lambda_min=0.0, l1_lambda_max=0.0)
+    ctl = SparsityController.for_model(lm, seq_len=4096)
+    run_steps(ctl, range(1, 200), [4000.0, 500.0, 10.0])
+    assert lm.model.l1_lambda.abs().sum() == 0

@@ -62,5 +62,7 @@ def test_recipe_demo_table_shapes_the_models() -> None:
     assert configs["gdn_lte"]["lte"]["train_selection"] == "buffer"
     assert configs["gdn_swa"]["attn"]["window_size"] == 8 == configs["gdn_nsa"]["nsa"]["window_size"]
     assert demo.arch_configs({"layers": 3})["gdn_swa"]["mixers"] == ["gdn", "swa", "gdn"]
+    no_l1 = demo.arch_configs({"lte_lambda_max": 0.0})["gdn_lte"]["lte"]
+    assert no_l1["l1_lambda_init"] == no_l1["l1_lambda_min"] == no_l1["l1_lambda_max"] == 0.0
     with pytest.raises(ValueError, match="unknown keys \\['windw'\\]"):
         demo.arch_configs({"windw": 8})
