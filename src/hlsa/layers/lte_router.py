@@ -68,8 +68,8 @@ class ConvStack(nn.Module):
     """`groups` independent CNNs over time (or one, shared by every head), each mapping a head's channels to one logit.
 
     `forward(x [H, B, L, C], mask [B, L] | None, *, same)` -> logits `[H, B, L]` ('same' zero padding at every
-    conv), or with `same=False` `[H, B]`: the logit of the centre position of each row, from the row's own `L`
-    inputs only (no padding: the row holds the centre's whole receptive field).
+    conv), or with `same=False` `[H, B]`: the logit of the centre position of each row of odd length `L`, from the
+    row's own inputs only (no padding: the row holds the centre's whole receptive field).
 
     The weights live in `nn.Conv1d` modules (PyTorch's layout and init, and the names of the authors' checkpoints),
     but every conv runs as per-tap GEMMs over one flat time axis (`_FlatConv`): the rows of all heads sharing a CNN
@@ -78,6 +78,11 @@ class ConvStack(nn.Module):
     cuDNN's grouped convolution spent most of an LTE decode step in layout transforms (NCHW <-> NHWC, ~20 kernels
     per conv) and is slow in bf16 training. `tests/layers/test_lte_router.py` checks this against `F.conv1d` per
     head, gradients included.
+
+    `same=False` (decode: one window of `2m + 1` inputs per row, inference only) shrinks each row by the conv's
+    reach instead, and runs each conv as one GEMM over its `k` taps gathered side by side: a k-times larger input
+    is nothing at that size, and a decode step is bound by its kernel count (one `baddbmm` per conv instead of the
+    flat form's `k` GEMMs, border fills and weight relayout).
     """
 
     def __init__(
@@ -123,15 +128,39 @@ class ConvStack(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, *, same: bool = True) -> torch.Tensor:
         H, B, L, C = x.shape
-        pad = max(self.radii) if same else 0
         keep = torch.ones(B, L, device=x.device, dtype=torch.bool) if mask is None else mask
+        if not same:
+            return self._centre(x, keep.to(x.dtype).repeat(H // self.groups, 1))
+        pad = max(self.radii)
         keep = F.pad(keep, (pad, pad))  # [B, Lp]: False on the zero padding and on left-padding tokens
         x = F.pad(x, (0, 0, pad, pad)).reshape(self.groups, -1, C)  # [g, (H/g) * B * Lp, C], rows end to end
         keep = keep.to(x.dtype).repeat(H // self.groups, 1).view(1, -1, 1)
         for conv in self.convs:
             x = F.silu(self._conv(self.dropout(x), conv) * keep)
-        logits = self._conv(x, self.proj).view(H, B, L + 2 * pad)
-        return logits[:, :, pad : pad + L] if same else logits[:, :, (L - 1) // 2]
+        return self._conv(x, self.proj).view(H, B, L + 2 * pad)[:, :, pad : pad + L]
+
+    def _centre(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """`x [H, B, L, C]`, `keep [(H/g) * B, L]` -> the centre logits `[H, B]` (rows shrink at every conv)."""
+        H, B, L, C = x.shape
+        x = x.reshape(self.groups, -1, L, C)  # [g, rows, L, C]
+        lo = 0
+        for conv, r in zip(self.convs, self.radii):
+            lo += r
+            x = F.silu(self._window_conv(self.dropout(x), conv) * keep[None, :, lo : L - lo, None])
+        logits = self._window_conv(x, self.proj)  # [g, rows, L - 2 * lo, 1]
+        return logits[:, :, (L - 1) // 2 - lo, 0].reshape(H, B)
+
+    @staticmethod
+    def _window_conv(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+        """Unpadded conv of `x [g, rows, L, C]` -> `[g, rows, L - (k - 1) * d, O]` as one GEMM per group."""
+        g, rows, L, C = x.shape
+        (k,), (d,) = conv.kernel_size, conv.dilation
+        n, out = L - (k - 1) * d, conv.out_channels // g
+        # taps [g, rows, n, C, k]: the channel-major order of conv.weight's [O, C, k], so it needs no relayout
+        taps = x[..., None] if k == 1 else torch.stack([x[:, :, t * d : t * d + n] for t in range(k)], dim=-1)
+        w = conv.weight.view(g, out, C * k).to(x.dtype).transpose(1, 2)  # [g, C * k, O]
+        bias = conv.bias.view(g, 1, out).to(x.dtype)
+        return torch.baddbmm(bias, taps.reshape(g, rows * n, C * k), w).view(g, rows, n, out)
 
     def _conv(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
         g, (k,), (d,) = self.groups, conv.kernel_size, conv.dilation
