@@ -1,11 +1,11 @@
 """`hlsa demo`: which tiny hybrid still recalls a fact once it has left the attention window?
 
-Five 4-layer, d=64 models of about the same size (GDN, GDN+SWA, GDN+LTE, GDN+NSA, Transformer) are trained by
-`hlsa train` on multi-query associative recall (MQAR, `hlsa.train.tasks`) with the committed recipe
-`configs/train/demo.toml`. The demo evaluates the shipped checkpoints (`checkpoints/demo/<arch>/`, made by
-`hlsa demo --train`) on fresh sequences and prints recall accuracy bucketed by query distance (in units of the
-window W of the SWA/LTE layers) next to the decode-cache size, then saves a PNG. Everything runs on the CPU,
-offline.
+Five tiny d=64 models of about the same size (GDN, GDN+SWA, GDN+LTE, GDN+NSA, Transformer; their shape is the
+recipe's `[demo]` table) are trained by `hlsa train` on multi-query associative recall (MQAR, `hlsa.train.tasks`)
+with the committed recipe `configs/train/demo.toml`. The demo evaluates the shipped checkpoints
+(`checkpoints/demo/<arch>/`, made by `hlsa demo --train`) on fresh sequences and prints recall accuracy bucketed by
+query distance (in units of the window W of the SWA/LTE layers) next to the decode-cache size, then saves a PNG.
+The evaluation runs on the CPU, offline.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ DEFAULT_RECIPE = REPO / "configs" / "train" / "demo.toml"
 EVAL_SEED = 1_000_003  # disjoint from the training seed's examples
 BUCKET_NAMES = ("<=W", "W..2W", "2W..4W", ">4W")
 
-# The `[demo]` table of a recipe: the shape shared by the demo's models. These defaults are the shipped
-# checkpoints' shape; a recipe overrides any of them.
+# The `[demo]` table of a recipe: the shape shared by the demo's models. These defaults are the first demo's shape
+# (4 layers; the sweep grids in benchmarks/grids rely on them); configs/train/demo.toml sets the shipped shape.
 DEFAULT_SHAPE: dict[str, Any] = {
     "layers": 4,
     "hidden_size": 64,
@@ -152,8 +152,7 @@ def train_arch(name: str, recipe: dict[str, Any], out_dir: Path, run_dir: Path, 
         "checkpoint.export": str(out_dir),
         "train.threads": threads,
     }
-    options = {section: values for section, values in recipe.items() if section != "demo"}
-    Trainer(build_options(options, overrides)).run()
+    Trainer(build_options(recipe, overrides)).run()
     shutil.copy(run_dir / "log.jsonl", out_dir / "train_log.jsonl")
 
 
@@ -215,7 +214,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path, window: int) -> None:
     ax.set_xlabel(f"query distance (W = {window})")
     ax.set_ylabel("recall accuracy (%)")
     ax.set_ylim(0, 102)
-    ax.set_title("MQAR recall by distance, tiny models (CPU)")
+    ax.set_title("MQAR recall by query distance, tiny models")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -263,7 +262,10 @@ def main(
         results[name] = r
         print(f"[demo] {name}: overall recall {100 * r['overall']:.1f}%", flush=True)
     if not results:
-        raise ValueError(f"no demo checkpoints under {checkpoints}; run `hlsa demo --train` (about one CPU-hour)")
+        raise ValueError(
+            f"no demo checkpoints under {checkpoints}; run `hlsa demo --train` "
+            "(minutes per model on a GPU, ~45 min on a CPU)"
+        )
     table = render(results, task.seq_len)
     print(table)
     out_dir = Path(out)

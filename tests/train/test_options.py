@@ -42,6 +42,9 @@ def test_bad_options(tmp_path: Path) -> None:
         build_options(overrides={"optim.lrr": 1})
     with pytest.raises(ValueError, match="unknown options section"):
         build_options({"optimizer": {"lr": 1}})
+    with pytest.raises(ValueError, match="unknown options section"):
+        build_options(overrides={"demo.layers": 2})  # a file's [demo] table is skipped; a flag for it is a typo
+    assert build_options({"demo": {"layers": 2}, "train": {"steps": 3}}).train.steps == 3
     with pytest.raises(ValueError, match="expects int"):
         build_options({"train": {"steps": 1.5}})
     with pytest.raises(ValueError, match="boolean"):

@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--train",
         action="store_true",
-        help="retrain the demo checkpoints first (about one CPU-hour; resumes from --runs)",
+        help="retrain the demo checkpoints first (minutes per model on a GPU, ~45 min on a CPU; resumes from --runs)",
     )
     demo.add_argument("--checkpoints", default="checkpoints/demo", help="where the demo checkpoints live")
     demo.add_argument("--runs", default="runs/demo", help="training checkpoints of --train (resumed if present)")

@@ -112,6 +112,9 @@ class Options:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Options))
+# Tables an options file may hold for other commands: `[demo]` is the shape of `hlsa demo`'s models
+# (`hlsa.demo.arch_configs`); `hlsa train` builds its model from `model.config` and skips the table.
+FOREIGN_SECTIONS = ("demo",)
 
 
 def option_fields() -> list[tuple[str, str, type, Any]]:
@@ -166,6 +169,8 @@ def build_options(file_values: dict[str, Any] | None = None, overrides: dict[str
     """
     opts = Options()
     for section, values in (file_values or {}).items():
+        if section in FOREIGN_SECTIONS:
+            continue
         if not isinstance(values, dict):
             raise ValueError(f"options file: [{section}] must be a table of options, got {values!r}")
         for name, value in values.items():
