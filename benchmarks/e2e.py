@@ -260,6 +260,43 @@ def time_decode(model: HybridForCausalLM, cache: HybridCache, token: torch.Tenso
     return seconds
 
 
+# What nvidia-smi reports with each decode point, to find what slows a long run's later steps (docs/efficiency.md):
+# clocks (MHz), power (W), temperature (C) and the active clock-event (throttle) reasons, a hex bitmask.
+GPU_FIELDS = ("clocks.sm", "clocks.mem", "power.draw", "temperature.gpu", "clocks_event_reasons.active")
+
+
+def parse_gpu_state(line: str) -> dict[str, float | str | None]:
+    """One `nvidia-smi --query-gpu=<GPU_FIELDS> --format=csv,noheader,nounits` line -> `{field: value}`."""
+    values = [v.strip() for v in line.split(",")]
+    if len(values) != len(GPU_FIELDS):
+        raise ValueError(f"nvidia-smi gave {len(values)} values for {len(GPU_FIELDS)} fields: {line!r}")
+
+    def value(v: str) -> float | str | None:
+        if v.startswith("[") or v == "":  # [N/A], [Not Supported]
+            return None
+        try:
+            return v if v.startswith("0x") else float(v)
+        except ValueError:
+            return v
+
+    return {name: value(v) for name, v in zip(GPU_FIELDS, values, strict=True)}
+
+
+def gpu_state(plan: Plan) -> dict[str, float | str | None] | None:
+    """The GPU's state right after a timed point (the first GPU nvidia-smi lists: e2e runs on one); None off CUDA,
+    without nvidia-smi, or if it fails (a measurement must not depend on it)."""
+    if plan.device != "cuda":
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={','.join(GPU_FIELDS)}", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+        return parse_gpu_state(out.stdout.splitlines()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def decode_step(model: HybridForCausalLM, token: torch.Tensor, cache: HybridCache) -> torch.Tensor:
     return model(token, cache=cache).logits
 
@@ -284,7 +321,7 @@ def decode_point(model: HybridForCausalLM, arch: str, batch: int, context: int, 
     except torch.OutOfMemoryError:
         return {**row, "status": "oom"}
     per_seq = step_bytes_per_seq(model, cache, context, batch)  # before the cache is freed
-    return {**row, "status": "ok", "latency_ms": step * 1e3, "tokens_per_s": batch / step,
+    return {**row, "status": "ok", "latency_ms": step * 1e3, "tokens_per_s": batch / step, "gpu": gpu_state(plan),
             "step_bytes_per_seq": per_seq,
             "cache_bytes_per_seq": cache.nbytes() // batch, "peak_memory_bytes": _peak_memory(plan)}  # fmt: skip
 
@@ -368,6 +405,7 @@ def run_arch(arch: str, plan: Plan, deadline: float, results: dict, path: Path) 
                 row = prefill_point(model, arch, n, plan)
         except Exception as err:  # one broken point must not cost the rest of a one-shot GPU run
             row = {"arch": arch, **where, "status": f"error: {type(err).__name__}: {str(err)[:300]}"}
+        row["order"] = sum(len(results[k]) for k in ("decode", "prefill"))  # measurement order within the run
         if kind == "decode" and row["status"] == "ok":  # best tokens/s: bytes a step must move / copy bandwidth
             row["roofline_tokens_per_s"] = batch * bandwidth / (weights + batch * row["step_bytes_per_seq"])
             row["roofline_fraction"] = row["tokens_per_s"] / row["roofline_tokens_per_s"]

@@ -117,3 +117,22 @@ def test_bracketed_arch_times_its_short_context_again(smoke_json: dict) -> None:
         assert order == [32, 64, 128, 32]
     rows = [{"arch": "a", "batch": 1, "context": 4, "tokens_per_s": t} for t in (100.0, 80.0)]
     assert e2e.mean_by_point(rows)[("a", 1, 4)]["tokens_per_s"] == 90.0
+
+
+def test_every_point_records_its_order_and_the_gpu_state(smoke_json: dict) -> None:
+    """`order` numbers the points in measurement order across the run; `gpu` is None off CUDA."""
+    rows = smoke_json["decode"] + smoke_json["prefill"]
+    assert sorted(r["order"] for r in rows) == list(range(len(rows)))
+    assert all(r["gpu"] is None for r in smoke_json["decode"])
+    e2e = _load_e2e()
+    state = e2e.parse_gpu_state("1980, 3201, 152.38, 41, 0x0000000000000004")
+    assert state == {
+        "clocks.sm": 1980.0,
+        "clocks.mem": 3201.0,
+        "power.draw": 152.38,
+        "temperature.gpu": 41.0,
+        "clocks_event_reasons.active": "0x0000000000000004",
+    }
+    assert e2e.parse_gpu_state("1980, [N/A], 152.38, 41, 0x0")["clocks.mem"] is None
+    with pytest.raises(ValueError, match="5 fields"):
+        e2e.parse_gpu_state("1980, 3201")
