@@ -63,45 +63,41 @@ def router_stacks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m.router.conv_stack for m in model.modules() if isinstance(m, LTEAttention)]
 
 
+def router_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[torch.nn.Module, torch.Tensor]:
+    """One forward pass (bf16 autocast, no grad); the logits `[H, B, T]` of every LTE router CNN, as float32."""
+    logits: dict[torch.nn.Module, torch.Tensor] = {}
+
+    def record(module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
+        logits[module] = out.detach().float()
+
+    hooks = [s.register_forward_hook(record) for s in router_stacks(model)]
+    try:
+        with torch.no_grad(), torch.autocast(input_ids.device.type, dtype=torch.bfloat16):
+            model(input_ids=input_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits
+
+
 def route_to_kept(model: torch.nn.Module, kept: int, input_ids: torch.Tensor, rounds: int = 2) -> None:
     """Shift each LTE router's logit bias per head so that about `kept` tokens per sequence score positive.
 
     One forward pass records every router's logits; a head's bias moves by minus the logit quantile that leaves
     `kept` of the sequence above zero. Earlier layers' new selections change later layers' inputs, so it repeats.
     """
-    stacks = router_stacks(model)
-    logits: dict[torch.nn.Module, torch.Tensor] = {}
-
-    def record(module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
-        logits[module] = out.detach().float()  # [H, B, T]
-
-    hooks = [s.register_forward_hook(record) for s in stacks]
-    try:
-        for _ in range(rounds):
-            with torch.no_grad(), torch.autocast(input_ids.device.type, dtype=torch.bfloat16):
-                model(input_ids=input_ids)
-            for s in stacks:
-                groups = s.proj.bias.numel()  # one CNN per head, or one shared by all heads
-                lg = logits[s].reshape(groups, -1)
-                k = max(1, lg.shape[1] - kept * input_ids.shape[0])  # the k-th smallest is the threshold
-                s.proj.bias.data -= lg.kthvalue(k, dim=1).values.to(s.proj.bias.dtype)
-    finally:
-        for h in hooks:
-            h.remove()
+    for _ in range(rounds):
+        for s, lg in router_logits(model, input_ids).items():
+            groups = s.proj.bias.numel()  # one CNN per head, or one shared by all heads
+            lg = lg.reshape(groups, -1)
+            k = max(1, lg.shape[1] - kept * input_ids.shape[0])  # the k-th smallest is the threshold
+            s.proj.bias.data -= lg.kthvalue(k, dim=1).values.to(s.proj.bias.dtype)
 
 
 def kept_per_head(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
     """Mean tokens per sequence and LTE head with a positive score (what the controller counts)."""
-    counts = []
-
-    def record(module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
-        counts.append((out > 0).float().sum(-1).mean())  # logits [H, B, T] > 0 <=> score > 0
-
-    hooks = [s.register_forward_hook(record) for s in router_stacks(model)]
-    with torch.no_grad(), torch.autocast(input_ids.device.type, dtype=torch.bfloat16):
-        model(input_ids=input_ids)
-    for h in hooks:
-        h.remove()
+    logits = router_logits(model, input_ids).values()  # logit > 0 <=> score > 0
+    counts = [(lg > 0).float().sum(-1).mean() for lg in logits]
     return float(torch.stack(counts).mean())
 
 
