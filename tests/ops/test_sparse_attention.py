@@ -7,6 +7,7 @@ import torch
 
 from hlsa.ops.lte_retention import lte_column_end_scan
 from hlsa.ops.sparse_attention import sparse_attention, sparse_attention_ref
+from hlsa.ops.triton.rows import use_tma
 
 INT32_MAX = 2**31 - 1
 
@@ -91,6 +92,7 @@ CASES = [
     (1, 83, 2, 2, 64, 100, 3, 0),
     (2, 45, 2, 1, 32, None, None, 5),
     (1, 70, 4, 1, 32, 5, -1, 3),
+    (2, 53, 4, 2, 48, 20, 5, 4),  # D = 48: not a power of two, so pointer loads instead of TMA blocks
 ]
 SLOW_CASES = [(1, 300, 4, 1, 32, 5, 17, 21), (1, 201, 2, 2, 64, 100, 17, 0)]
 
@@ -132,6 +134,17 @@ def test_triton_inference_rule(window, buffer_size, poisoned_empty) -> None:
     score[0, :pad] = float("-inf")
     column_end = lte_column_end_scan(score, window=window, buffer_size=buffer_size)
     check_triton(B, T, 4, HKV, 32, window, None, pad, column_end=column_end)
+
+
+def test_tma_only_where_a_block_is_one_aligned_head() -> None:
+    """TMA block loads need a power-of-two head dim of >= 16 bytes and 16-byte aligned, contiguous tensors; the
+    interpreter emulates them, so the CPU tests run the TMA path for D = 32 and 64 and pointer loads for D = 48."""
+    x = torch.randn(2, 8, 3, 64)
+    assert use_tma(x, x.clone())
+    assert not use_tma(torch.randn(2, 8, 3, 48))
+    assert not use_tma(torch.randn(2, 8, 3, 2))  # 8 bytes per row
+    assert not use_tma(x, torch.randn(2 * 8 * 3 * 64 + 1)[1:].view(2, 8, 3, 64))  # 4-byte offset
+    assert not use_tma(x.transpose(1, 2))
 
 
 def test_bad_arguments() -> None:

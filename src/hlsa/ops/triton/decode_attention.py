@@ -64,6 +64,8 @@ def decode_attention_fwd_kernel(
     IEEE: tl.constexpr,
 ):
     i_bh, i_split = tl.program_id(0), tl.program_id(1)
+    # torch.compile (Inductor) passes Python floats as fp64 scalars; fp32 keeps the loop-carried softmax state fp32.
+    qk_scale = tl.cast(qk_scale, tl.float32)
     # int64 batch index: a cache of 2^31 elements or more (e.g. B=128, HKV=16, S=16K, D=128) overflows int32 offsets.
     i_b, i_h = (i_bh // HKV).to(tl.int64), i_bh % HKV
     o_g = tl.arange(0, BG)
@@ -218,7 +220,6 @@ def decode_attention_triton(
     k_cache = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
     v_cache = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
     valid = valid if valid.stride(-1) == 1 else valid.contiguous()
-    valid_u8 = valid.view(torch.uint8)
     o = torch.empty(B, HQ, D, device=q.device, dtype=q.dtype)
     if NS > 1:
         m_part = torch.empty(B * HQ, NS, device=q.device, dtype=torch.float32)
@@ -231,7 +232,7 @@ def decode_attention_triton(
         q,
         k_cache,
         v_cache,
-        valid_u8,
+        valid,
         o,
         m_part,
         l_part,
@@ -244,8 +245,8 @@ def decode_attention_triton(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
-        valid_u8.stride(0),
-        valid_u8.stride(1),
+        valid.stride(0),
+        valid.stride(1),
         o.stride(0),
         o.stride(1),
         qk_scale=scale * LOG2E,

@@ -90,7 +90,7 @@ def lte_evict_kernel(
         tl.store(p_k + i_dst * stride_ks + o_d, b_k, mask=m_move)
         tl.store(p_v + i_dst * stride_vs + o_d, b_v, mask=m_move)
         tl.store(p_score + i_dst, b_r, mask=b_move)
-        tl.store(p_valid + i_dst, tl.full([], 1, tl.uint8), mask=b_move)
+        tl.store(p_valid + i_dst, tl.full([], 1, tl.int1), mask=b_move)
         tl.store(p_pos + i_dst, b_r_pos, mask=b_move)
         tl.store(p_len, b_len + 1, mask=b_move & b_not_full)
         # The ring slot is overwritten next; every thread must have read the old token first.
@@ -101,7 +101,7 @@ def lte_evict_kernel(
     tl.store(p_k + i_slot * stride_ks + o_d, b_k_new, mask=m_d)
     tl.store(p_v + i_slot * stride_vs + o_d, b_v_new, mask=m_d)
     tl.store(p_score + i_slot, float("-inf"))
-    tl.store(p_valid + i_slot, tl.full([], 1, tl.uint8))
+    tl.store(p_valid + i_slot, tl.full([], 1, tl.int1))
     tl.store(p_pos + i_slot, i_pos_new.to(tl.int32))
 
 
@@ -130,12 +130,11 @@ def lte_evict_triton(
     for name, t in (("score_cache", score_cache), ("valid", valid), ("pos_cache", pos_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"lte_evict: {name} needs unit stride along S (it is updated in place)")
-    valid_u8 = valid.view(torch.uint8)
     lte_evict_kernel[(B * HKV,)](
         k_cache,
         v_cache,
         score_cache,
-        valid_u8,
+        valid,
         buffer_len,
         pos_cache,
         position,
@@ -149,8 +148,8 @@ def lte_evict_triton(
         v_cache.stride(2),
         score_cache.stride(0),
         score_cache.stride(1),
-        valid_u8.stride(0),
-        valid_u8.stride(1),
+        valid.stride(0),
+        valid.stride(1),
         buffer_len.stride(0),
         buffer_len.stride(1),
         pos_cache.stride(0),

@@ -15,35 +15,27 @@ O(T * (W + BM + number of columns)). The backward (sparse_attention_bwd.py) spli
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from hlsa.ops.triton.rows import block_rows, interpreted, load_rows, rows_descriptor, use_tma
 from hlsa.ops.triton.sparse_attention_bwd import dkdv
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_rows(p_base, o_rows, m_rows, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
-    """Rows `o_rows` of one head from a `[T, H, D]` slab starting at `p_base` -> `[len(o_rows), BD]`."""
-    o_d = tl.arange(0, BD)
-    m_rd = m_rows[:, None] & (o_d < D)[None, :]
-    return tl.load(p_base + o_rows[:, None] * (H * D) + o_d[None, :], mask=m_rd, other=0.0)
-
-
-@triton.jit
 def _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, APPLY_MASK: tl.constexpr, PREC: tl.constexpr):
-    """One online-softmax step over a `[BM, BN]` tile (base-2 logits)."""
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
+    """One online-softmax step over a `[BM, BN]` tile (base-2 logits `scale * q.k`)."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     if APPLY_MASK:
         b_s = tl.where(vis, b_s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(b_s, 1))
+    # The max is taken before scaling (scale > 0), so scaling and shifting below are one multiply-add per logit.
+    m_new = tl.maximum(m_i, tl.max(b_s, 1) * scale)
     # A row with nothing visible yet keeps m = -inf; shifting by 0 instead avoids exp2(-inf - -inf) = nan.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    b_p = tl.exp2(b_s - m_safe[:, None])
+    b_p = tl.exp2(b_s * scale - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(b_p, 1)
     acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
@@ -53,10 +45,9 @@ def _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, APPLY_MASK: tl.constexpr
 @triton.jit
 def _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, APPLY_MASK: tl.constexpr, PREC: tl.constexpr):
     """dq contribution of one `[BM, BN]` tile: p recomputed from lse, ds = p * (dp - delta)."""
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
+    b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale - b_lse[:, None])
     if APPLY_MASK:
-        b_s = tl.where(vis, b_s, float("-inf"))
-    b_p = tl.exp2(b_s - b_lse[:, None])
+        b_p = tl.where(vis, b_p, 0.0)
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
     b_ds = b_p * (b_dp - b_delta[:, None])
     return b_dq + tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
@@ -84,9 +75,9 @@ def _band_bounds(t0, T, W, BM: tl.constexpr, BN: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    q, k, v, o, lse, ce, km, cols, ccount, scale, T, W,
+    q, k, v, o, lse, ce, km, cols, ccount, scale, T, W, q_desc, k_desc, v_desc,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr,
+    USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hq = i_bh // HQ, i_bh % HQ
@@ -98,7 +89,7 @@ def _fwd_kernel(
     p_k = k + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     p_v = v + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     km_b = km + i_b.to(tl.int64) * T
-    b_q = _load_rows(p_q, o_m, o_m < T, HQ, D, BD)
+    b_q = block_rows(p_q, q_desc, i_b, i_hq, t0, T, HQ, D, BD, BM, TMA)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
@@ -110,27 +101,27 @@ def _fwd_kernel(
             b_pos = tl.load(cols + i_bk.to(tl.int64) * T + o_c, mask=m_c, other=0)
             b_ce = tl.load(ce + (i_b.to(tl.int64) * T + b_pos) * HKV + i_hk, mask=m_c, other=0)
             vis = (o_m[:, None] < b_ce[None, :]) & (o_m[:, None] - b_pos[None, :] > W)
-            b_k = _load_rows(p_k, b_pos, m_c, HKV, D, BD)
-            b_v = _load_rows(p_v, b_pos, m_c, HKV, D, BD)
+            b_k = load_rows(p_k, b_pos, m_c, HKV, D, BD)
+            b_v = load_rows(p_v, b_pos, m_c, HKV, D, BD)
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
     s0, a, t_end = _band_bounds(t0, T, W, BM, BN)
     for n0 in range(s0, a, BN):
         o_n = n0 + tl.arange(0, BN)
         vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
-        b_k = _load_rows(p_k, o_n, o_n < T, HKV, D, BD)
-        b_v = _load_rows(p_v, o_n, o_n < T, HKV, D, BD)
+        b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
+        b_v = block_rows(p_v, v_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
     for n0 in range(a, t0, BN):
         o_n = n0 + tl.arange(0, BN)
         vis = _band_vis(o_m, o_n, km_b, T, W, False, USE_KM)
-        b_k = _load_rows(p_k, o_n, o_n < T, HKV, D, BD)
-        b_v = _load_rows(p_v, o_n, o_n < T, HKV, D, BD)
+        b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
+        b_v = block_rows(p_v, v_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, USE_KM, PREC)
     for n0 in range(t0, t_end, BN):
         o_n = n0 + tl.arange(0, BN)
         vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
-        b_k = _load_rows(p_k, o_n, o_n < T, HKV, D, BD)
-        b_v = _load_rows(p_v, o_n, o_n < T, HKV, D, BD)
+        b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
+        b_v = block_rows(p_v, v_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -143,9 +134,9 @@ def _fwd_kernel(
 
 @triton.jit
 def _dq_kernel(
-    q, k, v, do, dq, lse, delta, ce, km, cols, ccount, scale, T, W,
+    q, k, v, o, do, dq, lse, delta, ce, km, cols, ccount, scale, T, W, q_desc, k_desc, v_desc, o_desc, do_desc,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr,
+    USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hq = i_bh // HQ, i_bh % HQ
@@ -157,10 +148,13 @@ def _dq_kernel(
     p_k = k + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     p_v = v + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     km_b = km + i_b.to(tl.int64) * T
-    b_q = _load_rows(q + (i_b.to(tl.int64) * T * HQ + i_hq) * D, o_m, m_m, HQ, D, BD)
-    b_do = _load_rows(do + (i_b.to(tl.int64) * T * HQ + i_hq) * D, o_m, m_m, HQ, D, BD)
+    b_q = block_rows(q + (i_b.to(tl.int64) * T * HQ + i_hq) * D, q_desc, i_b, i_hq, t0, T, HQ, D, BD, BM, TMA)
+    b_do = block_rows(do + (i_b.to(tl.int64) * T * HQ + i_hq) * D, do_desc, i_b, i_hq, t0, T, HQ, D, BD, BM, TMA)
     b_lse = tl.load(lse + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=float("inf"))
-    b_delta = tl.load(delta + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)
+    # delta = rowsum(o * do), the softmax-gradient shift of these rows; stored for the dk/dv kernels (run next).
+    b_o = block_rows(o + (i_b.to(tl.int64) * T * HQ + i_hq) * D, o_desc, i_b, i_hq, t0, T, HQ, D, BD, BM, TMA)
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
+    tl.store(delta + i_bh.to(tl.int64) * T + o_m, b_delta, mask=m_m)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
     if USE_COLS:
         n_col = tl.load(ccount + i_bk.to(tl.int64) * (T + 1) + tl.minimum(tl.maximum(t0 + BM - 1 - W, 0), T))
@@ -170,27 +164,27 @@ def _dq_kernel(
             b_pos = tl.load(cols + i_bk.to(tl.int64) * T + o_c, mask=m_c, other=0)
             b_ce = tl.load(ce + (i_b.to(tl.int64) * T + b_pos) * HKV + i_hk, mask=m_c, other=0)
             vis = (o_m[:, None] < b_ce[None, :]) & (o_m[:, None] - b_pos[None, :] > W)
-            b_k = _load_rows(p_k, b_pos, m_c, HKV, D, BD)
-            b_v = _load_rows(p_v, b_pos, m_c, HKV, D, BD)
+            b_k = load_rows(p_k, b_pos, m_c, HKV, D, BD)
+            b_v = load_rows(p_v, b_pos, m_c, HKV, D, BD)
             b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, True, PREC)
     s0, a, t_end = _band_bounds(t0, T, W, BM, BN)
     for n0 in range(s0, a, BN):
         o_n = n0 + tl.arange(0, BN)
         vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
-        b_k = _load_rows(p_k, o_n, o_n < T, HKV, D, BD)
-        b_v = _load_rows(p_v, o_n, o_n < T, HKV, D, BD)
+        b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
+        b_v = block_rows(p_v, v_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
         b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, True, PREC)
     for n0 in range(a, t0, BN):
         o_n = n0 + tl.arange(0, BN)
         vis = _band_vis(o_m, o_n, km_b, T, W, False, USE_KM)
-        b_k = _load_rows(p_k, o_n, o_n < T, HKV, D, BD)
-        b_v = _load_rows(p_v, o_n, o_n < T, HKV, D, BD)
+        b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
+        b_v = block_rows(p_v, v_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
         b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, USE_KM, PREC)
     for n0 in range(t0, t_end, BN):
         o_n = n0 + tl.arange(0, BN)
         vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
-        b_k = _load_rows(p_k, o_n, o_n < T, HKV, D, BD)
-        b_v = _load_rows(p_v, o_n, o_n < T, HKV, D, BD)
+        b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
+        b_v = block_rows(p_v, v_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
         b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, True, PREC)
     # ds was taken w.r.t. natural logits; dq = scale * ds @ k (the base-2 factor only lives in the exponent).
     b_dq = b_dq * (scale / 1.4426950408889634)
@@ -199,19 +193,16 @@ def _dq_kernel(
     tl.store(p_dq, b_dq.to(dq.dtype.element_ty), mask=m_m[:, None] & (o_d < D)[None, :])
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def launch_config(kernel: str, D: int) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages) for `kernel` in {"fwd", "dq", "dkdv"}; small tiles under the interpreter."""
-    if _interpreted():
+    if interpreted():
         return 16, 16, 1, 1
-    # Measured on an H200 at T=4096, D=64, bf16 (docs/kernels.md); D=128 keeps the wider-tile defaults, untuned.
+    # Measured on an H200 at T=4096, bf16 (docs/kernels.md): every kernel at D=64, dk/dv at D=128 (8 warps there
+    # took 6.3 ms, 4 warps 3.5 ms); the D=128 forward and dq keep the wider-tile defaults, untuned.
     table = {
         "fwd": (128, 32, 4, 3) if D <= 64 else (128, 64, 8, 3),
         "dq": (128, 32, 4, 3) if D <= 64 else (128, 64, 8, 2),
-        "dkdv": (64, 64, 4, 2) if D <= 64 else (64, 64, 8, 2),
+        "dkdv": (64, 64, 4, 2),
     }
     return table[kernel]
 
@@ -257,28 +248,38 @@ def forward(
     BM, BN, warps, stages = launch_config("fwd", D)
     o = torch.empty_like(q)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
+    tma = use_tma(q, k, v)
+    descs = (rows_descriptor(q, BM), rows_descriptor(k, BN), rows_descriptor(v, BN)) if tma else (None,) * 3
     _fwd_kernel[(triton.cdiv(T, BM), B * HQ)](
-        q, k, v, o, lse, ce, km, cols, ccount, scale * LOG2E, T, window_eff,
+        q, k, v, o, lse, ce, km, cols, ccount, scale * LOG2E, T, window_eff, *descs,
         HQ=HQ, HKV=k.shape[2], D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN,
-        USE_COLS=use_cols, USE_KM=km is not q, PREC=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        USE_COLS=use_cols, USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return o, lse
 
 
 def backward_dq(
-    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, ce: Tensor, km: Tensor, cols: Tensor,
+    q: Tensor, k: Tensor, v: Tensor, o: Tensor, do: Tensor, lse: Tensor, ce: Tensor, km: Tensor, cols: Tensor,
     ccount: Tensor, window_eff: int, scale: float, use_cols: bool,
-) -> Tensor:  # fmt: skip
-    """Launch the dq kernel -> dq [B, T, HQ, D]."""
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Launch the dq kernel -> dq [B, T, HQ, D] and delta = rowsum(o * do) [B, HQ, T] fp32 (for `dkdv`)."""
     B, T, HQ, D = q.shape
     BM, BN, warps, stages = launch_config("dq", D)
     dq = torch.empty_like(q)
+    delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
+    tma = use_tma(q, k, v, o, do)
+    descs = (
+        (rows_descriptor(q, BM), rows_descriptor(k, BN), rows_descriptor(v, BN))
+        + (rows_descriptor(o, BM), rows_descriptor(do, BM))
+        if tma
+        else (None,) * 5
+    )
     _dq_kernel[(triton.cdiv(T, BM), B * HQ)](
-        q, k, v, do, dq, lse, delta, ce, km, cols, ccount, scale * LOG2E, T, window_eff,
+        q, k, v, o, do, dq, lse, delta, ce, km, cols, ccount, scale * LOG2E, T, window_eff, *descs,
         HQ=HQ, HKV=k.shape[2], D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN,
-        USE_COLS=use_cols, USE_KM=km is not q, PREC=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        USE_COLS=use_cols, USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    return dq
+    return dq, delta
 
 
 class SparseAttentionFunction(torch.autograd.Function):
@@ -306,9 +307,8 @@ class SparseAttentionFunction(torch.autograd.Function):
     def backward(ctx, do):  # noqa: ANN001, ANN205
         q, k, v, o, lse, ce, km, cols, ccount = ctx.saved_tensors
         do = do.contiguous()
-        delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, HQ, T]
         pattern = (ce, km, cols, ccount, ctx.window_eff, ctx.scale, ctx.use_cols)
-        dq = backward_dq(q, k, v, do, lse, delta, *pattern)
+        dq, delta = backward_dq(q, k, v, o, do, lse, *pattern)
         dk, dv = dkdv(q, k, v, do, lse, delta, *pattern, config=launch_config("dkdv", q.shape[-1]))
         return dq, dk, dv, None, None, None, None
 

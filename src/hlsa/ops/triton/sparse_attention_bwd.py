@@ -17,21 +17,20 @@ import torch
 import triton
 import triton.language as tl
 
+from hlsa.ops.triton.rows import block_rows, rows_descriptor, use_tma
+
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _dkdv_step(b_dk, b_dv, b_k, b_v, p_q, p_do, lse_h, delta_h, o_m, m_m, vis, scale,
-               HQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+def _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse_h, delta_h, o_m, m_m, vis, scale,
+               APPLY_MASK: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """Transposed tile `[BN keys, BM queries]`: dv += p^T do, dk += ds^T q (ds w.r.t. natural logits)."""
-    o_d = tl.arange(0, BD)
-    m_qd = m_m[:, None] & (o_d < D)[None, :]
-    b_q = tl.load(p_q + o_m[:, None] * (HQ * D) + o_d[None, :], mask=m_qd, other=0.0)
-    b_do = tl.load(p_do + o_m[:, None] * (HQ * D) + o_d[None, :], mask=m_qd, other=0.0)
     b_lse = tl.load(lse_h + o_m, mask=m_m, other=float("inf"))
     b_delta = tl.load(delta_h + o_m, mask=m_m, other=0.0)
-    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale
-    b_pt = tl.where(vis, tl.exp2(b_st - b_lse[None, :]), 0.0)
+    b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale - b_lse[None, :])
+    if APPLY_MASK:
+        b_pt = tl.where(vis, b_pt, 0.0)
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
     b_dst = b_pt * (b_dpt - b_delta[None, :])
@@ -41,9 +40,9 @@ def _dkdv_step(b_dk, b_dv, b_k, b_v, p_q, p_do, lse_h, delta_h, o_m, m_m, vis, s
 
 @triton.jit
 def _dkdv_col_kernel(
-    q, k, v, do, lse, delta, ce, cols, ccount, dk_col, dv_col, scale, T, W,
+    q, k, v, do, lse, delta, ce, cols, ccount, dk_col, dv_col, scale, T, W, q_desc, do_desc,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    QS: tl.constexpr, PREC: tl.constexpr,
+    QS: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     i_s, i_bk = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bk // HKV, i_bk % HKV
@@ -77,8 +76,10 @@ def _dkdv_col_kernel(
                 o_m = m0 + tl.arange(0, BM)
                 m_m = o_m < q_hi
                 vis = (o_m[None, :] - b_pos[:, None] > W) & (o_m[None, :] < b_ce[:, None]) & m_m[None, :]
+                b_q = block_rows(p_q, q_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
+                b_do = block_rows(p_do, do_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
                 b_dk, b_dv = _dkdv_step(
-                    b_dk, b_dv, b_k, b_v, p_q, p_do, lse_h, delta_h, o_m, m_m, vis, scale, HQ, D, BD, PREC
+                    b_dk, b_dv, b_k, b_v, b_q, b_do, lse_h, delta_h, o_m, m_m, vis, scale, True, PREC
                 )
         # Several query segments add into the same column rows.
         p_out = i_bk.to(tl.int64) * T * D + o_c[:, None] * D + o_d[None, :]
@@ -89,9 +90,9 @@ def _dkdv_col_kernel(
 
 @triton.jit
 def _dkdv_band_kernel(
-    q, k, v, do, dk, dv, lse, delta, km, ccount, dk_col, dv_col, scale, T, W,
+    q, k, v, do, dk, dv, lse, delta, km, ccount, dk_col, dv_col, scale, T, W, q_desc, do_desc,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr,
+    USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     i_n, i_bk = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bk // HKV, i_bk % HKV
@@ -109,20 +110,40 @@ def _dkdv_band_kernel(
         m_key = m_key & tl.load(km + i_b.to(tl.int64) * T + o_n, mask=m_n, other=0).to(tl.int1)
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
-    q_hi = tl.minimum(n0 + BN + W, T)
+    # Query tiles [m0, m0 + BM) over [start, q_hi): the interior ones [lo, hi) see every key of the block
+    # (m0 >= n0 + BN - 1, m0 + BM - 1 <= n0 + W, all rows < T) and test at most the key mask.
+    start, q_hi = (n0 // BM) * BM, tl.minimum(n0 + BN + W, T)
+    lo = tl.minimum(tl.cdiv(n0 + BN - 1, BM) * BM, q_hi)
+    hi = lo + tl.maximum(tl.minimum(n0 + W + 1, T) - lo, 0) // BM * BM
+    if n0 + BN > T:
+        hi = lo  # the last key block has keys past T: no interior tiles
     for i_g in range(G):
         i_hq = i_hk * G + i_g
         p_q = q + (i_b.to(tl.int64) * T * HQ + i_hq) * D
         p_do = do + (i_b.to(tl.int64) * T * HQ + i_hq) * D
         lse_h = lse + (i_b.to(tl.int64) * HQ + i_hq) * T
         delta_h = delta + (i_b.to(tl.int64) * HQ + i_hq) * T
-        for m0 in range((n0 // BM) * BM, q_hi, BM):
+        for m0 in range(start, lo, BM):
             o_m = m0 + tl.arange(0, BM)
             m_m = o_m < T
             vis = (o_n[:, None] <= o_m[None, :]) & (o_m[None, :] - o_n[:, None] <= W) & m_key[:, None] & m_m[None, :]
+            b_q = block_rows(p_q, q_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
+            b_do = block_rows(p_do, do_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
+            b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse_h, delta_h, o_m, m_m, vis, scale, True, PREC)
+        for m0 in range(lo, hi, BM):
+            o_m = m0 + tl.arange(0, BM)
+            b_q = block_rows(p_q, q_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
+            b_do = block_rows(p_do, do_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
             b_dk, b_dv = _dkdv_step(
-                b_dk, b_dv, b_k, b_v, p_q, p_do, lse_h, delta_h, o_m, m_m, vis, scale, HQ, D, BD, PREC
+                b_dk, b_dv, b_k, b_v, b_q, b_do, lse_h, delta_h, o_m, o_m < T, m_key[:, None], scale, USE_KM, PREC
             )
+        for m0 in range(hi, q_hi, BM):
+            o_m = m0 + tl.arange(0, BM)
+            m_m = o_m < T
+            vis = (o_n[:, None] <= o_m[None, :]) & (o_m[None, :] - o_n[:, None] <= W) & m_key[:, None] & m_m[None, :]
+            b_q = block_rows(p_q, q_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
+            b_do = block_rows(p_do, do_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
+            b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse_h, delta_h, o_m, m_m, vis, scale, True, PREC)
     if USE_COLS:
         # Keys that are columns add their far-pair partial, stored at their index in the column list.
         p_cnt = ccount + i_bk.to(tl.int64) * (T + 1) + o_n
@@ -172,20 +193,22 @@ def dkdv(
     BD = triton.next_power_of_2(D)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     dk, dv = torch.empty_like(k), torch.empty_like(v)
+    tma = use_tma(q, do)
+    descs = (rows_descriptor(q, BM), rows_descriptor(do, BM)) if tma else (None, None)
     if use_cols:
         # Sized for the worst case (every key a column) so that no host sync reads the count.
         dk_col = torch.zeros(B * HKV, T, D, device=q.device, dtype=torch.float32)
         dv_col = torch.zeros_like(dk_col)
         QS = query_segment(T, B * HKV, BM)
         _dkdv_col_kernel[(triton.cdiv(T, QS), B * HKV)](
-            q, k, v, do, lse, delta, ce, cols, ccount, dk_col, dv_col, scale * LOG2E, T, window_eff,
-            HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, QS=QS, PREC=prec, num_warps=warps, num_stages=stages,
+            q, k, v, do, lse, delta, ce, cols, ccount, dk_col, dv_col, scale * LOG2E, T, window_eff, *descs,
+            HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, QS=QS, PREC=prec, TMA=tma, num_warps=warps, num_stages=stages,
         )  # fmt: skip
     else:
         dk_col = dv_col = lse  # placeholders, never read
     _dkdv_band_kernel[(triton.cdiv(T, BN), B * HKV)](
-        q, k, v, do, dk, dv, lse, delta, km, ccount, dk_col, dv_col, scale * LOG2E, T, window_eff,
-        HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, USE_COLS=use_cols, USE_KM=km is not q, PREC=prec,
+        q, k, v, do, dk, dv, lse, delta, km, ccount, dk_col, dv_col, scale * LOG2E, T, window_eff, *descs,
+        HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, USE_COLS=use_cols, USE_KM=km is not q, PREC=prec, TMA=tma,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return dk, dv
