@@ -226,6 +226,40 @@ def sweep() -> list[dict]:
     return rows
 
 
+def kernel_times() -> list[dict]:
+    """Median ms of each kernel of one training step alone (forward, column prologue, dq + delta, dk/dv) and of the
+    whole forward / forward + backward, at the quick shapes: where the time of `time_pair` goes."""
+    rows = []
+    for T, HKV, D in ((4096, 4, 64), (16384, 4, 64), (4096, 16, 128)):
+        rows.append(_kernel_row(T, HKV, D))
+        print(json.dumps(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _kernel_row(T: int, HKV: int, D: int) -> dict:
+    import hlsa.ops.triton.sparse_attention as kernels
+    from hlsa.ops.triton.sparse_attention_bwd import dkdv
+
+    q, k, v, ce = make_inputs(65536 // T, T, 16, HKV, D, torch.bfloat16)
+    scale = D**-0.5
+    cols, ccount = kernels.column_prologue(ce, None, WINDOW)
+    pattern = (ce, q, cols, ccount, WINDOW, scale, True)  # `km is q`: no key mask
+    row = {"T": T, "HKV": HKV, "D": D}
+    with torch.no_grad():
+        o, lse = kernels.forward(q, k, v, *pattern)
+        do = torch.randn_like(o)
+        _, delta = kernels.backward_dq(q, k, v, o, do, lse, *pattern)
+        row["fwd_ms"] = bench(functools.partial(kernels.forward, q, k, v, *pattern), [])
+        row["prologue_ms"] = bench(functools.partial(kernels.column_prologue, ce, None, WINDOW), [])
+        row["dq_ms"] = bench(functools.partial(kernels.backward_dq, q, k, v, o, do, lse, *pattern), [])
+        config = kernels.launch_config("dkdv", D)
+        row["dkdv_ms"] = bench(functools.partial(dkdv, q, k, v, do, lse, delta, *pattern, config=config), [])
+    ours = functools.partial(sparse_attention, q, k, v, window=WINDOW, column_end=ce)
+    row.update({f"total_{key}": value for key, value in time_pair(ours, [q, k, v]).items()})
+    return row
+
+
 def machine() -> dict:
     import triton
 
@@ -289,14 +323,16 @@ def main() -> None:
     parser.add_argument("--flex-max-t", type=int, default=4096)
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="also time block configs of each kernel")
+    parser.add_argument("--kernels", action="store_true", help="also time each kernel of a step alone")
     args = parser.parse_args()
     torch.manual_seed(0)
     checks = [] if args.skip_check else check_correctness()
     tuning = sweep() if args.sweep else []
+    per_kernel = kernel_times() if args.kernels else []
     rows = run_benchmarks(args)
     print_table(rows)
     result = {"machine": machine(), "checks": checks, "window": WINDOW, "columns": N_COLUMNS, "sinks": N_SINKS}
-    result["rows"], result["sweep"] = rows, tuning
+    result["rows"], result["sweep"], result["kernels"] = rows, tuning, per_kernel
     with open(os.path.join(args.out, "attention_h200.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(rows, os.path.join(args.out, "attention_h200.png"))
