@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hlsa.ops.lte_retention import INT32_MAX, lte_column_end, lte_column_end_ref, lte_column_end_scan
+from hlsa.ops.triton.lte_retention import lte_column_end_triton, prefix_buffers
 
 
 def random_scores(B: int, T: int, H: int, *, levels: int = 4) -> torch.Tensor:
@@ -82,6 +83,34 @@ def test_triton_scan_matches_ref(B: int, T: int, H: int, window: int, buffer_siz
     expect = lte_column_end_ref(score, window=window, buffer_size=buffer_size)
     got = lte_column_end(score, window=window, buffer_size=buffer_size, backend="triton")
     torch.testing.assert_close(got, expect)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 16])
+@pytest.mark.parametrize(
+    "B,T,H,window,buffer_size", [(2, 37, 3, 1, 3), (1, 64, 2, 5, 17), (2, 50, 2, 0, 1)], ids=lambda x: str(x)
+)
+def test_triton_chunked_scan_matches_ref(B: int, T: int, H: int, window: int, buffer_size: int, chunk: int) -> None:
+    """Chunks walked in parallel from the prefix buffers give the single walk's column ends: ties (levels=2),
+    evictions of keys that entered in an earlier chunk, chunks that start with a partly empty buffer."""
+    for levels in (2, 50):
+        score = random_scores(B, T, H, levels=levels)
+        expect = lte_column_end_ref(score, window=window, buffer_size=buffer_size)
+        got = lte_column_end_triton(score, window=window, buffer_size=buffer_size, chunk=chunk)
+        torch.testing.assert_close(got, expect)
+
+
+def test_prefix_buffers_are_the_top_n_of_each_prefix() -> None:
+    score = random_scores(1, 40, 3, levels=3).permute(0, 2, 1).reshape(3, 40)
+    n, chunk = 5, 6
+    buf_s, buf_p = prefix_buffers(score, n, chunk)
+    for r in range(3):
+        for c in range(buf_s.shape[1]):
+            row = score[r, : c * chunk].tolist()
+            top = sorted((j for j in range(len(row)) if row[j] > 0), key=lambda j: (-row[j], j))[:n]
+            got = sorted(p for p in buf_p[r, c].tolist() if p >= 0)
+            assert got == sorted(top), (r, c)
+            assert buf_s[r, c][buf_p[r, c] >= 0].tolist() == [row[p] for p in buf_p[r, c].tolist() if p >= 0]
+            assert (buf_s[r, c][buf_p[r, c] < 0] == float("-inf")).all()
 
 
 @pytest.mark.gpu
