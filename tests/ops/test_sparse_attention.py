@@ -8,6 +8,7 @@ import torch
 from hlsa.ops.lte_retention import lte_column_end_scan
 from hlsa.ops.sparse_attention import sparse_attention, sparse_attention_ref
 from hlsa.ops.triton.rows import use_tma
+from hlsa.ops.triton.sparse_attention import column_prologue, column_prologue_ref
 
 INT32_MAX = 2**31 - 1
 
@@ -154,6 +155,19 @@ def test_triton_inference_rule(window, buffer_size, poisoned_empty) -> None:
     score[0, :pad] = float("-inf")
     column_end = lte_column_end_scan(score, window=window, buffer_size=buffer_size)
     check_triton(B, T, 4, HKV, 32, window, None, pad, column_end=column_end)
+
+
+@pytest.mark.parametrize("T,window,pad", [(1, 0, 0), (37, 3, 5), (100, 20, 0), (70, 0, 69)])
+def test_column_prologue_matches_reference(T: int, window: int, pad: int) -> None:
+    """The one-launch prologue (blocks of 16 keys under the interpreter, so the running count crosses blocks)."""
+    _, _, _, ce, km = make_case(2, T, 4, 2, 8, T // 3, pad)
+    ce[0, -1, 0] = INT32_MAX  # a column at the last position
+    cols, ccount = column_prologue(ce, km, window)
+    cols_ref, ccount_ref = column_prologue_ref(ce, km, window)
+    assert torch.equal(ccount, ccount_ref)
+    for r in range(ccount.shape[0]):
+        n = ccount[r, -1]
+        assert torch.equal(cols[r, :n], cols_ref[r, :n]), r
 
 
 def test_tma_only_where_a_block_is_one_aligned_head() -> None:

@@ -219,15 +219,50 @@ def launch_config(kernel: str, D: int) -> tuple[int, int, int, int]:
     return table[kernel]
 
 
+@triton.jit
+def _prologue_kernel(ce, km, cols, ccount, T, W, HKV: tl.constexpr, BT: tl.constexpr, USE_KM: tl.constexpr):
+    """One program per (b, kv head): a running count of the columns along T, and their positions compacted."""
+    i_bk = tl.program_id(0)
+    i_b, i_hk = i_bk // HKV, i_bk % HKV
+    p_cols = cols + i_bk.to(tl.int64) * T
+    p_count = ccount + i_bk.to(tl.int64) * (T + 1)
+    tl.store(p_count, 0)
+    carry = tl.zeros([], dtype=tl.int32)
+    for t0 in range(0, T, BT):
+        o_t = t0 + tl.arange(0, BT)
+        m_t = o_t < T
+        b_ce = tl.load(ce + (i_b.to(tl.int64) * T + o_t) * HKV + i_hk, mask=m_t, other=0)
+        is_col = m_t & (b_ce > o_t + W + 1)
+        if USE_KM:
+            is_col = is_col & (tl.load(km + i_b.to(tl.int64) * T + o_t, mask=m_t, other=0) != 0)
+        b_count = tl.cumsum(is_col.to(tl.int32), 0) + carry
+        tl.store(p_count + 1 + o_t, b_count, mask=m_t)
+        tl.store(p_cols + b_count - 1, o_t, mask=is_col)
+        carry += tl.sum(is_col.to(tl.int32), 0)
+
+
 def column_prologue(
     column_end: torch.Tensor, key_mask: torch.Tensor | None, window: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact, per (b, kv head), the sorted positions of keys that outlive their band.
+    """Compact, per (b, kv head), the sorted positions of keys that outlive their band (one launch).
 
     Returns:
-        cols int32 `[B * HKV, T]`: column positions in increasing order (entries past the count are junk);
+        cols int32 `[B * HKV, T]`: column positions in increasing order (entries past the count are never written);
         ccount int32 `[B * HKV, T + 1]`: `ccount[:, j]` = number of columns at positions `< j`.
     """
+    B, T, HKV = column_end.shape
+    cols = torch.empty(B * HKV, T, device=column_end.device, dtype=torch.int32)
+    ccount = torch.empty(B * HKV, T + 1, device=column_end.device, dtype=torch.int32)
+    km = key_mask if key_mask is not None else column_end  # placeholder, never read
+    BT = 16 if interpreted() else 1024
+    _prologue_kernel[(B * HKV,)](column_end, km, cols, ccount, T, window, HKV=HKV, BT=BT, USE_KM=key_mask is not None)
+    return cols, ccount
+
+
+def column_prologue_ref(
+    column_end: torch.Tensor, key_mask: torch.Tensor | None, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`column_prologue` in torch (a cumsum and a scatter); the entries of `cols` past the count are 0."""
     B, T, HKV = column_end.shape
     pos = torch.arange(T, device=column_end.device, dtype=torch.int32)
     is_col = column_end > (pos + window + 1)[None, :, None]  # [B, T, HKV]
