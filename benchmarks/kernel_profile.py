@@ -68,14 +68,17 @@ def profiled(fn, steps: int, cuda: bool) -> tuple[dict, float]:
 
 
 @torch.no_grad()
-def decode_profile(arch: str, plan: e2e.Plan, batch: int, context: int, steps: int) -> dict:
+def decode_profile(arch: str, plan: e2e.Plan, batch: int, context: int, steps: int, compiled: bool = False) -> dict:
+    """Kernels of eager decode steps, or with `compiled` of the `torch.compile`d step that `e2e.py` graph-captures
+    (Inductor's fused kernels; without the graph, so host launch gaps show in the wall time only)."""
     model = e2e.build_model(arch, plan)
     cache = e2e.synthetic_cache(model, batch, context)
     token = torch.randint(0, model.config.vocab_size, (batch, 1), device=plan.device)
+    step = torch.compile(e2e.decode_step) if compiled else e2e.decode_step
     for _ in range(3):  # compile and autotune every kernel outside the profile
-        model(token, cache=cache)
-    table, wall_ms = profiled(lambda: model(token, cache=cache), steps, plan.device == "cuda")
-    return {"batch": batch, "context": context, "wall_ms_per_step": wall_ms, **table}
+        step(model, token, cache)
+    table, wall_ms = profiled(lambda: step(model, token, cache), steps, plan.device == "cuda")
+    return {"batch": batch, "context": context, "compiled": compiled, "wall_ms_per_step": wall_ms, **table}
 
 
 def train_profile(
@@ -122,6 +125,7 @@ def main() -> None:
     parser.add_argument(
         "--lte-kept", type=train_bench.kept_arg, default=512, help="LTE tokens kept per head while training, or 'init'"
     )
+    parser.add_argument("--compile", action="store_true", help="profile the torch.compiled decode step (GPU)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     args = parser.parse_args()
@@ -143,7 +147,7 @@ def main() -> None:
         for arch in args.archs.split(","):
             results["archs"][arch] = mine = {}
             if "decode" in phases:
-                mine["decode"] = decode_profile(arch, plan, args.batch, args.context, args.steps)
+                mine["decode"] = decode_profile(arch, plan, args.batch, args.context, args.steps, args.compile)
                 show(arch, f"decode B={args.batch} C={args.context}", mine["decode"])
             if "train" in phases:
                 mine["train"] = train_profile(
