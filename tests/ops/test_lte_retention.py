@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from hlsa.ops.lte_retention import INT32_MAX, lte_column_end, lte_column_end_ref, lte_column_end_scan
-from hlsa.ops.triton.lte_retention import lte_column_end_triton, prefix_buffers
+from hlsa.ops.lte_retention import INT32_MAX, lte_column_end, lte_column_end_ref, lte_column_end_scan, prefix_buffers
+from hlsa.ops.triton.lte_retention import lte_column_end_triton
 
 
 def random_scores(B: int, T: int, H: int, *, levels: int = 4) -> torch.Tensor:
@@ -49,7 +49,9 @@ def test_scan_matches_ref(B: int, T: int, H: int, window: int, buffer_size: int)
     for levels in (2, 50):
         score = random_scores(B, T, H, levels=levels)
         expect = lte_column_end_ref(score, window=window, buffer_size=buffer_size)
-        torch.testing.assert_close(lte_column_end_scan(score, window=window, buffer_size=buffer_size), expect)
+        for chunk in (256, 1, 7):  # one chunk (T <= 256) and many, with keys evicted chunks after they entered
+            got = lte_column_end_scan(score, window=window, buffer_size=buffer_size, chunk=chunk)
+            torch.testing.assert_close(got, expect)
         torch.testing.assert_close(lte_column_end(score, window=window, buffer_size=buffer_size), expect)
 
 

@@ -18,6 +18,8 @@ import torch
 
 INT32_MAX = 2**31 - 1
 MAX_TRITON_SLOTS = 8192
+POS_BITS = 31  # positions < 2^31 fill the low bits of a rank key (`prefix_buffers`)
+SCAN_CHUNK = 256  # keys per chunk of the torch scan: fewer, larger steps (each step is ~10 small ops)
 
 
 # Largest B * HKV * T^2 for which the CPU dispatch uses the brute force (an int32 table of this size: 64 MiB).
@@ -62,35 +64,72 @@ def lte_column_end_ref(score: torch.Tensor, *, window: int, buffer_size: int) ->
     return end.to(torch.int32).permute(0, 2, 1).contiguous()
 
 
-def lte_column_end_scan(score: torch.Tensor, *, window: int, buffer_size: int) -> torch.Tensor:
-    """Streaming min-replacement over T steps, vectorised over (B, HKV); O(T * N) work.
+def prefix_buffers(score: torch.Tensor, n: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The buffer at the start of each chunk: scores fp32 and positions int32 `[R, C, n]` for score `[R, T]`.
 
-    Args and Returns as in `lte_column_end_ref`.
+    Empty slots are (-inf, -1). Keys are ranked by one int64 per key: the bits of a positive fp32 score (monotone
+    in its value) above the reversed position, so a larger key is a higher score or, on equal scores, an earlier
+    position; non-positive keys get -1 and never enter.
+    """
+    R, T = score.shape
+    C = -(-T // chunk)
+    pos = torch.arange(T, device=score.device, dtype=torch.int64)
+    s = score.float()
+    bits = torch.where(s > 0, s, 0.0).view(torch.int32).to(torch.int64)
+    key = torch.where(s > 0, (bits << POS_BITS) | ((1 << POS_BITS) - 1 - pos), -1)
+    key = torch.nn.functional.pad(key, (0, C * chunk - T), value=-1).view(R, C, chunk)
+    top = key.topk(min(n, chunk), dim=-1).values
+    top = torch.nn.functional.pad(top, (0, n - top.shape[-1]), value=-1)  # [R, C, n]: top n of each chunk
+    step = 1
+    while step < C:  # inclusive prefix: chunk c then covers chunks c - 2 * step + 1 .. c
+        earlier = torch.nn.functional.pad(top[:, : C - step], (0, 0, step, 0), value=-1)
+        top = torch.cat([top, earlier], dim=-1).topk(n, dim=-1).values
+        step *= 2
+    start = torch.nn.functional.pad(top[:, : C - 1], (0, 0, 1, 0), value=-1)  # exclusive: keys before the chunk
+    kept = start >= 0
+    buf_p = torch.where(kept, (1 << POS_BITS) - 1 - (start & ((1 << POS_BITS) - 1)), -1).to(torch.int32)
+    buf_s = torch.where(kept, (start >> POS_BITS).to(torch.int32).view(torch.float32), float("-inf"))
+    return buf_s.contiguous(), buf_p.contiguous()
+
+
+def lte_column_end_scan(score: torch.Tensor, *, window: int, buffer_size: int, chunk: int = SCAN_CHUNK) -> torch.Tensor:
+    """Streaming min-replacement in chunks of `chunk` keys, each from its prefix buffer (`prefix_buffers`), all
+    chunks of all (b, kv head) rows in one vectorised walk of `chunk` steps; O(T * N) work. Scores are compared in
+    fp32. Every key is rejected or evicted at most once, so exactly one chunk writes its column end.
+
+    Args and Returns as in `lte_column_end_ref`; `chunk` changes the speed, not the result.
     """
     _check(score, window, buffer_size)
     B, T, H = score.shape
-    s = score.permute(0, 2, 1).reshape(B * H, T)
-    end = torch.where(s > 0, torch.arange(T, device=score.device) + window + 1, 0).to(torch.int64)
-    if buffer_size == 0:
+    R, n = B * H, min(buffer_size, T)
+    s = score.permute(0, 2, 1).reshape(R, T).float()
+    pos = torch.arange(T, device=score.device)
+    if n == 0:
+        end = torch.where(s > 0, pos + window + 1, 0)
         return end.to(torch.int32).reshape(B, H, T).permute(0, 2, 1).contiguous()
-    # Column T of `end` is a dump for rows that evict nothing (no boolean indexing: no host sync per step).
-    end = torch.nn.functional.pad(end, (0, 1))
-    # Empty slots hold score -inf and position -1, so any positive score fills them first.
-    buf_s = torch.full((B * H, buffer_size), float("-inf"), device=score.device, dtype=s.dtype)
-    buf_p = torch.full((B * H, buffer_size), -1, device=score.device, dtype=torch.int64)
-    for j in range(T):
+    C = -(-T // chunk)
+    buf_s, buf_p = prefix_buffers(s, n, chunk)
+    buf_s, buf_p = buf_s.reshape(R * C, n), buf_p.reshape(R * C, n).long()
+    keys = torch.nn.functional.pad(s, (0, C * chunk - T), value=float("-inf")).reshape(R * C, chunk)
+    first = (torch.arange(C, device=score.device) * chunk).repeat(R)[:, None]  # [R*C, 1]: a chunk's first key
+    # `end` flattened with a spare slot T per row, where rows that write nothing at a step dump their value (no
+    # boolean indexing: no host sync per step). Positive keys start "never evicted", the rest at 0.
+    end = torch.nn.functional.pad(torch.where(s > 0, INT32_MAX, 0), (0, 1)).reshape(-1)
+    row = (torch.arange(R, device=score.device) * (T + 1)).repeat_interleave(C)[:, None]
+    dump = row + T
+    for t in range(chunk):
+        j, s_j = first + t, keys[:, t : t + 1]
         # The slot to replace: the lowest score and, among equal scores, the latest key (ties favour the earlier).
         low = buf_s.min(dim=1, keepdim=True).values
-        slot = torch.where(buf_s == low, buf_p, -2).argmax(dim=1, keepdim=True)  # [BH, 1]
-        s_j = s[:, j : j + 1]
-        take = (s_j > 0) & (s_j > low)  # [BH, 1]
+        slot = torch.where(buf_s == low, buf_p, -2).argmax(dim=1, keepdim=True)
+        take = (s_j > 0) & (s_j > low)
         out = buf_p.gather(1, slot)
-        # The evicted key stays visible to the queries before this key's arrival: column_end = j + W + 1.
-        end.scatter_(1, torch.where(take & (out >= 0), out, T), j + window + 1)
-        end[:, j : j + 1] = torch.where(take, INT32_MAX, end[:, j : j + 1])
+        # The evicted key stays visible to the queries before this key's arrival; a rejected one to none past the band.
+        end.scatter_(0, torch.where(take & (out >= 0), row + out, dump).view(-1), (j + window + 1).view(-1))
+        end.scatter_(0, torch.where((s_j > 0) & ~take, row + j, dump).view(-1), (j + window + 1).view(-1))
         buf_s.scatter_(1, slot, torch.where(take, s_j, buf_s.gather(1, slot)))
         buf_p.scatter_(1, slot, torch.where(take, j, out))
-    return end[:, :T].to(torch.int32).reshape(B, H, T).permute(0, 2, 1).contiguous()
+    return end.view(R, T + 1)[:, :T].to(torch.int32).reshape(B, H, T).permute(0, 2, 1).contiguous()
 
 
 def lte_column_end(score: torch.Tensor, *, window: int, buffer_size: int, backend: str | None = None) -> torch.Tensor:
@@ -100,9 +139,9 @@ def lte_column_end(score: torch.Tensor, *, window: int, buffer_size: int, backen
         score: float `[B, T, HKV]` router scores (`+inf` sinks, `-inf` pads; `<= 0` never retained).
         window: `W >= 0`, the band the keys leave before they can be retained.
         buffer_size: `N >= 0` retained older keys per kv head.
-        backend: "torch" (brute-force reference, O(T^2) memory), "scan" (torch scan, T steps of small ops),
-            "triton" (the same scan, one program per (b, kv head)), or None (Triton for CUDA tensors; on the CPU the
-            brute force while its B*HKV*T^2 pair table is small, else the scan).
+        backend: "torch" (brute-force reference, O(T^2) memory), "scan" (torch scan in chunks, `SCAN_CHUNK` steps
+            of small ops), "triton" (the same chunks, one program per chunk and (b, kv head)), or None (Triton for
+            CUDA tensors; on the CPU the brute force while its B*HKV*T^2 pair table is small, else the scan).
 
     Returns:
         int32 `[B, T, HKV]`.

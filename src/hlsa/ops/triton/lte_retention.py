@@ -6,8 +6,7 @@ replaces the lowest-scored slot (the latest key among equal lowest scores) if it
 `j` the buffer holds exactly the top N positive keys among `0..j` in the order "higher score, then earlier
 position". That makes the state at any chunk boundary computable without the walk:
 
-1. `prefix_buffers` (torch): per chunk, the top N of its keys; then a prefix over chunks by doubling (top N of the
-   union of two disjoint ranges' top N, log2(C) rounds) gives the buffer each chunk starts from.
+1. `hlsa.ops.lte_retention.prefix_buffers` (torch): the buffer each chunk starts from.
 2. `_column_end_chunk_kernel`: one program per (chunk, b, kv head) walks its L keys from that state, in registers.
 
 Every key is rejected on arrival or evicted at most once, so exactly one program writes its column end (positive
@@ -21,9 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
+from hlsa.ops.lte_retention import prefix_buffers
+
 # A constexpr global: jitted kernels may only read globals declared this way (the interpreter is laxer).
 INT32_MAX = tl.constexpr(2**31 - 1)
-POS_BITS = 31  # positions < 2^31 fill the low bits of a rank key
 
 
 @triton.jit
@@ -56,34 +56,6 @@ def chunk_length(T: int, n_rows: int) -> int:
     """Keys per program: about 1024 programs over `n_rows` = B * H rows, at least 256 keys each (fewer chunks, fewer
     prefix rounds)."""
     return max(256, triton.next_power_of_2(triton.cdiv(T * n_rows, 1024)))
-
-
-def prefix_buffers(score: torch.Tensor, n: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The buffer at the start of each chunk: scores fp32 and positions int32 `[R, C, n]` for score `[R, T]`.
-
-    Empty slots are (-inf, -1). Keys are ranked by one int64 per key: the bits of a positive fp32 score (monotone
-    in its value) above the reversed position, so a larger key is a higher score or, on equal scores, an earlier
-    position; non-positive keys get -1 and never enter.
-    """
-    R, T = score.shape
-    C = triton.cdiv(T, chunk)
-    pos = torch.arange(T, device=score.device, dtype=torch.int64)
-    s = score.float()
-    bits = torch.where(s > 0, s, 0.0).view(torch.int32).to(torch.int64)
-    key = torch.where(s > 0, (bits << POS_BITS) | ((1 << POS_BITS) - 1 - pos), -1)
-    key = torch.nn.functional.pad(key, (0, C * chunk - T), value=-1).view(R, C, chunk)
-    top = key.topk(min(n, chunk), dim=-1).values
-    top = torch.nn.functional.pad(top, (0, n - top.shape[-1]), value=-1)  # [R, C, n]: top n of each chunk
-    step = 1
-    while step < C:  # inclusive prefix: chunk c then covers chunks c - 2 * step + 1 .. c
-        earlier = torch.nn.functional.pad(top[:, : C - step], (0, 0, step, 0), value=-1)
-        top = torch.cat([top, earlier], dim=-1).topk(n, dim=-1).values
-        step *= 2
-    start = torch.nn.functional.pad(top[:, : C - 1], (0, 0, 1, 0), value=-1)  # exclusive: keys before the chunk
-    kept = start >= 0
-    buf_p = torch.where(kept, (1 << POS_BITS) - 1 - (start & ((1 << POS_BITS) - 1)), -1).to(torch.int32)
-    buf_s = torch.where(kept, (start >> POS_BITS).to(torch.int32).view(torch.float32), float("-inf"))
-    return buf_s.contiguous(), buf_p.contiguous()
 
 
 def lte_column_end_triton(
