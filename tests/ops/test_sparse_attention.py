@@ -94,6 +94,8 @@ CASES = [
     (2, 45, 2, 1, 32, None, None, 5),
     (1, 70, 4, 1, 32, 5, -1, 3),
     (2, 53, 4, 2, 48, 20, 5, 4),  # D = 48: not a power of two, so pointer loads instead of TMA blocks
+    (2, 41, 6, 2, 32, 7, 5, 3),  # G = 3: the forward packs 4 head slots per position, one of them empty
+    (1, 33, 32, 1, 32, 4, 3, 0),  # G = 32: more heads than the interpreter's 16-row tile
 ]
 SLOW_CASES = [(1, 300, 4, 1, 32, 5, 17, 21), (1, 201, 2, 2, 64, 100, 17, 0)]
 

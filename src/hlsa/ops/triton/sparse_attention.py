@@ -79,34 +79,46 @@ def _band_vis(o_m, o_n, km, T, W, EDGE: tl.constexpr, USE_KM: tl.constexpr):
 
 @triton.jit
 def _band_bounds(t0, T, W, BM: tl.constexpr, BN: tl.constexpr):
-    """Band key tiles of query block t0: edge [s0, a), interior [a, t0), edge [t0, t_end)."""
+    """Band key tiles of the queries [t0, t0 + BM): edge [s0, a), interior [a, d), edge [d, t_end), in whole BN tiles
+    (d = t0 rounded down to a tile: with BM < BN the diagonal tile starts before t0)."""
     s0 = (tl.maximum(t0 - W, 0) // BN) * BN
-    a = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(t0 + BM - 1 - W, 0), BN) * BN, s0), t0)
-    return s0, a, tl.minimum(t0 + BM, T)
+    d = (t0 // BN) * BN
+    a = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(t0 + BM - 1 - W, 0), BN) * BN, s0), d)
+    return s0, a, d, tl.minimum(t0 + BM, T)
 
 
 @triton.jit
 def _fwd_kernel(
-    q, k, v, o, lse, ce, km, cols, ccount, scale, T, W, q_desc, k_desc, v_desc,
-    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    q, k, v, o, lse, ce, km, cols, ccount, scale, T, W, k_desc, v_desc,
+    HQ: tl.constexpr, HKV: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_hq = i_bh // HQ, i_bh % HQ
-    i_hk = i_hq // (HQ // HKV)
-    i_bk = i_b * HKV + i_hk
-    t0 = i_m * BM
-    o_m = t0 + tl.arange(0, BM)
-    p_q = q + (i_b.to(tl.int64) * T * HQ + i_hq) * D
+    # One program: BM // GP positions of all G query heads of one kv head (GP = G rounded up to a power of two),
+    # packed as rows (head g, position t0 + r): the K/V tiles are loaded once for the group, and the band of a
+    # program spans W + BM // GP keys instead of W + BM.
+    G: tl.constexpr = HQ // HKV
+    BMQ: tl.constexpr = BM // GP
+    i_m, i_bk = tl.program_id(0), tl.program_id(1)
+    i_b, i_hk = i_bk // HKV, i_bk % HKV
+    t0 = i_m * BMQ
+    o_r = tl.arange(0, BM)
+    o_g = o_r // BMQ
+    o_m = t0 + o_r % BMQ
+    m_row = (o_g < G) & (o_m < T)
+    o_d = tl.arange(0, BD)
+    m_rd = m_row[:, None] & (o_d < D)[None, :]
+    # Element offsets of the rows in q and o `[B, T, HQ, D]`, and in lse `[B, HQ, T]`.
+    p_rows = ((i_b.to(tl.int64) * T + o_m) * HQ + i_hk * G + o_g)[:, None] * D + o_d[None, :]
+    p_lse = (i_b.to(tl.int64) * HQ + i_hk * G + o_g) * T + o_m
     p_k = k + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     p_v = v + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     km_b = km + i_b.to(tl.int64) * T
-    b_q = block_rows(p_q, q_desc, i_b, i_hq, t0, T, HQ, D, BD, BM, TMA)
+    b_q = tl.load(q + p_rows, mask=m_rd, other=0.0)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     if USE_COLS:
-        n_col = tl.load(ccount + i_bk.to(tl.int64) * (T + 1) + tl.minimum(tl.maximum(t0 + BM - 1 - W, 0), T))
+        n_col = tl.load(ccount + i_bk.to(tl.int64) * (T + 1) + tl.minimum(tl.maximum(t0 + BMQ - 1 - W, 0), T))
         for c0 in range(0, n_col, BN):
             o_c = c0 + tl.arange(0, BN)
             m_c = o_c < n_col
@@ -116,20 +128,20 @@ def _fwd_kernel(
             b_k = load_rows(p_k, b_pos, m_c, HKV, D, BD)
             b_v = load_rows(p_v, b_pos, m_c, HKV, D, BD)
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
-    s0, a, t_end = _band_bounds(t0, T, W, BM, BN)
+    s0, a, d, t_end = _band_bounds(t0, T, W, BMQ, BN)
     for n0 in range(s0, a, BN):
         o_n = n0 + tl.arange(0, BN)
         vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
         b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
         b_v = block_rows(p_v, v_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
-    for n0 in range(a, t0, BN):
+    for n0 in range(a, d, BN):
         o_n = n0 + tl.arange(0, BN)
         vis = _band_vis(o_m, o_n, km_b, T, W, False, USE_KM)
         b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
         b_v = block_rows(p_v, v_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, USE_KM, PREC)
-    for n0 in range(t0, t_end, BN):
+    for n0 in range(d, t_end, BN):
         o_n = n0 + tl.arange(0, BN)
         vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
         b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
@@ -137,11 +149,9 @@ def _fwd_kernel(
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
-    o_d = tl.arange(0, BD)
-    p_o = o + (i_b.to(tl.int64) * T * HQ + i_hq) * D + o_m[:, None] * (HQ * D) + o_d[None, :]
-    tl.store(p_o, acc.to(o.dtype.element_ty), mask=(o_m < T)[:, None] & (o_d < D)[None, :])
+    tl.store(o + p_rows, acc.to(o.dtype.element_ty), mask=m_rd)
     b_lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
-    tl.store(lse + i_bh.to(tl.int64) * T + o_m, b_lse, mask=o_m < T)
+    tl.store(lse + p_lse, b_lse, mask=m_row)
 
 
 @triton.jit
@@ -179,20 +189,20 @@ def _dq_kernel(
             b_k = load_rows(p_k, b_pos, m_c, HKV, D, BD)
             b_v = load_rows(p_v, b_pos, m_c, HKV, D, BD)
             b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, True, PREC)
-    s0, a, t_end = _band_bounds(t0, T, W, BM, BN)
+    s0, a, d, t_end = _band_bounds(t0, T, W, BM, BN)
     for n0 in range(s0, a, BN):
         o_n = n0 + tl.arange(0, BN)
         vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
         b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
         b_v = block_rows(p_v, v_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
         b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, True, PREC)
-    for n0 in range(a, t0, BN):
+    for n0 in range(a, d, BN):
         o_n = n0 + tl.arange(0, BN)
         vis = _band_vis(o_m, o_n, km_b, T, W, False, USE_KM)
         b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
         b_v = block_rows(p_v, v_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
         b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, USE_KM, PREC)
-    for n0 in range(t0, t_end, BN):
+    for n0 in range(d, t_end, BN):
         o_n = n0 + tl.arange(0, BN)
         vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
         b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
@@ -292,14 +302,17 @@ def forward(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Launch the forward kernel -> (o [B, T, HQ, D], lse [B, HQ, T] fp32)."""
     B, T, HQ, D = q.shape
+    HKV = k.shape[2]
     BM, BN, warps, stages = launch_config("fwd", D)
+    GP = triton.next_power_of_2(HQ // HKV)
+    BM = max(BM, GP)  # rows per program: BM // GP positions of each of the group's query heads
     o = torch.empty_like(q)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
-    tma = use_tma(q, k, v)
-    descs = (rows_descriptor(q, BM), rows_descriptor(k, BN), rows_descriptor(v, BN)) if tma else (None,) * 3
-    _fwd_kernel[(triton.cdiv(T, BM), B * HQ)](
+    tma = use_tma(k, v)  # the band's K/V tiles; q is loaded once per program, by pointers (rows of several heads)
+    descs = (rows_descriptor(k, BN), rows_descriptor(v, BN)) if tma else (None,) * 2
+    _fwd_kernel[(triton.cdiv(T, BM // GP), B * HKV)](
         q, k, v, o, lse, ce, km, cols, ccount, scale * LOG2E, T, window_eff, *descs,
-        HQ=HQ, HKV=k.shape[2], D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN,
+        HQ=HQ, HKV=HKV, GP=GP, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN,
         USE_COLS=use_cols, USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return o, lse
