@@ -49,7 +49,7 @@ def test_scan_matches_ref(B: int, T: int, H: int, window: int, buffer_size: int)
     for levels in (2, 50):
         score = random_scores(B, T, H, levels=levels)
         expect = lte_column_end_ref(score, window=window, buffer_size=buffer_size)
-        for chunk in (256, 1, 7):  # one chunk (T <= 256) and many, with keys evicted chunks after they entered
+        for chunk in (None, 256, 1, 7):  # the default, one chunk (T <= 256), many (keys evicted chunks later)
             got = lte_column_end_scan(score, window=window, buffer_size=buffer_size, chunk=chunk)
             torch.testing.assert_close(got, expect)
         torch.testing.assert_close(lte_column_end(score, window=window, buffer_size=buffer_size), expect)
