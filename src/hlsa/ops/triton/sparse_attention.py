@@ -1,10 +1,12 @@
 """Triton kernels for `hlsa.ops.sparse_attention`: forward, dq, the column prologue and the autograd Function.
 
 Legend: `B` batch, `T` length, `HQ`/`HKV` query/key-value heads, `G = HQ // HKV`, `D` head dim (`BD` its power-of-two
-tile), `BM` queries and `BN` keys per tile. Layout `[B, T, H, D]`, contiguous. Logits are kept in base 2
-(`scale * log2(e)`), so `lse` is a base-2 log-sum-exp `[B, HQ, T]` (`+inf` for rows that see no key).
+tile), `BM` query rows and `BN` keys per tile. Layout `[B, T, H, D]`, contiguous. Logits are kept in base 2
+(`scale * log2(e)`), so `lse` is a base-2 log-sum-exp `[B, HQ, T]` (`+inf` for rows that see no key). A dq program's
+rows are BM positions of one query head; a forward program's rows are BM / GP positions of all G heads of one kv
+head (`GP` = G rounded up to a power of two), which shortens its band and shares its K/V tiles.
 
-Visit order for a query block `[t0, t0 + BM)` (forward and dq):
+Visit order for the positions `[t0, t0 + BM)` of a program (BM / GP in the forward):
 1. the *compacted* columns of its kv head: keys `j` with `column_end[j] > j + W + 1` (more than the band) and
    `j + W < t0 + BM - 1`, gathered by index, masked `j + W < i < column_end[j]` (their far pairs only);
 2. the band key blocks `[floor((t0 - W) / BN) * BN, t0 + BM)`, masked `i - W <= j <= i` and `key_mask[j]`; the
