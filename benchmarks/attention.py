@@ -260,6 +260,36 @@ def _kernel_row(T: int, HKV: int, D: int) -> dict:
     return row
 
 
+def baseline_forward(path: str) -> list[dict]:
+    """A/B of the forward kernel: another version of `hlsa/ops/triton/sparse_attention.py` (a file, e.g. from
+    `git show COMMIT:src/hlsa/ops/triton/sparse_attention.py`), loaded as its own module, against the current one on
+    the same inputs in the same process: median ms of each `forward` (prologue excluded) and the largest difference
+    of their outputs. The old file must still import against today's package (`rows`, `sparse_attention_bwd`)."""
+    import importlib.util
+
+    import hlsa.ops.triton.sparse_attention as current
+
+    spec = importlib.util.spec_from_file_location("baseline_sparse_attention", path)
+    base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base)
+    rows = []
+    for T, HKV, D in ((4096, 4, 64), (16384, 4, 64), (4096, 16, 128)):
+        q, k, v, ce = make_inputs(65536 // T, T, 16, HKV, D, torch.bfloat16, requires_grad=False)
+        row = {"T": T, "HKV": HKV, "D": D, "baseline": path}
+        outs = {}
+        for name, module in (("baseline", base), ("current", current)):
+            cols, ccount = module.column_prologue(ce, None, WINDOW)
+            pattern = (ce, q, cols, ccount, WINDOW, D**-0.5, True)  # `km is q`: no key mask
+            outs[name] = module.forward(q, k, v, *pattern)[0]
+            row[f"{name}_fwd_ms"] = bench(functools.partial(module.forward, q, k, v, *pattern), [])
+        row["max_abs_diff"] = (outs["baseline"].float() - outs["current"].float()).abs().max().item()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del q, k, v, ce, outs
+        torch.cuda.empty_cache()
+    return rows
+
+
 def machine() -> dict:
     import triton
 
@@ -324,15 +354,17 @@ def main() -> None:
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="also time block configs of each kernel")
     parser.add_argument("--kernels", action="store_true", help="also time each kernel of a step alone")
+    parser.add_argument("--baseline", metavar="FILE", help="also A/B the forward against this sparse_attention.py")
     args = parser.parse_args()
     torch.manual_seed(0)
     checks = [] if args.skip_check else check_correctness()
     tuning = sweep() if args.sweep else []
     per_kernel = kernel_times() if args.kernels else []
+    ab = baseline_forward(args.baseline) if args.baseline else []
     rows = run_benchmarks(args)
     print_table(rows)
     result = {"machine": machine(), "checks": checks, "window": WINDOW, "columns": N_COLUMNS, "sinks": N_SINKS}
-    result["rows"], result["sweep"], result["kernels"] = rows, tuning, per_kernel
+    result["rows"], result["sweep"], result["kernels"], result["baseline"] = rows, tuning, per_kernel, ab
     with open(os.path.join(args.out, "attention_h200.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(rows, os.path.join(args.out, "attention_h200.png"))
