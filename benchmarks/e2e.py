@@ -121,10 +121,13 @@ def build_model(arch: str, plan: Plan, device: str | None = None) -> HybridForCa
 
 
 def graph_blocker(model: HybridForCausalLM) -> str | None:
-    """Why a decode step of `model` cannot be replayed from a CUDA graph, or None when it can."""
+    """Why a decode step of `model` cannot be replayed from a CUDA graph here, or None when it can.
+
+    Full attention can: its decode reads the position from the device, and its only host-side decision, growing the
+    KV buffer when it is full, never fires within a point (`HEADROOM` spare slots hold every step of a point, checked
+    in `decode_point`). A generation that outgrows its buffer reallocates, which a captured graph cannot follow."""
     kinds = {block.kind for block in model.model.layers}
     reasons = {
-        "attn": "full attention grows its KV buffer by reallocation (a Python-side length check)",
         "nsa": "NSA passes seq_len and RoPE positions as Python ints (they would be baked into a captured graph)",
     }
     return "; ".join(reason for kind, reason in reasons.items() if kind in kinds) or None
@@ -320,6 +323,9 @@ def decode_point(
 ) -> dict:
     """One decode measurement at (batch, context); OOM is recorded, not raised. `fresh_compile`: see `time_decode`."""
     row = {"arch": arch, "batch": batch, "context": context}
+    # Warm-up (3), capture (1), upload (1) and timed steps must fit in a growing cache's spare slots: see graph_blocker.
+    if 5 + plan.steps * plan.repeats > HEADROOM:
+        raise ValueError(f"{plan.steps} x {plan.repeats} timed steps exceed the {HEADROOM} spare cache slots")
     _reset_memory(plan)
     try:
         cache = synthetic_cache(model, batch, context)

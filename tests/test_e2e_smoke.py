@@ -14,7 +14,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "e2e.py"
-GRAPH_SAFE = {"gdn", "gdn_swa", "gdn_lte"}
+GRAPH_SAFE = {"gdn", "gdn_swa", "gdn_lte", "gdn_attn", "transformer"}
 
 
 def _load_e2e():
