@@ -90,14 +90,15 @@ def _band_bounds(t0, T, W, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(
-    q, k, v, o, lse, ce, km, cols, ccount, scale, T, W, k_desc, v_desc,
-    HQ: tl.constexpr, HKV: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-):  # fmt: skip
-    # One program: BM // GP positions of all G query heads of one kv head (GP = G rounded up to a power of two),
-    # packed as rows (head g, position t0 + r): the K/V tiles are loaded once for the group, and the band of a
-    # program spans W + BM // GP keys instead of W + BM.
+def _program_rows(k, v, km, T, HQ: tl.constexpr, HKV: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                  BD: tl.constexpr, BM: tl.constexpr):  # fmt: skip
+    """The BM rows of a forward or dq program (grid `(T / (BM / GP), B * HKV)`): BM // GP positions of each of the G
+    query heads of one kv head (GP = G rounded up to a power of two), as (head g, position t0 + r). The K/V tiles
+    are then loaded once for the group, and the band of a program spans W + BM // GP keys instead of W + BM.
+
+    Returns (i_b, i_hk, i_bk, t0, o_m positions [BM], m_row, m_rd row masks [BM] and [BM, BD], p_rows element
+    offsets [BM, BD] into `[B, T, HQ, D]` tensors, p_lse offsets [BM] into `[B, HQ, T]` ones, and the kv head's
+    slabs of k and v and row of the key mask)."""
     G: tl.constexpr = HQ // HKV
     BMQ: tl.constexpr = BM // GP
     i_m, i_bk = tl.program_id(0), tl.program_id(1)
@@ -109,18 +110,27 @@ def _fwd_kernel(
     m_row = (o_g < G) & (o_m < T)
     o_d = tl.arange(0, BD)
     m_rd = m_row[:, None] & (o_d < D)[None, :]
-    # Element offsets of the rows in q and o `[B, T, HQ, D]`, and in lse `[B, HQ, T]`.
     p_rows = ((i_b.to(tl.int64) * T + o_m) * HQ + i_hk * G + o_g)[:, None] * D + o_d[None, :]
     p_lse = (i_b.to(tl.int64) * HQ + i_hk * G + o_g) * T + o_m
     p_k = k + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     p_v = v + (i_b.to(tl.int64) * T * HKV + i_hk) * D
-    km_b = km + i_b.to(tl.int64) * T
+    return i_b, i_hk, i_bk, t0, o_m, m_row, m_rd, p_rows, p_lse, p_k, p_v, km + i_b.to(tl.int64) * T
+
+
+@triton.jit
+def _fwd_kernel(
+    q, k, v, o, lse, ce, km, cols, ccount, scale, T, W, k_desc, v_desc,
+    HQ: tl.constexpr, HKV: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    rows = _program_rows(k, v, km, T, HQ, HKV, GP, D, BD, BM)
+    i_b, i_hk, i_bk, t0, o_m, m_row, m_rd, p_rows, p_lse, p_k, p_v, km_b = rows
     b_q = tl.load(q + p_rows, mask=m_rd, other=0.0)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     if USE_COLS:
-        n_col = tl.load(ccount + i_bk.to(tl.int64) * (T + 1) + tl.minimum(tl.maximum(t0 + BMQ - 1 - W, 0), T))
+        n_col = tl.load(ccount + i_bk.to(tl.int64) * (T + 1) + tl.minimum(tl.maximum(t0 + BM // GP - 1 - W, 0), T))
         for c0 in range(0, n_col, BN):
             o_c = c0 + tl.arange(0, BN)
             m_c = o_c < n_col
@@ -130,7 +140,7 @@ def _fwd_kernel(
             b_k = load_rows(p_k, b_pos, m_c, HKV, D, BD)
             b_v = load_rows(p_v, b_pos, m_c, HKV, D, BD)
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
-    s0, a, d, t_end = _band_bounds(t0, T, W, BMQ, BN)
+    s0, a, d, t_end = _band_bounds(t0, T, W, BM // GP, BN)
     for n0 in range(s0, a, BN):
         o_n = n0 + tl.arange(0, BN)
         vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
@@ -158,30 +168,22 @@ def _fwd_kernel(
 
 @triton.jit
 def _dq_kernel(
-    q, k, v, o, do, dq, lse, delta, ce, km, cols, ccount, scale, T, W, q_desc, k_desc, v_desc, o_desc, do_desc,
-    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    q, k, v, o, do, dq, lse, delta, ce, km, cols, ccount, scale, T, W, k_desc, v_desc,
+    HQ: tl.constexpr, HKV: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_hq = i_bh // HQ, i_bh % HQ
-    i_hk = i_hq // (HQ // HKV)
-    i_bk = i_b * HKV + i_hk
-    t0 = i_m * BM
-    o_m = t0 + tl.arange(0, BM)
-    m_m = o_m < T
-    p_k = k + (i_b.to(tl.int64) * T * HKV + i_hk) * D
-    p_v = v + (i_b.to(tl.int64) * T * HKV + i_hk) * D
-    km_b = km + i_b.to(tl.int64) * T
-    b_q = block_rows(q + (i_b.to(tl.int64) * T * HQ + i_hq) * D, q_desc, i_b, i_hq, t0, T, HQ, D, BD, BM, TMA)
-    b_do = block_rows(do + (i_b.to(tl.int64) * T * HQ + i_hq) * D, do_desc, i_b, i_hq, t0, T, HQ, D, BD, BM, TMA)
-    b_lse = tl.load(lse + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=float("inf"))
+    rows = _program_rows(k, v, km, T, HQ, HKV, GP, D, BD, BM)
+    i_b, i_hk, i_bk, t0, o_m, m_row, m_rd, p_rows, p_lse, p_k, p_v, km_b = rows
+    b_q = tl.load(q + p_rows, mask=m_rd, other=0.0)
+    b_do = tl.load(do + p_rows, mask=m_rd, other=0.0)
+    b_lse = tl.load(lse + p_lse, mask=m_row, other=float("inf"))
     # delta = rowsum(o * do), the softmax-gradient shift of these rows; stored for the dk/dv kernels (run next).
-    b_o = block_rows(o + (i_b.to(tl.int64) * T * HQ + i_hq) * D, o_desc, i_b, i_hq, t0, T, HQ, D, BD, BM, TMA)
+    b_o = tl.load(o + p_rows, mask=m_rd, other=0.0)
     b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
-    tl.store(delta + i_bh.to(tl.int64) * T + o_m, b_delta, mask=m_m)
+    tl.store(delta + p_lse, b_delta, mask=m_row)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
     if USE_COLS:
-        n_col = tl.load(ccount + i_bk.to(tl.int64) * (T + 1) + tl.minimum(tl.maximum(t0 + BM - 1 - W, 0), T))
+        n_col = tl.load(ccount + i_bk.to(tl.int64) * (T + 1) + tl.minimum(tl.maximum(t0 + BM // GP - 1 - W, 0), T))
         for c0 in range(0, n_col, BN):
             o_c = c0 + tl.arange(0, BN)
             m_c = o_c < n_col
@@ -191,7 +193,7 @@ def _dq_kernel(
             b_k = load_rows(p_k, b_pos, m_c, HKV, D, BD)
             b_v = load_rows(p_v, b_pos, m_c, HKV, D, BD)
             b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, True, PREC)
-    s0, a, d, t_end = _band_bounds(t0, T, W, BM, BN)
+    s0, a, d, t_end = _band_bounds(t0, T, W, BM // GP, BN)
     for n0 in range(s0, a, BN):
         o_n = n0 + tl.arange(0, BN)
         vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
@@ -212,9 +214,7 @@ def _dq_kernel(
         b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, True, PREC)
     # ds was taken w.r.t. natural logits; dq = scale * ds @ k (the base-2 factor only lives in the exponent).
     b_dq = b_dq * (scale / 1.4426950408889634)
-    o_d = tl.arange(0, BD)
-    p_dq = dq + (i_b.to(tl.int64) * T * HQ + i_hq) * D + o_m[:, None] * (HQ * D) + o_d[None, :]
-    tl.store(p_dq, b_dq.to(dq.dtype.element_ty), mask=m_m[:, None] & (o_d < D)[None, :])
+    tl.store(dq + p_rows, b_dq.to(dq.dtype.element_ty), mask=m_rd)
 
 
 def launch_config(kernel: str, D: int) -> tuple[int, int, int, int]:
@@ -329,16 +329,14 @@ def backward_dq(
     BM, BN, warps, stages = launch_config("dq", D)
     dq = torch.empty_like(q)
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
-    tma = use_tma(q, k, v, o, do)
-    descs = (
-        (rows_descriptor(q, BM), rows_descriptor(k, BN), rows_descriptor(v, BN))
-        + (rows_descriptor(o, BM), rows_descriptor(do, BM))
-        if tma
-        else (None,) * 5
-    )
-    _dq_kernel[(triton.cdiv(T, BM), B * HQ)](
+    HKV = k.shape[2]
+    GP = triton.next_power_of_2(HQ // HKV)
+    BM = max(BM, GP)  # rows per program: BM // GP positions of each of the group's query heads
+    tma = use_tma(k, v)  # the band's K/V tiles; q, o, do are loaded once per program, by pointers
+    descs = (rows_descriptor(k, BN), rows_descriptor(v, BN)) if tma else (None,) * 2
+    _dq_kernel[(triton.cdiv(T, BM // GP), B * HKV)](
         q, k, v, o, do, dq, lse, delta, ce, km, cols, ccount, scale * LOG2E, T, window_eff, *descs,
-        HQ=HQ, HKV=k.shape[2], D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN,
+        HQ=HQ, HKV=HKV, GP=GP, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN,
         USE_COLS=use_cols, USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return dq, delta
