@@ -260,11 +260,12 @@ def _kernel_row(T: int, HKV: int, D: int) -> dict:
     return row
 
 
-def baseline_forward(path: str) -> list[dict]:
-    """A/B of the forward kernel: another version of `hlsa/ops/triton/sparse_attention.py` (a file, e.g. from
-    `git show COMMIT:src/hlsa/ops/triton/sparse_attention.py`), loaded as its own module, against the current one on
-    the same inputs in the same process: median ms of each `forward` (prologue excluded) and the largest difference
-    of their outputs. The old file must still import against today's package (`rows`, `sparse_attention_bwd`)."""
+def baseline_kernels(path: str) -> list[dict]:
+    """A/B of the forward and dq kernels: another version of `hlsa/ops/triton/sparse_attention.py` (a file, e.g.
+    from `git show COMMIT:src/hlsa/ops/triton/sparse_attention.py`), loaded as its own module, against the current
+    one on the same inputs in the same process: median ms of each `forward` (prologue excluded) and `backward_dq`,
+    and the largest differences of their outputs. The old file must still import against today's package (`rows`,
+    `sparse_attention_bwd`) and have today's `forward` / `backward_dq` signatures (true from d8c1def on)."""
     import importlib.util
 
     import hlsa.ops.triton.sparse_attention as current
@@ -276,16 +277,21 @@ def baseline_forward(path: str) -> list[dict]:
     for T, HKV, D in ((4096, 4, 64), (16384, 4, 64), (4096, 16, 128)):
         q, k, v, ce = make_inputs(65536 // T, T, 16, HKV, D, torch.bfloat16, requires_grad=False)
         row = {"T": T, "HKV": HKV, "D": D, "baseline": path}
+        do = torch.randn_like(q)
         outs = {}
         for name, module in (("baseline", base), ("current", current)):
             cols, ccount = module.column_prologue(ce, None, WINDOW)
             pattern = (ce, q, cols, ccount, WINDOW, D**-0.5, True)  # `km is q`: no key mask
-            outs[name] = module.forward(q, k, v, *pattern)[0]
+            o, lse = module.forward(q, k, v, *pattern)
+            outs[name] = (o, module.backward_dq(q, k, v, o, do, lse, *pattern)[0])
             row[f"{name}_fwd_ms"] = bench(functools.partial(module.forward, q, k, v, *pattern), [])
-        row["max_abs_diff"] = (outs["baseline"].float() - outs["current"].float()).abs().max().item()
+            row[f"{name}_dq_ms"] = bench(functools.partial(module.backward_dq, q, k, v, o, do, lse, *pattern), [])
+        for i, out in enumerate(("o", "dq")):
+            diff = outs["baseline"][i].float() - outs["current"][i].float()
+            row[f"max_abs_diff_{out}"] = diff.abs().max().item()
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del q, k, v, ce, outs
+        del q, k, v, ce, do, outs
         torch.cuda.empty_cache()
     return rows
 
@@ -354,13 +360,13 @@ def main() -> None:
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="also time block configs of each kernel")
     parser.add_argument("--kernels", action="store_true", help="also time each kernel of a step alone")
-    parser.add_argument("--baseline", metavar="FILE", help="also A/B the forward against this sparse_attention.py")
+    parser.add_argument("--baseline", metavar="FILE", help="also A/B forward and dq against this sparse_attention.py")
     args = parser.parse_args()
     torch.manual_seed(0)
     checks = [] if args.skip_check else check_correctness()
     tuning = sweep() if args.sweep else []
     per_kernel = kernel_times() if args.kernels else []
-    ab = baseline_forward(args.baseline) if args.baseline else []
+    ab = baseline_kernels(args.baseline) if args.baseline else []
     rows = run_benchmarks(args)
     print_table(rows)
     result = {"machine": machine(), "checks": checks, "window": WINDOW, "columns": N_COLUMNS, "sinks": N_SINKS}
