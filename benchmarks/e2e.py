@@ -506,6 +506,31 @@ def environment(plan: Plan, commit: str | None) -> dict:
     return {"versions": versions, "git_commit": commit, "device": device, "dtype": str(plan.dtype), "plan": plan_dict}
 
 
+def merge(runs: list[dict]) -> dict:
+    """One results dict from runs split over calls with `--archs` (e.g. when one call cannot hold them all): models,
+    decode and prefill rows joined (each row tagged with its `run`), the first run's environment, plan and memory
+    table, every run's copy bandwidth and commit, and the targets checked again on the joined rows."""
+    if not runs:
+        raise ValueError("merge: no runs given")
+    first = runs[0]
+    merged = {
+        "environment": {**first["environment"], "merged_runs": [r["environment"]["git_commit"] for r in runs]},
+        "models": {},
+        "decode": [],
+        "prefill": [],
+        "copy_bandwidth_bytes_per_s": first["copy_bandwidth_bytes_per_s"],
+        "copy_bandwidth_per_run": [r["copy_bandwidth_bytes_per_s"] for r in runs],
+        "memory": first["memory"],
+    }
+    for i, run in enumerate(runs):
+        merged["models"].update(run["models"])
+        for kind in ("decode", "prefill"):
+            merged[kind] += [{**row, "run": i} for row in run[kind]]
+    fields = {k: v for k, v in first["environment"]["plan"].items() if k in Plan.__dataclass_fields__}
+    merged["targets"] = check_targets(merged, Plan(**fields))
+    return merged
+
+
 # --- outputs ---------------------------------------------------------------------------------------------------------
 def plot(results: dict, out: Path) -> None:
     """Draw e2e_decode.png (decode tokens/s against context, one panel per batch) and e2e_memory.png into `out`."""
@@ -556,6 +581,7 @@ def main() -> None:
     mode.add_argument("--quick", action="store_true", help="the trimmed GPU run (~5 min)")
     mode.add_argument("--smoke", action="store_true", help="CPU, tiny configs, a few tokens (tests)")
     mode.add_argument("--plot-only", type=Path, metavar="JSON", help="draw the figures of an existing JSON")
+    mode.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="join runs split with --archs, then plot")
     parser.add_argument("--out", type=Path, default=None, help="where JSON/PNGs go (default benchmarks/results, docs)")
     parser.add_argument("--budget-s", type=float, default=None, help="skip points once this many seconds have passed")
     parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
@@ -566,6 +592,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.plot_only:
         plot(json.loads(args.plot_only.read_text()), args.out or REPO / "docs")
+        return
+    if args.merge:
+        merged = merge([json.loads(path.read_text()) for path in args.merge])
+        json_dir = args.out or REPO / "benchmarks" / "results"
+        json_dir.mkdir(parents=True, exist_ok=True)
+        (json_dir / "e2e_h200.json").write_text(json.dumps(merged, indent=1))
+        print(f"wrote {json_dir / 'e2e_h200.json'}")
+        plot(merged, args.out or REPO / "docs")
         return
     plan = replace(make_plan(args), compile=not args.no_compile)
     if args.archs:

@@ -136,3 +136,32 @@ def test_every_point_records_its_order_and_the_gpu_state(smoke_json: dict) -> No
     assert e2e.parse_gpu_state("1980, [N/A], 152.38, 41, 0x0")["clocks.mem"] is None
     with pytest.raises(ValueError, match="5 fields"):
         e2e.parse_gpu_state("1980, 3201")
+
+
+def test_merge_of_a_split_run_is_the_whole_run(smoke_json: dict, tmp_path) -> None:
+    """`--merge` joins runs split with `--archs`: splitting the smoke run by architecture and merging it back gives
+    the same rows, models and target verdicts (the CLI writes the JSON and the figures)."""
+    parts = []
+    for archs in ({"gdn_lte", "transformer"}, set(smoke_json["models"]) - {"gdn_lte", "transformer"}):
+        part = {**smoke_json, "models": {a: m for a, m in smoke_json["models"].items() if a in archs}}
+        for kind in ("decode", "prefill"):
+            part[kind] = [r for r in smoke_json[kind] if r["arch"] in archs]
+        parts.append(part)
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, part in zip(paths, parts, strict=True):
+        path.write_text(json.dumps(part))
+    out = tmp_path / "merged"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--merge", *map(str, paths), "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((out / "e2e_h200.json").read_text())
+    assert merged["models"].keys() == smoke_json["models"].keys()
+    key = lambda r: (r["arch"], r.get("batch"), r.get("context"), r.get("length"), r["order"])  # noqa: E731
+    for kind in ("decode", "prefill"):
+        assert sorted(map(key, merged[kind])) == sorted(map(key, smoke_json[kind]))
+        assert {r["run"] for r in merged[kind]} == {0, 1}
+    assert [t["verdict"] for t in merged["targets"]] == [t["verdict"] for t in smoke_json["targets"]]
+    assert [t["value"] for t in merged["targets"]] == [t["value"] for t in smoke_json["targets"]]
+    assert (out / "e2e_decode.png").exists() and (out / "e2e_memory.png").exists()  # matplotlib: a dev dependency
