@@ -73,6 +73,10 @@ def test_bad_arguments() -> None:
         lte_column_end(torch.zeros(4, 1), window=1, buffer_size=1)
     with pytest.raises(ValueError, match="backend"):
         lte_column_end(torch.zeros(1, 4, 1), window=1, buffer_size=1, backend="cuda")
+    with pytest.raises(ValueError, match="chunk"):
+        lte_column_end_scan(torch.ones(1, 4, 1), window=1, buffer_size=1, chunk=0)
+    with pytest.raises(ValueError, match="chunk"):
+        lte_column_end_triton(torch.ones(1, 4, 1), window=1, buffer_size=1, chunk=-2)
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,8 @@ def lte_column_end_scan(
     if n == 0:
         end = torch.where(s > 0, pos + window + 1, 0)
         return end.to(torch.int32).reshape(B, H, T).permute(0, 2, 1).contiguous()
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"lte_column_end_scan: chunk must be >= 1 keys; got {chunk}")
     chunk = chunk or scan_chunk(n)
     C = -(-T // chunk)
     buf_s, buf_p = prefix_buffers(s, n, chunk)

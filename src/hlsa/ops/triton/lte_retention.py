@@ -73,6 +73,8 @@ def lte_column_end_triton(
     if n_eff == 0:
         positions = torch.arange(T, device=score.device, dtype=torch.int32)[None, :, None]
         return torch.where(score > 0, positions + window + 1, 0).to(torch.int32)
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"lte_column_end_triton: chunk must be >= 1 keys; got {chunk}")
     chunk = chunk or chunk_length(T, B * H)
     state_s, state_p = prefix_buffers(score.permute(0, 2, 1).reshape(B * H, T), n_eff, chunk)
     NB = triton.next_power_of_2(n_eff)
