@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from hlsa.ops.triton.rows import block_rows, interpreted, load_rows, rows_descriptor, use_tma
-from hlsa.ops.triton.sparse_attention_bwd import dkdv
+from hlsa.ops.triton.sparse_attention_bwd import dkdv, n_columns_before
 
 LOG2E = 1.4426950408889634
 # How far (log2 units) a row's max may outgrow the running max before the forward rescales (see `_fwd_step`).
@@ -90,6 +90,29 @@ def _band_bounds(t0, T, W, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
+def _column_tile(cols, ce, p_k, p_v, i_b, i_hk, i_bk, c0, n_col, o_m, T, W, HKV: tl.constexpr, D: tl.constexpr,
+                 BD: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    """Chunk `[c0, c0 + BN)` of the kv head's compacted columns: the visibility of their far pairs to the rows'
+    positions `o_m`, and their keys and values (gathered by position)."""
+    o_c = c0 + tl.arange(0, BN)
+    m_c = o_c < n_col
+    b_pos = tl.load(cols + i_bk.to(tl.int64) * T + o_c, mask=m_c, other=0)
+    b_ce = tl.load(ce + (i_b.to(tl.int64) * T + b_pos) * HKV + i_hk, mask=m_c, other=0)
+    vis = (o_m[:, None] < b_ce[None, :]) & (o_m[:, None] - b_pos[None, :] > W)
+    return vis, load_rows(p_k, b_pos, m_c, HKV, D, BD), load_rows(p_v, b_pos, m_c, HKV, D, BD)
+
+
+@triton.jit
+def _band_tile(p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV: tl.constexpr, D: tl.constexpr,
+               BD: tl.constexpr, BN: tl.constexpr, EDGE: tl.constexpr, USE_KM: tl.constexpr,
+               TMA: tl.constexpr):  # fmt: skip
+    """Band keys `[n0, n0 + BN)`: their visibility to the rows' positions `o_m` (see `_band_vis`), keys and values."""
+    vis = _band_vis(o_m, n0 + tl.arange(0, BN), km_b, T, W, EDGE, USE_KM)
+    b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
+    return vis, b_k, block_rows(p_v, v_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
+
+
+@triton.jit
 def _program_rows(k, v, km, T, HQ: tl.constexpr, HKV: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                   BD: tl.constexpr, BM: tl.constexpr):  # fmt: skip
     """The BM rows of a forward or dq program (grid `(T / (BM / GP), B * HKV)`): BM // GP positions of each of the G
@@ -130,34 +153,25 @@ def _fwd_kernel(
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     if USE_COLS:
-        n_col = tl.load(ccount + i_bk.to(tl.int64) * (T + 1) + tl.minimum(tl.maximum(t0 + BM // GP - 1 - W, 0), T))
+        n_col = n_columns_before(ccount, i_bk, t0 + BM // GP - 1 - W, T)
         for c0 in range(0, n_col, BN):
-            o_c = c0 + tl.arange(0, BN)
-            m_c = o_c < n_col
-            b_pos = tl.load(cols + i_bk.to(tl.int64) * T + o_c, mask=m_c, other=0)
-            b_ce = tl.load(ce + (i_b.to(tl.int64) * T + b_pos) * HKV + i_hk, mask=m_c, other=0)
-            vis = (o_m[:, None] < b_ce[None, :]) & (o_m[:, None] - b_pos[None, :] > W)
-            b_k = load_rows(p_k, b_pos, m_c, HKV, D, BD)
-            b_v = load_rows(p_v, b_pos, m_c, HKV, D, BD)
+            vis, b_k, b_v = _column_tile(cols, ce, p_k, p_v, i_b, i_hk, i_bk, c0, n_col, o_m, T, W, HKV, D, BD, BN)
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
     s0, a, d, t_end = _band_bounds(t0, T, W, BM // GP, BN)
     for n0 in range(s0, a, BN):
-        o_n = n0 + tl.arange(0, BN)
-        vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
-        b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
-        b_v = block_rows(p_v, v_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
+        vis, b_k, b_v = _band_tile(
+            p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, True, USE_KM, TMA
+        )
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
     for n0 in range(a, d, BN):
-        o_n = n0 + tl.arange(0, BN)
-        vis = _band_vis(o_m, o_n, km_b, T, W, False, USE_KM)
-        b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
-        b_v = block_rows(p_v, v_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
+        vis, b_k, b_v = _band_tile(
+            p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, False, USE_KM, TMA
+        )
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, USE_KM, PREC)
     for n0 in range(d, t_end, BN):
-        o_n = n0 + tl.arange(0, BN)
-        vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
-        b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
-        b_v = block_rows(p_v, v_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
+        vis, b_k, b_v = _band_tile(
+            p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, True, USE_KM, TMA
+        )
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -183,34 +197,25 @@ def _dq_kernel(
     tl.store(delta + p_lse, b_delta, mask=m_row)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
     if USE_COLS:
-        n_col = tl.load(ccount + i_bk.to(tl.int64) * (T + 1) + tl.minimum(tl.maximum(t0 + BM // GP - 1 - W, 0), T))
+        n_col = n_columns_before(ccount, i_bk, t0 + BM // GP - 1 - W, T)
         for c0 in range(0, n_col, BN):
-            o_c = c0 + tl.arange(0, BN)
-            m_c = o_c < n_col
-            b_pos = tl.load(cols + i_bk.to(tl.int64) * T + o_c, mask=m_c, other=0)
-            b_ce = tl.load(ce + (i_b.to(tl.int64) * T + b_pos) * HKV + i_hk, mask=m_c, other=0)
-            vis = (o_m[:, None] < b_ce[None, :]) & (o_m[:, None] - b_pos[None, :] > W)
-            b_k = load_rows(p_k, b_pos, m_c, HKV, D, BD)
-            b_v = load_rows(p_v, b_pos, m_c, HKV, D, BD)
+            vis, b_k, b_v = _column_tile(cols, ce, p_k, p_v, i_b, i_hk, i_bk, c0, n_col, o_m, T, W, HKV, D, BD, BN)
             b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, True, PREC)
     s0, a, d, t_end = _band_bounds(t0, T, W, BM // GP, BN)
     for n0 in range(s0, a, BN):
-        o_n = n0 + tl.arange(0, BN)
-        vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
-        b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
-        b_v = block_rows(p_v, v_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
+        vis, b_k, b_v = _band_tile(
+            p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, True, USE_KM, TMA
+        )
         b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, True, PREC)
     for n0 in range(a, d, BN):
-        o_n = n0 + tl.arange(0, BN)
-        vis = _band_vis(o_m, o_n, km_b, T, W, False, USE_KM)
-        b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
-        b_v = block_rows(p_v, v_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
+        vis, b_k, b_v = _band_tile(
+            p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, False, USE_KM, TMA
+        )
         b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, USE_KM, PREC)
     for n0 in range(d, t_end, BN):
-        o_n = n0 + tl.arange(0, BN)
-        vis = _band_vis(o_m, o_n, km_b, T, W, True, USE_KM)
-        b_k = block_rows(p_k, k_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
-        b_v = block_rows(p_v, v_desc, i_b, i_hk, n0, T, HKV, D, BD, BN, TMA)
+        vis, b_k, b_v = _band_tile(
+            p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, True, USE_KM, TMA
+        )
         b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, True, PREC)
     # ds was taken w.r.t. natural logits; dq = scale * ds @ k (the base-2 factor only lives in the exponent).
     b_dq = b_dq * (scale / 1.4426950408889634)

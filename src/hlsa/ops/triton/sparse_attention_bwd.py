@@ -23,6 +23,13 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def n_columns_before(ccount, i_bk, j, T):
+    """How many columns of (b, kv head) `i_bk` sit at positions `< j` (j clamped to [0, T]); shared with the forward
+    and dq kernels."""
+    return tl.load(ccount + i_bk.to(tl.int64) * (T + 1) + tl.minimum(tl.maximum(j, 0), T))
+
+
+@triton.jit
 def _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse_h, delta_h, o_m, m_m, vis, scale,
                APPLY_MASK: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """Transposed tile `[BN keys, BM queries]`: dv += p^T do, dk += ds^T q (ds w.r.t. natural logits)."""
@@ -39,6 +46,24 @@ def _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse_h, delta_h, o_m, m_m, vis, s
 
 
 @triton.jit
+def _dkdv_band_tile(b_dk, b_dv, b_k, b_v, o_n, m_key, p_q, p_do, q_desc, do_desc, lse_h, delta_h, i_b, i_hq, m0,
+                    T, W, scale, HQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+                    EDGE: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """Near pairs of the key block `o_n` with queries `[m0, m0 + BM)` of head `i_hq`; an interior tile (EDGE False,
+    every query sees every key of the block) tests only the key mask."""
+    o_m = m0 + tl.arange(0, BM)
+    m_m = o_m < T
+    b_q = block_rows(p_q, q_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
+    b_do = block_rows(p_do, do_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
+    if EDGE:
+        vis = (o_n[:, None] <= o_m[None, :]) & (o_m[None, :] - o_n[:, None] <= W) & m_key[:, None] & m_m[None, :]
+        return _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse_h, delta_h, o_m, m_m, vis, scale, True, PREC)
+    else:
+        vis = m_key[:, None]
+        return _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse_h, delta_h, o_m, m_m, vis, scale, USE_KM, PREC)
+
+
+@triton.jit
 def _dkdv_col_kernel(
     q, k, v, do, lse, delta, ce, cols, ccount, dk_col, dv_col, scale, T, W, q_desc, do_desc,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -50,7 +75,7 @@ def _dkdv_col_kernel(
     s_lo = i_s * QS
     s_hi = tl.minimum(s_lo + QS, T)
     # Only columns older than this segment's band reach it: j + W < i < s_hi.
-    n_col = tl.load(ccount + i_bk.to(tl.int64) * (T + 1) + tl.minimum(tl.maximum(s_hi - 1 - W, 0), T))
+    n_col = n_columns_before(ccount, i_bk, s_hi - 1 - W, T)
     o_d = tl.arange(0, BD)
     for c0 in range(0, n_col, BN):
         o_c = c0 + tl.arange(0, BN)
@@ -124,26 +149,20 @@ def _dkdv_band_kernel(
         lse_h = lse + (i_b.to(tl.int64) * HQ + i_hq) * T
         delta_h = delta + (i_b.to(tl.int64) * HQ + i_hq) * T
         for m0 in range(start, lo, BM):
-            o_m = m0 + tl.arange(0, BM)
-            m_m = o_m < T
-            vis = (o_n[:, None] <= o_m[None, :]) & (o_m[None, :] - o_n[:, None] <= W) & m_key[:, None] & m_m[None, :]
-            b_q = block_rows(p_q, q_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
-            b_do = block_rows(p_do, do_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
-            b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse_h, delta_h, o_m, m_m, vis, scale, True, PREC)
+            b_dk, b_dv = _dkdv_band_tile(
+                b_dk, b_dv, b_k, b_v, o_n, m_key, p_q, p_do, q_desc, do_desc, lse_h, delta_h, i_b, i_hq, m0,
+                T, W, scale, HQ, D, BD, BM, True, USE_KM, PREC, TMA,
+            )  # fmt: skip
         for m0 in range(lo, hi, BM):
-            o_m = m0 + tl.arange(0, BM)
-            b_q = block_rows(p_q, q_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
-            b_do = block_rows(p_do, do_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
-            b_dk, b_dv = _dkdv_step(
-                b_dk, b_dv, b_k, b_v, b_q, b_do, lse_h, delta_h, o_m, o_m < T, m_key[:, None], scale, USE_KM, PREC
-            )
+            b_dk, b_dv = _dkdv_band_tile(
+                b_dk, b_dv, b_k, b_v, o_n, m_key, p_q, p_do, q_desc, do_desc, lse_h, delta_h, i_b, i_hq, m0,
+                T, W, scale, HQ, D, BD, BM, False, USE_KM, PREC, TMA,
+            )  # fmt: skip
         for m0 in range(hi, q_hi, BM):
-            o_m = m0 + tl.arange(0, BM)
-            m_m = o_m < T
-            vis = (o_n[:, None] <= o_m[None, :]) & (o_m[None, :] - o_n[:, None] <= W) & m_key[:, None] & m_m[None, :]
-            b_q = block_rows(p_q, q_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
-            b_do = block_rows(p_do, do_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
-            b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse_h, delta_h, o_m, m_m, vis, scale, True, PREC)
+            b_dk, b_dv = _dkdv_band_tile(
+                b_dk, b_dv, b_k, b_v, o_n, m_key, p_q, p_do, q_desc, do_desc, lse_h, delta_h, i_b, i_hq, m0,
+                T, W, scale, HQ, D, BD, BM, True, USE_KM, PREC, TMA,
+            )  # fmt: skip
     if USE_COLS:
         # Keys that are columns add their far-pair partial, stored at their index in the column list.
         p_cnt = ccount + i_bk.to(tl.int64) * (T + 1) + o_n
