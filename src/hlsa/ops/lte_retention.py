@@ -71,6 +71,8 @@ def prefix_buffers(score: torch.Tensor, n: int, chunk: int) -> tuple[torch.Tenso
     in its value) above the reversed position, so a larger key is a higher score or, on equal scores, an earlier
     position; non-positive keys get -1 and never enter.
     """
+    if chunk < 1:
+        raise ValueError(f"lte_column_end: chunk must be >= 1 keys; got {chunk}")
     R, T = score.shape
     C = -(-T // chunk)
     pos = torch.arange(T, device=score.device, dtype=torch.int64)
@@ -116,11 +118,9 @@ def lte_column_end_scan(
     if n == 0:
         end = torch.where(s > 0, pos + window + 1, 0)
         return end.to(torch.int32).reshape(B, H, T).permute(0, 2, 1).contiguous()
-    if chunk is not None and chunk < 1:
-        raise ValueError(f"lte_column_end_scan: chunk must be >= 1 keys; got {chunk}")
-    chunk = chunk or scan_chunk(n)
+    chunk = scan_chunk(n) if chunk is None else chunk
+    buf_s, buf_p = prefix_buffers(s, n, chunk)  # checks chunk
     C = -(-T // chunk)
-    buf_s, buf_p = prefix_buffers(s, n, chunk)
     buf_s, buf_p = buf_s.reshape(R * C, n), buf_p.reshape(R * C, n).long()
     keys = torch.nn.functional.pad(s, (0, C * chunk - T), value=float("-inf")).reshape(R * C, chunk)
     first = (torch.arange(C, device=score.device) * chunk).repeat(R)[:, None]  # [R*C, 1]: a chunk's first key

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hlsa.ops.lte_retention import prefix_buffers
+from hlsa.ops.lte_retention import lte_column_end_scan, prefix_buffers
 
 # A constexpr global: jitted kernels may only read globals declared this way (the interpreter is laxer).
 INT32_MAX = tl.constexpr(2**31 - 1)
@@ -67,16 +67,13 @@ def lte_column_end_triton(
     """
     B, T, H = score.shape
     score = score.contiguous()
-    end = torch.where(score > 0, INT32_MAX.value, 0).to(torch.int32)
     # A buffer of T slots never evicts, like any larger one: cap N at T to bound the register tile.
     n_eff = min(buffer_size, T)
-    if n_eff == 0:
-        positions = torch.arange(T, device=score.device, dtype=torch.int32)[None, :, None]
-        return torch.where(score > 0, positions + window + 1, 0).to(torch.int32)
-    if chunk is not None and chunk < 1:
-        raise ValueError(f"lte_column_end_triton: chunk must be >= 1 keys; got {chunk}")
-    chunk = chunk or chunk_length(T, B * H)
-    state_s, state_p = prefix_buffers(score.permute(0, 2, 1).reshape(B * H, T), n_eff, chunk)
+    if n_eff == 0:  # nothing is ever retained: no walk, in either scan
+        return lte_column_end_scan(score, window=window, buffer_size=0)
+    chunk = chunk_length(T, B * H) if chunk is None else chunk
+    state_s, state_p = prefix_buffers(score.permute(0, 2, 1).reshape(B * H, T), n_eff, chunk)  # checks chunk
+    end = torch.where(score > 0, INT32_MAX.value, 0).to(torch.int32)  # positive keys: "never evicted" until written
     NB = triton.next_power_of_2(n_eff)
     # One warp per 256 slots keeps the per-step reductions short; the walk over a chunk is sequential anyway.
     warps = min(max(NB // 256, 1), 8)
