@@ -13,11 +13,12 @@ Scores are kept in the log2 domain (`qk_scale = scale * log2(e)`) so the kernel 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from hlsa.ops.triton import interpreted
 
 # Shared memory a program may plan on (Hopper: 228 KB per SM). The K and V tiles of every pipeline stage live there,
 # so it bounds how many programs are resident per SM, which sets the size of one "wave" of programs.
@@ -174,7 +175,7 @@ def _pick_config(D: int, dtype: torch.dtype) -> tuple[int, int, int]:
     32 KB of K+V per stage and 3 stages were best or within noise of the best on the H200 sweep
     (benchmarks/results/decode_h200.json, "sweep"), e.g. BS=128 at D=64: 27.2 us against 31.8 for BS=64 (both unsplit).
     """
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreted():
         return 16, 1, 1
     BS = min(128, max(16, 16384 // (D * dtype.itemsize)))
     return (BS, 4, 2) if dtype == torch.float32 else (BS, 4, 3)
@@ -205,7 +206,7 @@ def decode_attention_triton(
     G = HQ // HKV
     BS, num_warps, num_stages = _pick_config(D, q.dtype) if config is None else config
     n_blocks = max(1, triton.cdiv(S, BS))
-    if num_splits is None and os.environ.get("TRITON_INTERPRET") == "1":
+    if num_splits is None and interpreted():
         num_splits = INTERPRET_SPLITS
     if num_splits is None:
         tile_bytes = num_stages * 2 * BS * D * q.element_size()  # K and V tiles of every stage

@@ -9,12 +9,12 @@ the last), so every caller masks rows `>= T` out of its softmax or gradient, as 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from hlsa.ops.triton import interpreted
 
 
 @triton.jit
@@ -35,10 +35,6 @@ def block_rows(p_base, desc, i_b, i_h, r0, T, H: tl.constexpr, D: tl.constexpr, 
     else:
         o_rows = r0 + tl.arange(0, BR)
         return load_rows(p_base, o_rows, o_rows < T, H, D, BD)
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def use_tma(*tensors: torch.Tensor) -> bool:

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hlsa.ops.triton.rows import block_rows, interpreted, load_rows, rows_descriptor, use_tma
+from hlsa.ops.triton import interpreted
+from hlsa.ops.triton.rows import block_rows, load_rows, rows_descriptor, use_tma
 from hlsa.ops.triton.sparse_attention_bwd import dkdv, n_columns_before
 
 LOG2E = 1.4426950408889634
