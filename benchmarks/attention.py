@@ -216,8 +216,8 @@ def sweep() -> list[dict]:
         ours = functools.partial(sparse_attention, q, k, v, window=WINDOW, column_end=ce)
         for kernel in ("fwd", "dq", "dkdv"):
             for cfg in candidates:
-                kernels.launch_config = lambda name, d, kernel=kernel, cfg=cfg: (
-                    cfg if name == kernel else default(name, d)
+                kernels.launch_config = lambda name, d, dtype, kernel=kernel, cfg=cfg: (
+                    cfg if name == kernel else default(name, d, dtype)
                 )
                 t = time_pair(ours, [q, k, v])
                 rows.append({"D": D, "kernel": kernel, "config": cfg, **t})
@@ -253,7 +253,7 @@ def _kernel_row(T: int, HKV: int, D: int) -> dict:
         row["fwd_ms"] = bench(functools.partial(kernels.forward, q, k, v, *pattern), [])
         row["prologue_ms"] = bench(functools.partial(kernels.column_prologue, ce, None, WINDOW), [])
         row["dq_ms"] = bench(functools.partial(kernels.backward_dq, q, k, v, o, do, lse, *pattern), [])
-        config = kernels.launch_config("dkdv", D)
+        config = kernels.launch_config("dkdv", D, torch.bfloat16)
         row["dkdv_ms"] = bench(functools.partial(dkdv, q, k, v, do, lse, delta, *pattern, config=config), [])
     ours = functools.partial(sparse_attention, q, k, v, window=WINDOW, column_end=ce)
     row.update({f"total_{key}": value for key, value in time_pair(ours, [q, k, v]).items()})

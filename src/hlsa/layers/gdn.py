@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hlsa.layers.norm import RMSNorm
-from hlsa.ops.gated_delta import chunk_gated_delta_rule
+from hlsa.ops.gated_delta import chunk_gated_delta_rule, gated_delta_rule_step
 
 # fla's `l2norm` epsilon: x / sqrt(sum(x^2) + eps).
 L2NORM_EPS = 1e-6
@@ -166,18 +166,23 @@ class GatedDeltaNet(nn.Module):
         beta = self.b_proj(x).sigmoid()  # [B, T, H]
         # Log decay in fp32, as fla's kernels compute it: g = -exp(A_log) * softplus(a + dt_bias) <= 0.
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())  # [B, T, H]
-        o, final_state = chunk_gated_delta_rule(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            initial_state=None if state is None else state.recurrent,
-            output_final_state=state is not None,
-            backend=self.backend,
-        )  # [B, T, H, Vh], [B, H, K, Vh]
+        if state is not None and T == 1 and self.backend in (None, "torch") and not torch.is_grad_enabled():
+            # Decode: the state is updated in place (no new state tensor to copy back into the static cache).
+            o = gated_delta_rule_step(q, k, v, g, beta, state=state.recurrent, backend=self.backend)
+        else:
+            o, final_state = chunk_gated_delta_rule(
+                q,
+                k,
+                v,
+                g,
+                beta,
+                initial_state=None if state is None else state.recurrent,
+                output_final_state=state is not None,
+                backend=self.backend,
+            )  # [B, T, H, Vh], [B, H, K, Vh]
+            if state is not None:
+                state.recurrent.copy_(final_state.detach())
         if state is not None:
-            state.recurrent.copy_(final_state.detach())
             state.seen += T
 
         if self.use_gate:

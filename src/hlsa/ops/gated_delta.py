@@ -23,6 +23,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from hlsa.ops.triton import interpreted
+
 CHUNK_SIZE = 64
 # fla's fused recurrent kernel beats its chunk kernel on short inputs; the layer of fla switches at 64 tokens too.
 FUSED_RECURRENT_MAX_T = 64
@@ -91,16 +93,76 @@ def gated_delta_rule_ref(
         S_BHKV = initial_state.to(dtype)
     outputs = []
     for t in range(T):
-        q_BHK, k_BHK, v_BHV = q[:, t].to(dtype), k[:, t].to(dtype), v[:, t].to(dtype)
-        decay_BH, beta_BH = g[:, t].to(dtype).exp(), beta[:, t].to(dtype)
-        S_BHKV = decay_BH[..., None, None] * S_BHKV
-        # The value the decayed state already returns for k_t; the delta rule replaces it by v_t (by a beta step).
-        predicted_BHV = torch.einsum("bhkv,bhk->bhv", S_BHKV, k_BHK)
-        delta_BHV = beta_BH[..., None] * (v_BHV - predicted_BHV)
-        S_BHKV = S_BHKV + k_BHK[..., :, None] * delta_BHV[..., None, :]
-        outputs.append(scale * torch.einsum("bhkv,bhk->bhv", S_BHKV, q_BHK))
+        S_BHKV, o_BHV = _ref_step(S_BHKV, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], scale)
+        outputs.append(o_BHV)
     o_BTHV = torch.stack(outputs, dim=1).to(v.dtype)
     return o_BTHV, (S_BHKV if output_final_state else None)
+
+
+def _ref_step(
+    S_BHKV: torch.Tensor,
+    q_BHK: torch.Tensor,
+    k_BHK: torch.Tensor,
+    v_BHV: torch.Tensor,
+    g_BH: torch.Tensor,
+    beta_BH: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the recurrence in the state's dtype -> (new state, output in the state's dtype)."""
+    dtype = S_BHKV.dtype
+    q_BHK, k_BHK, v_BHV = q_BHK.to(dtype), k_BHK.to(dtype), v_BHV.to(dtype)
+    S_BHKV = g_BH.to(dtype).exp()[..., None, None] * S_BHKV
+    # The value the decayed state already returns for k_t; the delta rule replaces it by v_t (by a beta step).
+    predicted_BHV = torch.einsum("bhkv,bhk->bhv", S_BHKV, k_BHK)
+    delta_BHV = beta_BH.to(dtype)[..., None] * (v_BHV - predicted_BHV)
+    S_BHKV = S_BHKV + k_BHK[..., :, None] * delta_BHV[..., None, :]
+    return S_BHKV, scale * torch.einsum("bhkv,bhk->bhv", S_BHKV, q_BHK)
+
+
+def gated_delta_rule_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    state: torch.Tensor,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """One decode step (`T = 1`) of the gated delta rule, updating `state` in place; no gradient, no host sync.
+
+    The decode form of `chunk_gated_delta_rule(..., initial_state=state, output_final_state=True)` followed by
+    `state.copy_(final_state)`, without the copy (`hlsa/ops/triton/gated_delta_step.py` says why it matters).
+
+    Args:
+        q, k, v, g, beta: as in `chunk_gated_delta_rule`, with `T = 1`.
+        state: `[B, H, K, V]` fp32, contiguous; holds the state after the step on return.
+        scale: query scale, default `K ** -0.5`.
+        backend: "torch" (the reference recurrence), "triton", or None (Triton for CUDA tensors, else "torch").
+
+    Returns:
+        o `[B, 1, H, V]` in the dtype of `v`.
+    """
+    _check_tensors(q, k, v, g, beta, state)
+    if q.shape[1] != 1:
+        raise ValueError(f"gated_delta_rule_step takes T = 1, got T = {q.shape[1]}; use chunk_gated_delta_rule")
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"state must be a contiguous float32 tensor (it is updated in place), got {state.dtype}")
+    if backend not in (None, "torch", "triton"):
+        raise ValueError(f"gated_delta_rule_step: backend must be None, 'torch' or 'triton'; got {backend!r}")
+    if backend == "triton" and q.device.type != "cuda" and not interpreted():
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if backend is None:
+        backend = "triton" if q.is_cuda else "torch"
+    if backend == "torch":
+        new_state, o = _ref_step(state, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], scale)
+        state.copy_(new_state)
+        return o[:, None].to(v.dtype)
+    from hlsa.ops.triton.gated_delta_step import gated_delta_step_triton
+
+    return gated_delta_step_triton(q, k, v, g, beta, state, scale)
 
 
 def gated_delta_rule_chunked(

@@ -115,14 +115,15 @@ def _band_tile(p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV: tl
 
 @triton.jit
 def _program_rows(k, v, km, T, HQ: tl.constexpr, HKV: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                  BD: tl.constexpr, BM: tl.constexpr):  # fmt: skip
+                  BM: tl.constexpr):  # fmt: skip
     """The BM rows of a forward or dq program (grid `(T / (BM / GP), B * HKV)`): BM // GP positions of each of the G
     query heads of one kv head (GP = G rounded up to a power of two), as (head g, position t0 + r). The K/V tiles
     are then loaded once for the group, and the band of a program spans W + BM // GP keys instead of W + BM.
 
-    Returns (i_b, i_hk, i_bk, t0, o_m positions [BM], m_row, m_rd row masks [BM] and [BM, BD], p_rows element
-    offsets [BM, BD] into `[B, T, HQ, D]` tensors, p_lse offsets [BM] into `[B, HQ, T]` ones, and the kv head's
-    slabs of k and v and row of the key mask)."""
+    Returns (i_b, i_hk, i_bk, t0, o_m positions [BM], m_row row mask [BM], p_row offsets [BM] of the rows' first
+    elements in `[B, T, HQ, D]` tensors, p_lse offsets [BM] into `[B, HQ, T]` ones, and the kv head's slabs of k
+    and v and row of the key mask). Row offsets stay 1-D: a `[BM, D]` int64 offset tile held across the loops would
+    cost BM * D / (32 * num_warps) * 2 registers per thread."""
     G: tl.constexpr = HQ // HKV
     BMQ: tl.constexpr = BM // GP
     i_m, i_bk = tl.program_id(0), tl.program_id(1)
@@ -132,24 +133,40 @@ def _program_rows(k, v, km, T, HQ: tl.constexpr, HKV: tl.constexpr, GP: tl.const
     o_g = o_r // BMQ
     o_m = t0 + o_r % BMQ
     m_row = (o_g < G) & (o_m < T)
-    o_d = tl.arange(0, BD)
-    m_rd = m_row[:, None] & (o_d < D)[None, :]
-    p_rows = ((i_b.to(tl.int64) * T + o_m) * HQ + i_hk * G + o_g)[:, None] * D + o_d[None, :]
+    p_row = ((i_b.to(tl.int64) * T + o_m) * HQ + i_hk * G + o_g) * D
     p_lse = (i_b.to(tl.int64) * HQ + i_hk * G + o_g) * T + o_m
     p_k = k + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     p_v = v + (i_b.to(tl.int64) * T * HKV + i_hk) * D
-    return i_b, i_hk, i_bk, t0, o_m, m_row, m_rd, p_rows, p_lse, p_k, p_v, km + i_b.to(tl.int64) * T
+    return i_b, i_hk, i_bk, t0, o_m, m_row, p_row, p_lse, p_k, p_v, km + i_b.to(tl.int64) * T
+
+
+@triton.jit
+def _load_program_rows(x, desc, p_row, m_row, i_b, i_hk, t0, T, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+                       ROWS_TMA: tl.constexpr):  # fmt: skip
+    """The program's rows of `x [B, T, HQ, D]` -> `[BM, BD]`. With ROWS_TMA (only when G = 1: the rows are then BM
+    consecutive positions of one head) one TMA block load, whose rows `>= T` are junk that the stores mask out."""
+    if ROWS_TMA:
+        return desc.load([i_b * T + t0, i_hk * D])
+    else:
+        o_d = tl.arange(0, BD)
+        return tl.load(x + p_row[:, None] + o_d[None, :], mask=m_row[:, None] & (o_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_program_rows(x, value, p_row, m_row, D: tl.constexpr, BD: tl.constexpr):
+    o_d = tl.arange(0, BD)
+    tl.store(x + p_row[:, None] + o_d[None, :], value.to(x.dtype.element_ty), mask=m_row[:, None] & (o_d < D)[None, :])
 
 
 @triton.jit
 def _fwd_kernel(
-    q, k, v, o, lse, ce, km, cols, ccount, scale, T, W, k_desc, v_desc,
+    q, k, v, o, lse, ce, km, cols, ccount, scale, T, W, k_desc, v_desc, q_desc,
     HQ: tl.constexpr, HKV: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    ROWS_TMA: tl.constexpr,
 ):  # fmt: skip
-    rows = _program_rows(k, v, km, T, HQ, HKV, GP, D, BD, BM)
-    i_b, i_hk, i_bk, t0, o_m, m_row, m_rd, p_rows, p_lse, p_k, p_v, km_b = rows
-    b_q = tl.load(q + p_rows, mask=m_rd, other=0.0)
+    i_b, i_hk, i_bk, t0, o_m, m_row, p_row, p_lse, p_k, p_v, km_b = _program_rows(k, v, km, T, HQ, HKV, GP, D, BM)
+    b_q = _load_program_rows(q, q_desc, p_row, m_row, i_b, i_hk, t0, T, D, BD, BM, ROWS_TMA)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
@@ -176,24 +193,24 @@ def _fwd_kernel(
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tl.store(o + p_rows, acc.to(o.dtype.element_ty), mask=m_rd)
+    _store_program_rows(o, acc, p_row, m_row, D, BD)
     b_lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
     tl.store(lse + p_lse, b_lse, mask=m_row)
 
 
 @triton.jit
 def _dq_kernel(
-    q, k, v, o, do, dq, lse, delta, ce, km, cols, ccount, scale, T, W, k_desc, v_desc,
+    q, k, v, o, do, dq, lse, delta, ce, km, cols, ccount, scale, T, W, k_desc, v_desc, q_desc, o_desc, do_desc,
     HQ: tl.constexpr, HKV: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    ROWS_TMA: tl.constexpr,
 ):  # fmt: skip
-    rows = _program_rows(k, v, km, T, HQ, HKV, GP, D, BD, BM)
-    i_b, i_hk, i_bk, t0, o_m, m_row, m_rd, p_rows, p_lse, p_k, p_v, km_b = rows
-    b_q = tl.load(q + p_rows, mask=m_rd, other=0.0)
-    b_do = tl.load(do + p_rows, mask=m_rd, other=0.0)
+    i_b, i_hk, i_bk, t0, o_m, m_row, p_row, p_lse, p_k, p_v, km_b = _program_rows(k, v, km, T, HQ, HKV, GP, D, BM)
+    b_q = _load_program_rows(q, q_desc, p_row, m_row, i_b, i_hk, t0, T, D, BD, BM, ROWS_TMA)
+    b_do = _load_program_rows(do, do_desc, p_row, m_row, i_b, i_hk, t0, T, D, BD, BM, ROWS_TMA)
     b_lse = tl.load(lse + p_lse, mask=m_row, other=float("inf"))
     # delta = rowsum(o * do), the softmax-gradient shift of these rows; stored for the dk/dv kernels (run next).
-    b_o = tl.load(o + p_rows, mask=m_rd, other=0.0)
+    b_o = _load_program_rows(o, o_desc, p_row, m_row, i_b, i_hk, t0, T, D, BD, BM, ROWS_TMA)
     b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
     tl.store(delta + p_lse, b_delta, mask=m_row)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
@@ -220,13 +237,17 @@ def _dq_kernel(
         b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, True, PREC)
     # ds was taken w.r.t. natural logits; dq = scale * ds @ k (the base-2 factor only lives in the exponent).
     b_dq = b_dq * (scale / 1.4426950408889634)
-    tl.store(dq + p_rows, b_dq.to(dq.dtype.element_ty), mask=m_rd)
+    _store_program_rows(dq, b_dq, p_row, m_row, D, BD)
 
 
-def launch_config(kernel: str, D: int) -> tuple[int, int, int, int]:
+def launch_config(kernel: str, D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages) for `kernel` in {"fwd", "dq", "dkdv"}; small tiles under the interpreter."""
     if interpreted():
         return 16, 16, 1, 1
+    if dtype == torch.float32 and D > 64:
+        # fp32 tiles take twice the shared memory: the bf16 D=128 dq config asks for 256 KiB (the H200 has 227).
+        # fp32 is the exact-arithmetic path for checks, not a speed path: small tiles, untuned.
+        return (64, 32, 4, 2) if kernel != "dkdv" else (64, 64, 4, 2)
     # Measured on an H200 at T=4096, bf16 (docs/kernels.md): every kernel at D=64, dk/dv at D=128 (8 warps there
     # took 6.3 ms, 4 warps 3.5 ms); the D=128 forward and dq keep the wider-tile defaults, untuned.
     table = {
@@ -311,17 +332,19 @@ def forward(
     """Launch the forward kernel -> (o [B, T, HQ, D], lse [B, HQ, T] fp32)."""
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
-    BM, BN, warps, stages = launch_config("fwd", D)
+    BM, BN, warps, stages = launch_config("fwd", D, q.dtype)
     GP = triton.next_power_of_2(HQ // HKV)
     BM = max(BM, GP)  # rows per program: BM // GP positions of each of the group's query heads
     o = torch.empty_like(q)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
-    tma = use_tma(k, v)  # the band's K/V tiles; q is loaded once per program, by pointers (rows of several heads)
+    tma = use_tma(k, v)  # the band's K/V tiles
     descs = (rows_descriptor(k, BN), rows_descriptor(v, BN)) if tma else (None,) * 2
+    rows_tma = GP == 1 and use_tma(q)  # q: one block of one head's rows (G = 1), else rows of several heads
     _fwd_kernel[(triton.cdiv(T, BM // GP), B * HKV)](
         q, k, v, o, lse, ce, km, cols, ccount, scale * LOG2E, T, window_eff, *descs,
-        HQ=HQ, HKV=HKV, GP=GP, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN,
-        USE_COLS=use_cols, USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, num_warps=warps, num_stages=stages,
+        rows_descriptor(q, BM) if rows_tma else None,
+        HQ=HQ, HKV=HKV, GP=GP, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN, USE_COLS=use_cols,
+        USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return o, lse
 
@@ -332,18 +355,20 @@ def backward_dq(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Launch the dq kernel -> dq [B, T, HQ, D] and delta = rowsum(o * do) [B, HQ, T] fp32 (for `dkdv`)."""
     B, T, HQ, D = q.shape
-    BM, BN, warps, stages = launch_config("dq", D)
+    BM, BN, warps, stages = launch_config("dq", D, q.dtype)
     dq = torch.empty_like(q)
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     HKV = k.shape[2]
     GP = triton.next_power_of_2(HQ // HKV)
     BM = max(BM, GP)  # rows per program: BM // GP positions of each of the group's query heads
-    tma = use_tma(k, v)  # the band's K/V tiles; q, o, do are loaded once per program, by pointers
+    tma = use_tma(k, v)  # the band's K/V tiles
     descs = (rows_descriptor(k, BN), rows_descriptor(v, BN)) if tma else (None,) * 2
+    rows_tma = GP == 1 and use_tma(q, o, do)  # as in `forward`
+    row_descs = tuple(rows_descriptor(x, BM) for x in (q, o, do)) if rows_tma else (None,) * 3
     _dq_kernel[(triton.cdiv(T, BM // GP), B * HKV)](
-        q, k, v, o, do, dq, lse, delta, ce, km, cols, ccount, scale * LOG2E, T, window_eff, *descs,
-        HQ=HQ, HKV=HKV, GP=GP, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN,
-        USE_COLS=use_cols, USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, num_warps=warps, num_stages=stages,
+        q, k, v, o, do, dq, lse, delta, ce, km, cols, ccount, scale * LOG2E, T, window_eff, *descs, *row_descs,
+        HQ=HQ, HKV=HKV, GP=GP, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN, USE_COLS=use_cols,
+        USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return dq, delta
 
@@ -375,7 +400,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         do = do.contiguous()
         pattern = (ce, km, cols, ccount, ctx.window_eff, ctx.scale, ctx.use_cols)
         dq, delta = backward_dq(q, k, v, o, do, lse, *pattern)
-        dk, dv = dkdv(q, k, v, do, lse, delta, *pattern, config=launch_config("dkdv", q.shape[-1]))
+        dk, dv = dkdv(q, k, v, do, lse, delta, *pattern, config=launch_config("dkdv", q.shape[-1], q.dtype))
         return dq, dk, dv, None, None, None, None
 
 
