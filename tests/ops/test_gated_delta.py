@@ -228,7 +228,8 @@ def test_step_matches_chunked(K, V, backend):
 
 def test_step_keeps_the_state_tensor():
     """The update lands in the caller's tensor (a CUDA graph replays against that address), bf16 outputs too."""
-    inputs = make_inputs(3, 1, 2, 16, 16, dtype=torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: interpreted (tests/conftest.py)
+    inputs = make_inputs(3, 1, 2, 16, 16, dtype=torch.bfloat16, device=device)
     state = inputs.pop("initial_state")
     before, ptr = state.clone(), state.data_ptr()
     o = gated_delta_rule_step(**inputs, state=state, backend="triton")
