@@ -13,7 +13,8 @@ Three implementations share one signature:
 * `gated_delta_rule_ref`: the recurrence above, one step at a time (the test oracle);
 * `gated_delta_rule_chunked`: the same result in chunks of 64 steps with the WY/UT representation (CPU fast path);
 * fla-core's Triton kernels (`chunk_gated_delta_rule`, `fused_recurrent_gated_delta_rule`) for CUDA tensors.
-`chunk_gated_delta_rule` validates the inputs and dispatches.
+`chunk_gated_delta_rule` validates the inputs and dispatches. For decode, `gated_delta_rule_step` takes one token
+and updates a cache's state in place: one step of the reference on the CPU, our Triton kernel on CUDA.
 """
 
 from __future__ import annotations
