@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from hlsa.ops import kernel_backend
+
 
 def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor) -> None:
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -87,11 +89,7 @@ def decode_attention(
     Returns:
         `[B, HQ, D]` in the dtype of q; a query whose kv-head has no valid slot gets zeros.
     """
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"decode_attention: backend must be None, 'torch' or 'triton'; got {backend!r}")
-    if backend is None:
-        backend = "triton" if q.is_cuda else "torch"
-    if backend == "torch":
+    if kernel_backend("decode_attention", backend, q) == "torch":
         return decode_attention_ref(q, k_cache, v_cache, valid=valid, scale=scale)
     _check_inputs(q, k_cache, v_cache, valid)
     from hlsa.ops.triton.decode_attention import decode_attention_triton

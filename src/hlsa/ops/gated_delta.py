@@ -24,6 +24,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from hlsa.ops import kernel_backend
 from hlsa.ops.triton import interpreted
 
 CHUNK_SIZE = 64
@@ -150,13 +151,10 @@ def gated_delta_rule_step(
         raise ValueError(f"gated_delta_rule_step takes T = 1, got T = {q.shape[1]}; use chunk_gated_delta_rule")
     if state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError(f"state must be a contiguous float32 tensor (it is updated in place), got {state.dtype}")
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"gated_delta_rule_step: backend must be None, 'torch' or 'triton'; got {backend!r}")
+    backend = kernel_backend("gated_delta_rule_step", backend, q)
     if backend == "triton" and q.device.type != "cuda" and not interpreted():
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if backend is None:
-        backend = "triton" if q.is_cuda else "torch"
     if backend == "torch":
         new_state, o = _ref_step(state, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], scale)
         state.copy_(new_state)

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from hlsa.ops import kernel_backend
+
 _INT32_MIN = -(2**31)
 
 
@@ -186,12 +188,8 @@ def lte_evict(
         ring_size: `W + 1`.
         backend: "torch" (reference), "triton", or None (Triton for CUDA tensors, else the reference).
     """
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"lte_evict: backend must be None, 'torch' or 'triton'; got {backend!r}")
-    if backend is None:
-        backend = "triton" if k_cache.is_cuda else "torch"
     args = (k_cache, v_cache, score_cache, valid, buffer_len, pos_cache)
-    if backend == "torch":
+    if kernel_backend("lte_evict", backend, k_cache) == "torch":
         lte_evict_ref(*args, position=position, k_new=k_new, v_new=v_new, ring_size=ring_size)
         return
     _check_inputs(*args, position, k_new, v_new, ring_size)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-_BACKENDS = (None, "torch", "fla", "triton")
+from hlsa.ops import kernel_backend
 
 
 def _check_gates(q: torch.Tensor, gates: tuple[torch.Tensor, ...]) -> None:
@@ -358,9 +358,7 @@ def nsa_decode(
     Returns:
         `[B, HQ, D]` in the dtype of q; zeros for a row with no real token.
     """
-    if backend not in ("torch", "triton", None):
-        raise ValueError(f"nsa_decode: backend must be None, 'torch' or 'triton'; got {backend!r}")
-    if backend == "torch" or (backend is None and not q.is_cuda):
+    if kernel_backend("nsa_decode", backend, q) == "torch":
         return nsa_decode_ref(
             q, k_cache, v_cache, k_cmp, v_cmp, g_cmp, g_slc, g_swa, start=start, seq_len=seq_len,
             block_size=block_size, block_counts=block_counts, window=window, scale=scale,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from hlsa.ops import kernel_backend
+
 
 def _check_inputs(
     q: torch.Tensor,
@@ -136,11 +138,7 @@ def sparse_attention(
     Returns:
         `[B, T, HQ, D]` in the dtype of q; rows that see no key are zeros.
     """
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"sparse_attention: backend must be None, 'torch' or 'triton'; got {backend!r}")
-    if backend is None:
-        backend = "triton" if q.is_cuda else "torch"
-    if backend == "torch":
+    if kernel_backend("sparse_attention", backend, q) == "torch":
         return sparse_attention_ref(q, k, v, window=window, column_end=column_end, key_mask=key_mask, scale=scale)
     _check_inputs(q, k, v, window, column_end, key_mask)
     from hlsa.ops.triton.sparse_attention import sparse_attention_triton
