@@ -75,10 +75,19 @@ def decode_profile(arch: str, plan: e2e.Plan, batch: int, context: int, steps: i
     cache = e2e.synthetic_cache(model, batch, context)
     token = torch.randint(0, model.config.vocab_size, (batch, 1), device=plan.device)
     step = torch.compile(e2e.decode_step) if compiled else e2e.decode_step
-    for _ in range(3):  # compile and autotune every kernel outside the profile
-        step(model, token, cache)
-    table, wall_ms = profiled(lambda: step(model, token, cache), steps, plan.device == "cuda")
-    return {"batch": batch, "context": context, "compiled": compiled, "wall_ms_per_step": wall_ms, **table}
+    with e2e.inductor_options(plan):
+        for _ in range(3):  # compile and autotune every kernel outside the profile
+            step(model, token, cache)
+        table, wall_ms = profiled(lambda: step(model, token, cache), steps, plan.device == "cuda")
+    frozen = compiled and plan.freeze
+    return {
+        "batch": batch,
+        "context": context,
+        "compiled": compiled,
+        "frozen": frozen,
+        "wall_ms_per_step": wall_ms,
+        **table,
+    }
 
 
 def train_profile(

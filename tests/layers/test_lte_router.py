@@ -149,10 +149,23 @@ def _windows(x: torch.Tensor, valid: torch.Tensor, m: int) -> tuple[torch.Tensor
     return win.reshape(B * T, 2 * m + 1, H, C), win_valid.reshape(B * T, 2 * m + 1)
 
 
+def _as_ring(win: torch.Tensor, win_valid: torch.Tensor, slots: int, shift: int) -> tuple[torch.Tensor, ...]:
+    """Windows `[N, L, H, C]` laid into rings `[N, H, slots, C]` from slot `shift` on (wrapping); other slots hold
+    garbage marked invalid. Returns the rings, their validity `[N, slots]` and the start slot."""
+    N, L, H, C = win.shape
+    ring = torch.randn(N, H, slots, C) * 100
+    ring_valid = torch.zeros(N, slots, dtype=torch.bool)
+    idx = (shift + torch.arange(L)) % slots
+    ring[:, :, idx] = win.transpose(1, 2)
+    ring_valid[:, idx] = win_valid
+    return ring, ring_valid, torch.tensor(shift)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # "triton" runs interpreted on CPU (tests/conftest.py)
 @pytest.mark.parametrize("shared", ["head", "layer"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("T", [1, 5, 13, 30])
-def test_score_window_equals_full_forward(shared: str, config: str, T: int) -> None:
+def test_score_window_equals_full_forward(backend: str, shared: str, config: str, T: int) -> None:
     H, D, extra = 3, 8, 9
     router = _router(H, D, config, routing_shared=shared)
     m = router.margin
@@ -164,7 +177,9 @@ def test_score_window_equals_full_forward(shared: str, config: str, T: int) -> N
     # The sequence cut at T: windows reaching past T are marked invalid there, like the forward's zero padding.
     full = router(k[:, :T], v[:, :T], pad_mask=pad_mask[:, :T])
     win, win_valid = _windows(x[:, :T], pad_mask[:, :T], m)
-    streamed = router.score_window(win, win_valid).reshape(3, T, H)
+    # Rings longer than the window, the window wrapping around their end.
+    ring, ring_valid, start = _as_ring(win, win_valid, 2 * m + 3, shift=m + 2)
+    streamed = router.score_window(ring, ring_valid, start, backend=backend).reshape(3, T, H)
     real = pad_mask[:, :T, None].expand(-1, -1, H)
     torch.testing.assert_close(streamed[real], full[real], rtol=0, atol=1e-6)
     # Tokens with m known successors already have their final score: the longer sequence agrees on them.
@@ -265,10 +280,12 @@ def test_input_errors() -> None:
         router(k, torch.randn(1, 5, 2, 3))
     with pytest.raises(ValueError, match="pad_mask"):
         router(k, k, pad_mask=torch.ones(1, 5))
-    with pytest.raises(ValueError, match="x_window"):
-        router.score_window(torch.randn(1, 12, 2, 8), torch.ones(1, 12, dtype=torch.bool))
+    with pytest.raises(ValueError, match="x_ring"):  # a ring shorter than the receptive field (13)
+        router.score_window(torch.randn(1, 2, 12, 8), torch.ones(1, 12, dtype=torch.bool), torch.tensor(0))
     with pytest.raises(ValueError, match="valid"):
-        router.score_window(torch.randn(1, 13, 2, 8), torch.ones(1, 13))
+        router.score_window(torch.randn(1, 2, 13, 8), torch.ones(1, 13), torch.tensor(0))
+    with pytest.raises(ValueError, match="start"):
+        router.score_window(torch.randn(1, 2, 13, 8), torch.ones(1, 13, dtype=torch.bool), torch.tensor(0.0))
     with pytest.raises(ValueError, match="sink_size"):
         select(torch.randn(1, 5, 2), None, -1)
     with pytest.raises(ValueError, match="score"):

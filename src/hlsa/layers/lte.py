@@ -220,14 +220,12 @@ class LTEAttention(ProjectedAttention):
         write_slot(state.router_valid, real.expand(-1, self.num_kv_heads), pos)
         # Score token j = pos - m, whose right context is now complete (the window is j-m .. j+m = pos-2m .. pos).
         ctx = state.router_x.shape[2]
-        window_slots = (pos - 2 * m + torch.arange(ctx, device=x.device)) % ctx
-        window = state.router_x.index_select(2, window_slots).transpose(1, 2)  # [B, 2m+1, HKV, 2D]
-        window_valid = state.router_valid.index_select(2, window_slots)[:, 0]  # [B, 2m+1]
+        valid = state.router_valid[:, 0]  # [B, 2m+1]: the same for every head
         j = pos - m
-        raw = self.router.score_window(window, window_valid)  # [B, HKV]
+        raw = self.router.score_window(state.router_x, valid, (j - m) % ctx, backend=self.backend)  # [B, HKV]
         is_sink = ((j - state.offset) >= 0) & ((j - state.offset) < self.sink_size)
         new = torch.where(is_sink[:, None], float("inf"), raw.float())
-        new = torch.where(window_valid[:, m : m + 1], new, float("-inf"))
+        new = torch.where(valid.index_select(1, (j % ctx).view(1)), new, float("-inf"))
         j_slot = (j % ring).view(1)
         old = state.score.index_select(2, j_slot)[..., 0]
         state.score.index_copy_(2, j_slot, torch.where(j >= 0, new, old)[..., None])

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hlsa.ops.router_window import router_window_logits
+
 ROUTING_METHODS = ("sigmoid", "relu")
 ROUTING_SHARED = ("head", "layer")
 
@@ -67,9 +69,8 @@ class _FlatConv(torch.autograd.Function):
 class ConvStack(nn.Module):
     """`groups` independent CNNs over time (or one, shared by every head), each mapping a head's channels to one logit.
 
-    `forward(x [H, B, L, C], mask [B, L] | None, *, same)` -> logits `[H, B, L]` ('same' zero padding at every
-    conv), or with `same=False` `[H, B]`: the logit of the centre position of each row of odd length `L`, from the
-    row's own inputs only (no padding: the row holds the centre's whole receptive field).
+    `forward(x [H, B, L, C], mask [B, L] | None)` -> logits `[H, B, L]` ('same' zero padding at every conv).
+    `centre_logits` scores one token at decode from the window of its receptive field (`hlsa.ops.router_window`).
 
     The weights live in `nn.Conv1d` modules (PyTorch's layout and init, and the names of the authors' checkpoints),
     but every conv runs as per-tap GEMMs over one flat time axis (`_FlatConv`): the rows of all heads sharing a CNN
@@ -78,11 +79,6 @@ class ConvStack(nn.Module):
     cuDNN's grouped convolution spent most of an LTE decode step in layout transforms (NCHW <-> NHWC, ~20 kernels
     per conv) and is slow in bf16 training. `tests/layers/test_lte_router.py` checks this against `F.conv1d` per
     head, gradients included.
-
-    `same=False` (decode: one window of `2m + 1` inputs per row, inference only) shrinks each row by the conv's
-    reach instead, and runs each conv as one GEMM over its `k` taps gathered side by side: a k-times larger input
-    is nothing at that size, and a decode step is bound by its kernel count (one `baddbmm` per conv instead of the
-    flat form's `k` GEMMs and border fills).
     """
 
     def __init__(
@@ -126,11 +122,9 @@ class ConvStack(nn.Module):
         nn.init.kaiming_normal_(self.proj.weight, mode="fan_in", nonlinearity="relu")
         nn.init.constant_(self.proj.bias, self.bias_init)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, *, same: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         H, B, L, C = x.shape
         keep = torch.ones(B, L, device=x.device, dtype=torch.bool) if mask is None else mask
-        if not same:
-            return self._centre(x, keep.to(x.dtype).repeat(H // self.groups, 1))
         pad = max(self.radii)
         keep = F.pad(keep, (pad, pad))  # [B, Lp]: False on the zero padding and on left-padding tokens
         x = F.pad(x, (0, 0, pad, pad)).reshape(self.groups, -1, C)  # [g, (H/g) * B * Lp, C], rows end to end
@@ -139,37 +133,27 @@ class ConvStack(nn.Module):
             x = F.silu(self._conv(self.dropout(x), conv) * keep)
         return self._conv(x, self.proj).view(H, B, L + 2 * pad)[:, :, pad : pad + L]
 
-    def _centre(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """`x [H, B, L, C]`, `keep [(H/g) * B, L]` -> the centre logits `[H, B]` (rows shrink at every conv)."""
-        H, B, L, C = x.shape
-        x = x.reshape(self.groups, -1, L, C)  # [g, rows, L, C]
-        lo = 0
-        for conv, r in zip(self.convs, self.radii):
-            lo += r
-            x = F.silu(self._window_conv(self.dropout(x), conv) * keep[None, :, lo : L - lo, None])
-        logits = self._window_conv(x, self.proj)  # [g, rows, L - 2 * lo, 1]
-        return logits[:, :, (L - 1) // 2 - lo, 0].reshape(H, B)
-
-    def _window_conv(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-        """Unpadded conv of `x [g, rows, L, C]` -> `[g, rows, L - (k - 1) * d, O]` as one GEMM per group."""
-        g, rows, L, C = x.shape
-        (k,), (d,) = conv.kernel_size, conv.dilation
-        n = L - (k - 1) * d
-        # taps [g, rows, n, k, C], tap-major like the weights: each tap is a run of C contiguous channels in both
-        # the source and the copy. The channel-major order (`stack(dim=-1)`, which would match conv.weight's
-        # [O, C, k] without a relayout) compiled to a gather that ran at ~1/20 of the bandwidth on the H200 (session
-        # 7: 0.95 ms of a 4.4 ms GDN+LTE step at batch 64); the weight relayout costs a tiny copy instead.
-        taps = x[:, :, :, None] if k == 1 else torch.stack([x[:, :, t * d : t * d + n] for t in range(k)], dim=3)
-        w = self._tap_major_weight(conv, x.dtype)  # [g, k, C, O]
-        bias = conv.bias.view(g, 1, -1).to(x.dtype)
-        return torch.baddbmm(bias, taps.reshape(g, rows * n, k * C), w.flatten(1, 2)).view(g, rows, n, -1)
+    def centre_logits(
+        self, x_ring: torch.Tensor, valid: torch.Tensor, start: torch.Tensor, *, backend: str | None = None
+    ) -> torch.Tensor:
+        """Logits `[B, H]` of the centre of the window of `x_ring [B, H, R, C]` from ring slot `start` (decode;
+        no dropout): `hlsa.ops.router_window_logits` with this stack's weights."""
+        layers = [
+            (
+                self._tap_major_weight(conv, x_ring.dtype),
+                conv.bias.view(self.groups, -1).to(x_ring.dtype),
+                conv.dilation[0],
+            )
+            for conv in (*self.convs, self.proj)
+        ]
+        return router_window_logits(x_ring, valid, start, layers, backend=backend)
 
     def _conv(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
         w = self._tap_major_weight(conv, x.dtype)
         return _FlatConv.apply(x, w, conv.bias.view(self.groups, -1).to(x.dtype), conv.dilation[0])
 
     def _tap_major_weight(self, conv: nn.Conv1d, dtype: torch.dtype) -> torch.Tensor:
-        """conv.weight `[g * O, C, k]` -> `[g, k, C, O]`, the layout of both conv forms' GEMMs."""
+        """conv.weight `[g * O, C, k]` -> `[g, k, C, O]`, the layout of the flat conv's GEMMs and of the decode op."""
         g, (k,) = self.groups, conv.kernel_size
         return conv.weight.view(g, conv.out_channels // g, -1, k).permute(0, 3, 2, 1).contiguous().to(dtype)
 
@@ -255,38 +239,42 @@ class LTERouter(nn.Module):
         x = torch.cat([k, v], dim=-1)  # [B, T, HKV, 2D]
         if not self.routing_grad:
             x = x.detach()
-        return self._score(self._logits(x, pad_mask, same=True))
+        return self._score(self._logits(x, pad_mask))
 
-    def score_window(self, x_window: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Score of the centre token of a window of router inputs (streaming scoring for decode).
+    def score_window(
+        self, x_ring: torch.Tensor, valid: torch.Tensor, start: torch.Tensor, *, backend: str | None = None
+    ) -> torch.Tensor:
+        """Score of the centre token of a window of router inputs read from a ring (streaming scoring for decode).
 
-        Equals (up to conv round-off) the score `forward` gives token `j` when `x_window` holds the router inputs
-        of tokens `j - m .. j + m` (`m = margin`) in chronological order and `valid` is False where a position is
-        before the sequence start, a pad, or past the sequence end (the score of the sequence cut there). Invalid
-        positions' contents are ignored. Call it in eval mode (dropout); it allocates only window-sized tensors.
+        Equals (up to conv round-off) the score `forward` gives token `j` when ring slots `start, start + 1, ...`
+        (mod `R`) hold the router inputs of tokens `j - m .. j + m` (`m = margin`) and `valid` is False where a
+        position is before the sequence start, a pad, or past the sequence end (the score of the sequence cut
+        there). Invalid positions' contents are ignored. No dropout (inference); no host sync.
 
         Args:
-            x_window: `[B, 2m + 1, HKV, 2D]`, `concat(k_prerope, v)` per KV head.
-            valid: bool `[B, 2m + 1]`.
+            x_ring: `[B, HKV, R, 2D]`, `concat(k_prerope, v)` per KV head, `R >= 2m + 1`.
+            valid: bool `[B, R]`, per slot.
+            start: 0-d int64 tensor, the slot of token `j - m`.
+            backend: of `hlsa.ops.router_window_logits` ("torch", "triton", or None: Triton on CUDA).
 
         Returns:
-            score `[B, HKV]` of the token at window index `m`.
+            score `[B, HKV]` of token `j`.
         """
-        expected = (x_window.shape[0], 2 * self.margin + 1, self.num_kv_heads, 2 * self.head_dim)
-        if x_window.shape != expected:
-            raise ValueError(f"x_window must have shape [B, 2 * margin + 1, HKV, 2D] = {list(expected)}")
-        if valid.dtype != torch.bool or valid.shape != expected[:2]:
-            raise ValueError(f"valid must be a bool tensor of shape [B, 2 * margin + 1] = {list(expected[:2])}")
-        return self._score(self._logits(x_window, valid, same=False))
+        B, R = valid.shape[0], x_ring.shape[2] if x_ring.dim() == 4 else 0
+        expected = (B, self.num_kv_heads, R, 2 * self.head_dim)
+        if x_ring.shape != expected or R < self.receptive_field:
+            raise ValueError(
+                f"x_ring must have shape [B, HKV, R, 2D] = {list(expected)} with R >= 2 * margin + 1 = "
+                f"{self.receptive_field}; got {list(x_ring.shape)}"
+            )
+        return self._score(self.conv_stack.centre_logits(x_ring, valid, start, backend=backend))
 
-    def _logits(self, x: torch.Tensor, mask: torch.Tensor | None, *, same: bool) -> torch.Tensor:
-        """`x [B, L, HKV, 2D]`, `mask [B, L] | None` -> logits `[B, L, HKV]`, or the centre's `[B, HKV]` if not
-        `same`."""
+    def _logits(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """`x [B, L, HKV, 2D]`, `mask [B, L] | None` -> logits `[B, L, HKV]`."""
         x = x.permute(2, 0, 1, 3)  # [HKV, B, L, 2D]: head-major, the layout of the per-head GEMMs
         if mask is not None:
             x = x * mask[None, :, :, None].to(x.dtype)
-        logits = self.conv_stack(x, mask, same=same)
-        return logits.permute(1, 2, 0) if same else logits.transpose(0, 1)
+        return self.conv_stack(x, mask).permute(1, 2, 0)
 
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) - 0.5 if self.routing_method == "sigmoid" else F.relu(logits)
