@@ -275,9 +275,9 @@ def time_decode(
                     forward(model, token, cache)
             finally:
                 _set_seen(cache, before)
-        step = cuda_graph.replay
-        step()  # the first replay uploads the graph: keep it out of the timing
-        before += 1
+            step = cuda_graph.replay
+            step()  # the first replay uploads the graph: keep it out of the timing
+            before += 1
 
     def run() -> None:
         for _ in range(plan.steps):
@@ -604,6 +604,7 @@ def main() -> None:
         "--no-freeze", action="store_true", help="compile decode steps without Inductor freezing (default: freeze)"
     )
     parser.add_argument("--archs", default=None, help="comma-separated subset of the mode's architectures")
+    parser.add_argument("--batches", default=None, help="comma-separated decode batches (default: the mode's)")
     args = parser.parse_args()
     if args.plot_only:
         plot(json.loads(args.plot_only.read_text()), args.out or REPO / "docs")
@@ -627,6 +628,14 @@ def main() -> None:
             decode_archs=tuple(a for a in plan.decode_archs if a in keep),
             prefill_archs=tuple(a for a in plan.prefill_archs if a in keep),
         )
+    if args.batches:
+        try:
+            batches = tuple(int(b) for b in args.batches.split(","))
+        except ValueError:
+            batches = ()
+        if not batches or min(batches) < 1:
+            raise SystemExit(f"--batches: expected comma-separated positive integers, got {args.batches!r}")
+        plan = replace(plan, batches=batches)
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --smoke for the CPU check")
     if args.smoke:
