@@ -2,11 +2,12 @@
 scoring, each reading its taps straight from the previous layer's output (the first, from the ring).
 
 The PyTorch form gathers the window from the ring, stacks the `k` shifted copies of each layer's input for one GEMM
-per conv, and masks and activates in separate passes. Compiled by Inductor, the gathers of a GDN+LTE 0.4B decode step
-at batch 64 ran at ~1/15 of the H200's bandwidth and took 0.7 of its 3.7 ms (session 8). Here a program computes a
-block of `ROWS` batch rows of one head: for each tap it loads the `[ROWS * BN, C]` input rows that tap reads (ring
-slots wrap around) and accumulates one `tl.dot` with the tap's `[C, O]` weights, then adds the bias, masks by the
-validity of the output's centre positions and applies SiLU (except after the logit projection).
+per conv, and masks and activates in separate passes. Compiled by Inductor, the gathers of a GDN+LTE 0.4B decode
+step at batch 64 ran at ~1/18 of the H200's bandwidth and, with the router's GEMMs, took 0.9 of its 3.7 ms
+(session 8). Here a program computes a block of `ROWS` batch rows of one head: for each tap it loads the
+`[ROWS * BN, C]` input rows that tap reads (ring slots wrap around) and accumulates one `tl.dot` with the tap's
+`[C, O]` weights, then adds the bias, masks by the validity of the output's centre positions and applies SiLU
+(except after the logit projection).
 
 Legend: `B` batch, `H` heads, `R` ring slots, `C` input channels, `O` output channels, `N` output positions.
 """
