@@ -232,9 +232,16 @@ def _set_seen(cache: HybridCache, seen: int) -> None:  # all layers consumed the
         state.seen = seen
 
 
-def inductor_options(plan: Plan) -> contextlib.AbstractContextManager:
-    """The Inductor settings a compiled decode step is built under (they apply when a call compiles)."""
-    return torch._inductor.config.patch(freezing=plan.freeze)
+def compile_options(plan: Plan, cache: HybridCache) -> contextlib.AbstractContextManager:
+    """The settings a compiled `decode_step` is built under (they apply when a call compiles): Inductor freezing
+    (`plan.freeze`), and the cache's host-side token counters marked dynamic from the first compile. Without that,
+    dynamo specialises the first compile on `seen` and recompiles with it symbolic at the next step: two compiles
+    per model and batch, ~1 min each with freezing."""
+    counters = ["L['cache'].seen", *(f"L['cache'].states[{i}].seen" for i in range(len(cache.states)))]
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._inductor.config.patch(freezing=plan.freeze))
+    stack.enter_context(torch.compiler.config.patch(dynamic_sources=",".join(counters)))
+    return stack
 
 
 def time_decode(
@@ -249,10 +256,10 @@ def time_decode(
 ) -> float:
     """Median seconds per decode step: eager calls, or replays of a CUDA graph that holds one step.
 
-    With `compiled` the step is `torch.compile`d first (the replays then run Inductor's fused kernels). The
-    host-side token counters become symbolic after the second compiled step, so three warm-up steps leave one
-    reusable graph (`tests/model/test_generation.py` checks this on the CPU), which later points of the same model
-    and batch reuse (`fresh_compile=False`; caches of other contexts have the same shapes). A fresh compile drops
+    With `compiled` the step is `torch.compile`d first (the replays then run Inductor's fused kernels), under
+    `compile_options`: the host-side token counters are symbolic from the first compile, so the warm-up leaves one
+    reusable graph (`tests/test_e2e_smoke.py` checks this on the CPU), which later points of the same model and
+    batch reuse (`fresh_compile=False`; caches of other contexts have the same shapes). A fresh compile drops
     all earlier ones: dynamo gives up (runs eagerly) after 8 recompiles of a frame, and every model and batch
     adds some.
 
@@ -263,7 +270,7 @@ def time_decode(
     if compiled and fresh_compile:
         torch._dynamo.reset()
     forward = torch.compile(decode_step) if compiled else decode_step
-    with inductor_options(plan):
+    with compile_options(plan, cache):
         for _ in range(3 if compiled else 2):  # warm-up outside any capture: compiles and autotunes every kernel
             forward(model, token, cache)
         step, before = functools.partial(forward, model, token, cache), cache.seen

@@ -75,7 +75,7 @@ def decode_profile(arch: str, plan: e2e.Plan, batch: int, context: int, steps: i
     cache = e2e.synthetic_cache(model, batch, context)
     token = torch.randint(0, model.config.vocab_size, (batch, 1), device=plan.device)
     step = torch.compile(e2e.decode_step) if compiled else e2e.decode_step
-    with e2e.inductor_options(plan):
+    with e2e.compile_options(plan, cache):
         for _ in range(3):  # compile and autotune every kernel outside the profile
             step(model, token, cache)
         table, wall_ms = profiled(lambda: step(model, token, cache), steps, plan.device == "cuda")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import subprocess
@@ -107,6 +108,31 @@ def test_decode_on_synthetic_cache_advances(arch: str) -> None:
         logits = model(torch.zeros(2, 1, dtype=torch.long), cache=cache).logits
     assert logits.shape == (2, 1, model.config.vocab_size) and bool(torch.isfinite(logits).all())
     assert cache.seen == 101 and all(state.seen == 101 for state in cache.states)
+
+
+@pytest.mark.parametrize("arch", ["gdn_lte", "transformer"])
+def test_compiled_decode_step_compiles_once(arch: str) -> None:
+    """Under `compile_options` the token counters are symbolic from the first compile: one graph serves every step
+    (the GPU run's compiles, ~1 min each with freezing, are not repeated), with the eager step's logits. The eager
+    backend keeps it cheap; freezing only applies to Inductor."""
+    from torch._dynamo.utils import counters
+
+    e2e = _load_e2e()
+    plan = e2e.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
+    model = e2e.build_model(arch, plan)
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(e2e.decode_step, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        eager_cache = e2e.synthetic_cache(model, 2, 40)
+        compiled_cache = copy.deepcopy(eager_cache)  # random contents: the same ones in both
+        token = torch.zeros(2, 1, dtype=torch.long)
+        with e2e.compile_options(plan, compiled_cache):
+            for _ in range(4):
+                got = step(model, token, compiled_cache)
+                torch.testing.assert_close(got, e2e.decode_step(model, token, eager_cache), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert compiled_cache.seen == eager_cache.seen == 44
 
 
 def test_bracketed_arch_times_its_short_context_again(smoke_json: dict) -> None:
