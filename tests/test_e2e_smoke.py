@@ -191,3 +191,13 @@ def test_merge_of_a_split_run_is_the_whole_run(smoke_json: dict, tmp_path) -> No
     assert [t["verdict"] for t in merged["targets"]] == [t["verdict"] for t in smoke_json["targets"]]
     assert [t["value"] for t in merged["targets"]] == [t["value"] for t in smoke_json["targets"]]
     assert (out / "e2e_decode.png").exists() and (out / "e2e_memory.png").exists()  # matplotlib: a dev dependency
+
+
+@pytest.mark.parametrize("batches", ["0,2", "two", ","])
+def test_bad_batches_are_refused(batches: str, tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--batches", batches, "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "--batches: expected comma-separated positive integers" in proc.stderr
+    assert not (tmp_path / "e2e_h200.json").exists()
