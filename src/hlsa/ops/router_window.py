@@ -79,20 +79,21 @@ def router_window_logits_ref(
     H, L = x.shape[1], window_length(layers)
     slots = (start + torch.arange(L, device=x.device)) % x.shape[2]
     keep = valid.index_select(1, slots).to(x.dtype)  # [B, L]
+
+    def conv(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, d: int) -> torch.Tensor:
+        """Unpadded conv `h [B, H, n_in, C_in]` -> `[B, H, n_in - (k - 1) * d, C_out]`; head h uses CNN h // (H/g)."""
+        k, n = w.shape[1], h.shape[2] - (w.shape[1] - 1) * d
+        w_h, b_h = w.repeat_interleave(H // w.shape[0], 0), b.repeat_interleave(H // b.shape[0], 0)  # per head
+        taps = (torch.einsum("bhnc,hco->bhno", h[:, :, t * d : t * d + n], w_h[:, t]) for t in range(k))
+        return b_h[None, :, None, :] + sum(taps)
+
     h = x.index_select(2, slots) * keep[:, None, :, None]  # [B, H, L, C]
     lo = 0  # window position of the current layer's first output
-    for i, (w, b, d) in enumerate(layers):
-        k = w.shape[1]
-        w_h, b_h = w.repeat_interleave(H // w.shape[0], 0), b.repeat_interleave(H // b.shape[0], 0)  # per head
-        n = h.shape[2] - (k - 1) * d
-        y = b_h[None, :, None, :] + sum(
-            torch.einsum("bhnc,hco->bhno", h[:, :, t * d : t * d + n], w_h[:, t]) for t in range(k)
-        )
-        if i == len(layers) - 1:
-            return y[:, :, 0, 0]  # the one position left: the centre
-        lo += (k - 1) * d // 2
-        h = F.silu(y * keep[:, None, lo : lo + n, None])
-    raise AssertionError("unreachable: layers is not empty")
+    for w, b, d in layers[:-1]:
+        h = conv(h, w, b, d)
+        lo += (w.shape[1] - 1) * d // 2
+        h = F.silu(h * keep[:, None, lo : lo + h.shape[2], None])
+    return conv(h, *layers[-1])[:, :, 0, 0]  # the one position left: the centre
 
 
 def router_window_logits(

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hlsa.ops.router_window import window_length
+
 # Rows of the dot: ROWS batch rows x BN positions; 64 keeps a [64, 128] input tile and a [64, 64] fp32 accumulator
 # in registers at 4 warps.
 DOT_ROWS = 64
@@ -73,7 +75,7 @@ def router_window_triton(
     B, H, R, C = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    h, n, lo = x, 1 + sum((w.shape[1] - 1) * d for w, _, d in layers), 0
+    h, n, lo = x, window_length(layers), 0
     for i, (w, b, d) in enumerate(layers):
         cnns, k, c_in, c_out = w.shape
         n -= (k - 1) * d
