@@ -231,13 +231,19 @@ def check_evict_and_graph(steps: int = 40) -> dict:
     }
 
 
-def sweep(copy_gbs: float) -> list[dict]:
-    """Tile configs x split counts on the smaller batch-64 caches (where fixed costs weigh most)."""
+# (B, HKV, D, S) of the sweep: batch-64 LTE and SWA caches (where fixed costs weigh most); the last is the GDN+LTE
+# 0.4B decode step's (16 kv-heads of 64 channels, 769 ring + 512 buffer + 4 slots of headroom).
+SWEEP_SHAPES = ((64, 4, 64, 1281), (64, 4, 64, 769), (64, 4, 128, 1281), (64, 16, 128, 1281), (64, 16, 64, 1285))
+
+
+def sweep(copy_gbs: float, shapes: tuple[tuple[int, int, int, int], ...] = SWEEP_SHAPES) -> list[dict]:
+    """Tile configs x split counts on `shapes` (B, HKV, D, S)."""
     from hlsa.ops.triton.decode_attention import decode_attention_triton
 
     rows = []
-    configs = [None, (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 2, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3)]
-    for B, HKV, D, S in [(64, 4, 64, 1281), (64, 4, 64, 769), (64, 4, 128, 1281), (64, 16, 128, 1281)]:
+    configs = [None, (16, 4, 4), (32, 4, 3), (32, 4, 4), (32, 2, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 2, 3),
+               (128, 4, 2), (128, 4, 3), (128, 8, 3)]  # fmt: skip
+    for B, HKV, D, S in shapes:
         kv_bytes = 2 * B * HKV * S * D * 2
         sets = make_cache(B, HKV, S, D, min(64, max(1, math.ceil(L2_ROTATE_BYTES / kv_bytes))))
         for config in configs:
@@ -340,8 +346,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default="h200")
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configs and split counts")
+    parser.add_argument(
+        "--sweep-shapes",
+        nargs="+",
+        metavar="B,HKV,D,S",
+        help="sweep only these cache shapes, and skip the other sections (default: all sections, SWEEP_SHAPES)",
+    )
     parser.add_argument("--plot-only", type=Path, help="only draw the PNG of an existing JSON (no GPU needed)")
     args = parser.parse_args()
+    shapes = SWEEP_SHAPES
+    if args.sweep_shapes:
+        try:
+            shapes = tuple(tuple(int(v) for v in shape.split(",")) for shape in args.sweep_shapes)
+        except ValueError:
+            shapes = ()
+        if not shapes or any(len(shape) != 4 or min(shape) < 1 for shape in shapes):
+            raise SystemExit(f"--sweep-shapes: expected B,HKV,D,S of positive integers, got {args.sweep_shapes}")
     if args.plot_only is not None:
         plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
         return
@@ -357,8 +377,10 @@ def main() -> None:
         ("check_evict_graph", check_evict_and_graph),
         ("evict", evict_rows),
         ("decode", lambda: decode_rows(result["copy_gbs"])),
-        ("sweep", lambda: sweep(result["copy_gbs"]) if args.sweep else None),
+        ("sweep", lambda: sweep(result["copy_gbs"], shapes) if args.sweep or args.sweep_shapes else None),
     ]
+    if args.sweep_shapes:
+        sections = sections[-1:]
     for name, section in sections:
         try:
             result[name] = section()
@@ -369,7 +391,7 @@ def main() -> None:
             print(f"{name}: {result[name]}")
         json_path.write_text(json.dumps(result, indent=1))  # written after each section: a timeout keeps the rest
     try:
-        if isinstance(result["decode"], list):
+        if isinstance(result.get("decode"), list):
             plot(result, json_path.with_suffix(".png"))
     except ImportError:
         print("matplotlib missing: draw the PNG elsewhere with --plot-only <json>")

@@ -79,6 +79,9 @@ class Plan:
     # concatenation of projections that share an input (q/k/v, gate/up) into one GEMM at compile time (session 8:
     # GDN+LTE 0.4B at batch 64, 3.80 -> 3.47 ms per step). Inference only; off with --no-freeze.
     freeze: bool = True
+    # Inductor max-autotune for the compiled steps: each GEMM shape is benchmarked against Triton templates, which
+    # can also take the pointwise work after a GEMM into its epilogue. Off by default (--max-autotune).
+    autotune: bool = False
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -239,7 +242,7 @@ def compile_options(plan: Plan, cache: HybridCache) -> contextlib.AbstractContex
     per model and batch, ~1 min each with freezing."""
     counters = ["L['cache'].seen", *(f"L['cache'].states[{i}].seen" for i in range(len(cache.states)))]
     stack = contextlib.ExitStack()
-    stack.enter_context(torch._inductor.config.patch(freezing=plan.freeze))
+    stack.enter_context(torch._inductor.config.patch(freezing=plan.freeze, max_autotune=plan.autotune))
     stack.enter_context(torch.compiler.config.patch(dynamic_sources=",".join(counters)))
     return stack
 
@@ -351,6 +354,7 @@ def decode_point(
         row["mode"] = "graph" if plan.device == "cuda" and graph_blocker(model) is None else "eager"
         row["compiled"] = plan.compile and row["mode"] == "graph"  # only graph-safe steps are compiled
         row["frozen"] = row["compiled"] and plan.freeze
+        row["max_autotune"] = row["compiled"] and plan.autotune
         try:
             step = time_decode(
                 model, cache, token, plan, graph=row["mode"] == "graph", compiled=row["compiled"],
@@ -610,6 +614,9 @@ def main() -> None:
     parser.add_argument(
         "--no-freeze", action="store_true", help="compile decode steps without Inductor freezing (default: freeze)"
     )
+    parser.add_argument(
+        "--max-autotune", action="store_true", help="compile decode steps with Inductor max-autotune (default: off)"
+    )
     parser.add_argument("--archs", default=None, help="comma-separated subset of the mode's architectures")
     parser.add_argument("--batches", default=None, help="comma-separated decode batches (default: the mode's)")
     args = parser.parse_args()
@@ -624,7 +631,7 @@ def main() -> None:
         print(f"wrote {json_dir / 'e2e_h200.json'}")
         plot(merged, args.out or REPO / "docs")
         return
-    plan = replace(make_plan(args), compile=not args.no_compile, freeze=not args.no_freeze)
+    plan = replace(make_plan(args), compile=not args.no_compile, freeze=not args.no_freeze, autotune=args.max_autotune)
     if args.archs:
         keep = args.archs.split(",")
         unknown = sorted(set(keep) - set(ARCHS))

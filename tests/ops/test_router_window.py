@@ -75,7 +75,8 @@ def test_reference_matches_conv1d(convs: list, cnns: int) -> None:
     B=st.integers(1, 70),
     H=st.sampled_from([1, 3, 4]),
     C=st.sampled_from([8, 24, 64, 128]),
-    convs=st.sampled_from([[(3, 2), (3, 2), (3, 2)], [(5, 1), (3, 3)], [(1, 1)], [(3, 1), (3, 1)]]),
+    # 4, 3, 2 and 1 layers (the kernel's stages), the projection included.
+    convs=st.sampled_from([[(3, 2), (3, 2), (3, 2)], [(5, 1), (3, 3)], [(1, 1)], [(3, 1), (3, 1)], []]),
     extra=st.integers(0, 5),
     start=st.integers(0, 40),
     shared=st.booleans(),
@@ -135,3 +136,15 @@ def test_rejects_bad_input() -> None:
         router_window_logits(x, valid, zero, [])
     with pytest.raises(ValueError, match="backend"):
         router_window_logits(x, valid, zero, layers, backend="cuda")
+
+
+def test_deeper_cnn_than_the_kernel_runs_the_reference() -> None:
+    """Five layers: backend='triton' refuses them by name; the reference computes them (auto picks it on CUDA)."""
+    H, C = 2, 32
+    layers = _layers(H, H, C, [(3, 1)] * 4, torch.float32, seed=5)
+    x, valid = _inputs(2, H, window_length(layers), C, torch.float32, seed=6)
+    zero = torch.tensor(0, device=DEVICE)
+    with pytest.raises(ValueError, match="at most 4 layers"):
+        router_window_logits(x, valid, zero, layers, backend="triton")
+    got = router_window_logits(x, valid, zero, layers)
+    torch.testing.assert_close(got, _conv1d_logits(x, valid, 0, layers), rtol=1e-5, atol=1e-5)

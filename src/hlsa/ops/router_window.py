@@ -28,6 +28,8 @@ from hlsa.ops import kernel_backend
 from hlsa.ops.triton import interpreted
 
 Layer = tuple[torch.Tensor, torch.Tensor, int]
+# Layers the Triton kernel computes in one launch: the paper's router (3 convs + the logit projection).
+MAX_LAYERS = 4
 
 
 def window_length(layers: Sequence[Layer]) -> int:
@@ -112,13 +114,21 @@ def router_window_logits(
         start: 0-d int64 tensor, the ring slot of the window's first position.
         layers: `(weight [g, k, C_in, C_out], bias [g, C_out], dilation)` per conv, the logit projection last
             (`C_out = 1`); weights in the dtype of `x`.
-        backend: "torch" (reference), "triton", or None (Triton for CUDA tensors, else the reference).
+        backend: "torch" (reference), "triton" (at most `MAX_LAYERS` = 4 layers), or None (Triton for CUDA tensors
+            and CNNs of up to 4 layers, else the reference).
 
     Returns:
         logits `[B, H]` in the dtype of `x`.
     """
-    backend = kernel_backend("router_window_logits", backend, x)
-    if backend == "torch":
+    chosen = kernel_backend("router_window_logits", backend, x)
+    if chosen == "triton" and len(layers) > MAX_LAYERS:
+        if backend == "triton":
+            raise ValueError(
+                f"router_window_logits: the Triton kernel takes at most {MAX_LAYERS} layers (convs + the logit "
+                f"projection), got {len(layers)}; use backend='torch' or None for deeper CNNs"
+            )
+        chosen = "torch"  # auto: a deeper CNN than the kernel's runs the reference
+    if chosen == "torch":
         return router_window_logits_ref(x, valid, start, layers)
     _check_inputs(x, valid, start, layers)
     if x.device.type != "cuda" and not interpreted():

@@ -172,13 +172,15 @@ def _pick_num_splits(n_programs: int, n_blocks: int, resident: int) -> int:
 def _pick_config(D: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BS, num_warps, num_stages): one fixed config (autotune cannot run under the interpreter or in a capture).
 
-    32 KB of K+V per stage and 3 stages were best or within noise of the best on the H200 sweep
-    (benchmarks/results/decode_h200.json, "sweep"), e.g. BS=128 at D=64: 27.2 us against 31.8 for BS=64 (both unsplit).
+    32 KB of K+V per stage was best or within noise of the best on the H200 sweeps
+    (benchmarks/results/decode_h200.json, "sweep"; decode_lte04b_h200.json). At D=128, 3 stages (e.g. B=64,
+    HKV=16: 165 us against 179 with 2); at D=64 (BS=128), 2 stages on all three batch-64 caches swept (B=64,
+    HKV=16, S=1285, the GDN+LTE 0.4B step: 86.5 us, 92% of copy bandwidth, against 92.5 with 3).
     """
     if interpreted():
         return 16, 1, 1
     BS = min(128, max(16, 16384 // (D * dtype.itemsize)))
-    return (BS, 4, 2) if dtype == torch.float32 else (BS, 4, 3)
+    return (BS, 4, 2) if dtype == torch.float32 or D <= 64 else (BS, 4, 3)
 
 
 def decode_attention_triton(
