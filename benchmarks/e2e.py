@@ -165,7 +165,7 @@ def synthetic_cache(model: HybridForCausalLM, batch: int, context: int, headroom
     """
     cache = model.allocate_cache(batch)
     for block, state in zip(model.model.layers, cache.states):
-        for name in ("k", "v", "recurrent", "conv_q", "conv_k", "conv_v"):
+        for name in ("k", "v", "recurrent", "conv"):
             tensor = getattr(state, name, None)
             if tensor is not None:
                 tensor.normal_(0.0, INIT_STD)

@@ -142,10 +142,9 @@ def test_init_state_shapes():
     layer = small_layer()
     state = layer.init_state(3, device="cpu", dtype=torch.bfloat16)
     assert isinstance(state, GDNState) and state.seen == 0
-    assert state.conv_q.shape == (3, 16, 3) and state.conv_v.shape == (3, 24, 3)
-    assert state.conv_k.dtype == torch.bfloat16
+    assert state.conv.shape == (3, 16 + 16 + 24, 3) and state.conv.dtype == torch.bfloat16
     assert state.recurrent.shape == (3, 2, 8, 12) and state.recurrent.dtype == torch.float32
-    assert small_layer(use_short_conv=False).init_state(1, device="cpu", dtype=torch.float32).conv_q is None
+    assert small_layer(use_short_conv=False).init_state(1, device="cpu", dtype=torch.float32).conv is None
 
 
 @pytest.mark.parametrize(
