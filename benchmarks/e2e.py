@@ -79,9 +79,9 @@ class Plan:
     # concatenation of projections that share an input (q/k/v, gate/up) into one GEMM at compile time (session 8:
     # GDN+LTE 0.4B at batch 64, 3.80 -> 3.47 ms per step). Inference only; off with --no-freeze.
     freeze: bool = True
-    # Inductor max-autotune for the compiled steps: each GEMM shape is benchmarked against Triton templates, which
-    # can also take the pointwise work after a GEMM into its epilogue. Off by default (--max-autotune).
-    autotune: bool = False
+    # Inductor combo kernels for the compiled steps: independent small kernels (e.g. the rotations of q and k) share
+    # one launch. Off by default (--combo-kernels); session 9 measured it at batch 64 (docs/efficiency.md).
+    combo_kernels: bool = False
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -242,7 +242,7 @@ def compile_options(plan: Plan, cache: HybridCache) -> contextlib.AbstractContex
     per model and batch, ~1 min each with freezing."""
     counters = ["L['cache'].seen", *(f"L['cache'].states[{i}].seen" for i in range(len(cache.states)))]
     stack = contextlib.ExitStack()
-    stack.enter_context(torch._inductor.config.patch(freezing=plan.freeze, max_autotune=plan.autotune))
+    stack.enter_context(torch._inductor.config.patch(freezing=plan.freeze, combo_kernels=plan.combo_kernels))
     stack.enter_context(torch.compiler.config.patch(dynamic_sources=",".join(counters)))
     return stack
 
@@ -354,7 +354,7 @@ def decode_point(
         row["mode"] = "graph" if plan.device == "cuda" and graph_blocker(model) is None else "eager"
         row["compiled"] = plan.compile and row["mode"] == "graph"  # only graph-safe steps are compiled
         row["frozen"] = row["compiled"] and plan.freeze
-        row["max_autotune"] = row["compiled"] and plan.autotune
+        row["combo_kernels"] = row["compiled"] and plan.combo_kernels
         try:
             step = time_decode(
                 model, cache, token, plan, graph=row["mode"] == "graph", compiled=row["compiled"],
@@ -615,7 +615,7 @@ def main() -> None:
         "--no-freeze", action="store_true", help="compile decode steps without Inductor freezing (default: freeze)"
     )
     parser.add_argument(
-        "--max-autotune", action="store_true", help="compile decode steps with Inductor max-autotune (default: off)"
+        "--combo-kernels", action="store_true", help="compile decode steps with Inductor combo kernels (default: off)"
     )
     parser.add_argument("--archs", default=None, help="comma-separated subset of the mode's architectures")
     parser.add_argument("--batches", default=None, help="comma-separated decode batches (default: the mode's)")
@@ -631,7 +631,9 @@ def main() -> None:
         print(f"wrote {json_dir / 'e2e_h200.json'}")
         plot(merged, args.out or REPO / "docs")
         return
-    plan = replace(make_plan(args), compile=not args.no_compile, freeze=not args.no_freeze, autotune=args.max_autotune)
+    plan = replace(
+        make_plan(args), compile=not args.no_compile, freeze=not args.no_freeze, combo_kernels=args.combo_kernels
+    )
     if args.archs:
         keep = args.archs.split(",")
         unknown = sorted(set(keep) - set(ARCHS))
