@@ -5,8 +5,8 @@ GDN+LTE) and `train.py` found GDN+LTE training 22% slower than GDN+SWA; this scr
 Per architecture it profiles (`torch.profiler`) a few eager decode steps of the 0.4B model on a synthetic cache
 (`e2e.synthetic_cache`) and a few real trainer steps (`Trainer.train_step`, bf16 autocast, synthetic MQAR rows),
 and reports per phase: kernels per step, device time per step, and the kernels (CPU: aten operations) with the most
-total time, with their counts. Eager, not CUDA graphs, so the host-side launch cost shows up too (wall time per step
-next to device time).
+total time, with their counts; for decode also the kernels of one step in launch order (`sequence`). Eager (or
+`--compile`d), not CUDA graphs, so the host-side launch cost shows up too (wall time per step next to device time).
 
     PYTHONPATH=src python benchmarks/kernel_profile.py --out DIR          # GPU: gdn_lte and gdn_swa, ~2 min
     PYTHONPATH=src python benchmarks/kernel_profile.py --smoke --out DIR  # CPU, tiny configs, seconds (tests)
@@ -67,6 +67,23 @@ def profiled(fn, steps: int, cuda: bool) -> tuple[dict, float]:
     return kernel_table(prof, steps, cuda), wall_ms
 
 
+def step_sequence(fn, cuda: bool) -> list[list]:
+    """The kernels (CPU: aten operations) of one call of `fn`, in launch order, as `[name, microseconds]` rows: the
+    per-layer view that the totals of `kernel_table` hide."""
+    device = DeviceType.CUDA if cuda else DeviceType.CPU
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = [
+        e
+        for e in prof.events()
+        if e.device_type == device and (cuda or (e.name.startswith("aten::") and not e.cpu_parent))
+    ]
+    events.sort(key=lambda e: e.time_range.start)
+    return [[e.name[:160], round(e.time_range.elapsed_us(), 2)] for e in events]
+
+
 @torch.no_grad()
 def decode_profile(arch: str, plan: e2e.Plan, batch: int, context: int, steps: int, compiled: bool = False) -> dict:
     """Kernels of eager decode steps, or with `compiled` of the `torch.compile`d step that `e2e.py` graph-captures
@@ -79,6 +96,7 @@ def decode_profile(arch: str, plan: e2e.Plan, batch: int, context: int, steps: i
         for _ in range(3):  # compile and autotune every kernel outside the profile
             step(model, token, cache)
         table, wall_ms = profiled(lambda: step(model, token, cache), steps, plan.device == "cuda")
+        sequence = step_sequence(lambda: step(model, token, cache), plan.device == "cuda")
     frozen = compiled and plan.freeze
     return {
         "batch": batch,
@@ -87,6 +105,7 @@ def decode_profile(arch: str, plan: e2e.Plan, batch: int, context: int, steps: i
         "frozen": frozen,
         "wall_ms_per_step": wall_ms,
         **table,
+        "sequence": sequence,
     }
 
 

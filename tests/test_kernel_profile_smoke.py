@@ -28,6 +28,11 @@ def test_kernel_profile_smoke(tmp_path: Path) -> None:
             assert sum(row["us_per_step"] for row in top) <= r["device_us_per_step"] * (1 + 1e-6)
         # the training step runs the backward: convolution gradients of the GDN short convs (both hybrids)
         assert any("convolution_backward" in row["name"] for row in phases["train"]["top"])
+    # one decode step in launch order: the top-level aten operations, with their times
+    for phases in result["archs"].values():
+        sequence = phases["decode"]["sequence"]
+        assert sequence and all(name.startswith("aten::") and us >= 0 for name, us in sequence)
+        assert any("addmm" in name or "mm" in name or "linear" in name for name, _ in sequence)
     # LTE's decode step does more than SWA's (router window, eviction)
     lte, swa = result["archs"]["gdn_lte"]["decode"], result["archs"]["gdn_swa"]["decode"]
     assert lte["kernels_per_step"] > swa["kernels_per_step"]
