@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from hlsa.ops import kernel_backend
-from hlsa.ops.triton import interpreted
 
 CHUNK_SIZE = 64
 # fla's fused recurrent kernel beats its chunk kernel on short inputs; the layer of fla switches at 64 tokens too.
@@ -152,8 +151,6 @@ def gated_delta_rule_step(
     if state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError(f"state must be a contiguous float32 tensor (it is updated in place), got {state.dtype}")
     backend = kernel_backend("gated_delta_rule_step", backend, q)
-    if backend == "triton" and q.device.type != "cuda" and not interpreted():
-        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if backend == "torch":
         new_state, o = _ref_step(state, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], scale)
