@@ -138,24 +138,18 @@ class ConvStack(nn.Module):
     ) -> torch.Tensor:
         """Logits `[B, H]` of the centre of the window of `x_ring [B, H, R, C]` from ring slot `start` (decode;
         no dropout): `hlsa.ops.router_window_logits` with this stack's weights."""
-        layers = [
-            (
-                self._tap_major_weight(conv, x_ring.dtype),
-                conv.bias.view(self.groups, -1).to(x_ring.dtype),
-                conv.dilation[0],
-            )
-            for conv in (*self.convs, self.proj)
-        ]
+        layers = [self._tap_major(conv, x_ring.dtype) for conv in (*self.convs, self.proj)]
         return router_window_logits(x_ring, valid, start, layers, backend=backend)
 
     def _conv(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-        w = self._tap_major_weight(conv, x.dtype)
-        return _FlatConv.apply(x, w, conv.bias.view(self.groups, -1).to(x.dtype), conv.dilation[0])
+        return _FlatConv.apply(x, *self._tap_major(conv, x.dtype))
 
-    def _tap_major_weight(self, conv: nn.Conv1d, dtype: torch.dtype) -> torch.Tensor:
-        """conv.weight `[g * O, C, k]` -> `[g, k, C, O]`, the layout of the flat conv's GEMMs and of the decode op."""
+    def _tap_major(self, conv: nn.Conv1d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """`(weight [g, k, C, O], bias [g, O], dilation)` of `conv` (weight `[g * O, C, k]`), the layout of the flat
+        conv's GEMMs and of the decode op."""
         g, (k,) = self.groups, conv.kernel_size
-        return conv.weight.view(g, conv.out_channels // g, -1, k).permute(0, 3, 2, 1).contiguous().to(dtype)
+        weight = conv.weight.view(g, conv.out_channels // g, -1, k).permute(0, 3, 2, 1).contiguous().to(dtype)
+        return weight, conv.bias.view(g, -1).to(dtype), conv.dilation[0]
 
 
 class LTERouter(nn.Module):
