@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hlsa.layers.linear import Linear, fused_linear
 from hlsa.layers.rotary import RotaryEmbedding
 from hlsa.layers.slots import fill_ring, grow_slots, write_slot
 from hlsa.ops.decode_attention import decode_attention
@@ -48,19 +49,22 @@ class ProjectedAttention(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.backend = backend
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.q_proj = Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=False)
         self.rotary = RotaryEmbedding(head_dim, base=rope_theta)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, d] -> q [B, T, HQ, D], k, v [B, T, HKV, D] (before RoPE)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        return q, k, v
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = fused_linear(x, [self.q_proj, self.k_proj, self.v_proj]).split([q_size, kv_size, kv_size], -1)
+        return (
+            q.view(b, t, self.num_heads, self.head_dim),
+            k.view(b, t, self.num_kv_heads, self.head_dim),
+            v.view(b, t, self.num_kv_heads, self.head_dim),
+        )
 
 
 class Attention(ProjectedAttention):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hlsa.layers.linear import Linear, fused_linear
 from hlsa.layers.norm import RMSNorm
 from hlsa.ops.gated_delta import chunk_gated_delta_rule, gated_delta_rule_step
 
@@ -96,21 +97,21 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(num_heads, dtype=torch.float32))
         self.A_log._no_weight_decay = True
         self.dt_bias._no_weight_decay = True
-        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.q_proj = Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = Linear(hidden_size, self.value_dim, bias=False)
+        self.a_proj = Linear(hidden_size, num_heads, bias=False)
+        self.b_proj = Linear(hidden_size, num_heads, bias=False)
         if use_short_conv:
             self.q_conv1d = _depthwise_conv(self.key_dim, conv_size)
             self.k_conv1d = _depthwise_conv(self.key_dim, conv_size)
             self.v_conv1d = _depthwise_conv(self.value_dim, conv_size)
         if use_gate:
-            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+            self.g_proj = Linear(hidden_size, self.value_dim, bias=False)
             self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
         else:
             self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
-        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        self.o_proj = Linear(self.value_dim, hidden_size, bias=False)
         self.reset_decay_parameters()
 
     @torch.no_grad()
@@ -150,13 +151,12 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         H, K, Vh = self.num_heads, self.head_k_dim, self.head_v_dim
         # One GEMM for the projections of x: at decode each small GEMM costs a few us of fixed latency (H200, 0.4B,
-        # batch 64: 4 GEMMs of 3.4-5.1 us; this and the single conv below saved ~9 us per layer). Compiled with
-        # Inductor freezing, the weights' concatenation is folded into a constant; eager copies it per call.
+        # batch 64: 4 GEMMs of 3.4-5.1 us; this and the single conv below saved ~9 us per layer).
         sizes = [2 * self.key_dim + self.value_dim, self.value_dim if self.use_gate else 0, H, H]
         gates = [self.g_proj] if self.use_gate else []
         projections = [self.q_proj, self.k_proj, self.v_proj, *gates, self.a_proj, self.b_proj]
-        proj = F.linear(x, torch.cat([m.weight for m in projections]))
-        qkv, gate, a, b = proj.split(sizes, dim=-1)  # [B, T, 2*H*K + H*Vh], [B, T, H*Vh or 0], [B, T, H], [B, T, H]
+        # [B, T, 2*H*K + H*Vh], [B, T, H*Vh or 0], [B, T, H], [B, T, H]
+        qkv, gate, a, b = fused_linear(x, projections).split(sizes, dim=-1)
         if self.use_short_conv:
             qkv = self._short_conv(qkv, None if state is None else state.conv)
         else:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hlsa.layers.linear import Linear, fused_linear
 from hlsa.layers.rotary import RotaryEmbedding
 from hlsa.layers.slots import grow_slots
 from hlsa.ops.nsa import left_pad_starts, nsa, nsa_decode
@@ -76,11 +77,11 @@ class NativeSparseAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.block_size, self.block_counts, self.window_size = block_size, block_counts, window_size
         self.backend = backend
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.g_proj = nn.Linear(hidden_size, num_heads * 3, bias=False)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.q_proj = Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.g_proj = Linear(hidden_size, num_heads * 3, bias=False)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=False)
         self.rotary = RotaryEmbedding(head_dim, base=rope_theta)
 
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> NSAState:
@@ -106,11 +107,11 @@ class NativeSparseAttention(nn.Module):
         B, T, _ = x.shape
         HQ, HKV, D = self.num_heads, self.num_kv_heads, self.head_dim
         seen = 0 if state is None else state.seen
-        q = self.q_proj(x).view(B, T, HQ, D)
-        k = self.k_proj(x).view(B, T, HKV, D)
-        v = self.v_proj(x).view(B, T, HKV, D)
+        projections = [self.q_proj, self.k_proj, self.v_proj, self.g_proj]
+        q, k, v, g = fused_linear(x, projections).split([p.out_features for p in projections], -1)
+        q, k, v = q.view(B, T, HQ, D), k.view(B, T, HKV, D), v.view(B, T, HKV, D)
         # The authors' layout: g_proj's output is (head, branch) with the branch fastest, branches cmp, slc, swa.
-        g_cmp, g_slc, g_swa = torch.sigmoid(self.g_proj(x)).view(B, T, HQ, 3).unbind(-1)
+        g_cmp, g_slc, g_swa = torch.sigmoid(g).view(B, T, HQ, 3).unbind(-1)
         q, k = self.rotary(q, k, seen + torch.arange(T, device=x.device))
         if state is not None and seen > 0:
             steps = [

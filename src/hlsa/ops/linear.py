@@ -1,0 +1,88 @@
+"""Linear projection `x @ weight^T` with a decode fast path: few rows, bound by streaming the weight.
+
+A decode step multiplies one token per sequence by every weight matrix of the model. With batch 64 those GEMMs are
+`[64, K] x [K, N]`; cuBLAS runs them at a fraction of the memory bandwidth. The Triton kernel
+(`hlsa.ops.triton.linear`) splits K so that every SM streams a slab of the weight, and returns fp32 partial sums.
+Under torch.compile they are added as pointwise terms, which Inductor fuses into the kernel that consumes the
+output (a norm, an activation); a `.sum(0)` would be a reduction of its own, which a following norm cannot absorb.
+
+The kernel saves GPU time but costs more host time per launch than cuBLAS, so `backend=None` uses it only where
+launches are not on the host's clock: inside torch.compile or a CUDA graph capture (the compiled, graph-replayed
+decode step of `benchmarks/e2e.py`). Eager calls take `F.linear`.
+
+The reference is `F.linear`. It also serves everything the kernel does not: more than `MAX_ROWS` rows (prefill,
+training), gradients, fp32, CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hlsa.ops import kernel_backend
+
+# Rows (tokens) the Triton kernel takes in one tile: a decode batch of up to 64 sequences.
+MAX_ROWS = 64
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear: x must be [..., K] and weight [N, K] with the same K; got x {tuple(x.shape)}, weight "
+            f"{tuple(weight.shape)}"
+        )
+    if x.dtype != weight.dtype or x.device != weight.device:
+        raise ValueError(
+            f"linear: x and weight must share dtype and device; got {x.dtype} on {x.device} and {weight.dtype} on "
+            f"{weight.device}"
+        )
+
+
+def _kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    rows = x.numel() // max(1, x.shape[-1])
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return 0 < rows <= MAX_ROWS and x.dtype in KERNEL_DTYPES and not grad
+
+
+def _launches_off_the_clock() -> bool:
+    """Whether kernel launches are compiled or captured, so the kernel's host cost per launch does not count."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """`x @ weight^T` (no bias).
+
+    Args:
+        x: `[..., K]`.
+        weight: `[N, K]`, same dtype and device as `x`.
+        backend: "torch" (`F.linear`), "triton" (at most `MAX_ROWS` rows of bf16/fp16, no gradient), or None
+            (Triton for CUDA tensors where it applies, when compiling or capturing a CUDA graph; else `F.linear`).
+
+    Returns:
+        `[..., N]` in the dtype of `x`.
+    """
+    _check_inputs(x, weight)
+    chosen = kernel_backend("linear", backend, x)
+    if chosen == "triton" and not _kernel_applies(x, weight):
+        if backend == "triton":
+            raise ValueError(
+                f"linear: the Triton kernel takes 1 to {MAX_ROWS} rows of bf16/fp16 without gradients; got "
+                f"{x.numel() // max(1, x.shape[-1])} rows of {x.dtype} (requires grad: "
+                f"{x.requires_grad or weight.requires_grad}); use backend='torch' or None"
+            )
+        chosen = "torch"
+    if chosen == "triton" and backend is None and not _launches_off_the_clock():
+        chosen = "torch"
+    if chosen == "torch":
+        return F.linear(x, weight)
+    from hlsa.ops.triton.linear import linear_partials_triton
+
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = linear_partials_triton(rows, weight.contiguous())
+    if out.dim() == 3:  # fp32 partial sums of the K splits
+        out = sum(out.unbind(0)) if torch.compiler.is_compiling() else out.sum(0)
+        out = out.to(x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
