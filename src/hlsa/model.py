@@ -20,6 +20,7 @@ from hlsa.cache import HybridCache
 from hlsa.config import HybridConfig
 from hlsa.layers.attention import Attention
 from hlsa.layers.gdn import GatedDeltaNet
+from hlsa.layers.linear import Linear
 from hlsa.layers.lte import LTEAttention, LTERouting
 from hlsa.layers.lte_router import LTERouter
 from hlsa.layers.mlp import GatedMLP
@@ -208,7 +209,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     def __init__(self, config: HybridConfig) -> None:
         super().__init__(config)
         self.model = HybridModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:

@@ -8,10 +8,11 @@ import torch
 def _poisoned(factory):
     def make(*args, **kwargs):
         out = factory(*args, **kwargs)
-        if out.is_floating_point():
-            out.fill_(float("nan"))
-        elif out.dtype not in (torch.bool,) and not out.is_complex():
-            out.fill_(-(2**30) if out.dtype in (torch.int32, torch.int64) else 0)
+        with torch.no_grad():  # poisoning is not part of the graph (Inductor allocates leaves that require grad)
+            if out.is_floating_point():
+                out.fill_(float("nan"))
+            elif out.dtype not in (torch.bool,) and not out.is_complex():
+                out.fill_(-(2**30) if out.dtype in (torch.int32, torch.int64) else 0)
         return out
 
     return make
