@@ -229,9 +229,8 @@ class LTEAttention(ProjectedAttention):
         j_slot = (j % ring).view(1)
         old = state.score.index_select(2, j_slot)[..., 0]
         state.score.index_copy_(2, j_slot, torch.where(j >= 0, new, old)[..., None])
-        # Move the token leaving the window into the buffer (if it earns its place), write the new token. The ops
-        # rotate the new key and the query by RoPE in their kernels (one elementwise kernel fewer per step).
-        inv_freq = self.rotary.inv_freq(x.device)
+        # Move the token leaving the window into the buffer (if it earns its place), write the new token.
+        q, k = self.rotary(q, k, pos.view(1))
         lte_evict(
             state.k,
             state.v,
@@ -243,13 +242,9 @@ class LTEAttention(ProjectedAttention):
             k_new=k[:, 0].to(state.k.dtype),
             v_new=v[:, 0].to(state.v.dtype),
             ring_size=ring,
-            rope_inv_freq=inv_freq,
             backend=self.backend,
         )
-        o = decode_attention(
-            q[:, 0], state.k, state.v, valid=state.valid, rope_inv_freq=inv_freq, rope_position=pos,
-            backend=self.backend,
-        )  # fmt: skip
+        o = decode_attention(q[:, 0], state.k, state.v, valid=state.valid, backend=self.backend)
         state.seen += 1
         state.position.add_(1)
         # Reported routing: the score of token j, the one scored at this step.

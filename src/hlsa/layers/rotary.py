@@ -1,11 +1,9 @@
-"""Rotary position embedding (RoPE), non-interleaved halves as in fla/Llama (the math: `hlsa.ops.rope`)."""
+"""Rotary position embedding (RoPE), non-interleaved halves as in fla/Llama."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from hlsa.ops.rope import rope_cos_sin, rope_inv_freq, rope_rotate
 
 
 class RotaryEmbedding(nn.Module):
@@ -21,13 +19,23 @@ class RotaryEmbedding(nn.Module):
         self.dim = dim
         self.base = base
 
-    def inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """fp32 `[dim / 2]`, for the decode ops that rotate in-kernel (`rope_inv_freq=`)."""
-        return rope_inv_freq(self.dim, self.base, device)
+    def cos_sin(self, positions: torch.Tensor, *, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`positions` int [T] or [B, T] -> cos, sin of shape [..., T, 1, dim/2] (broadcast over heads)."""
+        inv_freq = 1.0 / (
+            self.base ** (torch.arange(0, self.dim, 2, device=positions.device, dtype=torch.float32) / self.dim)
+        )
+        # Angles in fp32: positions up to millions times frequencies would lose precision in bf16.
+        angles = positions.to(torch.float32)[..., None] * inv_freq
+        return angles.cos()[..., None, :].to(dtype), angles.sin()[..., None, :].to(dtype)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, H, D] with cos/sin from `cos_sin`; channels beyond `dim` pass through unrotated."""
+        half = self.dim // 2
+        x1, x2, rest = x[..., :half], x[..., half : self.dim], x[..., self.dim :]
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return torch.cat([rotated, rest], dim=-1) if rest.shape[-1] else rotated
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [B, T, HQ, D], k [B, T, HKV, D], positions int [T] or [B, T] -> rotated (q, k); channels beyond `dim`
-        pass through."""
-        cos, sin = rope_cos_sin(positions, self.inv_freq(positions.device), dtype=q.dtype)
-        cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads
-        return rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
+        """q [B, T, HQ, D], k [B, T, HKV, D], positions int [T] or [B, T] -> rotated (q, k)."""
+        cos, sin = self.cos_sin(positions, dtype=q.dtype)
+        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)

@@ -13,17 +13,9 @@ from __future__ import annotations
 import torch
 
 from hlsa.ops import kernel_backend
-from hlsa.ops.rope import check_rope_args, rope_cos_sin, rope_rotate
 
 
-def _check_inputs(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    valid: torch.Tensor,
-    rope_inv_freq: torch.Tensor | None,
-    rope_position: torch.Tensor | None,
-) -> None:
+def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor) -> None:
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
             f"decode_attention: q must be [B, HQ, D] and k_cache, v_cache [B, HKV, S, D] of one shape; got q "
@@ -47,10 +39,6 @@ def _check_inputs(
         )
     if not (q.device == k_cache.device == v_cache.device == valid.device):
         raise ValueError("decode_attention: q, k_cache, v_cache and valid must be on the same device")
-    if (rope_inv_freq is None) != (rope_position is None):
-        raise ValueError("decode_attention: pass rope_inv_freq and rope_position together (or neither)")
-    if rope_inv_freq is not None:
-        check_rope_args("decode_attention", rope_inv_freq, rope_position, D, q.device)
 
 
 def decode_attention_ref(
@@ -60,16 +48,12 @@ def decode_attention_ref(
     *,
     valid: torch.Tensor,
     scale: float | None = None,
-    rope_inv_freq: torch.Tensor | None = None,
-    rope_position: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Readable reference: q rotated (if asked), then a masked softmax over all valid slots, in the input dtype.
+    """Readable reference: masked softmax over all valid slots, in the input dtype.
 
     Args and Returns as in `decode_attention`.
     """
-    _check_inputs(q, k_cache, v_cache, valid, rope_inv_freq, rope_position)
-    if rope_inv_freq is not None:
-        q = rope_rotate(q, *rope_cos_sin(rope_position, rope_inv_freq, dtype=q.dtype))
+    _check_inputs(q, k_cache, v_cache, valid)
     B, HQ, D = q.shape
     HKV = k_cache.shape[1]
     scale = D**-0.5 if scale is None else scale
@@ -91,8 +75,6 @@ def decode_attention(
     *,
     valid: torch.Tensor,
     scale: float | None = None,
-    rope_inv_freq: torch.Tensor | None = None,
-    rope_position: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over the valid slots of a KV cache (no host sync).
@@ -102,18 +84,15 @@ def decode_attention(
         k_cache, v_cache: `[B, HKV, S, D]` (keys already rotated; `HQ % HKV == 0`).
         valid: bool `[B, HKV, S]`: slots that hold a token.
         scale: softmax scale, default `D ** -0.5`.
-        rope_inv_freq, rope_position: fp32 `[D / 2]` and a 0-d int64 tensor, or None: rotate q by RoPE at
-            `rope_position` first (`hlsa.ops.rope`; the kernel does it as it loads q, saving a decode step a kernel).
         backend: "torch" (reference), "triton", or None (Triton for CUDA tensors, else the reference).
 
     Returns:
         `[B, HQ, D]` in the dtype of q; a query whose kv-head has no valid slot gets zeros.
     """
-    rope = {"rope_inv_freq": rope_inv_freq, "rope_position": rope_position}
     if kernel_backend("decode_attention", backend, q) == "torch":
-        return decode_attention_ref(q, k_cache, v_cache, valid=valid, scale=scale, **rope)
-    _check_inputs(q, k_cache, v_cache, valid, rope_inv_freq, rope_position)
+        return decode_attention_ref(q, k_cache, v_cache, valid=valid, scale=scale)
+    _check_inputs(q, k_cache, v_cache, valid)
     from hlsa.ops.triton.decode_attention import decode_attention_triton
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return decode_attention_triton(q, k_cache, v_cache, valid=valid, scale=scale, **rope)
+    return decode_attention_triton(q, k_cache, v_cache, valid=valid, scale=scale)

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import torch
 
 from hlsa.ops import kernel_backend
-from hlsa.ops.rope import check_rope_args, rope_cos_sin, rope_rotate
 
 _INT32_MIN = -(2**31)
 
@@ -36,7 +35,6 @@ def _check_inputs(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     ring_size: int,
-    rope_inv_freq: torch.Tensor | None,
 ) -> None:
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
         raise ValueError(
@@ -89,8 +87,6 @@ def _check_inputs(
     for name, t in named.items():
         if t.device != k_cache.device:
             raise ValueError(f"lte_evict: {name} is on {t.device}; move it to the device of k_cache ({k_cache.device})")
-    if rope_inv_freq is not None:
-        check_rope_args("lte_evict", rope_inv_freq, position, D, k_cache.device)
 
 
 def _buffer_victim(
@@ -125,14 +121,9 @@ def lte_evict_ref(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     ring_size: int,
-    rope_inv_freq: torch.Tensor | None = None,
 ) -> None:
     """Readable reference, vectorised over (b, kv-head); updates the caches in place. Args as in `lte_evict`."""
-    _check_inputs(
-        k_cache, v_cache, score_cache, valid, buffer_len, pos_cache, position, k_new, v_new, ring_size, rope_inv_freq
-    )
-    if rope_inv_freq is not None:
-        k_new = rope_rotate(k_new, *rope_cos_sin(position, rope_inv_freq, dtype=k_new.dtype))
+    _check_inputs(k_cache, v_cache, score_cache, valid, buffer_len, pos_cache, position, k_new, v_new, ring_size)
     B, HKV, S, D = k_cache.shape
     N = S - ring_size
     slot = position.remainder(ring_size)  # 0-d, on the device: no host sync
@@ -175,7 +166,6 @@ def lte_evict(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     ring_size: int,
-    rope_inv_freq: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> None:
     """One decode step of the LTE cache, in place and without host syncs (CUDA-graph capturable).
@@ -194,21 +184,18 @@ def lte_evict(
         score_cache: float32 `[B, HKV, S]`. valid: bool `[B, HKV, S]`. buffer_len: int32 `[B, HKV]`.
         pos_cache: int32 `[B, HKV, S]`, the position of the token in each slot (read for valid slots only).
         position: int64 0-d tensor on the cache's device, `>= 0`: the position of the new token.
-        k_new, v_new: `[B, HKV, D]` (keys already rotated, unless `rope_inv_freq` is given).
+        k_new, v_new: `[B, HKV, D]` (keys already rotated).
         ring_size: `W + 1`.
-        rope_inv_freq: fp32 `[D / 2]` or None: rotate `k_new` by RoPE at `position` first (`hlsa.ops.rope`; the
-            kernel does it as it writes the key, saving a decode step a kernel).
         backend: "torch" (reference), "triton", or None (Triton for CUDA tensors, else the reference).
     """
     args = (k_cache, v_cache, score_cache, valid, buffer_len, pos_cache)
-    new = {"position": position, "k_new": k_new, "v_new": v_new, "ring_size": ring_size, "rope_inv_freq": rope_inv_freq}
     if kernel_backend("lte_evict", backend, k_cache) == "torch":
-        lte_evict_ref(*args, **new)
+        lte_evict_ref(*args, position=position, k_new=k_new, v_new=v_new, ring_size=ring_size)
         return
-    _check_inputs(*args, position, k_new, v_new, ring_size, rope_inv_freq)
+    _check_inputs(*args, position, k_new, v_new, ring_size)
     from hlsa.ops.triton.lte_evict import lte_evict_triton
 
-    lte_evict_triton(*args, **new)
+    lte_evict_triton(*args, position=position, k_new=k_new, v_new=v_new, ring_size=ring_size)
 
 
 def retained_top_n(scores: Sequence[float], n: int) -> set[int]:

@@ -19,7 +19,6 @@ import triton
 import triton.language as tl
 
 from hlsa.ops.triton import interpreted
-from hlsa.ops.triton.rope import rope_rotate
 
 # Shared memory a program may plan on (Hopper: 228 KB per SM). The K and V tiles of every pipeline stage live there,
 # so it bounds how many programs are resident per SM, which sets the size of one "wave" of programs.
@@ -40,8 +39,6 @@ def decode_attention_fwd_kernel(
     m_part,
     l_part,
     acc_part,
-    rope_inv_freq,
-    rope_position,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -66,7 +63,6 @@ def decode_attention_fwd_kernel(
     BD: tl.constexpr,
     IS_SPLIT: tl.constexpr,
     IEEE: tl.constexpr,
-    ROPE: tl.constexpr,
 ):
     i_bh, i_split = tl.program_id(0), tl.program_id(1)
     # torch.compile (Inductor) passes Python floats as fp64 scalars; fp32 keeps the loop-carried softmax state fp32.
@@ -80,10 +76,7 @@ def decode_attention_fwd_kernel(
     m_d = o_d < D
 
     p_q = q + i_b * stride_qb + (i_h * G + o_g[:, None]) * stride_qh + o_d[None, :]
-    m_q = m_g[:, None] & m_d[None, :]
-    b_q = tl.load(p_q, mask=m_q, other=0.0)  # [BG, BD]
-    if ROPE:
-        b_q = rope_rotate(b_q, p_q, o_d[None, :], m_q, rope_inv_freq, rope_position, D).to(b_q.dtype)
+    b_q = tl.load(p_q, mask=m_g[:, None] & m_d[None, :], other=0.0)  # [BG, BD]
     p_k = k + i_b * stride_kb + i_h * stride_kh
     p_v = v + i_b * stride_vb + i_h * stride_vh
     p_a = valid + i_b * stride_ab + i_h * stride_ah
@@ -197,8 +190,6 @@ def decode_attention_triton(
     *,
     valid: torch.Tensor,
     scale: float,
-    rope_inv_freq: torch.Tensor | None = None,
-    rope_position: torch.Tensor | None = None,
     num_splits: int | None = None,
     config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
@@ -206,7 +197,6 @@ def decode_attention_triton(
 
     Args:
         q: `[B, HQ, D]`; k_cache, v_cache: `[B, HKV, S, D]`; valid: bool `[B, HKV, S]`; scale: softmax scale.
-        rope_inv_freq, rope_position: rotate q in-kernel (both given) or not (both None).
         num_splits: slot splits per (b, kv-head), or None for the occupancy heuristic (tests force 1 or more).
         config: `(BS, num_warps, num_stages)` or None for the fixed per-dtype config (benchmarks sweep it).
 
@@ -250,8 +240,6 @@ def decode_attention_triton(
         m_part,
         l_part,
         acc_part,
-        q if rope_inv_freq is None else rope_inv_freq,  # placeholders when not rotating (never read)
-        q if rope_position is None else rope_position,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -276,7 +264,6 @@ def decode_attention_triton(
         BD=BD,
         IS_SPLIT=NS > 1,
         IEEE=q.dtype == torch.float32,
-        ROPE=rope_inv_freq is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -14,8 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from hlsa.ops.triton.rope import rope_rotate
-
 
 @triton.jit(do_not_specialize=["RING", "N"])
 def lte_evict_kernel(
@@ -28,7 +26,6 @@ def lte_evict_kernel(
     position,
     k_new,
     v_new,
-    rope_inv_freq,
     stride_kb,
     stride_kh,
     stride_ks,
@@ -54,7 +51,6 @@ def lte_evict_kernel(
     BN: tl.constexpr,
     BD: tl.constexpr,
     HAS_BUFFER: tl.constexpr,
-    ROPE: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_b, i_h = (i_bh // HKV).to(tl.int64), i_bh % HKV  # int64: caches of 2^31 elements or more
@@ -100,10 +96,7 @@ def lte_evict_kernel(
         # The ring slot is overwritten next; every thread must have read the old token first.
         tl.debug_barrier()
 
-    p_k_new = k_new + i_b * stride_nkb + i_h * stride_nkh + o_d
-    b_k_new = tl.load(p_k_new, mask=m_d)
-    if ROPE:
-        b_k_new = rope_rotate(b_k_new, p_k_new, o_d, m_d, rope_inv_freq, position, D).to(b_k_new.dtype)
+    b_k_new = tl.load(k_new + i_b * stride_nkb + i_h * stride_nkh + o_d, mask=m_d)
     b_v_new = tl.load(v_new + i_b * stride_nvb + i_h * stride_nvh + o_d, mask=m_d)
     tl.store(p_k + i_slot * stride_ks + o_d, b_k_new, mask=m_d)
     tl.store(p_v + i_slot * stride_vs + o_d, b_v_new, mask=m_d)
@@ -124,7 +117,6 @@ def lte_evict_triton(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     ring_size: int,
-    rope_inv_freq: torch.Tensor | None = None,
 ) -> None:
     """Launch the eviction kernel (in place); inputs are validated by `hlsa.ops.lte_evict.lte_evict`.
 
@@ -148,7 +140,6 @@ def lte_evict_triton(
         position,
         k_new,
         v_new,
-        k_new if rope_inv_freq is None else rope_inv_freq,  # a placeholder when not rotating (never read)
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
@@ -174,6 +165,5 @@ def lte_evict_triton(
         BN=triton.next_power_of_2(max(N, 1)),
         BD=triton.next_power_of_2(D),
         HAS_BUFFER=N > 0,
-        ROPE=rope_inv_freq is not None,
         num_warps=1 if N <= 256 and D <= 128 else 4,
     )
