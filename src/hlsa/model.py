@@ -28,9 +28,14 @@ from hlsa.layers.norm import RMSNorm
 from hlsa.layers.nsa import NativeSparseAttention
 
 
+def _ops_backend(config: HybridConfig) -> str | None:
+    """The `backend` the layers pass to their ops: None (each op picks) for "auto", else the config's."""
+    return None if config.backend == "auto" else config.backend
+
+
 def build_mixer(config: HybridConfig, kind: str) -> nn.Module:
     """One token mixer of type `kind` with the settings of its sub-config."""
-    d, backend = config.hidden_size, None if config.backend == "auto" else config.backend
+    d, backend = config.hidden_size, _ops_backend(config)
     if kind == "gdn":
         g = config.gdn
         return GatedDeltaNet(
@@ -100,7 +105,9 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.attn = build_mixer(config, self.kind)
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, hidden_act=config.hidden_act)
+        self.mlp = GatedMLP(
+            config.hidden_size, config.intermediate_size, hidden_act=config.hidden_act, backend=_ops_backend(config)
+        )
 
     def forward(
         self, x: torch.Tensor, *, pad_mask: torch.Tensor | None, state: object | None
@@ -209,7 +216,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     def __init__(self, config: HybridConfig) -> None:
         super().__init__(config)
         self.model = HybridModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, backend=_ops_backend(config))
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:

@@ -96,8 +96,19 @@ def test_bad_inputs_are_named() -> None:
     x, w = _inputs(2, 8, 16, seed=4)
     with pytest.raises(ValueError, match="the same K"):
         linear(x, w[:, :15])
-    with pytest.raises(ValueError, match="share dtype and device"):
-        linear(x.float(), w)
+    with pytest.raises(ValueError, match="one device"):
+        linear(x, w.to("meta"))
+    with pytest.raises(ValueError, match=r"a weight of one bf16/fp16 dtype.*weight torch.float32"):
+        linear(x, w.float(), backend="triton")
+
+
+def test_autocast_mixes_dtypes_as_f_linear_does() -> None:
+    """Training runs fp32 weights under bf16 autocast: the op must leave the casts to `F.linear`."""
+    x, w = _inputs(3, 8, 16, seed=6, dtype=torch.float32)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        got = linear(x, w)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), x @ w.T, atol=0.05, rtol=0.02)
 
 
 @pytest.mark.gpu

@@ -49,10 +49,10 @@ class ProjectedAttention(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.backend = backend
-        self.q_proj = Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
-        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.q_proj = Linear(hidden_size, num_heads * head_dim, bias=qkv_bias, backend=backend)
+        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias, backend=backend)
+        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias, backend=backend)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=False, backend=backend)
         self.rotary = RotaryEmbedding(head_dim, base=rope_theta)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -97,21 +97,21 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(num_heads, dtype=torch.float32))
         self.A_log._no_weight_decay = True
         self.dt_bias._no_weight_decay = True
-        self.q_proj = Linear(hidden_size, self.key_dim, bias=False)
-        self.k_proj = Linear(hidden_size, self.key_dim, bias=False)
-        self.v_proj = Linear(hidden_size, self.value_dim, bias=False)
-        self.a_proj = Linear(hidden_size, num_heads, bias=False)
-        self.b_proj = Linear(hidden_size, num_heads, bias=False)
+        self.q_proj = Linear(hidden_size, self.key_dim, bias=False, backend=backend)
+        self.k_proj = Linear(hidden_size, self.key_dim, bias=False, backend=backend)
+        self.v_proj = Linear(hidden_size, self.value_dim, bias=False, backend=backend)
+        self.a_proj = Linear(hidden_size, num_heads, bias=False, backend=backend)
+        self.b_proj = Linear(hidden_size, num_heads, bias=False, backend=backend)
         if use_short_conv:
             self.q_conv1d = _depthwise_conv(self.key_dim, conv_size)
             self.k_conv1d = _depthwise_conv(self.key_dim, conv_size)
             self.v_conv1d = _depthwise_conv(self.value_dim, conv_size)
         if use_gate:
-            self.g_proj = Linear(hidden_size, self.value_dim, bias=False)
+            self.g_proj = Linear(hidden_size, self.value_dim, bias=False, backend=backend)
             self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
         else:
             self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
-        self.o_proj = Linear(self.value_dim, hidden_size, bias=False)
+        self.o_proj = Linear(self.value_dim, hidden_size, bias=False, backend=backend)
         self.reset_decay_parameters()
 
     @torch.no_grad()

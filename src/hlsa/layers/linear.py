@@ -18,18 +18,26 @@ from hlsa.ops.linear import linear
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters and init) whose matmul is `hlsa.ops.linear`."""
+    """`nn.Linear` (same parameters and init) whose matmul is `hlsa.ops.linear`.
+
+    `backend`: the owning layer's. "torch" keeps every call on `F.linear` (the model's reference mode); any other
+    value lets the op choose (its decode kernel where it applies), since an explicit "triton" would refuse the
+    training and prefill shapes that the kernel does not take."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, backend: str | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.backend = "torch" if backend == "torch" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight)
+        out = linear(x, self.weight, backend=self.backend)
         return out if self.bias is None else out + self.bias
 
 
-def fused_linear(x: torch.Tensor, projections: Sequence[nn.Linear]) -> torch.Tensor:
-    """The outputs of `projections` (all of input `x`) concatenated on the last dim, computed as one GEMM."""
+def fused_linear(x: torch.Tensor, projections: Sequence[Linear]) -> torch.Tensor:
+    """The outputs of `projections` (all of input `x`, one backend) concatenated on the last dim, as one GEMM."""
     if len(projections) == 1:
         return projections[0](x)
-    out = linear(x, torch.cat([p.weight for p in projections]))
+    out = linear(x, torch.cat([p.weight for p in projections]), backend=projections[0].backend)
     if all(p.bias is None for p in projections):
         return out
     biases = [p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projections]

@@ -10,13 +10,15 @@ from hlsa.layers.linear import Linear, fused_linear
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, *, hidden_act: str = "swish") -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, *, hidden_act: str = "swish", backend: str | None = None
+    ) -> None:
         super().__init__()
         if hidden_act not in ("swish", "silu"):
             raise ValueError(f"GatedMLP: hidden_act must be 'swish' (SiLU), got {hidden_act!r}")
-        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False, backend=backend)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False, backend=backend)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = fused_linear(x, [self.gate_proj, self.up_proj]).chunk(2, dim=-1)

@@ -77,11 +77,11 @@ class NativeSparseAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.block_size, self.block_counts, self.window_size = block_size, block_counts, window_size
         self.backend = backend
-        self.q_proj = Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
-        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.g_proj = Linear(hidden_size, num_heads * 3, bias=False)
-        self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.q_proj = Linear(hidden_size, num_heads * head_dim, bias=qkv_bias, backend=backend)
+        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias, backend=backend)
+        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias, backend=backend)
+        self.g_proj = Linear(hidden_size, num_heads * 3, bias=False, backend=backend)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=False, backend=backend)
         self.rotary = RotaryEmbedding(head_dim, base=rope_theta)
 
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> NSAState:

@@ -32,17 +32,15 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
             f"linear: x must be [..., K] and weight [N, K] with the same K; got x {tuple(x.shape)}, weight "
             f"{tuple(weight.shape)}"
         )
-    if x.dtype != weight.dtype or x.device != weight.device:
-        raise ValueError(
-            f"linear: x and weight must share dtype and device; got {x.dtype} on {x.device} and {weight.dtype} on "
-            f"{weight.device}"
-        )
+    if x.device != weight.device:
+        raise ValueError(f"linear: x and weight must be on one device; got {x.device} and {weight.device}")
 
 
 def _kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     rows = x.numel() // max(1, x.shape[-1])
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return 0 < rows <= MAX_ROWS and x.dtype in KERNEL_DTYPES and not grad
+    # Different dtypes (autocast's mixed precision) are F.linear's to reconcile.
+    return 0 < rows <= MAX_ROWS and x.dtype == weight.dtype and x.dtype in KERNEL_DTYPES and not grad
 
 
 def _launches_off_the_clock() -> bool:
@@ -55,7 +53,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, backend: str | None = None)
 
     Args:
         x: `[..., K]`.
-        weight: `[N, K]`, same dtype and device as `x`.
+        weight: `[N, K]`, on the device of `x` (a different dtype, as under autocast, takes `F.linear`).
         backend: "torch" (`F.linear`), "triton" (at most `MAX_ROWS` rows of bf16/fp16, no gradient), or None
             (Triton for CUDA tensors where it applies, when compiling or capturing a CUDA graph; else `F.linear`).
 
@@ -67,9 +65,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, backend: str | None = None)
     if chosen == "triton" and not _kernel_applies(x, weight):
         if backend == "triton":
             raise ValueError(
-                f"linear: the Triton kernel takes 1 to {MAX_ROWS} rows of bf16/fp16 without gradients; got "
-                f"{x.numel() // max(1, x.shape[-1])} rows of {x.dtype} (requires grad: "
-                f"{x.requires_grad or weight.requires_grad}); use backend='torch' or None"
+                f"linear: the Triton kernel takes 1 to {MAX_ROWS} rows and a weight of one bf16/fp16 dtype, without "
+                f"gradients; got {x.numel() // max(1, x.shape[-1])} rows of {x.dtype}, weight {weight.dtype} (requires "
+                f"grad: {x.requires_grad or weight.requires_grad}); use backend='torch' or None"
             )
         chosen = "torch"
     if chosen == "triton" and backend is None and not _launches_off_the_clock():
