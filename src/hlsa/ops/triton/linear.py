@@ -1,9 +1,10 @@
 """Split-K weight-streaming GEMM for a few rows: `x [M, K] @ w[N, K]^T` with M <= 64 (decode).
 
 At decode the rows are the batch (one token each): a layer's GEMMs read megabytes of weights to multiply a few
-dozen rows, so they are bound by how fast the weights stream in. cuBLAS's kernels for these shapes read them at
-under a quarter of the copy bandwidth (docs/efficiency.md, session 10). Here every program streams its own
-`BN x (K / S)` slab of the weight: `ceil(N / BN) * S` programs cover the GPU even for N = 1024.
+dozen rows. cuBLAS's kernels for the 0.4B models' projections at batch 64 read the weights at 11-45% of the H200's
+copy bandwidth (`benchmarks/results/linear_h200.json`, docs/efficiency.md session 10); the smaller the weight, the
+further below. Here every program streams its own `BN x (K / S)` slab of the weight: `ceil(N / BN) * S` programs
+cover the GPU even for N = 1024.
 
 The dot is computed swapped, `w_tile @ x_tile^T` (`[BN, BM]`), so that the weight tile is the MMA's wide side and
 M can be as small as 16. Split `s` writes its partial sum to `partials[s]` in fp32; the caller sums them (under
