@@ -35,6 +35,7 @@ import torch._dynamo
 
 from hlsa.cache import HybridCache
 from hlsa.config import HybridConfig
+from hlsa.layers.linear import Linear
 from hlsa.model import HybridForCausalLM
 
 K = 1024
@@ -82,6 +83,10 @@ class Plan:
     # Inductor combo kernels for the compiled steps: independent small kernels (e.g. the rotations of q and k) share
     # one launch. Off by default (--combo-kernels); session 9 measured it at batch 64 (docs/efficiency.md).
     combo_kernels: bool = False
+    # The projections' backend: "auto" lets `hlsa.ops.linear` pick (its split-K decode GEMM inside compiled or
+    # captured steps); "torch" keeps every projection on `F.linear` (cuBLAS), the peer it was measured against
+    # (session 10, docs/efficiency.md). --cublas-projections.
+    projections: str = "auto"
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -121,10 +126,14 @@ def median_seconds(fn: Callable[[], object], repeats: int, cuda: bool) -> float:
 
 # --- models and synthetic caches -------------------------------------------------------------------------------------
 def build_model(arch: str, plan: Plan, device: str | None = None) -> HybridForCausalLM:
-    """Random-weight model in eval mode and `plan.dtype`, initialised directly on `device` (default the plan's)."""
+    """Random-weight model in eval mode and `plan.dtype`, initialised directly on `device` (default the plan's), its
+    projections on `plan.projections`."""
     config = HybridConfig.from_json_file(str(plan.config_dir / f"{arch}{plan.suffix}.json"))
     with torch.device(device or plan.device):
         model = HybridForCausalLM(config)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.backend = None if plan.projections == "auto" else plan.projections
     return model.to(plan.dtype).eval()
 
 
@@ -356,6 +365,7 @@ def decode_point(
         row["compiled"] = plan.compile and row["mode"] == "graph"  # only graph-safe steps are compiled
         row["frozen"] = row["compiled"] and plan.freeze
         row["combo_kernels"] = row["compiled"] and plan.combo_kernels
+        row["projections"] = plan.projections
         try:
             step = time_decode(
                 model, cache, token, plan, graph=row["mode"] == "graph", compiled=row["compiled"],
@@ -618,6 +628,11 @@ def main() -> None:
     parser.add_argument(
         "--combo-kernels", action="store_true", help="compile decode steps with Inductor combo kernels (default: off)"
     )
+    parser.add_argument(
+        "--cublas-projections",
+        action="store_true",
+        help="run every projection on F.linear (cuBLAS) instead of hlsa's decode GEMM kernel (default: the kernel)",
+    )
     parser.add_argument("--archs", default=None, help="comma-separated subset of the mode's architectures")
     parser.add_argument("--batches", default=None, help="comma-separated decode batches (default: the mode's)")
     args = parser.parse_args()
@@ -633,8 +648,9 @@ def main() -> None:
         plot(merged, args.out or REPO / "docs")
         return
     plan = replace(
-        make_plan(args), compile=not args.no_compile, freeze=not args.no_freeze, combo_kernels=args.combo_kernels
-    )
+        make_plan(args), compile=not args.no_compile, freeze=not args.no_freeze, combo_kernels=args.combo_kernels,
+        projections="torch" if args.cublas_projections else "auto",
+    )  # fmt: skip
     if args.archs:
         keep = args.archs.split(",")
         unknown = sorted(set(keep) - set(ARCHS))

@@ -49,6 +49,7 @@ def test_smoke_json_has_every_section(smoke_json: dict) -> None:
     for row in smoke_json["decode"]:
         assert row["status"] == "ok", row
         assert decode_keys <= set(row) and row["mode"] == "eager"  # no CUDA graphs on the CPU
+        assert row["projections"] == "auto"
         assert 0 < row["roofline_fraction"] and row["tokens_per_s"] > 0
     assert {(r["arch"], r["context"]) for r in smoke_json["decode"] if r["arch"] == "gdn_lte"} >= {("gdn_lte", 128)}
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in smoke_json["prefill"])
@@ -108,6 +109,18 @@ def test_decode_on_synthetic_cache_advances(arch: str) -> None:
         logits = model(torch.zeros(2, 1, dtype=torch.long), cache=cache).logits
     assert logits.shape == (2, 1, model.config.vocab_size) and bool(torch.isfinite(logits).all())
     assert cache.seen == 101 and all(state.seen == 101 for state in cache.states)
+
+
+def test_cublas_projections_put_every_projection_on_f_linear() -> None:
+    """`--cublas-projections` (the peer of the decode GEMM kernel): every Linear of the model gets backend "torch"."""
+    from hlsa.layers.linear import Linear
+
+    e2e = _load_e2e()
+    plan = e2e.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
+    for projections, want in (("auto", None), ("torch", "torch")):
+        model = e2e.build_model("gdn_lte", e2e.replace(plan, projections=projections))
+        linears = [m for m in model.modules() if isinstance(m, Linear)]
+        assert linears and all(m.backend == want for m in linears)
 
 
 @pytest.mark.parametrize("arch", ["gdn_lte", "transformer"])
