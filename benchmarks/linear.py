@@ -48,7 +48,7 @@ def _weights(N: int, K: int) -> list[torch.Tensor]:
     return [torch.randn(N, K, device="cuda", dtype=DTYPE) * K**-0.5 for _ in range(copies)]
 
 
-def sweep_tiles(M: int, N: int, K: int) -> list[Tiles]:
+def sweep_tiles(N: int, K: int) -> list[Tiles]:
     blocks = [(bn, bk) for bn, bk in itertools.product((32, 64, 128), (64, 128, 256))]
     out = []
     for (BN, BK), splits, stages in itertools.product(blocks, (1, 2, 4, 8, 16), (3, 4)):
@@ -64,7 +64,7 @@ def bench_shape(name: str, M: int, N: int, K: int, sweep: bool) -> dict:
     got = linear(x, weights[0]).float()
     err = ((got - ref).norm() / ref.norm()).item()
     cublas = time_graph([lambda w=w: F.linear(x, w) for w in weights])
-    tiles = pick_tiles(M, N, K, torch.cuda.get_device_properties(0).multi_processor_count)
+    tiles = pick_tiles(N, K, torch.cuda.get_device_properties(0).multi_processor_count)
     ours = time_graph([lambda w=w: linear_partials_triton(x, w, tiles) for w in weights])
     partials = linear_partials_triton(x, weights[0], tiles)
     sum_us = time_graph([lambda: partials.sum(0).to(DTYPE)]) if partials.dim() == 3 else 0.0
@@ -73,7 +73,7 @@ def bench_shape(name: str, M: int, N: int, K: int, sweep: bool) -> dict:
            "cublas_gbs": N * K * 2 / cublas / 1e3, "triton_gbs": N * K * 2 / ours / 1e3}  # fmt: skip
     if sweep:
         timed = []
-        for t in sweep_tiles(M, N, K):
+        for t in sweep_tiles(N, K):
             try:
                 timed.append((time_graph([lambda w=w, t=t: linear_partials_triton(x, w, t) for w in weights], 3), t))
             except Exception as failure:  # noqa: BLE001  (a config that does not fit shared memory is skipped)

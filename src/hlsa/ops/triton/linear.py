@@ -54,9 +54,10 @@ class Tiles(NamedTuple):
     num_stages: int = 4
 
 
-def pick_tiles(M: int, N: int, K: int, sms: int) -> Tiles:
-    """Tiles for `[M, K] x [N, K]^T`: weight tiles of 64 rows, K split until the programs fill every SM once; an N
-    wide enough for two waves of 64-row tiles (the LM head) takes 128-row tiles, unsplit.
+def pick_tiles(N: int, K: int, sms: int) -> Tiles:
+    """Tiles for `[M, K] x [N, K]^T` (any M <= 64: the time goes to the weight): weight tiles of 64 rows, K split
+    until the programs fill every SM once; an N wide enough for two waves of 64-row tiles (the LM head) takes 128-row
+    tiles, unsplit.
 
     Chosen from `benchmarks/linear.py --sweep` on the H200 at the 0.4B shapes (benchmarks/results/linear_h200.json):
     within 2% of the best configuration swept at batch 64, within 7% at batches 1 and 16."""
@@ -76,7 +77,7 @@ def linear_partials_triton(x: torch.Tensor, w: torch.Tensor, tiles: Tiles | None
     N = w.shape[0]
     if tiles is None:
         sms = 1 if interpreted() else torch.cuda.get_device_properties(x.device).multi_processor_count
-        tiles = pick_tiles(M, N, K, sms)
+        tiles = pick_tiles(N, K, sms)
     k_split = triton.cdiv(triton.cdiv(K, tiles.splits), tiles.BK) * tiles.BK
     splits = triton.cdiv(K, k_split)  # a split with no K left would only write zeros
     if splits == 1:
