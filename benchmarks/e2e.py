@@ -76,9 +76,10 @@ class Plan:
     # torch.compile the graph-captured decode steps (Inductor fuses the elementwise glue between kernels; session 6:
     # GDN+LTE 0.4B at 64K, 4.9 -> 2.4 ms per step at batch 1). Off with --no-compile.
     compile: bool = True
-    # Inductor freezing for the compiled steps: weights become constants, so Inductor's freezing patterns fold the
-    # concatenation of projections that share an input (q/k/v, gate/up) into one GEMM at compile time (session 8:
-    # GDN+LTE 0.4B at batch 64, 3.80 -> 3.47 ms per step). Inference only; off with --no-freeze.
+    # Inductor freezing for the compiled steps: weights become constants, so the concatenated weights of the
+    # projections that share an input (`hlsa.layers.linear.fused_linear`) are folded once at compile time instead of
+    # copied every step (session 8, when freezing's own patterns did that concatenation: GDN+LTE 0.4B at batch 64,
+    # 3.80 -> 3.47 ms per step). Inference only; off with --no-freeze.
     freeze: bool = True
     # Inductor combo kernels for the compiled steps: independent small kernels (e.g. the rotations of q and k) share
     # one launch. Off by default (--combo-kernels); session 9 measured it at batch 64 (docs/efficiency.md).

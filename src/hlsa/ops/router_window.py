@@ -11,7 +11,7 @@ before the sequence start, pads, or past its end contribute zeros, as the full-s
 does). The input itself is masked by validity too.
 
 `layers` are `(weight, bias, dilation)` per conv, the logit projection last: `weight [g, k, C_in, C_out]` in
-tap-major layout (`ConvStack._tap_major_weight`), `bias [g, C_out]`, `g` CNNs shared by `H / g` heads each (head `h`
+tap-major layout (`ConvStack._tap_major`), `bias [g, C_out]`, `g` CNNs shared by `H / g` heads each (head `h`
 uses CNN `h // (H / g)`).
 
 Shape legend: `B` batch, `H` kv-heads, `R` ring slots, `C` input channels (`2 * head_dim`), `L` window length.
