@@ -13,7 +13,6 @@ from hlsa.ops.gated_delta import (
     chunk_gated_delta_rule,
     gated_delta_rule_chunked,
     gated_delta_rule_ref,
-    gated_delta_rule_step,
 )
 
 GRAD_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
@@ -201,55 +200,3 @@ def test_fla_hopper_guard_is_lifted_only_where_it_refuses(monkeypatch: pytest.Mo
     monkeypatch.setattr(chunk_o, "TRITON_ABOVE_3_7_1", False)
     assert allow_fla_gated_backward_on_hopper() is True
     assert chunk_o.TRITON_ABOVE_3_7_1 is True
-
-
-# --- gated_delta_rule_step: one decode token, the state updated in place ------------------------------------------
-STEP_BACKENDS = ["torch", "triton"]  # "triton" runs interpreted on CPU (tests/conftest.py)
-
-
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
-@pytest.mark.parametrize("K,V", [(16, 24), (32, 48), (64, 64)], ids=lambda x: str(x))  # V blocks of 32: partial
-def test_step_matches_chunked(K, V, backend):
-    """Steps one at a time, in place, against the chunked algorithm over the whole sequence (an independent
-    derivation, not the step-by-step reference the torch step shares its arithmetic with)."""
-    B, T, H = 2, 7, 3
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-    inputs = make_inputs(B, T, H, K, V, device=device)
-    state = inputs["initial_state"].clone()
-    steps = []
-    for t in range(T):
-        one = {n: inputs[n][:, t : t + 1] for n in ("q", "k", "v", "g", "beta")}
-        steps.append(gated_delta_rule_step(**one, state=state, backend=backend))
-    o_ref, ht_ref = gated_delta_rule_chunked(**inputs, output_final_state=True)
-    assert torch.cat(steps, dim=1).shape == o_ref.shape
-    assert rel_err(torch.cat(steps, dim=1), o_ref) < 1e-5
-    assert rel_err(state, ht_ref) < 1e-5
-
-
-def test_step_keeps_the_state_tensor():
-    """The update lands in the caller's tensor (a CUDA graph replays against that address), bf16 outputs too."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: interpreted (tests/conftest.py)
-    inputs = make_inputs(3, 1, 2, 16, 16, dtype=torch.bfloat16, device=device)
-    state = inputs.pop("initial_state")
-    before, ptr = state.clone(), state.data_ptr()
-    o = gated_delta_rule_step(**inputs, state=state, backend="triton")
-    assert state.data_ptr() == ptr and o.dtype == torch.bfloat16 and o.shape == (3, 1, 2, 16)
-    o_ref, ht_ref = gated_delta_rule_ref(**inputs, initial_state=before, output_final_state=True)
-    assert rel_err(state, ht_ref) < 1e-5
-    assert rel_err(o.float(), o_ref.float()) < 1e-2
-
-
-def test_step_rejects_bad_input():
-    inputs = make_inputs(1, 2, 2, 8, 8)
-    state = inputs.pop("initial_state")
-    with pytest.raises(ValueError, match="T = 1"):
-        gated_delta_rule_step(**inputs, state=state)
-    one = {n: x[:, :1] for n, x in inputs.items()}
-    with pytest.raises(ValueError, match="float32"):
-        gated_delta_rule_step(**one, state=state.double())
-    with pytest.raises(ValueError, match="contiguous"):
-        gated_delta_rule_step(**one, state=state.transpose(2, 3))
-    with pytest.raises(ValueError, match="backend"):
-        gated_delta_rule_step(**one, state=state, backend="fla")
-    with pytest.raises(ValueError, match="initial_state must be"):
-        gated_delta_rule_step(**one, state=state[:, :1])

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hlsa.ops.linear import MAX_ROWS, linear
+from hlsa.ops.linear import MAX_ROWS, linear, linear_partials
 from hlsa.ops.triton.linear import Tiles, linear_partials_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,6 +66,17 @@ def test_batched_and_strided_rows() -> None:
     _close(got[:, 0], x, w)
     wide = torch.cat([x, x], dim=1)[:, 70:]
     _close(linear(wide, w, backend="triton"), x, w)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_partials_keep_the_leading_dims_and_add_up(backend: str) -> None:
+    """`[S, B, 1, N]` for `x [B, 1, K]`: one term on F.linear, the kernel's splits otherwise (interpreted: K = 70 in
+    blocks of 32, two splits; on a GPU, K fits one block: no split)."""
+    x, w = _inputs(6, 24, 70, seed=4)
+    partials = linear_partials(x.view(6, 1, 70), w, backend=backend)
+    splits = 2 if backend == "triton" and DEVICE == "cpu" else 1
+    assert partials.shape == (splits, 6, 1, 24)
+    _close(partials.float().sum(0)[:, 0].to(x.dtype), x, w)
 
 
 def test_auto_falls_back_where_the_kernel_does_not_apply() -> None:

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hlsa.layers.linear import Linear, fused_linear
+from hlsa.layers.linear import Linear, fused_linear, fused_weight
 from hlsa.layers.norm import RMSNorm
-from hlsa.ops.gated_delta import chunk_gated_delta_rule, gated_delta_rule_step
+from hlsa.ops.gated_delta import chunk_gated_delta_rule, gdn_gates, l2norm
+from hlsa.ops.gated_delta_decode import gated_delta_decode
+from hlsa.ops.linear import linear_partials
+from hlsa.ops.rms_norm import rms_norm
 
-# fla's `l2norm` epsilon: x / sqrt(sum(x^2) + eps).
-L2NORM_EPS = 1e-6
 # fla's GatedDeltaNet initialisation of the decay (Mamba2's dt recipe): A ~ U(0, 16), dt log-uniform in
 # [DT_MIN, DT_MAX], floored at DT_FLOOR.
 A_INIT_RANGE = (0.0, 16.0)
@@ -49,10 +50,8 @@ class GatedRMSNorm(RMSNorm):
     A subclass of `RMSNorm` so that a model-wide init that resets RMSNorm weights to ones covers it too.
     """
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float() * F.silu(gate.float())).to(x.dtype)
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return rms_norm(x, self.weight, self.eps, gate)
 
 
 class GatedDeltaNet(nn.Module):
@@ -150,42 +149,32 @@ class GatedDeltaNet(nn.Module):
         self._check_forward(x, pad_mask, state)
         B, T, _ = x.shape
         H, K, Vh = self.num_heads, self.head_k_dim, self.head_v_dim
+        if state is not None and T == 1 and self.backend in (None, "torch") and not torch.is_grad_enabled():
+            return self._decode(x, state), None
         # One GEMM for the projections of x: at decode each small GEMM costs a few us of fixed latency (H200, 0.4B,
         # batch 64: 4 GEMMs of 3.4-5.1 us; this and the single conv below saved ~9 us per layer).
-        sizes = [2 * self.key_dim + self.value_dim, self.value_dim if self.use_gate else 0, H, H]
-        gates = [self.g_proj] if self.use_gate else []
-        projections = [self.q_proj, self.k_proj, self.v_proj, *gates, self.a_proj, self.b_proj]
-        # [B, T, 2*H*K + H*Vh], [B, T, H*Vh or 0], [B, T, H], [B, T, H]
-        qkv, gate, a, b = fused_linear(x, projections).split(sizes, dim=-1)
+        qkv, gate, a, b = fused_linear(x, self._in_projections()).split(self._in_sizes(), dim=-1)
         if self.use_short_conv:
             qkv = self._short_conv(qkv, None if state is None else state.conv)
         else:
             qkv = F.silu(qkv)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = _l2norm(q.reshape(B, T, H, K))  # [B, T, H, K]
-        k = _l2norm(k.reshape(B, T, H, K))  # [B, T, H, K]
+        q = l2norm(q.reshape(B, T, H, K))  # [B, T, H, K]
+        k = l2norm(k.reshape(B, T, H, K))  # [B, T, H, K]
         v = v.reshape(B, T, H, Vh)  # [B, T, H, Vh]
-
-        beta = b.sigmoid()  # [B, T, H]
-        # Log decay in fp32, as fla's kernels compute it: g = -exp(A_log) * softplus(a + dt_bias) <= 0.
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # [B, T, H]
-        if state is not None and T == 1 and self.backend in (None, "torch") and not torch.is_grad_enabled():
-            # Decode: the state is updated in place (no new state tensor to copy back into the static cache).
-            o = gated_delta_rule_step(q, k, v, g, beta, state=state.recurrent, backend=self.backend)
-        else:
-            o, final_state = chunk_gated_delta_rule(
-                q,
-                k,
-                v,
-                g,
-                beta,
-                initial_state=None if state is None else state.recurrent,
-                output_final_state=state is not None,
-                backend=self.backend,
-            )  # [B, T, H, Vh], [B, H, K, Vh]
-            if state is not None:
-                state.recurrent.copy_(final_state.detach())
+        g, beta = gdn_gates(a, b, self.A_log, self.dt_bias)  # [B, T, H] each
+        o, final_state = chunk_gated_delta_rule(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=None if state is None else state.recurrent,
+            output_final_state=state is not None,
+            backend=self.backend,
+        )  # [B, T, H, Vh], [B, H, K, Vh]
         if state is not None:
+            state.recurrent.copy_(final_state.detach())
             state.seen += T
 
         if self.use_gate:
@@ -193,6 +182,39 @@ class GatedDeltaNet(nn.Module):
         else:
             o = self.o_norm(o)
         return self.o_proj(o.reshape(B, T, H * Vh)), None
+
+    def _in_projections(self) -> list[Linear]:
+        """The projections of x, in the order of the fused GEMM's columns: q, k, v, (gate), a, b."""
+        gates = [self.g_proj] if self.use_gate else []
+        return [self.q_proj, self.k_proj, self.v_proj, *gates, self.a_proj, self.b_proj]
+
+    def _in_sizes(self) -> list[int]:
+        """Widths of the fused GEMM's column groups: q|k|v, gate (0 without), a, b."""
+        H = self.num_heads
+        return [2 * self.key_dim + self.value_dim, self.value_dim if self.use_gate else 0, H, H]
+
+    def _decode(self, x: torch.Tensor, state: GDNState) -> torch.Tensor:
+        """One token per sequence, `x [B, 1, d]`: the input GEMM's partial sums, then one op for everything up to the
+        output projection (`hlsa.ops.gated_delta_decode`: ~10 small kernels unfused), updating the state in place."""
+        proj = linear_partials(x[:, 0], fused_weight(self._in_projections()), backend=self.q_proj.backend)
+        conv_weight = None
+        if self.use_short_conv:
+            conv_weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])[:, 0]
+        o = gated_delta_decode(
+            proj,
+            conv_state=state.conv,
+            conv_weight=conv_weight,
+            A_log=self.A_log,
+            dt_bias=self.dt_bias,
+            state=state.recurrent,
+            norm_weight=self.o_norm.weight,
+            norm_eps=self.o_norm.eps,
+            gated=self.use_gate,
+            dtype=x.dtype,
+            backend=self.backend,
+        )  # [B, H*Vh]
+        state.seen += 1
+        return self.o_proj(o[:, None])
 
     def _short_conv(self, x: torch.Tensor, cache: torch.Tensor | None) -> torch.Tensor:
         """Depthwise causal convs + SiLU of `x [B, T, C]` (q, k, v channels) after the `W-1` inputs in
@@ -202,13 +224,8 @@ class GatedDeltaNet(nn.Module):
         weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]).to(x.dtype)  # [C, 1, W]
         history = x.new_zeros(B, C, self.conv_size - 1) if cache is None else cache.to(x.dtype)
         x_BCT = torch.cat([history, x.transpose(1, 2)], dim=-1)  # [B, C, W-1+T]
-        # No padding: the history is the left context. One decode token: the dot product of the last W inputs with
-        # the taps (cuDNN would spend ~6 layout-transform kernels on it, most of a decode step's conv time).
-        # Sequences: cuDNN's depthwise conv (on the H200 the tap form cost 17% of a GDN+SWA training step).
-        if T == 1:
-            y_BCT = (x_BCT * weight[:, 0, :]).sum(-1, keepdim=True)  # [B, C, 1]
-        else:
-            y_BCT = F.conv1d(x_BCT, weight, groups=C)  # [B, C, T]
+        # No padding: the history is the left context. (Decode tokens take `hlsa.ops.gated_delta_decode` instead.)
+        y_BCT = F.conv1d(x_BCT, weight, groups=C)  # [B, C, T]
         if cache is not None:
             cache.copy_(x_BCT[:, :, T:].detach())
         return F.silu(y_BCT).transpose(1, 2)
@@ -234,9 +251,3 @@ class GatedDeltaNet(nn.Module):
 def _depthwise_conv(channels: int, size: int) -> nn.Conv1d:
     # weight [C, 1, W] like the authors' `*_conv1d.weight`; causality comes from the history prepended in forward.
     return nn.Conv1d(channels, channels, kernel_size=size, groups=channels, bias=False)
-
-
-def _l2norm(x: torch.Tensor) -> torch.Tensor:
-    # fla's l2norm, in fp32: a zero vector (a pad) stays zero.
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).sum(-1, keepdim=True) + L2NORM_EPS)).to(x.dtype)

@@ -33,11 +33,16 @@ class Linear(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
+def fused_weight(projections: Sequence[Linear]) -> torch.Tensor:
+    """The weights of `projections` stacked `[sum of out_features, in_features]`: their product is one GEMM."""
+    return torch.cat([p.weight for p in projections])
+
+
 def fused_linear(x: torch.Tensor, projections: Sequence[Linear]) -> torch.Tensor:
     """The outputs of `projections` (all of input `x`, one backend) concatenated on the last dim, as one GEMM."""
     if len(projections) == 1:
         return projections[0](x)
-    out = linear(x, torch.cat([p.weight for p in projections]), backend=projections[0].backend)
+    out = linear(x, fused_weight(projections), backend=projections[0].backend)
     if all(p.bias is None for p in projections):
         return out
     biases = [p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projections]

@@ -13,8 +13,9 @@ Three implementations share one signature:
 * `gated_delta_rule_ref`: the recurrence above, one step at a time (the test oracle);
 * `gated_delta_rule_chunked`: the same result in chunks of 64 steps with the WY/UT representation (CPU fast path);
 * fla-core's Triton kernels (`chunk_gated_delta_rule`, `fused_recurrent_gated_delta_rule`) for CUDA tensors.
-`chunk_gated_delta_rule` validates the inputs and dispatches. For decode, `gated_delta_rule_step` takes one token
-and updates a cache's state in place: one step of the reference on the CPU, our Triton kernel on CUDA.
+`chunk_gated_delta_rule` validates the inputs and dispatches. A decode token goes through
+`hlsa.ops.gated_delta_decode`, which runs the whole GDN layer between its two projections and updates the cache in
+place. `l2norm` and `gdn_gates` form the rule's inputs as the GDN layer does; the layer and that op share them.
 """
 
 from __future__ import annotations
@@ -24,12 +25,29 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from hlsa.ops import kernel_backend
-
 CHUNK_SIZE = 64
 # fla's fused recurrent kernel beats its chunk kernel on short inputs; the layer of fla switches at 64 tokens too.
 FUSED_RECURRENT_MAX_T = 64
 BACKENDS = (None, "torch", "fla", "ref")
+
+
+# fla's `l2norm` epsilon: x / sqrt(sum(x^2) + eps).
+L2NORM_EPS = 1e-6
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """fla's l2norm over the last dim, in fp32 and cast back: a zero vector (a pad) stays zero."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).sum(-1, keepdim=True) + L2NORM_EPS)).to(x.dtype)
+
+
+def gdn_gates(
+    a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GDN layer's `(g, beta)` from its projections `a, b [..., H]`: the log decay `-exp(A_log) softplus(a +
+    dt_bias) <= 0` in fp32, as fla's kernels compute it, and the step size `sigmoid(b)` in the dtype of `b`."""
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    return g, b.sigmoid()
 
 
 def chunk_gated_delta_rule(
@@ -118,47 +136,6 @@ def _ref_step(
     delta_BHV = beta_BH.to(dtype)[..., None] * (v_BHV - predicted_BHV)
     S_BHKV = S_BHKV + k_BHK[..., :, None] * delta_BHV[..., None, :]
     return S_BHKV, scale * torch.einsum("bhkv,bhk->bhv", S_BHKV, q_BHK)
-
-
-def gated_delta_rule_step(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    state: torch.Tensor,
-    scale: float | None = None,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """One decode step (`T = 1`) of the gated delta rule, updating `state` in place; no gradient, no host sync.
-
-    The decode form of `chunk_gated_delta_rule(..., initial_state=state, output_final_state=True)` followed by
-    `state.copy_(final_state)`, without the copy (`hlsa/ops/triton/gated_delta_step.py` says why it matters).
-
-    Args:
-        q, k, v, g, beta: as in `chunk_gated_delta_rule`, with `T = 1`.
-        state: `[B, H, K, V]` fp32, contiguous; holds the state after the step on return.
-        scale: query scale, default `K ** -0.5`.
-        backend: "torch" (the reference recurrence), "triton", or None (Triton for CUDA tensors, else "torch").
-
-    Returns:
-        o `[B, 1, H, V]` in the dtype of `v`.
-    """
-    _check_tensors(q, k, v, g, beta, state)
-    if q.shape[1] != 1:
-        raise ValueError(f"gated_delta_rule_step takes T = 1, got T = {q.shape[1]}; use chunk_gated_delta_rule")
-    if state.dtype != torch.float32 or not state.is_contiguous():
-        raise ValueError(f"state must be a contiguous float32 tensor (it is updated in place), got {state.dtype}")
-    backend = kernel_backend("gated_delta_rule_step", backend, q)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if backend == "torch":
-        new_state, o = _ref_step(state, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], scale)
-        state.copy_(new_state)
-        return o[:, None].to(v.dtype)
-    from hlsa.ops.triton.gated_delta_step import gated_delta_step_triton
-
-    return gated_delta_step_triton(q, k, v, g, beta, state, scale)
 
 
 def gated_delta_rule_chunked(

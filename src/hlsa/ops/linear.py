@@ -48,17 +48,12 @@ def _launches_off_the_clock() -> bool:
     return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """`x @ weight^T` (no bias).
+def linear_partials(x: torch.Tensor, weight: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """`x @ weight^T` as `S` partial sums over splits of K: `[S, ..., N]`, their sum the product.
 
-    Args:
-        x: `[..., K]`.
-        weight: `[N, K]`, on the device of `x` (a different dtype, as under autocast, takes `F.linear`).
-        backend: "torch" (`F.linear`), "triton" (at most `MAX_ROWS` rows of bf16/fp16, no gradient), or None
-            (Triton for CUDA tensors where it applies, when compiling or capturing a CUDA graph; else `F.linear`).
-
-    Returns:
-        `[..., N]` in the dtype of `x`.
+    For a consumer that adds the splits itself: a user Triton kernel, which Inductor cannot fuse a sum into (the GDN
+    decode step, `hlsa.ops.gated_delta_decode`). `S = 1` (the product itself, in the dtype of `x`) on `F.linear` and
+    when the kernel does not split K; else the kernel's fp32 partials. Arguments as `linear`.
     """
     _check_inputs(x, weight)
     chosen = kernel_backend("linear", backend, x)
@@ -73,14 +68,38 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, backend: str | None = None)
     if chosen == "triton" and backend is None and not _launches_off_the_clock():
         chosen = "torch"
     if chosen == "torch":
-        return F.linear(x, weight)
+        return F.linear(x, weight)[None]
     from hlsa.ops.triton.linear import linear_partials_triton
 
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = linear_partials_triton(rows, weight.contiguous())
-    if out.dim() == 3:  # fp32 partial sums of the K splits
-        out = sum(out.unbind(0)) if torch.compiler.is_compiling() else out.sum(0)
-        out = out.to(x.dtype)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    return out.reshape(-1, *x.shape[:-1], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """`x @ weight^T` (no bias).
+
+    Args:
+        x: `[..., K]`.
+        weight: `[N, K]`, on the device of `x` (a different dtype, as under autocast, takes `F.linear`).
+        backend: "torch" (`F.linear`), "triton" (at most `MAX_ROWS` rows of bf16/fp16, no gradient), or None
+            (Triton for CUDA tensors where it applies, when compiling or capturing a CUDA graph; else `F.linear`).
+
+    Returns:
+        `[..., N]` in the dtype of `x`.
+    """
+    partials = linear_partials(x, weight, backend=backend)
+    if partials.shape[0] == 1:
+        return partials[0]  # in F.linear's dtype (autocast's, under autocast)
+    return add_partials(partials, x.dtype)
+
+
+def add_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The sum of `linear_partials`' terms `[S, ...]`, in `dtype`. Under torch.compile the terms are added pointwise,
+    which fuses into the consumer (a norm, an activation); a reduction over S would be a kernel of its own."""
+    if partials.shape[0] == 1:
+        return partials[0].to(dtype)
+    out = sum(partials.unbind(0)) if torch.compiler.is_compiling() else partials.float().sum(0)
+    return out.to(dtype)

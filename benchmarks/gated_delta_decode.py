@@ -1,0 +1,94 @@
+"""The GDN decode op on one GPU: `hlsa.ops.gated_delta_decode`'s two kernels against the bandwidth floor.
+
+They do a GDN layer's decode token up to its output norm (docs/efficiency.md, session 11). Their bytes are the fp32
+state, read and written (33.5 MB per 0.4B layer at batch 64), plus the projection's partial sums and the conv cache
+(under 3 MB); the floor is those bytes over the copy bandwidth measured in the same run. Each point is a CUDA graph
+over enough layer copies to exceed the L2 cache, so the state streams from HBM as in a real step. The last copy is
+checked against the reference first.
+
+    python benchmarks/gated_delta_decode.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from hlsa.ops.gated_delta_decode import gated_delta_decode_ref, projection_width
+from hlsa.ops.triton.gated_delta_decode import gated_delta_decode_triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import copy_bandwidth, machine, time_graph  # noqa: E402  (the sibling benchmark's timing harness)
+
+DTYPE = torch.bfloat16
+L2_ROTATE_BYTES = 256 * 2**20
+# (name, H, K = V) of the GDN layers: 0.4B and 1.4B configs.
+SHAPES = (("gdn_0.4B", 8, 128), ("gdn_1.4B", 8, 256))
+BATCHES = (1, 16, 64)
+SPLITS = 2  # partial sums of the input projection (hlsa.ops.linear's split at batch 64, 0.4B)
+CONV = 4
+
+
+def _layer(B: int, H: int, K: int) -> dict:
+    C = 3 * H * K
+    return {
+        "proj": torch.randn(SPLITS, B, projection_width(H, K, K, True), device="cuda"),
+        "conv_state": torch.randn(B, C, CONV - 1, device="cuda", dtype=DTYPE),
+        "conv_weight": torch.randn(C, CONV, device="cuda", dtype=DTYPE) * 0.5,
+        "A_log": torch.randn(H, device="cuda") * 0.5,
+        "dt_bias": torch.randn(H, device="cuda") * 0.5,
+        "state": torch.randn(B, H, K, K, device="cuda") * 0.1,
+        "gated": True,
+        "dtype": DTYPE,
+    }
+
+
+def _bytes(layer: dict) -> int:
+    state, proj, conv = layer["state"], layer["proj"], layer["conv_state"]
+    out = state.shape[0] * state.shape[1] * state.shape[3] * 2
+    return 2 * state.numel() * 4 + proj.numel() * 4 + 2 * conv.numel() * 2 + out
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def bench_shape(name: str, B: int, H: int, K: int, bandwidth: float) -> dict:
+    layers = [_layer(B, H, K) for _ in range(max(2, -(-L2_ROTATE_BYTES // (B * H * K * K * 4))))]
+    moved = _bytes(layers[0])
+    check = {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in layers[-1].items()}
+    got = gated_delta_decode_triton(*layers[-1].values())
+    want = gated_delta_decode_ref(*check.values())
+    row = {"name": name, "B": B, "H": H, "K": K, "bytes": moved, "floor_us": moved / bandwidth * 1e6}
+    row.update(rel_err_out=_rel_err(got, want), rel_err_state=_rel_err(layers[-1]["state"], check["state"]))
+    row["us"] = time_graph([lambda layer=layer: gated_delta_decode_triton(*layer.values()) for layer in layers])
+    row["of_floor"] = row["floor_us"] / row["us"]
+    print(
+        f"{name:9s} B={B:3d}  floor {row['floor_us']:6.1f} us  kernels {row['us']:6.1f} us ({row['of_floor']:.0%})  "
+        f"err {row['rel_err_out']:.1e}/{row['rel_err_state']:.1e}",
+        flush=True,
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device")
+    bandwidth = copy_bandwidth()["peer"] * 1e9
+    rows = [bench_shape(name, B, H, K, bandwidth) for (name, H, K), B in itertools.product(SHAPES, BATCHES)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "gated_delta_decode_h200.json"
+    path.write_text(json.dumps({"machine": machine(), "copy_gbs": bandwidth / 1e9, "rows": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
