@@ -144,15 +144,15 @@ class GatedDeltaNet(nn.Module):
         `pad_mask` (bool `[B, T]`, False at left pads) is only checked: the Block zeroes hidden states at pads, and
         a zero input keeps a zero state (k = 0 writes nothing) and feeds the convs the zeros of a sequence start,
         so real tokens see exactly what they would see unpadded. With a `state`, the chunk (any length) continues
-        from it and the state is updated in place (detached: no gradient flows through the cache).
+        from it and the state is updated in place (detached: no gradient flows through the cache). One token with a
+        state and no gradient (decode) goes through `hlsa.ops.gated_delta_decode` (`_decode`).
         """
         self._check_forward(x, pad_mask, state)
         B, T, _ = x.shape
         H, K, Vh = self.num_heads, self.head_k_dim, self.head_v_dim
         if state is not None and T == 1 and self.backend in (None, "torch") and not torch.is_grad_enabled():
             return self._decode(x, state), None
-        # One GEMM for the projections of x: at decode each small GEMM costs a few us of fixed latency (H200, 0.4B,
-        # batch 64: 4 GEMMs of 3.4-5.1 us; this and the single conv below saved ~9 us per layer).
+        # One GEMM for the projections of x (a decode token takes `_decode`, with the same concatenated weight).
         qkv, gate, a, b = fused_linear(x, self._in_projections()).split(self._in_sizes(), dim=-1)
         if self.use_short_conv:
             qkv = self._short_conv(qkv, None if state is None else state.conv)
