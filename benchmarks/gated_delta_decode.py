@@ -2,9 +2,9 @@
 
 They do a GDN layer's decode token up to its output norm (docs/efficiency.md, session 11). Their bytes are the fp32
 state, read and written (33.5 MB per 0.4B layer at batch 64), plus the projection's partial sums and the conv cache
-(under 3 MB); the floor is those bytes over the copy bandwidth measured in the same run. Each point is a CUDA graph
+(4.6 MB more); the floor is those bytes over the copy bandwidth measured in the same run. Each point is a CUDA graph
 over enough layer copies to exceed the L2 cache, so the state streams from HBM as in a real step. The last copy is
-checked against the reference first.
+checked against the reference first (output, state and conv cache); a mismatch stops the run.
 
     python benchmarks/gated_delta_decode.py --out benchmarks/results
 """
@@ -32,6 +32,7 @@ SHAPES = (("gdn_0.4B", 8, 128), ("gdn_1.4B", 8, 256))
 BATCHES = (1, 16, 64)
 SPLITS = 2  # partial sums of the input projection (hlsa.ops.linear's split at batch 64, 0.4B)
 CONV = 4
+CHECK_TOLERANCE = 1e-2  # relative error of the bf16 output and the fp32 state against the reference
 
 
 def _layer(B: int, H: int, K: int) -> dict:
@@ -62,11 +63,15 @@ def bench_shape(name: str, B: int, H: int, K: int, bandwidth: float) -> dict:
     layers = [_layer(B, H, K) for _ in range(max(2, -(-L2_ROTATE_BYTES // (B * H * K * K * 4))))]
     moved = _bytes(layers[0])
     check = {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in layers[-1].items()}
-    got = gated_delta_decode_triton(*layers[-1].values())
-    want = gated_delta_decode_ref(*check.values())
+    got = gated_delta_decode_triton(**layers[-1])
+    want = gated_delta_decode_ref(**check)
     row = {"name": name, "B": B, "H": H, "K": K, "bytes": moved, "floor_us": moved / bandwidth * 1e6}
     row.update(rel_err_out=_rel_err(got, want), rel_err_state=_rel_err(layers[-1]["state"], check["state"]))
-    row["us"] = time_graph([lambda layer=layer: gated_delta_decode_triton(*layer.values()) for layer in layers])
+    if row["rel_err_out"] > CHECK_TOLERANCE or row["rel_err_state"] > CHECK_TOLERANCE:
+        raise SystemExit(f"{name} B={B}: the kernels disagree with the reference: {row}")
+    if not torch.equal(layers[-1]["conv_state"], check["conv_state"]):
+        raise SystemExit(f"{name} B={B}: the conv cache after the kernels differs from the reference's")
+    row["us"] = time_graph([lambda layer=layer: gated_delta_decode_triton(**layer) for layer in layers])
     row["of_floor"] = row["floor_us"] / row["us"]
     print(
         f"{name:9s} B={B:3d}  floor {row['floor_us']:6.1f} us  kernels {row['us']:6.1f} us ({row['of_floor']:.0%})  "

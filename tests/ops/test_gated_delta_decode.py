@@ -18,7 +18,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def make_layer(H, K, V, W, gated, *, seed=0):
+def make_layer(H: int, K: int, V: int, W: int, gated: bool, *, seed: int = 0) -> dict:
     """Random parameters and caches; W = 0: no short conv."""
     gen = torch.Generator().manual_seed(seed)
     C = 2 * H * K + H * V
@@ -36,7 +36,9 @@ def make_layer(H, K, V, W, gated, *, seed=0):
     }
 
 
-def sequence_outputs(x, params, H, K, V, state0, conv0):
+def sequence_outputs(
+    x: torch.Tensor, params: dict, H: int, K: int, V: int, state0: torch.Tensor, conv0: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The layer's math over `x [B, T, N]` at once, in fp32: (outputs [B, T, H*V], final state, final conv cache)."""
     B, T, _ = x.shape
     C = 2 * H * K + H * V
@@ -74,7 +76,7 @@ def as_partials(x: torch.Tensor, splits: int, seed: int) -> torch.Tensor:
         (3, 8, 8, 2, True, 3),  # partial sums
         (2, 32, 48, 0, False, 2),  # no short conv, plain norm
         (1, 16, 16, 1, False, 1),  # a conv of one tap: an empty cache
-        (2, 128, 160, 3, True, 2),  # two value blocks (the norm reads the output back)
+        (2, 128, 160, 3, True, 2),  # the model's K; five value blocks of the step kernel
     ],
     ids=lambda x: str(x),
 )
@@ -114,8 +116,9 @@ def test_decoding_token_by_token_matches_the_sequence(backend, H, K, V, W, gated
     ],
 )
 def test_kernel_matches_the_reference_in_half_precision(dtype):
-    """Both round where the layer rounds (the projection, conv, silu, L2 norms, beta, the output): equal to a few
-    units of the last place, from fp32 partial sums as the decode GEMM writes them."""
+    """Both round where the layer rounds (the projection, conv, silu, L2 norms, beta, the output), from fp32 partial
+    sums as the decode GEMM writes them. (Whether the kernel rounds at each of those steps barely shows at the output:
+    in fp16 it stays within these tolerances without them. The fp32 test above checks the arithmetic.)"""
     B, H, K, V, W = 4, 2, 32, 32, 4
     params = make_layer(H, K, V, W, True, seed=1)
     params["conv_weight"] = params["conv_weight"].to(dtype)
@@ -129,7 +132,10 @@ def test_kernel_matches_the_reference_in_half_precision(dtype):
         results[backend] = out, state, conv_state
     (out, state, conv_state), (out_ref, state_ref, conv_ref) = results["triton"], results["torch"]
     assert out.dtype == dtype and out.shape == (B, H * V)
-    assert rel_err(out, out_ref) < 1e-2
+    # Elementwise, to a few units of the last place: the same roundings, sums in a different order (and on a GPU,
+    # approximate exp/rsqrt) flip a few. fp16 is checked at 2 units on the CPU; bf16 (GPU only) gets 4.
+    ulps = (2 if dtype == torch.float16 else 4) * torch.finfo(dtype).eps
+    torch.testing.assert_close(out.float(), out_ref.float(), rtol=ulps, atol=ulps * out_ref.abs().max().item())
     assert rel_err(state, state_ref) < 1e-2
     assert torch.equal(conv_state, conv_ref)  # the same rounded inputs, moved
 

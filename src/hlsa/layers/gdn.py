@@ -145,7 +145,9 @@ class GatedDeltaNet(nn.Module):
         a zero input keeps a zero state (k = 0 writes nothing) and feeds the convs the zeros of a sequence start,
         so real tokens see exactly what they would see unpadded. With a `state`, the chunk (any length) continues
         from it and the state is updated in place (detached: no gradient flows through the cache). One token with a
-        state and no gradient (decode) goes through `hlsa.ops.gated_delta_decode` (`_decode`).
+        state and no gradient (decode), with backend None or "torch", goes through `hlsa.ops.gated_delta_decode`
+        (`_decode`); it computes in the dtype of `x` (under autocast the sequence path rounds to autocast's dtype in
+        places instead).
         """
         self._check_forward(x, pad_mask, state)
         B, T, _ = x.shape
@@ -195,7 +197,8 @@ class GatedDeltaNet(nn.Module):
 
     def _decode(self, x: torch.Tensor, state: GDNState) -> torch.Tensor:
         """One token per sequence, `x [B, 1, d]`: the input GEMM's partial sums, then one op for everything up to the
-        output projection (`hlsa.ops.gated_delta_decode`: ~10 small kernels unfused), updating the state in place."""
+        output projection (`hlsa.ops.gated_delta_decode`: 9 small kernels unfused), updating the state in place. The
+        projections have no biases (the layer builds them without)."""
         proj = linear_partials(x[:, 0], fused_weight(self._in_projections()), backend=self.q_proj.backend)
         conv_weight = None
         if self.use_short_conv:
@@ -219,7 +222,7 @@ class GatedDeltaNet(nn.Module):
     def _short_conv(self, x: torch.Tensor, cache: torch.Tensor | None) -> torch.Tensor:
         """Depthwise causal convs + SiLU of `x [B, T, C]` (q, k, v channels) after the `W-1` inputs in
         `cache [B, C, W-1]` (zeros when `None`, as at a sequence start); the cache is then updated in place to the
-        last `W-1` inputs. The three convs run as one over the concatenated channels (fewer decode kernels)."""
+        last `W-1` inputs. The three convs run as one over the concatenated channels."""
         B, T, C = x.shape
         weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]).to(x.dtype)  # [C, 1, W]
         history = x.new_zeros(B, C, self.conv_size - 1) if cache is None else cache.to(x.dtype)

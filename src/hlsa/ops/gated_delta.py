@@ -112,13 +112,13 @@ def gated_delta_rule_ref(
         S_BHKV = initial_state.to(dtype)
     outputs = []
     for t in range(T):
-        S_BHKV, o_BHV = _ref_step(S_BHKV, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], scale)
+        S_BHKV, o_BHV = gated_delta_step_ref(S_BHKV, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], scale)
         outputs.append(o_BHV)
     o_BTHV = torch.stack(outputs, dim=1).to(v.dtype)
     return o_BTHV, (S_BHKV if output_final_state else None)
 
 
-def _ref_step(
+def gated_delta_step_ref(
     S_BHKV: torch.Tensor,
     q_BHK: torch.Tensor,
     k_BHK: torch.Tensor,

@@ -11,7 +11,7 @@ Per sequence and head (`hlsa.layers.gdn` computes the same for a whole sequence)
     o      = one step of the gated delta rule           on the fp32 state, updated in place
     out    = rms_norm(o, norm_weight, eps, gate)        the gate projection's silu (no gate: plain rmsnorm)
 
-Why one op: unfused, the step between two GEMMs was 10 kernels per layer at decode (the conv, two L2 norms, three
+Why one op: unfused, the step between two GEMMs was 9 kernels per layer at decode (the conv, two L2 norms, three
 for the gates and casts, the delta step, two for the gated norm), each a few us of fixed latency on a few hundred KB
 (docs/efficiency.md, session 11). On CUDA, two Triton kernels (`hlsa/ops/triton/gated_delta_decode.py`) take the
 projection's partial sums (`hlsa.ops.linear.linear_partials`; Inductor cannot fuse a sum into a user kernel) and do
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from hlsa.ops import kernel_backend
-from hlsa.ops.gated_delta import _ref_step, gdn_gates, l2norm
+from hlsa.ops.gated_delta import gated_delta_step_ref, gdn_gates, l2norm
 from hlsa.ops.linear import add_partials
 from hlsa.ops.rms_norm import rms_norm
 
@@ -81,6 +81,11 @@ def _check_inputs(
     tensors = [proj, conv_state, conv_weight, A_log, dt_bias, norm_weight]
     if any(t is not None and t.device != state.device for t in tensors):
         raise ValueError("gated_delta_decode: every tensor must be on the device of state")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise ValueError(
+            "gated_delta_decode: the decode op has no gradient (it updates the caches in place); call it under "
+            "torch.no_grad(), or train through the layer's sequence path"
+        )
 
 
 def gated_delta_decode_ref(
@@ -104,7 +109,8 @@ def gated_delta_decode_ref(
         conv_state.copy_(window[:, :, 1:])
     q, k, v = F.silu(qkv).split([H * K, H * K, H * V], dim=-1)
     g, beta = gdn_gates(a, b, A_log, dt_bias)  # [B, H] each
-    new_state, o = _ref_step(state, l2norm(q.view(B, H, K)), l2norm(k.view(B, H, K)), v.view(B, H, V), g, beta, K**-0.5)
+    q, k = l2norm(q.view(B, H, K)), l2norm(k.view(B, H, K))
+    new_state, o = gated_delta_step_ref(state, q, k, v.view(B, H, V), g, beta, K**-0.5)
     state.copy_(new_state)
     return o.to(dtype)
 
@@ -123,7 +129,8 @@ def gated_delta_decode(
     dtype: torch.dtype,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """One decode token of a GDN layer between its projections; the caches are updated in place (no host sync).
+    """One decode token of a GDN layer between its projections; the caches are updated in place (no host sync, no
+    gradient).
 
     Args:
         proj: `[S, B, N]` the fused input projection of the token (columns in the module docstring's order), as `S`

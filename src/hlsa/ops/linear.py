@@ -52,8 +52,8 @@ def linear_partials(x: torch.Tensor, weight: torch.Tensor, *, backend: str | Non
     """`x @ weight^T` as `S` partial sums over splits of K: `[S, ..., N]`, their sum the product.
 
     For a consumer that adds the splits itself: a user Triton kernel, which Inductor cannot fuse a sum into (the GDN
-    decode step, `hlsa.ops.gated_delta_decode`). `S = 1` (the product itself, in the dtype of `x`) on `F.linear` and
-    when the kernel does not split K; else the kernel's fp32 partials. Arguments as `linear`.
+    decode step, `hlsa.ops.gated_delta_decode`). `S = 1` (the product itself, in F.linear's dtype or x's) on
+    `F.linear` and when the kernel does not split K; else the kernel's fp32 partials. Arguments as `linear`.
     """
     _check_inputs(x, weight)
     chosen = kernel_backend("linear", backend, x)
@@ -101,5 +101,5 @@ def add_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     which fuses into the consumer (a norm, an activation); a reduction over S would be a kernel of its own."""
     if partials.shape[0] == 1:
         return partials[0].to(dtype)
-    out = sum(partials.unbind(0)) if torch.compiler.is_compiling() else partials.float().sum(0)
+    out = sum(p.float() for p in partials.unbind(0)) if torch.compiler.is_compiling() else partials.float().sum(0)
     return out.to(dtype)

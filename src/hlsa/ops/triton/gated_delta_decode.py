@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hlsa.ops.gated_delta import L2NORM_EPS
+
 # Value columns per step program: a [128, 32] fp32 block is 32 values per thread with 4 warps; B * H * V / 32
 # programs.
 STEP_BV = 32
@@ -68,15 +70,26 @@ def _shift_cache(p_cache, cols, mask, window, W: tl.constexpr, BW: tl.constexpr)
 
 
 @triton.jit
-def _l2norm(x, DT: tl.constexpr):
-    return (x * tl.rsqrt(tl.sum(x * x, 0) + 1e-6)).to(DT).to(tl.float32)  # epsilon: gated_delta.L2NORM_EPS
+def _l2norm(x, EPS: tl.constexpr, DT: tl.constexpr):
+    return (x * tl.rsqrt(tl.sum(x * x, 0) + EPS)).to(DT).to(tl.float32)
+
+
+@triton.jit
+def _softplus(z):
+    """PyTorch's softplus (the identity above 20); `log1p(exp(z))` written with `log` alone (the interpreter has no
+    log1p): `log(w) * u / (w - 1)` with `w = 1 + u` is accurate to a few ulps even where `w` rounds to 1 (Goldberg)."""
+    u = tl.exp(z)
+    w = 1.0 + u
+    rounded_to_one = w == 1.0
+    log1p = tl.where(rounded_to_one, u, tl.log(w) * (u / tl.where(rounded_to_one, 1.0, w - 1.0)))
+    return tl.where(z > 20.0, z, log1p)
 
 
 @triton.jit
 def gdn_step_inputs_kernel(proj, stride_ps, stride_pb, conv_state, conv_weight, A_log, dt_bias, q, k, v, g, beta, H,
                            S: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVH: tl.constexpr,
-                           W: tl.constexpr, BW: tl.constexpr, CONV: tl.constexpr,
-                           GATED: tl.constexpr):  # fmt: skip
+                           W: tl.constexpr, BW: tl.constexpr, CONV: tl.constexpr, GATED: tl.constexpr,
+                           L2_EPS: tl.constexpr):  # fmt: skip
     """Program (b * H + h): q, k `[K]` (L2-normed), v `[V]` in the activations' dtype, g and beta in fp32."""
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
@@ -95,12 +108,12 @@ def gdn_step_inputs_kernel(proj, stride_ps, stride_pb, conv_state, conv_weight, 
     b_ab = _split_sum(p_row, stride_ps, C + (H * V if GATED else 0) + i_h + o_ab * H, o_ab < 2, S, 2)
     b_ab = b_ab.to(DT).to(tl.float32)
     a, b = tl.sum(tl.where(o_ab == 0, b_ab, 0.0), 0), tl.sum(tl.where(o_ab == 1, b_ab, 0.0), 0)
-    # g = -exp(A_log) * softplus(a + dt_bias) (softplus is the identity above 20, as in PyTorch); beta = sigmoid(b).
+    # g = -exp(A_log) * softplus(a + dt_bias); beta = sigmoid(b).
     z = a + tl.load(dt_bias + i_h).to(tl.float32)
-    tl.store(g + i_bh, -tl.exp(tl.load(A_log + i_h).to(tl.float32)) * tl.where(z > 20.0, z, tl.log(1.0 + tl.exp(z))))
+    tl.store(g + i_bh, -tl.exp(tl.load(A_log + i_h).to(tl.float32)) * _softplus(z))
     tl.store(beta + i_bh, tl.sigmoid(b).to(DT).to(tl.float32))
-    tl.store(q + i_bh * K + o_k, _l2norm(b_q, DT).to(DT), mask=m_k)
-    tl.store(k + i_bh * K + o_k, _l2norm(b_k, DT).to(DT), mask=m_k)
+    tl.store(q + i_bh * K + o_k, _l2norm(b_q, L2_EPS, DT).to(DT), mask=m_k)
+    tl.store(k + i_bh * K + o_k, _l2norm(b_k, L2_EPS, DT).to(DT), mask=m_k)
     tl.store(v + i_bh * V + o_v, b_v.to(DT), mask=m_v)
     if CONV:  # the head's channels belong to this program alone
         tl.debug_barrier()  # every thread has loaded the conv cache before any entry moves
@@ -155,8 +168,9 @@ def gated_delta_decode_triton(
     BK = triton.next_power_of_2(K)
     gdn_step_inputs_kernel[(B * H,)](
         proj, proj.stride(0), proj.stride(1), conv_state if conv else q, conv_weight.contiguous() if conv else q,
-        A_log, dt_bias, q, k, v, g, beta, H, S=proj.shape[0], K=K, V=V, BK=BK, BVH=triton.next_power_of_2(V), W=W,
-        BW=max(2, triton.next_power_of_2(W)), CONV=conv, GATED=gated, num_warps=4,
+        A_log.contiguous(), dt_bias.contiguous(), q, k, v, g, beta, H, S=proj.shape[0], K=K, V=V, BK=BK,
+        BVH=triton.next_power_of_2(V), W=W, BW=max(2, triton.next_power_of_2(W)), CONV=conv, GATED=gated,
+        L2_EPS=L2NORM_EPS, num_warps=4,
     )  # fmt: skip
     o = torch.empty(B, H, V, device=state.device, dtype=dtype)
     BV = min(STEP_BV, triton.next_power_of_2(V))
