@@ -20,7 +20,7 @@ from torch import nn
 from hlsa.layers.linear import Linear, fused_linear, fused_weight
 from hlsa.layers.norm import RMSNorm
 from hlsa.ops.gated_delta import chunk_gated_delta_rule, gdn_gates, l2norm
-from hlsa.ops.gated_delta_decode import gated_delta_decode
+from hlsa.ops.gated_delta_decode import gated_delta_decode, projection_sizes
 from hlsa.ops.linear import linear_partials
 from hlsa.ops.rms_norm import rms_norm
 
@@ -191,9 +191,12 @@ class GatedDeltaNet(nn.Module):
         return [self.q_proj, self.k_proj, self.v_proj, *gates, self.a_proj, self.b_proj]
 
     def _in_sizes(self) -> list[int]:
-        """Widths of the fused GEMM's column groups: q|k|v, gate (0 without), a, b."""
-        H = self.num_heads
-        return [2 * self.key_dim + self.value_dim, self.value_dim if self.use_gate else 0, H, H]
+        """Widths of the fused GEMM's column groups: q|k|v, gate (0 without), a, b (the decode op's layout)."""
+        return projection_sizes(self.num_heads, self.head_k_dim, self.head_v_dim, self.use_gate)
+
+    def _conv_weight(self) -> torch.Tensor:
+        """The q, k, v short convs' taps as one depthwise conv over the concatenated channels: `[C, 1, W]`."""
+        return torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])
 
     def _decode(self, x: torch.Tensor, state: GDNState) -> torch.Tensor:
         """One token per sequence, `x [B, 1, d]`: the input GEMM's partial sums, then one op for everything up to the
@@ -202,7 +205,7 @@ class GatedDeltaNet(nn.Module):
         proj = linear_partials(x[:, 0], fused_weight(self._in_projections()), backend=self.q_proj.backend)
         conv_weight = None
         if self.use_short_conv:
-            conv_weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])[:, 0]
+            conv_weight = self._conv_weight()[:, 0]
         o = gated_delta_decode(
             proj,
             conv_state=state.conv,
@@ -224,7 +227,7 @@ class GatedDeltaNet(nn.Module):
         `cache [B, C, W-1]` (zeros when `None`, as at a sequence start); the cache is then updated in place to the
         last `W-1` inputs. The three convs run as one over the concatenated channels."""
         B, T, C = x.shape
-        weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]).to(x.dtype)  # [C, 1, W]
+        weight = self._conv_weight().to(x.dtype)  # [C, 1, W]
         history = x.new_zeros(B, C, self.conv_size - 1) if cache is None else cache.to(x.dtype)
         x_BCT = torch.cat([history, x.transpose(1, 2)], dim=-1)  # [B, C, W-1+T]
         # No padding: the history is the left context. (Decode tokens take `hlsa.ops.gated_delta_decode` instead.)

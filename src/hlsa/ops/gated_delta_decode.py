@@ -35,9 +35,14 @@ from hlsa.ops.linear import add_partials
 from hlsa.ops.rms_norm import rms_norm
 
 
+def projection_sizes(H: int, K: int, V: int, gated: bool) -> list[int]:
+    """Widths of `proj`'s column groups, in order: q|k|v (the conv channels), the gate (0 without), a, b."""
+    return [2 * H * K + H * V, H * V if gated else 0, H, H]
+
+
 def projection_width(H: int, K: int, V: int, gated: bool) -> int:
     """Columns of `proj`: q, k, v, the gate when `gated`, a and b."""
-    return 2 * H * K + H * V + (H * V if gated else 0) + 2 * H
+    return sum(projection_sizes(H, K, V, gated))
 
 
 def _check_inputs(
@@ -65,7 +70,7 @@ def _check_inputs(
         )
     if (conv_state is None) != (conv_weight is None):
         raise ValueError("gated_delta_decode: give conv_state and conv_weight together (or neither: no short conv)")
-    C = 2 * H * K + H * V
+    C = projection_sizes(H, K, V, gated)[0]
     if conv_weight is not None and (conv_weight.dim() != 2 or conv_weight.shape[0] != C):
         raise ValueError(f"gated_delta_decode: conv_weight must be [C={C}, W]; got {tuple(conv_weight.shape)}")
     if conv_state is not None:
@@ -102,7 +107,7 @@ def gated_delta_decode_ref(
     where the layer's sequence path does."""
     B, H, K, V = state.shape
     x = add_partials(proj, dtype)  # [B, N]
-    qkv, _, a, b = x.split([2 * H * K + H * V, H * V if gated else 0, H, H], dim=-1)
+    qkv, _, a, b = x.split(projection_sizes(H, K, V, gated), dim=-1)
     if conv_state is not None:
         window = torch.cat([conv_state, qkv[:, :, None]], dim=-1)  # [B, C, W]: the cached inputs, then x
         qkv = (window.float() * conv_weight.float()).sum(-1).to(dtype)  # the conv's one output position
@@ -159,6 +164,5 @@ def gated_delta_decode(
     B, H, K, V = state.shape
     gate = None
     if gated:
-        lo = 2 * H * K + H * V
-        gate = add_partials(proj[:, :, lo : lo + H * V], dtype).view(B, H, V)
+        gate = add_partials(proj.split(projection_sizes(H, K, V, gated), dim=-1)[1], dtype).view(B, H, V)
     return rms_norm(o, norm_weight, norm_eps, gate).reshape(B, H * V)
