@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hlsa.layers.lte_router import LTERouter, select, sink_mask, value_gain
+from hlsa.layers.slots import fill_ring
 
 CONFIGS = {  # name -> (conv_size, conv_dilation)
     "default": ((3, 3, 3), (2, 2, 2)),
@@ -138,54 +139,36 @@ def test_value_gain_reaches_the_router_parameters() -> None:
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
 
 
-def _windows(x: torch.Tensor, valid: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window `[j - m, j + m]` for every token j: `[B * T, 2m + 1, H, C]`, garbage (and False) outside `[0, T)`."""
-    B, T, H, C = x.shape
-    pos = torch.arange(T)[:, None] + torch.arange(-m, m + 1)[None, :]  # [T, 2m + 1]
-    inside = (pos >= 0) & (pos < T)
-    win = x[:, pos.clamp(0, T - 1)]  # [B, T, 2m + 1, H, C]
-    win = torch.where(inside[None, :, :, None, None], win, torch.randn_like(win) * 100)
-    win_valid = valid[:, pos.clamp(0, T - 1)] & inside[None]
-    return win.reshape(B * T, 2 * m + 1, H, C), win_valid.reshape(B * T, 2 * m + 1)
-
-
-def _as_ring(win: torch.Tensor, win_valid: torch.Tensor, slots: int, shift: int) -> tuple[torch.Tensor, ...]:
-    """Windows `[N, L, H, C]` laid into rings `[N, H, slots, C]` from slot `shift` on (wrapping); other slots hold
-    garbage marked invalid. Returns the rings, their validity `[N, slots]` and the start slot."""
-    N, L, H, C = win.shape
-    ring = torch.randn(N, H, slots, C) * 100
-    ring_valid = torch.zeros(N, slots, dtype=torch.bool)
-    idx = (shift + torch.arange(L)) % slots
-    ring[:, :, idx] = win.transpose(1, 2)
-    ring_valid[:, idx] = win_valid
-    return ring, ring_valid, torch.tensor(shift)
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])  # "triton" runs interpreted on CPU (tests/conftest.py)
 @pytest.mark.parametrize("shared", ["head", "layer"])
 @pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("T", [1, 5, 13, 30])
-def test_score_window_equals_full_forward(backend: str, shared: str, config: str, T: int) -> None:
-    H, D, extra = 3, 8, 9
+@pytest.mark.parametrize(("P", "extra"), [(0, 0), (3, 2), (20, 0), (20, 2)])
+@torch.no_grad()  # decode scoring has no gradient
+def test_score_step_equals_full_forward(backend: str, shared: str, config: str, P: int, extra: int) -> None:
+    """As the LTE prefill does: the last R positions of a P-token prompt go into the ring through `ring_inputs` run
+    on just those, then T tokens are decoded through `score_step`. Every score equals the full forward's for the
+    token it scores. Rows: no pads, pads inside the window, a prompt of pads; rings of 2m+1 slots and longer."""
+    H, D, T = 3, 8, 16
     router = _router(H, D, config, routing_shared=shared)
     m = router.margin
-    lengths = [T, max(T - 3, 1), 1]
-    pad_mask = _left_pad_mask([n + extra for n in lengths], T + extra)
-    x = torch.randn(3, T + extra, H, 2 * D)
+    R = 2 * m + 1 + extra
+    pad_mask = _left_pad_mask([P + T, P + T - min(2, P), T], P + T)
+    x = torch.randn(3, P + T, H, 2 * D)
     x = torch.where(pad_mask[:, :, None, None], x, 100 * x)  # garbage at the pads: must be ignored
     k, v = x.split(D, dim=-1)
-    # The sequence cut at T: windows reaching past T are marked invalid there, like the forward's zero padding.
-    full = router(k[:, :T], v[:, :T], pad_mask=pad_mask[:, :T])
-    win, win_valid = _windows(x[:, :T], pad_mask[:, :T], m)
-    # Rings longer than the window, the window wrapping around their end.
-    ring, ring_valid, start = _as_ring(win, win_valid, 2 * m + 3, shift=m + 2)
-    streamed = router.score_window(ring, ring_valid, start, backend=backend).reshape(3, T, H)
-    real = pad_mask[:, :T, None].expand(-1, -1, H)
-    torch.testing.assert_close(streamed[real], full[real], rtol=0, atol=1e-6)
-    # Tokens with m known successors already have their final score: the longer sequence agrees on them.
-    known = real & (torch.arange(T) < T - m)[None, :, None]
-    longer = router(k, v, pad_mask=pad_mask)[:, :T]
-    torch.testing.assert_close(streamed[known], longer[known], rtol=0, atol=1e-6)
+    full = router(k, v, pad_mask=pad_mask)
+    ring = torch.randn(3, H, R, router.ring_channels) * 100  # garbage in slots never written
+    valid = torch.zeros(3, 1, R, dtype=torch.bool)
+    tail = slice(max(0, P - R), P)
+    fill_ring(ring, router.ring_inputs(k[:, tail], v[:, tail], pad_mask=pad_mask[:, tail]), start=tail.start)
+    fill_ring(valid, pad_mask[:, :P, None])
+    steps = [router.score_step(k[:, p], v[:, p], ring, valid[:, 0], torch.tensor(p), backend=backend) for p in
+             range(P, P + T)]  # fmt: skip
+    scored = torch.arange(P, P + T) - m  # the token each step scores
+    ok = scored >= 0
+    got, want = torch.stack(steps, 1)[:, ok], full[:, scored[ok]]
+    real = pad_mask[:, scored[ok], None].expand_as(want)  # a pad's score is meaningless (the layer masks it)
+    torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-6)
 
 
 def test_eval_is_deterministic_and_training_drops_out() -> None:
@@ -273,6 +256,7 @@ def test_config_errors(kwargs: dict, match: str) -> None:
         LTERouter(**kwargs)
 
 
+@torch.no_grad()
 def test_input_errors() -> None:
     router = _router(2, 4)
     k = torch.randn(1, 5, 2, 4)
@@ -280,12 +264,22 @@ def test_input_errors() -> None:
         router(k, torch.randn(1, 5, 2, 3))
     with pytest.raises(ValueError, match="pad_mask"):
         router(k, k, pad_mask=torch.ones(1, 5))
+    kv, ring, valid, zero = (
+        torch.randn(1, 2, 4),
+        torch.randn(1, 2, 13, 14),
+        torch.ones(1, 13, dtype=torch.bool),
+        torch.tensor(0),
+    )
     with pytest.raises(ValueError, match="x_ring"):  # a ring shorter than the receptive field (13)
-        router.score_window(torch.randn(1, 2, 12, 8), torch.ones(1, 12, dtype=torch.bool), torch.tensor(0))
+        router.score_step(kv, kv, ring[:, :, :12], valid[:, :12], zero)
+    with pytest.raises(ValueError, match="x_ring"):  # 14 = 8 + 4 + 2 channels: every conv's input
+        router.score_step(kv, kv, ring[..., :8], valid, zero)
+    with pytest.raises(ValueError, match="k and v"):
+        router.score_step(kv, kv[..., :3], ring, valid, zero)
     with pytest.raises(ValueError, match="valid"):
-        router.score_window(torch.randn(1, 2, 13, 8), torch.ones(1, 13), torch.tensor(0))
-    with pytest.raises(ValueError, match="start"):
-        router.score_window(torch.randn(1, 2, 13, 8), torch.ones(1, 13, dtype=torch.bool), torch.tensor(0.0))
+        router.score_step(kv, kv, ring, valid.float(), zero)
+    with pytest.raises(ValueError, match="position"):
+        router.score_step(kv, kv, ring, valid, zero.float())
     with pytest.raises(ValueError, match="sink_size"):
         select(torch.randn(1, 5, 2), None, -1)
     with pytest.raises(ValueError, match="score"):

@@ -10,8 +10,9 @@ among keys older than `t - W` (docs/design.md). The authors cap the buffer once 
 we apply the rule per query, which is exactly what the constant-memory decode cache reproduces.
 
 Decode cache per layer: `W+1` ring slots + `N` buffer slots of post-RoPE keys, their scores, and a small ring of the
-last `2m+1` router inputs (pre-RoPE `[k || v]`), so that each token is scored exactly once, as soon as its right
-context of `m` tokens is known, with the same numbers as a full forward (no de-rotation of cached keys).
+last `2m+1` positions' router CNN inputs (pre-RoPE `[k || v]` and every conv's output but the last's), so that each
+token is scored exactly once, as soon as its right context of `m` tokens is known, with the same numbers as a full
+forward (no de-rotation of cached keys), by one new output per conv (`hlsa.ops.router_step`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from hlsa.layers.attention import ProjectedAttention
 from hlsa.layers.lte_router import LTERouter, select, sink_mask, value_gain
-from hlsa.layers.slots import fill_ring, write_slot
+from hlsa.layers.slots import fill_ring
 from hlsa.ops.decode_attention import decode_attention
 from hlsa.ops.lte_evict import lte_evict
 from hlsa.ops.lte_retention import lte_column_end
@@ -47,8 +48,8 @@ class LTEState:
     valid: torch.Tensor  # bool [B, HKV, W+1+N]
     buffer_len: torch.Tensor  # int32 [B, HKV]
     token_pos: torch.Tensor  # int32 [B, HKV, W+1+N], position of the token in each slot (ties evict the latest)
-    router_x: torch.Tensor  # [B, HKV, 2m+1, 2D] ring of router inputs (pre-RoPE k || v)
-    router_valid: torch.Tensor  # bool [B, HKV, 2m+1]
+    router_x: torch.Tensor  # [B, HKV, 2m+1, C] ring of the router CNN's inputs per conv (LTERouter.ring_inputs)
+    router_valid: torch.Tensor  # bool [B, 1, 2m+1]: False before the sequence start and at pads (same for all heads)
     offset: torch.Tensor  # int64 [B] left-padding length of each row (sinks start after it)
     position: torch.Tensor  # int64 [], next token's position
     seen: int = 0
@@ -155,8 +156,8 @@ class LTEAttention(ProjectedAttention):
             valid=torch.zeros(b, h, slots, device=device, dtype=torch.bool),
             buffer_len=torch.zeros(b, h, device=device, dtype=torch.int32),
             token_pos=torch.full((b, h, slots), -1, device=device, dtype=torch.int32),
-            router_x=torch.zeros(b, h, ctx, 2 * d, device=device, dtype=dtype),
-            router_valid=torch.zeros(b, h, ctx, device=device, dtype=torch.bool),
+            router_x=torch.zeros(b, h, ctx, self.router.ring_channels, device=device, dtype=dtype),
+            router_valid=torch.zeros(b, 1, ctx, device=device, dtype=torch.bool),
             offset=torch.zeros(b, device=device, dtype=torch.long),
             position=torch.zeros((), device=device, dtype=torch.long),
         )
@@ -201,28 +202,27 @@ class LTEAttention(ProjectedAttention):
             state.valid[:, :, ring : ring + n] = keep
             state.token_pos[:, :, ring : ring + n] = order.to(torch.int32)
             state.buffer_len.copy_(keep.sum(-1).to(torch.int32))
-        # Router context: the last 2m+1 tokens' inputs, for scoring the pending tokens during decode.
-        fill_ring(state.router_x, self._router_input(k_prerope, v, real))
-        fill_ring(state.router_valid, real_h)
+        # Router rings: every conv's inputs at the last 2m+1 positions, for scoring the pending tokens during decode.
+        # The CNN reruns on just those positions: the values it gets wrong there (the first ones lack left context,
+        # the last ones right context) are never read, since a decode step reads a conv's inputs no older than
+        # 2m positions back and recomputes the newest before reading them (hlsa.ops.router_step).
+        tail = slice(max(0, t - state.router_x.shape[2]), t)
+        tail_mask = None if pad_mask is None else pad_mask[:, tail]
+        inputs = self.router.ring_inputs(k_prerope[:, tail], v[:, tail], pad_mask=tail_mask)
+        fill_ring(state.router_x, inputs, start=tail.start)
+        fill_ring(state.router_valid, real[:, :, None])
         state.offset.copy_((~real).sum(1) if pad_mask is not None else torch.zeros_like(state.offset))
         state.seen = t
         state.position.fill_(t)
-
-    def _router_input(self, k_prerope: torch.Tensor, v: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        return torch.cat([k_prerope, v], dim=-1) * real[:, :, None, None].to(k_prerope.dtype)
 
     def _decode(self, x: torch.Tensor, state: LTEState) -> tuple[torch.Tensor, LTERouting]:
         m, ring = self.router.margin, self.window_size + 1
         pos = state.position
         q, k, v = self._project(x)  # T == 1
-        real = torch.ones(x.shape[0], 1, device=x.device, dtype=torch.bool)
-        write_slot(state.router_x, self._router_input(k, v, real)[:, 0], pos)
-        write_slot(state.router_valid, real.expand(-1, self.num_kv_heads), pos)
         # Score token j = pos - m, whose right context is now complete (the window is j-m .. j+m = pos-2m .. pos).
-        ctx = state.router_x.shape[2]
-        valid = state.router_valid[:, 0]  # [B, 2m+1]: the same for every head
-        j = pos - m
-        raw = self.router.score_window(state.router_x, valid, (j - m) % ctx, backend=self.backend)  # [B, HKV]
+        valid = state.router_valid[:, 0]  # [B, 2m+1]
+        raw = self.router.score_step(k[:, 0], v[:, 0], state.router_x, valid, pos, backend=self.backend)  # [B, HKV]
+        ctx, j = state.router_x.shape[2], pos - m
         is_sink = ((j - state.offset) >= 0) & ((j - state.offset) < self.sink_size)
         new = torch.where(is_sink[:, None], float("inf"), raw.float())
         new = torch.where(valid.index_select(1, (j % ctx).view(1)), new, float("-inf"))

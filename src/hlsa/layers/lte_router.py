@@ -7,7 +7,9 @@ is selected (kept beyond the window) when its score is positive, and the first `
 
 Every conv output is multiplied by the padding mask, so a pad behaves exactly like the zero padding beyond the
 sequence ends. That makes streaming scoring exact: the score of token `j` depends only on the router inputs of
-tokens `[j - margin, j + margin]`, and `LTERouter.score_window` recomputes it from those `2 * margin + 1` inputs.
+tokens `[j - margin, j + margin]`, and each conv output only on its `2 r + 1` inputs, so a decode step
+(`LTERouter.score_step`) computes one new output per conv from a ring of every conv's recent inputs
+(`ring_inputs` fills it at prefill) and scores token `position - margin`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hlsa.ops.router_window import router_window_logits
+from hlsa.ops.router_step import router_step_logits
 
 ROUTING_METHODS = ("sigmoid", "relu")
 ROUTING_SHARED = ("head", "layer")
@@ -70,7 +72,8 @@ class ConvStack(nn.Module):
     """`groups` independent CNNs over time (or one, shared by every head), each mapping a head's channels to one logit.
 
     `forward(x [H, B, L, C], mask [B, L] | None)` -> logits `[H, B, L]` ('same' zero padding at every conv).
-    `centre_logits` scores one token at decode from the window of its receptive field (`hlsa.ops.router_window`).
+    `conv_inputs` gives every conv's input, and `step_logits` advances the CNN by one decode token
+    (`hlsa.ops.router_step`).
 
     The weights live in `nn.Conv1d` modules (PyTorch's layout and init, and the names of the authors' checkpoints),
     but every conv runs as per-tap GEMMs over one flat time axis (`_FlatConv`): the rows of all heads sharing a CNN
@@ -122,24 +125,50 @@ class ConvStack(nn.Module):
         nn.init.kaiming_normal_(self.proj.weight, mode="fan_in", nonlinearity="relu")
         nn.init.constant_(self.proj.bias, self.bias_init)
 
+    @property
+    def ring_channels(self) -> int:
+        """Channels of the decode ring: every conv's input channels per CNN, summed (`hlsa.ops.router_step`)."""
+        return sum(conv.in_channels // self.groups for conv in self.convs)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        H, B, L, _ = x.shape
+        inputs, pad = self._layer_inputs(x, mask)
+        return self._conv(inputs[-1], self.proj).view(H, B, L + 2 * pad)[:, :, pad : pad + L]
+
+    def conv_inputs(self, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """Every conv's input `[H, B, L, C_i]`, as `forward` computes it: `x`, then each conv's output but the
+        last's."""
+        H, B, L, _ = x.shape
+        inputs, pad = self._layer_inputs(x, mask)
+        return [h.view(H, B, L + 2 * pad, h.shape[-1])[:, :, pad : pad + L] for h in inputs[:-1]]
+
+    def step_logits(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        x_ring: torch.Tensor,
+        valid: torch.Tensor,
+        position: torch.Tensor,
+        *,
+        backend: str | None = None,
+    ) -> torch.Tensor:
+        """Decode (no dropout): `hlsa.ops.router_step_logits` with this stack's weights; logits `[B, H]`."""
+        layers = [self._tap_major(conv, k.dtype) for conv in (*self.convs, self.proj)]
+        return router_step_logits(k, v, x_ring, valid, position, layers, backend=backend)
+
+    def _layer_inputs(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[list[torch.Tensor], int]:
+        """The input of every conv and of the projection, flat `[g, (H/g) * B * Lp, C_i]`, and the padding `pad`
+        on each side of a row (`Lp = L + 2 * pad`)."""
         H, B, L, C = x.shape
         keep = torch.ones(B, L, device=x.device, dtype=torch.bool) if mask is None else mask
         pad = max(self.radii)
         keep = F.pad(keep, (pad, pad))  # [B, Lp]: False on the zero padding and on left-padding tokens
         x = F.pad(x, (0, 0, pad, pad)).reshape(self.groups, -1, C)  # [g, (H/g) * B * Lp, C], rows end to end
         keep = keep.to(x.dtype).repeat(H // self.groups, 1).view(1, -1, 1)
+        inputs = [x]
         for conv in self.convs:
-            x = F.silu(self._conv(self.dropout(x), conv) * keep)
-        return self._conv(x, self.proj).view(H, B, L + 2 * pad)[:, :, pad : pad + L]
-
-    def centre_logits(
-        self, x_ring: torch.Tensor, valid: torch.Tensor, start: torch.Tensor, *, backend: str | None = None
-    ) -> torch.Tensor:
-        """Logits `[B, H]` of the centre of the window of `x_ring [B, H, R, C]` from ring slot `start` (decode;
-        no dropout): `hlsa.ops.router_window_logits` with this stack's weights."""
-        layers = [self._tap_major(conv, x_ring.dtype) for conv in (*self.convs, self.proj)]
-        return router_window_logits(x_ring, valid, start, layers, backend=backend)
+            inputs.append(F.silu(self._conv(self.dropout(inputs[-1]), conv) * keep))
+        return inputs, pad
 
     def _conv(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
         return _FlatConv.apply(x, *self._tap_major(conv, x.dtype))
@@ -225,50 +254,80 @@ class LTERouter(nn.Module):
         Returns:
             score `[B, T, HKV]` in the input dtype, differentiable (selection is `score > 0`).
         """
-        expected = (*k.shape[:2], self.num_kv_heads, self.head_dim)
-        if k.shape != expected or v.shape != expected:
-            raise ValueError(f"k and v must have shape [B, T, HKV, D] = {list(expected)}; got {k.shape}, {v.shape}")
-        if pad_mask is not None and (pad_mask.dtype != torch.bool or pad_mask.shape != k.shape[:2]):
-            raise ValueError(f"pad_mask must be a bool tensor of shape [B, T] = {list(k.shape[:2])}, or None")
+        self._check_sequence(k, v, pad_mask)
         x = torch.cat([k, v], dim=-1)  # [B, T, HKV, 2D]
         if not self.routing_grad:
             x = x.detach()
         return self._score(self._logits(x, pad_mask))
 
-    def score_window(
-        self, x_ring: torch.Tensor, valid: torch.Tensor, start: torch.Tensor, *, backend: str | None = None
-    ) -> torch.Tensor:
-        """Score of the centre token of a window of router inputs read from a ring (streaming scoring for decode).
+    @property
+    def ring_channels(self) -> int:
+        """Channels of the decode ring `LTEState.router_x`: every conv's input (`2D`, then halving), summed."""
+        return self.conv_stack.ring_channels
 
-        Equals (up to conv round-off) the score `forward` gives token `j` when ring slots `start, start + 1, ...`
-        (mod `R`) hold the router inputs of tokens `j - m .. j + m` (`m = margin`) and `valid` is False where a
-        position is before the sequence start, a pad, or past the sequence end (the score of the sequence cut
-        there). Invalid positions' contents are ignored. No dropout (inference); no host sync.
+    def ring_inputs(self, k: torch.Tensor, v: torch.Tensor, *, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What the decode ring holds for each position: every conv's input, concatenated, `[B, T, HKV, C_ring]`
+        (the masked router input `[k || v]`, then each conv's output but the last's). Inputs as in `forward`."""
+        self._check_sequence(k, v, pad_mask)
+        x = self._head_major(torch.cat([k, v], dim=-1), pad_mask)
+        return torch.cat(self.conv_stack.conv_inputs(x, pad_mask), dim=-1).permute(1, 2, 0, 3)
+
+    def score_step(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        x_ring: torch.Tensor,
+        valid: torch.Tensor,
+        position: torch.Tensor,
+        *,
+        backend: str | None = None,
+    ) -> torch.Tensor:
+        """Decode: take token `position` into the ring and return the score of token `position - margin`, whose
+        right context it completes (streaming scoring; `hlsa.ops.router_step`).
+
+        Equals (up to conv round-off) the score `forward` gives that token once `margin` tokens follow it, when
+        ring slot `p % R` holds `ring_inputs` of every earlier position `p` within the last `R` and `valid` is
+        False before the sequence start and at pads. No dropout (inference); no host sync.
 
         Args:
-            x_ring: `[B, HKV, R, 2D]`, `concat(k_prerope, v)` per KV head, `R >= 2m + 1`.
-            valid: bool `[B, R]`, per slot.
-            start: 0-d int64 tensor, the slot of token `j - m`.
-            backend: of `hlsa.ops.router_window_logits` ("torch", "triton", or None: Triton on CUDA).
+            k, v: `[B, HKV, D]` the new token's pre-RoPE key and value (a decode token is real, never a pad).
+            x_ring: `[B, HKV, R, ring_channels]`, `R >= 2 * margin + 1`, updated in place.
+            valid: bool `[B, R]`, per slot, updated in place (the new token's slot is marked valid).
+            position: 0-d int64 tensor, the new token's position.
+            backend: of `hlsa.ops.router_step_logits` ("torch", "triton", or None: Triton on CUDA).
 
         Returns:
-            score `[B, HKV]` of token `j`.
+            score `[B, HKV]` of token `position - margin` (meaningless while that is negative).
         """
         B, R = valid.shape[0], x_ring.shape[2] if x_ring.dim() == 4 else 0
-        expected = (B, self.num_kv_heads, R, 2 * self.head_dim)
+        expected = (B, self.num_kv_heads, R, self.ring_channels)
+        if k.shape != (B, self.num_kv_heads, self.head_dim) or v.shape != k.shape:
+            raise ValueError(
+                f"k and v must have shape [B, HKV, D] = {[B, self.num_kv_heads, self.head_dim]}; got "
+                f"{list(k.shape)}, {list(v.shape)}"
+            )
         if x_ring.shape != expected or R < self.receptive_field:
             raise ValueError(
-                f"x_ring must have shape [B, HKV, R, 2D] = {list(expected)} with R >= 2 * margin + 1 = "
+                f"x_ring must have shape [B, HKV, R, ring_channels] = {list(expected)} with R >= 2 * margin + 1 = "
                 f"{self.receptive_field}; got {list(x_ring.shape)}"
             )
-        return self._score(self.conv_stack.centre_logits(x_ring, valid, start, backend=backend))
+        return self._score(self.conv_stack.step_logits(k, v, x_ring, valid, position, backend=backend))
+
+    def _check_sequence(self, k: torch.Tensor, v: torch.Tensor, pad_mask: torch.Tensor | None) -> None:
+        expected = (*k.shape[:2], self.num_kv_heads, self.head_dim)
+        if k.shape != expected or v.shape != expected:
+            raise ValueError(f"k and v must have shape [B, T, HKV, D] = {list(expected)}; got {k.shape}, {v.shape}")
+        if pad_mask is not None and (pad_mask.dtype != torch.bool or pad_mask.shape != k.shape[:2]):
+            raise ValueError(f"pad_mask must be a bool tensor of shape [B, T] = {list(k.shape[:2])}, or None")
+
+    def _head_major(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """`x [B, L, HKV, 2D]` -> `[HKV, B, L, 2D]`, the layout of the per-head GEMMs, zeroed at pads."""
+        x = x.permute(2, 0, 1, 3)
+        return x if mask is None else x * mask[None, :, :, None].to(x.dtype)
 
     def _logits(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """`x [B, L, HKV, 2D]`, `mask [B, L] | None` -> logits `[B, L, HKV]`."""
-        x = x.permute(2, 0, 1, 3)  # [HKV, B, L, 2D]: head-major, the layout of the per-head GEMMs
-        if mask is not None:
-            x = x * mask[None, :, :, None].to(x.dtype)
-        return self.conv_stack(x, mask).permute(1, 2, 0)
+        return self.conv_stack(self._head_major(x, mask), mask).permute(1, 2, 0)
 
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) - 0.5 if self.routing_method == "sigmoid" else F.relu(logits)
