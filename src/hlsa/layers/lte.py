@@ -49,7 +49,7 @@ class LTEState:
     buffer_len: torch.Tensor  # int32 [B, HKV]
     token_pos: torch.Tensor  # int32 [B, HKV, W+1+N], position of the token in each slot (ties evict the latest)
     router_x: torch.Tensor  # [B, HKV, 2m+1, C] ring of the router CNN's inputs per conv (LTERouter.ring_inputs)
-    router_valid: torch.Tensor  # bool [B, 1, 2m+1]: False before the sequence start and at pads (same for all heads)
+    router_valid: torch.Tensor  # bool [B, 2m+1]: False before the sequence start and at pads (same for all heads)
     offset: torch.Tensor  # int64 [B] left-padding length of each row (sinks start after it)
     position: torch.Tensor  # int64 [], next token's position
     seen: int = 0
@@ -157,7 +157,7 @@ class LTEAttention(ProjectedAttention):
             buffer_len=torch.zeros(b, h, device=device, dtype=torch.int32),
             token_pos=torch.full((b, h, slots), -1, device=device, dtype=torch.int32),
             router_x=torch.zeros(b, h, ctx, self.router.ring_channels, device=device, dtype=dtype),
-            router_valid=torch.zeros(b, 1, ctx, device=device, dtype=torch.bool),
+            router_valid=torch.zeros(b, ctx, device=device, dtype=torch.bool),
             offset=torch.zeros(b, device=device, dtype=torch.long),
             position=torch.zeros((), device=device, dtype=torch.long),
         )
@@ -210,7 +210,7 @@ class LTEAttention(ProjectedAttention):
         tail_mask = None if pad_mask is None else pad_mask[:, tail]
         inputs = self.router.ring_inputs(k_prerope[:, tail], v[:, tail], pad_mask=tail_mask)
         fill_ring(state.router_x, inputs, start=tail.start)
-        fill_ring(state.router_valid, real[:, :, None])
+        fill_ring(state.router_valid[:, None], real[:, :, None])  # one slot row for all heads
         state.offset.copy_((~real).sum(1) if pad_mask is not None else torch.zeros_like(state.offset))
         state.seen = t
         state.position.fill_(t)
@@ -220,7 +220,9 @@ class LTEAttention(ProjectedAttention):
         pos = state.position
         q, k, v = self._project(x)  # T == 1
         # Score token j = pos - m, whose right context is now complete (the window is j-m .. j+m = pos-2m .. pos).
-        valid = state.router_valid[:, 0]  # [B, 2m+1]
+        # The whole validity tensor, not a view of it: compiled, a view passed to the in-place kernel is cloned and
+        # copied back (two extra kernels per layer).
+        valid = state.router_valid
         raw = self.router.score_step(k[:, 0], v[:, 0], state.router_x, valid, pos, backend=self.backend)  # [B, HKV]
         ctx, j = state.router_x.shape[2], pos - m
         is_sink = ((j - state.offset) >= 0) & ((j - state.offset) < self.sink_size)

@@ -4,10 +4,15 @@ launch, one new output per conv.
 A program takes a block of `ROWS` batch rows of one head through every layer. Conv `i` accumulates one `tl.dot` per
 tap: `k_i - 1` taps of older inputs loaded from the ring (masked by their slots' validity) and the last tap on the
 fresh input, which the previous layer has just computed and which stays in registers, so no layer waits on
-another's stores. The fresh inputs are stored to the ring after the last layer: with no store between them, the
-loads of every layer can be issued up front. (The previous kernel, session 8's `router_window_kernel`, recomputed
-each conv over the whole receptive field and passed layers through global scratch behind CTA barriers: 15.9 us per
-LTE layer at batch 64 on the H200, the largest latency-bound kernel of a decode step.)
+another's stores. The fresh inputs are stored to the ring after the last layer.
+
+The work is tiny (~2 MB of weights and ring per step at batch 64), so the time is latency. Measured alone on the
+H200 (batch 64, 16 heads, the default CNN, `ab` variants of session 12, us per launch in a CUDA graph, ~1.1 of it
+the launch): 10.3 with 16-wide channel blocks and int64 slot arithmetic; 6.0 with channel blocks of at least 32
+(a 16-wide `tl.dot` output splits into 4-column slices over 4 warps, below the MMA's 8) and the slots computed in
+int32 (int64 `%` is a long software sequence). Issuing every layer's loads before the first dot was slower (14-31:
+the weights held in registers spill), and so were 2 or 8 warps and 32 rows per program (64 rows, where Triton
+switches to Hopper's warpgroup MMA, faulted with an illegal address in Triton 3.6 and was not pursued).
 
 The arguments are flat (one weight, bias and a few constants per conv, up to `MAX_CONVS`) rather than tuples, which
 torch.compile's capture of user-defined Triton kernels does not take.
@@ -25,6 +30,8 @@ from hlsa.ops.router_step import MAX_CONVS, ring_channels
 
 # Batch rows per program: tl.dot's smallest M.
 ROWS = 16
+# The narrowest channel block of a conv's tl.dot (see the module docstring).
+MIN_BLOCK = 32
 
 
 @triton.jit
@@ -82,7 +89,7 @@ def router_step_kernel(k, v, stride_kb, stride_kh, stride_vb, stride_vh, x, stri
     i_cnn = i_h // HEADS_PER_CNN
     o_b = (i_blk * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     m_b = o_b < B
-    pos = tl.load(position)
+    pos = tl.load(position).to(tl.int32)  # slots in int32: positions stay far below 2**31
     o_x = x + o_b[:, None] * stride_xb + i_h * stride_xh  # [ROWS, 1] row bases of the ring
     # Conv 0's fresh input: [k || v] of the new token (channel c < D from k, D <= c < 2 D from v).
     o_c = tl.arange(0, BC0)
@@ -129,7 +136,7 @@ def router_step_triton(
     channels = [*ring_channels(layers), w_proj.shape[2]]  # C0 .. C{CONVS}
     unused = MAX_CONVS - len(convs)
     tensors = [t.contiguous() for w, b, _ in convs for t in (w, b)] + [w_proj, b_proj] * unused
-    blocks = [max(16, triton.next_power_of_2(c)) for c in channels]
+    blocks = [max(MIN_BLOCK, triton.next_power_of_2(c)) for c in channels]
     out = torch.empty(B, H, device=k.device, dtype=k.dtype)
     pad = [1] * unused
     router_step_kernel[(H, triton.cdiv(B, ROWS))](
