@@ -4,7 +4,7 @@ architecture, with constant-size caches for GDN, SWA and LTE."""
 import pytest
 import torch
 
-from .conftest import CONSTANT_MEMORY, tiny_model
+from .conftest import CONSTANT_MEMORY, tiny_config, tiny_model
 
 # Tiny LTE: sinks 2, router margin 3 (RF 7), window 8, buffer 6 -> lengths below the sinks, below the receptive field,
 # exactly W, and beyond W + N; NSA: blocks of 4.
@@ -42,6 +42,22 @@ def test_left_padded_prefill_decode_equals_full_forward(arch):
         cached, _ = decode_logits(model, ids, 12, attention_mask=mask)
     real = mask.bool()
     assert (cached - full)[real].abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize(("conv", "dilation"), [([1], [1]), ([5, 3], [1, 2])], ids=["pointwise", "mixed"])
+def test_lte_routers_prefill_decode_equals_full_forward(conv, dilation):
+    """Router CNNs other than the tiny config's. Pointwise (margin 0): each step scores the new token itself, whose
+    ring slot the eviction takes over from the token leaving the window, so its score must be written after the
+    eviction (it once went before, and the cache diverged). Mixed: two convs of different reach, dilated, with a
+    prompt shorter than the margin (4), so the first steps score no token."""
+    lte = {**tiny_config("gdn_lte").lte, "conv_size": conv, "conv_dilation": dilation}
+    model = tiny_model("gdn_lte", lte=lte)
+    ids = torch.randint(0, model.config.vocab_size, (2, 30))
+    with torch.no_grad():
+        full = model(ids).logits
+        for prompt_len in (2, 12):
+            cached, _ = decode_logits(model, ids, prompt_len)
+            assert (cached - full).abs().max() <= 1e-4
 
 
 def test_batched_left_padded_greedy_equals_single(arch):

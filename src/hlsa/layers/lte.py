@@ -224,13 +224,6 @@ class LTEAttention(ProjectedAttention):
         # copied back (two extra kernels per layer).
         valid = state.router_valid
         raw = self.router.score_step(k[:, 0], v[:, 0], state.router_x, valid, pos, backend=self.backend)  # [B, HKV]
-        ctx, j = state.router_x.shape[2], pos - m
-        is_sink = ((j - state.offset) >= 0) & ((j - state.offset) < self.sink_size)
-        new = torch.where(is_sink[:, None], float("inf"), raw.float())
-        new = torch.where(valid.index_select(1, (j % ctx).view(1)), new, float("-inf"))
-        j_slot = (j % ring).view(1)
-        old = state.score.index_select(2, j_slot)[..., 0]
-        state.score.index_copy_(2, j_slot, torch.where(j >= 0, new, old)[..., None])
         # Move the token leaving the window into the buffer (if it earns its place), write the new token.
         q, k = self.rotary(q, k, pos.view(1))
         lte_evict(
@@ -246,6 +239,17 @@ class LTEAttention(ProjectedAttention):
             ring_size=ring,
             backend=self.backend,
         )
+        # Token j's score into its ring slot, after the eviction: with a pointwise router (m = 0) token j is the new
+        # token, whose slot the eviction has just taken over from the token leaving the window. While j < 0 (the
+        # first m steps after a prompt shorter than m) no write is needed, and none is guarded against: j's router
+        # slot was never written (invalid), so `new` is -inf, and its ring slot, `pos + W + 1 - m > pos`, is one no
+        # token has reached yet, whose score is already -inf. (A guard reading the old score would keep Inductor
+        # from fusing the score's computation into its scatter.)
+        ctx, j = state.router_x.shape[2], pos - m
+        is_sink = ((j - state.offset) >= 0) & ((j - state.offset) < self.sink_size)
+        new = torch.where(is_sink[:, None], float("inf"), raw.float())
+        new = torch.where(valid.index_select(1, (j % ctx).view(1)), new, float("-inf"))
+        state.score.index_copy_(2, (j % ring).view(1), new[..., None])
         o = decode_attention(q[:, 0], state.k, state.v, valid=state.valid, backend=self.backend)
         state.seen += 1
         state.position.add_(1)
