@@ -206,16 +206,21 @@ def step_bytes_per_seq(model: HybridForCausalLM, cache: HybridCache, context: in
     """Cache bytes one decode step must move per sequence.
 
     GDN: its whole state is read and rewritten (x2). SWA/LTE: the whole fixed-size state is read (ring/buffer slots,
-    scores, validity). Full attention: K, V and validity of the `context` valid slots. NSA: K and V of the compressed
-    blocks, the selected blocks and the window.
+    scores, validity), except LTE's router ring, of which a step reads each conv's older taps and writes each conv's
+    fresh input (`hlsa.ops.router_step`; the ring holds 2m+1 positions of every conv's input). Full attention: K, V
+    and validity of the `context` valid slots. NSA: K and V of the compressed blocks, the selected blocks and the
+    window.
     """
     total = 0
     for block, state in zip(model.model.layers, cache.states):
         kind, mixer = block.kind, block.attn
         if kind == "gdn":
             total += 2 * HybridCache([state]).nbytes() // batch
-        elif kind in ("swa", "lte"):
+        elif kind == "swa":
             total += HybridCache([state]).nbytes() // batch
+        elif kind == "lte":
+            ring = state.router_x.nbytes + state.router_valid.nbytes
+            total += (HybridCache([state]).nbytes() - ring) // batch + router_step_bytes(mixer.router, state)
         elif kind == "attn":
             total += context * mixer.num_kv_heads * (2 * mixer.head_dim * state.k.element_size() + 1)
         else:
@@ -223,6 +228,15 @@ def step_bytes_per_seq(model: HybridForCausalLM, cache: HybridCache, context: in
             slots += min(context, mixer.window_size + 1)
             total += slots * mixer.num_kv_heads * 2 * mixer.head_dim * state.k.element_size()
     return total
+
+
+def router_step_bytes(router: torch.nn.Module, state: object) -> int:
+    """Ring bytes per sequence one streaming router step moves: each conv's `k - 1` older inputs read and its fresh
+    input written, per KV head, and the validity of the slots read."""
+    stack = router.conv_stack
+    read = sum((conv.kernel_size[0] - 1) * conv.in_channels // stack.groups for conv in stack.convs)
+    slots_read = sum(conv.kernel_size[0] - 1 for conv in stack.convs)
+    return router.num_kv_heads * (read + stack.ring_channels) * state.router_x.element_size() + slots_read
 
 
 def weight_bytes(model: HybridForCausalLM) -> int:
