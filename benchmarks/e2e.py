@@ -36,6 +36,8 @@ import torch._dynamo
 from hlsa.cache import HybridCache
 from hlsa.config import HybridConfig
 from hlsa.layers.linear import Linear
+from hlsa.layers.lte import LTEState
+from hlsa.layers.lte_router import LTERouter
 from hlsa.model import HybridForCausalLM
 
 K = 1024
@@ -230,7 +232,7 @@ def step_bytes_per_seq(model: HybridForCausalLM, cache: HybridCache, context: in
     return total
 
 
-def router_step_bytes(router: torch.nn.Module, state: object) -> int:
+def router_step_bytes(router: LTERouter, state: LTEState) -> int:
     """Ring bytes per sequence one streaming router step moves: each conv's `k - 1` older inputs read and its fresh
     input written, per KV head, and the validity of the slots read."""
     stack = router.conv_stack

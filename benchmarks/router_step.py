@@ -69,7 +69,8 @@ def _bytes(step: dict) -> int:
     weights = sum(w.numel() + b.numel() for w, b, _ in step["layers"]) * size
     older = sum((w.shape[1] - 1) * w.shape[2] for w, _, _ in step["layers"][:-1])  # ring channels read per row
     fresh = sum(ring_channels(step["layers"]))  # written per row
-    return weights + B * HKV * (older + fresh + 2 * D + 1) * size + 2 * B * RING
+    slots = sum(w.shape[1] - 1 for w, _, _ in step["layers"][:-1])  # validity bytes read per row (as e2e.py counts)
+    return weights + B * HKV * (older + fresh + 2 * D + 1) * size + B * slots
 
 
 def _load(path: Path) -> ModuleType:

@@ -53,10 +53,15 @@ def _prompt_ring(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ring after a prompt `x [B, P, H, C]`: the last R positions of every conv's input as the prompt's own
     forward gives them (the newest still lacking right context: a decode step recomputes them before reading),
-    garbage in slots never written; validity False there and at pads."""
+    garbage in slots never written; validity False there and at pads.
+
+    Both are views into buffers one slot wider on each side, holding garbage marked valid: a slot computed out of
+    range (a negative position taken modulo R the wrong way) reads it and shows."""
     B, P, H, C = x.shape
-    ring = torch.randn(B, H, R, sum(ring_channels(layers)), generator=g).to(x.device, x.dtype) * 100
-    valid = torch.zeros(B, R, dtype=torch.bool, device=x.device)
+    wide = torch.randn(B, H, R + 2, sum(ring_channels(layers)), generator=g).to(x.device, x.dtype) * 100
+    wide_valid = torch.ones(B, R + 2, dtype=torch.bool, device=x.device)
+    ring, valid = wide[:, :, 1 : R + 1], wide_valid[:, 1 : R + 1]
+    valid.zero_()
     keep = torch.arange(max(0, P - R), P, device=x.device)
     if P > 0:
         _, inputs = _full_forward(x, real, layers)
@@ -87,7 +92,15 @@ def _stream(
     return torch.stack(steps, 1), full, real
 
 
-CONVS = {"default": [(3, 2), (3, 2), (3, 2)], "mixed": [(5, 1), (3, 3)], "one": [(3, 1)], "pointwise": [(1, 1)]}
+CONVS = {
+    "default": [(3, 2), (3, 2), (3, 2)],
+    "mixed": [(5, 1), (3, 3)],
+    "uneven": [(5, 1), (3, 3), (7, 1)],  # three convs that differ in taps and dilation: no slot mix-up can hide
+    "pointwise_inside": [(3, 1), (1, 1), (5, 2)],
+    "pointwise_first": [(1, 1), (3, 2)],  # the first conv's output is the new token's own
+    "one": [(3, 1)],
+    "pointwise": [(1, 1)],
+}
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])  # "triton" runs interpreted on CPU (tests/conftest.py)
@@ -111,7 +124,7 @@ def test_streaming_matches_full_forward(backend: str, convs: str, cnns: int, P: 
     torch.testing.assert_close(got[:, ok][mask], want[mask], rtol=tol, atol=tol)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     B=st.integers(1, 40),
     H=st.sampled_from([1, 2, 4]),
@@ -181,6 +194,8 @@ def test_rejects_bad_input() -> None:
         router_step_logits(k, v, x, valid, pos, [layers[0], (layers[1][0].double(), layers[1][1].double(), 1)])
     with pytest.raises(ValueError, match="logit projection"):
         router_step_logits(k, v, x, valid, pos, [layers[0], (layers[1][0].repeat(1, 3, 1, 1), layers[1][1], 1)])
+    with pytest.raises(ValueError, match="same number of CNNs"):  # a shared conv before a per-head projection
+        router_step_logits(k, v, x, valid, pos, [(layers[0][0][:1], layers[0][1][:1], 1), layers[1]])
     with pytest.raises(ValueError, match="at least one conv"):
         router_step_logits(k, v, x, valid, pos, layers[1:])
     with pytest.raises(ValueError, match="the ring"):

@@ -241,10 +241,11 @@ class LTEAttention(ProjectedAttention):
         )
         # Token j's score into its ring slot, after the eviction: with a pointwise router (m = 0) token j is the new
         # token, whose slot the eviction has just taken over from the token leaving the window. While j < 0 (the
-        # first m steps after a prompt shorter than m) no write is needed, and none is guarded against: j's router
-        # slot was never written (invalid), so `new` is -inf, and its ring slot, `pos + W + 1 - m > pos`, is one no
-        # token has reached yet, whose score is already -inf. (A guard reading the old score would keep Inductor
-        # from fusing the score's computation into its scatter.)
+        # first m - t steps after a prompt of t < m tokens) no write is needed, and none is guarded against: j's
+        # router slot was never written (invalid), so `new` is -inf, and its ring slot, `pos + W + 1 - m > pos`, is
+        # one no token has reached yet, whose score is already -inf. (A guard reading the old score would keep
+        # Inductor from fusing the score's computation into its scatter.) The validity mask is defensive otherwise:
+        # a pad's score is never used, since the eviction moves only valid tokens.
         ctx, j = state.router_x.shape[2], pos - m
         is_sink = ((j - state.offset) >= 0) & ((j - state.offset) < self.sink_size)
         new = torch.where(is_sink[:, None], float("inf"), raw.float())

@@ -91,6 +91,11 @@ def _check_inputs(
             )
         if w.dtype != k.dtype or b.dtype != k.dtype:
             raise ValueError(f"router_step_logits: layer {i}'s weight and bias must be {k.dtype}; got {w.dtype}")
+        if g != layers[0][0].shape[0]:
+            raise ValueError(
+                f"router_step_logits: every layer needs the same number of CNNs g (one per head group); layer 0 has "
+                f"{layers[0][0].shape[0]}, layer {i} has {g}"
+            )
         channels = c_out
     if layers[-1][0].shape[1] != 1 or channels != 1:
         raise ValueError(
@@ -160,7 +165,7 @@ def router_step_logits(
         k, v: `[B, H, D]` the new token's pre-RoPE key and value (the router input is `[k || v]`).
         x: `[B, H, R, sum_i C_i]` ring of each conv's recent inputs (module docstring), in the dtype of `k`.
         valid: bool `[B, R]`, per slot: False before the sequence start and at pads.
-        position: 0-d int64 tensor, the new token's position.
+        position: 0-d int64 tensor, the new token's position (below 2**31: the kernel computes slots in int32).
         layers: `(weight [g, k, C_in, C_out], bias [g, C_out], dilation)` per conv, then the 1 x 1 logit
             projection (`C_out = 1`); in the dtype of `k`.
         backend: "torch" (reference), "triton" (at most `MAX_CONVS` = 3 convs), or None (Triton for CUDA tensors

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hlsa.ops.router_step import MAX_CONVS, ring_channels
+from hlsa.ops.router_step import MAX_CONVS, Layer, ring_channels
 
 # Batch rows per program: tl.dot's smallest M.
 ROWS = 16
@@ -127,7 +127,7 @@ def router_step_triton(
     x: torch.Tensor,
     valid: torch.Tensor,
     position: torch.Tensor,
-    layers: Sequence[tuple[torch.Tensor, torch.Tensor, int]],
+    layers: Sequence[Layer],
 ) -> torch.Tensor:
     """Triton path of `router_step_logits` (inputs already validated, at most `MAX_CONVS` convs): one launch."""
     B, H, D = k.shape
