@@ -25,7 +25,7 @@ position is masked by its validity, so slots outside the window may hold anythin
 After each conv: `silu(conv(x) * keep)`, `keep` the validity of the output's position. `layers` are
 `(weight [g, k, C_in, C_out] tap-major (`ConvStack._tap_major`), bias [g, C_out], dilation)` per conv, then the
 logit projection `(weight [g, 1, C, 1], bias [g, 1], 1)`; `g` CNNs shared by `H / g` heads each (head `h` uses CNN
-`h // (H / g)`).
+`h // (H / g)`), the same `g` in every layer.
 
 Shape legend: `B` batch, `H` kv-heads, `D` head dim, `R` ring slots, `C_i` conv `i`'s input channels.
 """
