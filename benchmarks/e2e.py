@@ -36,9 +36,8 @@ import torch._dynamo
 from hlsa.cache import HybridCache
 from hlsa.config import HybridConfig
 from hlsa.layers.linear import Linear
-from hlsa.layers.lte import LTEState
-from hlsa.layers.lte_router import LTERouter
 from hlsa.model import HybridForCausalLM
+from hlsa.ops.router_step import step_ring_bytes
 
 K = 1024
 ARCHS = ("gdn", "gdn_swa", "gdn_attn", "gdn_lte", "gdn_nsa", "transformer", "nsa")
@@ -222,7 +221,9 @@ def step_bytes_per_seq(model: HybridForCausalLM, cache: HybridCache, context: in
             total += HybridCache([state]).nbytes() // batch
         elif kind == "lte":
             ring = state.router_x.nbytes + state.router_valid.nbytes
-            total += (HybridCache([state]).nbytes() - ring) // batch + router_step_bytes(mixer.router, state)
+            layers = mixer.router.conv_stack.decode_layers(state.router_x.dtype)
+            moved = step_ring_bytes(layers, mixer.num_kv_heads, state.router_x.element_size())
+            total += (HybridCache([state]).nbytes() - ring) // batch + moved
         elif kind == "attn":
             total += context * mixer.num_kv_heads * (2 * mixer.head_dim * state.k.element_size() + 1)
         else:
@@ -230,15 +231,6 @@ def step_bytes_per_seq(model: HybridForCausalLM, cache: HybridCache, context: in
             slots += min(context, mixer.window_size + 1)
             total += slots * mixer.num_kv_heads * 2 * mixer.head_dim * state.k.element_size()
     return total
-
-
-def router_step_bytes(router: LTERouter, state: LTEState) -> int:
-    """Ring bytes per sequence one streaming router step moves: each conv's `k - 1` older inputs read and its fresh
-    input written, per KV head, and the validity of the slots read."""
-    stack = router.conv_stack
-    read = sum((conv.kernel_size[0] - 1) * conv.in_channels // stack.groups for conv in stack.convs)
-    slots_read = sum(conv.kernel_size[0] - 1 for conv in stack.convs)
-    return router.num_kv_heads * (read + stack.ring_channels) * state.router_x.element_size() + slots_read
 
 
 def weight_bytes(model: HybridForCausalLM) -> int:

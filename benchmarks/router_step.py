@@ -25,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-from hlsa.ops.router_step import ring_channels, router_step_logits_ref
+from hlsa.ops.router_step import ring_channels, router_step_logits_ref, step_ring_bytes
 from hlsa.ops.triton import router_step as this_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,10 +67,8 @@ def _step(B: int) -> dict:
 def _bytes(step: dict) -> int:
     B, size = step["k"].shape[0], DTYPE.itemsize
     weights = sum(w.numel() + b.numel() for w, b, _ in step["layers"]) * size
-    older = sum((w.shape[1] - 1) * w.shape[2] for w, _, _ in step["layers"][:-1])  # ring channels read per row
-    fresh = sum(ring_channels(step["layers"]))  # written per row
-    slots = sum(w.shape[1] - 1 for w, _, _ in step["layers"][:-1])  # validity bytes read per row (as e2e.py counts)
-    return weights + B * HKV * (older + fresh + 2 * D + 1) * size + B * slots
+    ring = step_ring_bytes(step["layers"], HKV, size)  # as e2e.py counts it
+    return weights + B * (ring + HKV * (2 * D + 1) * size)  # + the new token's k and v, and the logits
 
 
 def _load(path: Path) -> ModuleType:

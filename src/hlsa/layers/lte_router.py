@@ -72,7 +72,7 @@ class ConvStack(nn.Module):
     """`groups` independent CNNs over time (or one, shared by every head), each mapping a head's channels to one logit.
 
     `forward(x [H, B, L, C], mask [B, L] | None)` -> logits `[H, B, L]` ('same' zero padding at every conv).
-    `conv_inputs` gives every conv's input, and `step_logits` advances the CNN by one decode token
+    `conv_inputs` gives every conv's input, and `decode_layers` the weights in the layout of the decode op
     (`hlsa.ops.router_step`).
 
     The weights live in `nn.Conv1d` modules (PyTorch's layout and init, and the names of the authors' checkpoints),
@@ -142,19 +142,10 @@ class ConvStack(nn.Module):
         inputs, pad = self._layer_inputs(x, mask)
         return [h.view(H, B, L + 2 * pad, h.shape[-1])[:, :, pad : pad + L] for h in inputs[:-1]]
 
-    def step_logits(
-        self,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        x_ring: torch.Tensor,
-        valid: torch.Tensor,
-        position: torch.Tensor,
-        *,
-        backend: str | None = None,
-    ) -> torch.Tensor:
-        """Decode (no dropout): `hlsa.ops.router_step_logits` with this stack's weights; logits `[B, H]`."""
-        layers = [self._tap_major(conv, k.dtype) for conv in (*self.convs, self.proj)]
-        return router_step_logits(k, v, x_ring, valid, position, layers, backend=backend)
+    def decode_layers(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """`(weight, bias, dilation)` of every conv, then of the logit projection, in `dtype` and the tap-major
+        layout of `hlsa.ops.router_step`."""
+        return [self._tap_major(conv, dtype) for conv in (*self.convs, self.proj)]
 
     def _layer_inputs(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[list[torch.Tensor], int]:
         """The input of every conv and of the projection, flat `[g, (H/g) * B * Lp, C_i]`, and the padding `pad`
@@ -311,7 +302,8 @@ class LTERouter(nn.Module):
                 f"x_ring must have shape [B, HKV, R, ring_channels] = {list(expected)} with R >= 2 * margin + 1 = "
                 f"{self.receptive_field}; got {list(x_ring.shape)}"
             )
-        return self._score(self.conv_stack.step_logits(k, v, x_ring, valid, position, backend=backend))
+        layers = self.conv_stack.decode_layers(k.dtype)
+        return self._score(router_step_logits(k, v, x_ring, valid, position, layers, backend=backend))
 
     def _check_sequence(self, k: torch.Tensor, v: torch.Tensor, pad_mask: torch.Tensor | None) -> None:
         expected = (*k.shape[:2], self.num_kv_heads, self.head_dim)

@@ -55,6 +55,14 @@ def ring_channels(layers: Sequence[Layer]) -> list[int]:
     return [weight.shape[2] for weight, _, _ in layers[:-1]]
 
 
+def step_ring_bytes(layers: Sequence[Layer], num_heads: int, itemsize: int) -> int:
+    """Ring bytes per sequence one step moves: per head, each conv's `k - 1` older inputs read and its fresh input
+    written; and the validity bytes of the slots read (one row for all heads). For the benchmarks' byte counts."""
+    read = sum((weight.shape[1] - 1) * weight.shape[2] for weight, _, _ in layers[:-1])
+    slots = sum(weight.shape[1] - 1 for weight, _, _ in layers[:-1])
+    return num_heads * (read + sum(ring_channels(layers))) * itemsize + slots
+
+
 def _check_inputs(
     k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, position: torch.Tensor, layers: Sequence
 ) -> None:
