@@ -32,11 +32,14 @@ def test_prefill_decode_equals_full_forward(arch, prompt_len):
 
 
 def test_left_padded_prefill_decode_equals_full_forward(arch):
+    """Row 3's pads reach into the last `margin` prompt positions of the tiny LTE (3), so its first decode step scores
+    a pad, and the next two its sinks."""
     model = tiny_model(arch)
-    ids = torch.randint(0, model.config.vocab_size, (3, 30))
+    ids = torch.randint(0, model.config.vocab_size, (4, 30))
     mask = torch.ones_like(ids)
     mask[0, :7] = 0
     mask[2, :2] = 0
+    mask[3, :10] = 0
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         cached, _ = decode_logits(model, ids, 12, attention_mask=mask)

@@ -89,6 +89,41 @@ def test_triton_half_precision(dtype: torch.dtype) -> None:
     assert err < 1e-2, err
 
 
+def test_triton_narrow_tiles_match_reference() -> None:
+    """The tiles a full GPU takes at D <= 64 (32 slots, unsplit), over a cache whose length is no multiple of 32."""
+    from hlsa.ops.triton.decode_attention import decode_attention_triton
+
+    q, k, v, valid = _inputs(3, 8, 4, 77, 64, torch.float32)
+    o = decode_attention_triton(q, k, v, valid=valid, scale=0.125, num_splits=1, config=(32, 2, 4))
+    torch.testing.assert_close(o.double(), _ref64(q, k, v, valid, 0.125), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs CUDA")
+def test_triton_at_the_04b_decode_shape() -> None:
+    """The GDN+LTE 0.4B batch-64 step's cache in bf16, with the default tiles and splits (narrow and unsplit on an
+    H200: 1024 programs)."""
+    q, k, v, valid = _inputs(64, 16, 16, 1281, 64, torch.bfloat16)
+    o = decode_attention(q, k, v, valid=valid, backend="triton")
+    ref = _ref64(q, k, v, valid)
+    assert ((o.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_launch_heuristics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Narrow unsplit tiles once the programs fill the GPU; splits only below that (the H200's 132 SMs)."""
+    from hlsa.ops.triton import decode_attention as kernels
+
+    monkeypatch.setattr(kernels, "interpreted", lambda: False)
+    assert kernels._pick_config(64, torch.bfloat16, 64 * 16, 132) == (32, 2, 4)
+    assert kernels._pick_config(64, torch.bfloat16, 16 * 16, 132) == (128, 4, 2)
+    assert kernels._pick_config(64, torch.float32, 64 * 16, 132) == (64, 4, 2)
+    assert kernels._pick_config(128, torch.bfloat16, 64 * 16, 132) == (64, 4, 3)
+    assert kernels._resident((32, 2, 4), 64, 2, 132) == 6 * 132
+    assert kernels._pick_num_splits(64 * 16, 41, 6 * 132) == 1
+    assert kernels._pick_num_splits(128 * 4, 11, 3 * 132) == 1
+    assert kernels._pick_num_splits(16, 11, 3 * 132) > 1
+
+
 def test_triton_public_api_and_strided_cache() -> None:
     """A cache view with a longer physical S (non-contiguous) and the default split heuristic."""
     B, HQ, HKV, D, S = 2, 8, 2, 64, 45

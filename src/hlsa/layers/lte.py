@@ -222,8 +222,7 @@ class LTEAttention(ProjectedAttention):
         # Score token j = pos - m, whose right context is now complete (the window is j-m .. j+m = pos-2m .. pos).
         # The whole validity tensor, not a view of it: compiled, a view passed to the in-place kernel is cloned and
         # copied back (two extra kernels per layer).
-        valid = state.router_valid
-        raw = self.router.score_step(k[:, 0], v[:, 0], state.router_x, valid, pos, backend=self.backend)  # [B, HKV]
+        raw = self.router.score_step(k[:, 0], v[:, 0], state.router_x, state.router_valid, pos, backend=self.backend)
         # Move the token leaving the window into the buffer (if it earns its place), write the new token.
         q, k = self.rotary(q, k, pos.view(1))
         lte_evict(
@@ -240,17 +239,17 @@ class LTEAttention(ProjectedAttention):
             backend=self.backend,
         )
         # Token j's score into its ring slot, after the eviction: with a pointwise router (m = 0) token j is the new
-        # token, whose slot the eviction has just taken over from the token leaving the window. While j < 0 (the
-        # first m - t steps after a prompt of t < m tokens) no write is needed, and none is guarded against: j's
-        # router slot was never written (invalid), so `new` is -inf, and its ring slot, `pos + W + 1 - m > pos`, is
-        # one no token has reached yet, whose score is already -inf. (A guard reading the old score would keep
-        # Inductor from fusing the score's computation into its scatter.) The validity mask is defensive otherwise:
-        # a pad's score is never used, since the eviction moves only valid tokens.
-        ctx, j = state.router_x.shape[2], pos - m
-        is_sink = ((j - state.offset) >= 0) & ((j - state.offset) < self.sink_size)
-        new = torch.where(is_sink[:, None], float("inf"), raw.float())
-        new = torch.where(valid.index_select(1, (j % ctx).view(1)), new, float("-inf"))
-        state.score.index_copy_(2, (j % ring).view(1), new[..., None])
+        # token, whose slot the eviction has just taken over from the token leaving the window. Token j is real iff
+        # it is past its row's left padding, `j >= offset` (the validity of its router slot, read here without a
+        # gather that the scatter's address would wait behind); a pad's -inf is defensive, since the eviction moves
+        # only valid tokens. While j < 0 (the first m - t steps after a prompt of t < m tokens) no write is needed,
+        # and none is guarded against: `new` is -inf (j < 0 <= offset), and j's ring slot, `pos + W + 1 - m > pos`,
+        # is one no token has reached yet, whose score is already -inf. (A guard reading the old score would keep
+        # Inductor from fusing the score's computation into its scatter.)
+        since_start = (pos - m - state.offset)[:, None]  # [B, 1]
+        new = torch.where(since_start < self.sink_size, float("inf"), raw.float())
+        new = torch.where(since_start >= 0, new, float("-inf"))
+        state.score.index_copy_(2, ((pos - m) % ring).view(1), new[..., None])
         o = decode_attention(q[:, 0], state.k, state.v, valid=state.valid, backend=self.backend)
         state.seen += 1
         state.position.add_(1)

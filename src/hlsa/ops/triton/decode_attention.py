@@ -157,10 +157,16 @@ def decode_attention_combine_kernel(
 def _pick_num_splits(n_programs: int, n_blocks: int, resident: int) -> int:
     """Splits per (b, kv-head) for `n_programs = B * HKV` programs of `n_blocks` blocks, `resident` at a time.
 
-    Cost model in block iterations: waves x blocks per program, plus one for the combine launch. Candidates are
-    1 and the split counts that fill 1..4 waves exactly. H200 sweep (B=64, HKV=4, LTE cache): 256 programs on 264
-    places run best unsplit, where splitting in 2 doubles the waves (27 -> 33 us at D=64).
+    Programs that fill every resident place stream at the bandwidth unsplit: splitting only adds partials and a
+    combine launch (H200, LTE cache at D=64, benchmarks/results/decode_attention_sweep_session13_h200.json: B=64,
+    HKV=16 with (32, 2, 4) tiles, 85.8 us unsplit, 92.0 in 3 splits, which the cost model below picks; B=128, HKV=4
+    with (128, 4, 2), 47.1 unsplit, 51.7 in the model's 2). Otherwise, a cost model in block iterations: waves x
+    blocks per program, plus one for the combine launch, over 1 and the split counts that fill 1..4 waves exactly.
+    H200 sweep (B=64, HKV=4, LTE cache): 256 programs on 264 places run best unsplit, where splitting in 2 doubles the
+    waves (27 -> 33 us at D=64).
     """
+    if n_programs >= resident:
+        return 1
     candidates = {1} | {max(1, min(n_blocks, k * resident // n_programs)) for k in (1, 2, 3, 4)}
 
     def cost(ns: int) -> int:
@@ -169,16 +175,31 @@ def _pick_num_splits(n_programs: int, n_blocks: int, resident: int) -> int:
     return min(sorted(candidates), key=cost)
 
 
-def _pick_config(D: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BS, num_warps, num_stages): one fixed config (autotune cannot run under the interpreter or in a capture).
+def _resident(config: tuple[int, int, int], D: int, itemsize: int, sms: int) -> int:
+    """Programs of `config = (BS, num_warps, num_stages)` resident at once: shared memory holds the K and V tiles of
+    every stage."""
+    BS, _, num_stages = config
+    return max(1, SMEM_PER_SM // (num_stages * 2 * BS * D * itemsize)) * sms
+
+
+def _pick_config(D: int, dtype: torch.dtype, n_programs: int, sms: int) -> tuple[int, int, int]:
+    """(BS, num_warps, num_stages) for `n_programs = B * HKV` programs on `sms` multiprocessors: one fixed config
+    per case (autotune cannot run under the interpreter or in a capture).
 
     32 KB of K+V per stage was best or within noise of the best on the H200 sweeps
     (benchmarks/results/decode_h200.json, "sweep"; decode_lte04b_h200.json). At D=128, 3 stages (e.g. B=64,
     HKV=16: 165 us against 179 with 2); at D=64 (BS=128), 2 stages on all three batch-64 caches swept (B=64,
-    HKV=16, S=1285, the GDN+LTE 0.4B step: 86.5 us, 92% of copy bandwidth, against 92.5 with 3).
+    HKV=16, S=1285, the GDN+LTE 0.4B step: 86.5 us, 92% of copy bandwidth, against 92.5 with 3). When 16-bit
+    programs at D <= 64 fill every place of four 8 KB stages of 2 warps (six per multiprocessor), those do better,
+    unsplit: on the 0.4B step's cache 85.8 us against 87.6 (92% of the 4.2 TB/s read
+    bandwidth measured in the same run), 55.4 against 57.8 for an SWA ring of 769 slots, 164.9 against 167.9 at
+    B=128 (decode_attention_sweep_session13_h200.json); in the compiled step 90.3 us per layer against 92.5.
     """
     if interpreted():
         return 16, 1, 1
+    narrow = (32, 2, 4)
+    if dtype != torch.float32 and D <= 64 and n_programs >= _resident(narrow, D, dtype.itemsize, sms):
+        return narrow
     BS = min(128, max(16, 16384 // (D * dtype.itemsize)))
     return (BS, 4, 2) if dtype == torch.float32 or D <= 64 else (BS, 4, 3)
 
@@ -206,13 +227,13 @@ def decode_attention_triton(
     B, HQ, D = q.shape
     HKV, S = k_cache.shape[1], k_cache.shape[2]
     G = HQ // HKV
-    BS, num_warps, num_stages = _pick_config(D, q.dtype) if config is None else config
+    sms = 1 if interpreted() else torch.cuda.get_device_properties(q.device).multi_processor_count
+    BS, num_warps, num_stages = _pick_config(D, q.dtype, B * HKV, sms) if config is None else config
     n_blocks = max(1, triton.cdiv(S, BS))
     if num_splits is None and interpreted():
         num_splits = INTERPRET_SPLITS
     if num_splits is None:
-        tile_bytes = num_stages * 2 * BS * D * q.element_size()  # K and V tiles of every stage
-        resident = max(1, SMEM_PER_SM // tile_bytes) * torch.cuda.get_device_properties(q.device).multi_processor_count
+        resident = _resident((BS, num_warps, num_stages), D, q.element_size(), sms)
         num_splits = _pick_num_splits(B * HKV, n_blocks, resident)
     # Recompute the split count from the blocks per split so that no split is empty.
     blocks_per_split = triton.cdiv(n_blocks, min(num_splits, n_blocks))

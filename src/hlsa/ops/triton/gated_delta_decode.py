@@ -86,11 +86,12 @@ def _softplus(z):
 
 
 @triton.jit
-def gdn_step_inputs_kernel(proj, stride_ps, stride_pb, conv_state, conv_weight, A_log, dt_bias, q, k, v, g, beta, H,
+def gdn_step_inputs_kernel(proj, stride_ps, stride_pb, conv_state, conv_weight, decay, q, k, v, g, beta, H,
                            S: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVH: tl.constexpr,
                            W: tl.constexpr, BW: tl.constexpr, CONV: tl.constexpr, GATED: tl.constexpr,
                            L2_EPS: tl.constexpr):  # fmt: skip
-    """Program (b * H + h): q, k `[K]` (L2-normed), v `[V]` in the activations' dtype, g and beta in fp32."""
+    """Program (b * H + h): q, k `[K]` (L2-normed), v `[V]` in the activations' dtype, g and beta in fp32. `decay` is
+    `[2, H]` fp32: A_log, then dt_bias."""
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
     DT: tl.constexpr = q.dtype.element_ty
@@ -109,8 +110,8 @@ def gdn_step_inputs_kernel(proj, stride_ps, stride_pb, conv_state, conv_weight, 
     b_ab = b_ab.to(DT).to(tl.float32)
     a, b = tl.sum(tl.where(o_ab == 0, b_ab, 0.0), 0), tl.sum(tl.where(o_ab == 1, b_ab, 0.0), 0)
     # g = -exp(A_log) * softplus(a + dt_bias); beta = sigmoid(b).
-    z = a + tl.load(dt_bias + i_h).to(tl.float32)
-    tl.store(g + i_bh, -tl.exp(tl.load(A_log + i_h).to(tl.float32)) * _softplus(z))
+    z = a + tl.load(decay + H + i_h)
+    tl.store(g + i_bh, -tl.exp(tl.load(decay + i_h)) * _softplus(z))
     tl.store(beta + i_bh, tl.sigmoid(b).to(DT).to(tl.float32))
     tl.store(q + i_bh * K + o_k, _l2norm(b_q, L2_EPS, DT).to(DT), mask=m_k)
     tl.store(k + i_bh * K + o_k, _l2norm(b_k, L2_EPS, DT).to(DT), mask=m_k)
@@ -166,9 +167,12 @@ def gated_delta_decode_triton(
     v = torch.empty(B, H, V, device=state.device, dtype=dtype)
     g, beta = (torch.empty(B, H, device=state.device, dtype=torch.float32) for _ in range(2))
     BK = triton.next_power_of_2(K)
+    # One [2, H] tensor: compiled with freezing, a 1-D parameter of at most 8 values (A_log, dt_bias at 8 heads)
+    # becomes inline constants that Inductor writes back to a buffer for the kernel every step (a launch each).
+    decay = torch.stack((A_log.float(), dt_bias.float()))
     gdn_step_inputs_kernel[(B * H,)](
         proj, proj.stride(0), proj.stride(1), conv_state if conv else q, conv_weight.contiguous() if conv else q,
-        A_log.contiguous(), dt_bias.contiguous(), q, k, v, g, beta, H, S=proj.shape[0], K=K, V=V, BK=BK,
+        decay, q, k, v, g, beta, H, S=proj.shape[0], K=K, V=V, BK=BK,
         BVH=triton.next_power_of_2(V), W=W, BW=max(2, triton.next_power_of_2(W)), CONV=conv, GATED=gated,
         L2_EPS=L2NORM_EPS, num_warps=4,
     )  # fmt: skip
