@@ -1,0 +1,107 @@
+"""Decode-step A/B between two source trees, on one machine and in one call (issue 7).
+
+The GDN+LTE batch-64 step moves by ~1% between processes and the roofline, with the bandwidth each process measures,
+by ~2% between calls of the GPU machine (docs/efficiency.md, session 13): more than most single changes save. This
+script times the decode step of each tree (`e2e.decode_point`: compiled and graph-replayed on the GPU) in processes
+of its own, alternating the trees, so that both see the same machine; it prints every process's ms per step and the
+difference of the medians.
+
+    git archive REV src benchmarks configs | tar -x -C /tmp/base       # a tree: src/, benchmarks/ and configs/
+    python3 benchmarks/decode_ab.py /tmp/base . [--arch gdn_lte] [--batch 64] [--context 4096] [--rounds 2]
+
+`--smoke`: the tiny configs on the CPU, eager (tests). `--out FILE` also writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+POINTS = 3  # timed points per process: the first compiles, the others reuse its graph
+
+
+def worker(args: argparse.Namespace) -> None:
+    """In a tree's root: time its step `POINTS` times and print `{"ms": [...]}` as the last line."""
+    spec = importlib.util.spec_from_file_location("e2e_tree", Path("benchmarks") / "e2e.py")
+    e2e = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = e2e  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(e2e)
+    plan = e2e.make_plan(argparse.Namespace(smoke=args.smoke, quick=not args.smoke, budget_s=None))
+    model = e2e.build_model(args.arch, plan)
+    with torch.no_grad():
+        rows = [
+            e2e.decode_point(model, args.arch, args.batch, args.context, plan, fresh_compile=i == 0)
+            for i in range(POINTS)
+        ]
+    if any(row["status"] != "ok" for row in rows):
+        raise SystemExit(f"decode_ab: a point failed: {rows}")
+    print(json.dumps({"ms": [row["latency_ms"] for row in rows], "mode": rows[0]["mode"]}))
+
+
+def run_tree(tree: Path, args: argparse.Namespace) -> dict:
+    """One worker process in `tree` (its `src/` first on the path)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--arch", args.arch, "--batch",
+               str(args.batch), "--context", str(args.context)] + (["--smoke"] if args.smoke else [])  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"decode_ab: the worker in {tree} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("trees", type=Path, nargs="*", help="two source trees: A (the base) and B")
+    parser.add_argument("--arch", default="gdn_lte")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=2, help="processes per tree, alternating A, B, A, B, ...")
+    parser.add_argument("--smoke", action="store_true", help="tiny configs on the CPU (tests)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if len(args.trees) != 2:
+        parser.error("give two trees: A (the base) and B")
+    trees = [tree.resolve() for tree in args.trees]
+    for tree in trees:
+        if not (tree / "src" / "hlsa").is_dir() or not (tree / "benchmarks" / "e2e.py").is_file():
+            parser.error(f"{tree} is not a source tree: it needs src/hlsa and benchmarks/e2e.py")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1; got {args.rounds}")
+    ms: dict[str, list[float]] = {"A": [], "B": []}
+    for r in range(args.rounds):
+        for name, tree in zip("AB", trees):
+            got = run_tree(tree, args)
+            ms[name] += got["ms"]
+            print(
+                f"round {r + 1} {name} ({tree}): {got['mode']}, ms per step " + " ".join(f"{t:.4f}" for t in got["ms"])
+            )
+    median = {name: statistics.median(values) for name, values in ms.items()}
+    diff = median["B"] - median["A"]
+    print(f"median ms per step: A {median['A']:.4f}, B {median['B']:.4f}; B - A = {diff * 1e3:+.1f} us per step")
+    if args.out is not None:
+        result = {
+            "trees": {"A": str(trees[0]), "B": str(trees[1])},
+            "arch": args.arch,
+            "batch": args.batch,
+            "context": args.context,
+            "ms_per_step": ms,
+            "median_ms": median,
+            "b_minus_a_us": diff * 1e3,
+        }
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
