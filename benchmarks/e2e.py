@@ -266,7 +266,7 @@ def compile_options(plan: Plan, cache: HybridCache) -> contextlib.AbstractContex
     return stack
 
 
-def time_decode(
+def prepare_step(
     model: HybridForCausalLM,
     cache: HybridCache,
     token: torch.Tensor,
@@ -275,8 +275,9 @@ def time_decode(
     graph: bool,
     compiled: bool,
     fresh_compile: bool = True,
-) -> float:
-    """Median seconds per decode step: eager calls, or replays of a CUDA graph that holds one step.
+) -> tuple[Callable[[], object], int]:
+    """The decode step ready to run: `(step, seen)`, where `step()` advances the cache by one token (an eager call,
+    or the replay of a CUDA graph that holds one step) and `seen` is the host-side count of tokens the cache holds.
 
     With `compiled` the step is `torch.compile`d first (the replays then run Inductor's fused kernels), under
     `compile_options`: the host-side token counters are symbolic from the first compile, so the warm-up leaves one
@@ -286,8 +287,8 @@ def time_decode(
     adds some.
 
     Capturing runs the Python code (which increments the host-side `seen` counters) but no kernels, and a replay
-    moves the device `position` tensors but no Python counter: the counters are restored after the capture and
-    advanced by the number of replays, so the cache stays consistent with its device state.
+    moves the device `position` tensors but no Python counter: the counters are restored after the capture, and a
+    caller that replays `n` times sets them to `seen + n` (`_set_seen`) to keep the cache consistent.
     """
     if compiled and fresh_compile:
         torch._dynamo.reset()
@@ -305,8 +306,24 @@ def time_decode(
             finally:
                 _set_seen(cache, before)
             step = cuda_graph.replay
-            step()  # the first replay uploads the graph: keep it out of the timing
+            step()  # the first replay uploads the graph: keep it out of any timing
             before += 1
+    return step, before
+
+
+def time_decode(
+    model: HybridForCausalLM,
+    cache: HybridCache,
+    token: torch.Tensor,
+    plan: Plan,
+    *,
+    graph: bool,
+    compiled: bool,
+    fresh_compile: bool = True,
+) -> float:
+    """Median seconds per decode step over `plan.repeats` runs of `plan.steps` steps: eager calls, or replays of a
+    CUDA graph that holds one step (`prepare_step`)."""
+    step, before = prepare_step(model, cache, token, plan, graph=graph, compiled=compiled, fresh_compile=fresh_compile)
 
     def run() -> None:
         for _ in range(plan.steps):
@@ -361,7 +378,7 @@ def decode_step(model: HybridForCausalLM, token: torch.Tensor, cache: HybridCach
 def decode_point(
     model: HybridForCausalLM, arch: str, batch: int, context: int, plan: Plan, fresh_compile: bool = True
 ) -> dict:
-    """One decode measurement at (batch, context); OOM is recorded, not raised. `fresh_compile`: see `time_decode`."""
+    """One decode measurement at (batch, context); OOM is recorded, not raised. `fresh_compile`: see `prepare_step`."""
     row = {"arch": arch, "batch": batch, "context": context}
     # Warm-up (3), capture (1), upload (1) and timed steps must fit in a growing cache's spare slots: see graph_blocker.
     if 5 + plan.steps * plan.repeats > HEADROOM:

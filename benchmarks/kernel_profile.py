@@ -5,8 +5,10 @@ GDN+LTE) and `train.py` found GDN+LTE training 22% slower than GDN+SWA; this scr
 Per architecture it profiles (`torch.profiler`) a few eager decode steps of the 0.4B model on a synthetic cache
 (`e2e.synthetic_cache`) and a few real trainer steps (`Trainer.train_step`, bf16 autocast, synthetic MQAR rows),
 and reports per phase: kernels per step, device time per step, and the kernels (CPU: aten operations) with the most
-total time, with their counts; for decode also the kernels of one step in launch order (`sequence`). Eager (or
-`--compile`d), not CUDA graphs, so the host-side launch cost shows up too (wall time per step next to device time).
+total time, with their counts; for decode also the kernels of one step in launch order (`sequence`). Eager or
+`--compile`d steps run launch by launch, so the host-side launch cost shows up too (wall time per step next to device
+time); `--graph` profiles replays of the step captured in a CUDA graph, as `e2e.py` times it (session 13 found the
+profile of launched steps and the replayed step disagreeing about what removing kernels saves).
 
     PYTHONPATH=src python benchmarks/kernel_profile.py --out DIR          # GPU: gdn_lte and gdn_swa, ~2 min
     PYTHONPATH=src python benchmarks/kernel_profile.py --smoke --out DIR  # CPU, tiny configs, seconds (tests)
@@ -85,24 +87,27 @@ def step_sequence(fn, cuda: bool) -> list[list]:
 
 
 @torch.no_grad()
-def decode_profile(arch: str, plan: e2e.Plan, batch: int, context: int, steps: int, compiled: bool = False) -> dict:
-    """Kernels of eager decode steps, or with `compiled` of the `torch.compile`d step that `e2e.py` graph-captures
-    (Inductor's fused kernels; without the graph, so host launch gaps show in the wall time only)."""
+def decode_profile(
+    arch: str, plan: e2e.Plan, batch: int, context: int, steps: int, compiled: bool = False, graph: bool = False
+) -> dict:
+    """Kernels of eager decode steps, or with `compiled` of the `torch.compile`d step that `e2e.py` times; with
+    `graph` of replays of that step captured in a CUDA graph, as `e2e.py` times it (without, host launch gaps show in
+    the wall time, and the kernels run one launch at a time)."""
     model = e2e.build_model(arch, plan)
     cache = e2e.synthetic_cache(model, batch, context)
     token = torch.randint(0, model.config.vocab_size, (batch, 1), device=plan.device)
-    step = torch.compile(e2e.decode_step) if compiled else e2e.decode_step
-    with e2e.compile_options(plan, cache):
-        for _ in range(3):  # compile and autotune every kernel outside the profile
-            step(model, token, cache)
-        table, wall_ms = profiled(lambda: step(model, token, cache), steps, plan.device == "cuda")
-        sequence = step_sequence(lambda: step(model, token, cache), plan.device == "cuda")
-    frozen = compiled and plan.freeze
+    step, seen = e2e.prepare_step(model, cache, token, plan, graph=graph, compiled=compiled)
+    with e2e.compile_options(plan, cache):  # the settings the compiled step was built under: no recompile
+        table, wall_ms = profiled(step, steps, plan.device == "cuda")
+        sequence = step_sequence(step, plan.device == "cuda")
+    if graph:
+        e2e._set_seen(cache, seen + steps + 1)
     return {
         "batch": batch,
         "context": context,
         "compiled": compiled,
-        "frozen": frozen,
+        "frozen": compiled and plan.freeze,
+        "graph": graph,
         "wall_ms_per_step": wall_ms,
         **table,
         "sequence": sequence,
@@ -154,6 +159,7 @@ def main() -> None:
         "--lte-kept", type=train_bench.kept_arg, default=512, help="LTE tokens kept per head while training, or 'init'"
     )
     parser.add_argument("--compile", action="store_true", help="profile the torch.compiled decode step (GPU)")
+    parser.add_argument("--graph", action="store_true", help="profile replays of the decode step's CUDA graph (GPU)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     args = parser.parse_args()
@@ -166,6 +172,8 @@ def main() -> None:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: use --smoke for the CPU check")
+    if args.graph and plan.device != "cuda":
+        raise SystemExit("--graph captures CUDA graphs: it needs a GPU (not --smoke)")
         plan = e2e.Plan(
             mode="profile", decode_archs=(), contexts=(), prefill_archs=(), prefill_lengths=(), budget_s=0.0
         )
@@ -175,7 +183,9 @@ def main() -> None:
         for arch in args.archs.split(","):
             results["archs"][arch] = mine = {}
             if "decode" in phases:
-                mine["decode"] = decode_profile(arch, plan, args.batch, args.context, args.steps, args.compile)
+                mine["decode"] = decode_profile(
+                    arch, plan, args.batch, args.context, args.steps, args.compile, args.graph
+                )
                 show(arch, f"decode B={args.batch} C={args.context}", mine["decode"])
             if "train" in phases:
                 mine["train"] = train_profile(

@@ -36,3 +36,14 @@ def test_kernel_profile_smoke(tmp_path: Path) -> None:
     # LTE's decode step does more than SWA's (router window, eviction)
     lte, swa = result["archs"]["gdn_lte"]["decode"], result["archs"]["gdn_swa"]["decode"]
     assert lte["kernels_per_step"] > swa["kernels_per_step"]
+
+
+def test_graph_profile_needs_a_gpu(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--graph", "--phases", "decode", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "--graph captures CUDA graphs: it needs a GPU" in proc.stderr
