@@ -191,9 +191,9 @@ def _pick_config(D: int, dtype: torch.dtype, n_programs: int, sms: int) -> tuple
     HKV=16: 165 us against 179 with 2); at D=64 (BS=128), 2 stages on all three batch-64 caches swept (B=64,
     HKV=16, S=1285, the GDN+LTE 0.4B step: 86.5 us, 92% of copy bandwidth, against 92.5 with 3). When 16-bit
     programs at D <= 64 fill every place of four 8 KB stages of 2 warps (six per multiprocessor), those do better,
-    unsplit: on the 0.4B step's cache 85.8 us against 87.6 (92% of the 4.2 TB/s read
-    bandwidth measured in the same run), 55.4 against 57.8 for an SWA ring of 769 slots, 164.9 against 167.9 at
-    B=128 (decode_attention_sweep_session13_h200.json); in the compiled step 90.3 us per layer against 92.5.
+    unsplit: on the 0.4B step's cache 85.8 us against 87.6 (92% of the 4.2 TB/s read bandwidth measured in the same
+    run), 55.4 against 57.8 for an SWA ring of 769 slots, 164.9 against 167.9 at B=128
+    (decode_attention_sweep_session13_h200.json); in the compiled step 90.3 us per layer against 92.5.
     """
     if interpreted():
         return 16, 1, 1
