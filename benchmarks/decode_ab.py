@@ -15,7 +15,6 @@ difference of the medians.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -30,10 +29,9 @@ POINTS = 3  # timed points per process: the first compiles, the others reuse its
 
 def worker(args: argparse.Namespace) -> None:
     """In a tree's root: time its step `POINTS` times and print `{"ms": [...]}` as the last line."""
-    spec = importlib.util.spec_from_file_location("e2e_tree", Path("benchmarks") / "e2e.py")
-    e2e = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = e2e  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(e2e)
+    sys.path.insert(0, str(Path("benchmarks").resolve()))  # the tree's sibling benchmark, ahead of this file's own
+    import e2e
+
     plan = e2e.make_plan(argparse.Namespace(smoke=args.smoke, quick=not args.smoke, budget_s=None))
     model = e2e.build_model(args.arch, plan)
     with torch.no_grad():

@@ -172,11 +172,11 @@ def main() -> None:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: use --smoke for the CPU check")
-    if args.graph and plan.device != "cuda":
-        raise SystemExit("--graph captures CUDA graphs: it needs a GPU (not --smoke)")
         plan = e2e.Plan(
             mode="profile", decode_archs=(), contexts=(), prefill_archs=(), prefill_lengths=(), budget_s=0.0
         )
+    if args.graph and plan.device != "cuda":
+        raise SystemExit("--graph captures CUDA graphs: it needs a GPU (not --smoke)")
     results = {"environment": e2e.environment(plan, args.commit), "archs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         phases = args.phases.split(",")
