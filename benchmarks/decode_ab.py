@@ -3,11 +3,12 @@
 The GDN+LTE batch-64 step moves by ~1% between processes and the roofline, with the bandwidth each process measures,
 by ~2% between calls of the GPU machine (docs/efficiency.md, session 13): more than most single changes save. This
 script times the decode step of each tree (`e2e.decode_point`: compiled and graph-replayed on the GPU) in processes
-of its own, alternating the trees, so that both see the same machine; it prints every process's ms per step and the
-difference of the medians.
+of its own, alternating the trees, so that all see the same machine; it prints every process's ms per step and each
+tree's median against the first tree's (the base).
 
     git archive REV src benchmarks configs | tar -x -C /tmp/base       # a tree: src/, benchmarks/ and configs/
-    python3 benchmarks/decode_ab.py /tmp/base . [--arch gdn_lte] [--batch 64] [--context 4096] [--rounds 2]
+    python3 benchmarks/decode_ab.py /tmp/base . [/tmp/other ...] [--arch gdn_lte] [--batch 64] [--context 4096]
+        [--rounds 2]
 
 `--smoke`: the tiny configs on the CPU, eager (tests). `--out FILE` also writes the JSON.
 """
@@ -57,11 +58,11 @@ def run_tree(tree: Path, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("trees", type=Path, nargs="*", help="two source trees: A (the base) and B")
+    parser.add_argument("trees", type=Path, nargs="*", help="two or more source trees, the base first")
     parser.add_argument("--arch", default="gdn_lte")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=4096)
-    parser.add_argument("--rounds", type=int, default=2, help="processes per tree, alternating A, B, A, B, ...")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per tree, alternating A, B, ..., A, B, ...")
     parser.add_argument("--smoke", action="store_true", help="tiny configs on the CPU (tests)")
     parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -69,34 +70,39 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    if len(args.trees) != 2:
-        parser.error("give two trees: A (the base) and B")
+    if len(args.trees) < 2:
+        parser.error("give two or more trees, the base first")
     trees = [tree.resolve() for tree in args.trees]
     for tree in trees:
         if not (tree / "src" / "hlsa").is_dir() or not (tree / "benchmarks" / "e2e.py").is_file():
             parser.error(f"{tree} is not a source tree: it needs src/hlsa and benchmarks/e2e.py")
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1; got {args.rounds}")
-    ms: dict[str, list[float]] = {"A": [], "B": []}
+    names = [chr(ord("A") + i) for i in range(len(trees))]
+    ms: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
-        for name, tree in zip("AB", trees):
+        for name, tree in zip(names, trees):
             got = run_tree(tree, args)
             ms[name] += got["ms"]
             print(
                 f"round {r + 1} {name} ({tree}): {got['mode']}, ms per step " + " ".join(f"{t:.4f}" for t in got["ms"])
             )
     median = {name: statistics.median(values) for name, values in ms.items()}
-    diff = median["B"] - median["A"]
-    print(f"median ms per step: A {median['A']:.4f}, B {median['B']:.4f}; B - A = {diff * 1e3:+.1f} us per step")
+    diff_us = {name: (median[name] - median["A"]) * 1e3 for name in names[1:]}
+    print(
+        f"median ms per step: {', '.join(f'{name} {median[name]:.4f}' for name in names)}; "
+        + ", ".join(f"{name} - A = {d:+.1f} us" for name, d in diff_us.items())
+        + " per step"
+    )
     if args.out is not None:
         result = {
-            "trees": {"A": str(trees[0]), "B": str(trees[1])},
+            "trees": {name: str(tree) for name, tree in zip(names, trees)},
             "arch": args.arch,
             "batch": args.batch,
             "context": args.context,
             "ms_per_step": ms,
             "median_ms": median,
-            "b_minus_a_us": diff * 1e3,
+            "minus_a_us": diff_us,
         }
         args.out.write_text(json.dumps(result, indent=1))
 

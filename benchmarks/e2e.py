@@ -82,9 +82,11 @@ class Plan:
     # copied every step (session 8, when freezing's own patterns did that concatenation: GDN+LTE 0.4B at batch 64,
     # 3.80 -> 3.47 ms per step). Inference only; off with --no-freeze.
     freeze: bool = True
-    # Inductor combo kernels for the compiled steps: independent small kernels (e.g. the rotations of q and k) share
-    # one launch. Off by default (--combo-kernels); session 9 measured it at batch 64 (docs/efficiency.md).
-    combo_kernels: bool = False
+    # Inductor combo kernels for the compiled steps: independent small kernels (e.g. the 12 LTE layers' position
+    # increments at the end of a step) share one launch. Session 9 measured nothing; since the step's kernels run
+    # back to back in the CUDA graph, ~1 us each, session 14 measured 2.23 -> 2.19 ms at batch 64 (docs/efficiency.md).
+    # Off with --no-combo-kernels.
+    combo_kernels: bool = True
     # The projections' backend: "auto" lets `hlsa.ops.linear` pick (its split-K decode GEMM inside compiled or
     # captured steps); "torch" keeps every projection on `F.linear` (cuBLAS), the peer it was measured against
     # (session 10, docs/efficiency.md). --cublas-projections.
@@ -652,7 +654,7 @@ def main() -> None:
         "--no-freeze", action="store_true", help="compile decode steps without Inductor freezing (default: freeze)"
     )
     parser.add_argument(
-        "--combo-kernels", action="store_true", help="compile decode steps with Inductor combo kernels (default: off)"
+        "--no-combo-kernels", action="store_true", help="compile decode steps without Inductor combo kernels"
     )
     parser.add_argument(
         "--cublas-projections",
@@ -674,8 +676,8 @@ def main() -> None:
         plot(merged, args.out or REPO / "docs")
         return
     plan = replace(
-        make_plan(args), compile=not args.no_compile, freeze=not args.no_freeze, combo_kernels=args.combo_kernels,
-        projections="torch" if args.cublas_projections else "auto",
+        make_plan(args), compile=not args.no_compile, freeze=not args.no_freeze,
+        combo_kernels=not args.no_combo_kernels, projections="torch" if args.cublas_projections else "auto",
     )  # fmt: skip
     if args.archs:
         keep = args.archs.split(",")

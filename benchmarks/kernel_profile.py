@@ -70,8 +70,10 @@ def profiled(fn, steps: int, cuda: bool) -> tuple[dict, float]:
 
 
 def step_sequence(fn, cuda: bool) -> list[list]:
-    """The kernels (CPU: aten operations) of one call of `fn`, in launch order, as `[name, microseconds]` rows: the
-    per-layer view that the totals of `kernel_table` hide."""
+    """The kernels (CPU: aten operations) of one call of `fn`, in launch order, as `[name, microseconds, idle]` rows:
+    the per-layer view that the totals of `kernel_table` hide. `idle` is the time in microseconds from the end of the
+    previous row to the start of this one: on a replayed CUDA graph, the cost of a kernel boundary beyond the
+    kernels' own durations."""
     device = DeviceType.CUDA if cuda else DeviceType.CPU
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         fn()
@@ -83,7 +85,11 @@ def step_sequence(fn, cuda: bool) -> list[list]:
         if e.device_type == device and (cuda or (e.name.startswith("aten::") and not e.cpu_parent))
     ]
     events.sort(key=lambda e: e.time_range.start)
-    return [[e.name[:160], round(e.time_range.elapsed_us(), 2)] for e in events]
+    ends = [events[0].time_range.start if events else 0] + [e.time_range.end for e in events]
+    return [
+        [e.name[:160], round(e.time_range.elapsed_us(), 2), round(max(0, e.time_range.start - end), 2)]
+        for e, end in zip(events, ends, strict=False)
+    ]
 
 
 @torch.no_grad()
@@ -102,6 +108,7 @@ def decode_profile(
         sequence = step_sequence(step, plan.device == "cuda")
     if graph:
         e2e._set_seen(cache, seen + steps + 1)
+    busy, idle = sum(row[1] for row in sequence), sum(row[2] for row in sequence)
     return {
         "batch": batch,
         "context": context,
@@ -110,6 +117,8 @@ def decode_profile(
         "graph": graph,
         "wall_ms_per_step": wall_ms,
         **table,
+        "sequence_busy_us": round(busy, 1),
+        "sequence_idle_us": round(idle, 1),
         "sequence": sequence,
     }
 
@@ -141,6 +150,8 @@ def show(arch: str, phase: str, r: dict) -> None:
         f"\n{arch} {phase}: {r['kernels_per_step']:.0f} {r['unit']}/step, "
         f"{r['device_us_per_step'] / 1e3:.2f} ms device, {r['wall_ms_per_step']:.2f} ms wall"
     )
+    if "sequence_idle_us" in r:
+        print(f"  one step: {r['sequence_busy_us']:.1f} us busy, {r['sequence_idle_us']:.1f} us idle between rows")
     for row in r["top"][:12]:
         print(f"  {row['us_per_step']:10.1f} us  x{row['per_step']:6.1f}  {row['name'][:100]}")
 

@@ -51,12 +51,12 @@ def _layers() -> list[tuple[torch.Tensor, torch.Tensor, int]]:
 
 
 def _step(B: int) -> dict:
-    """One layer's inputs mid-generation: k and v as strided views of a q|k|v projection, a full valid ring."""
+    """One layer's inputs mid-generation: each head's [k || v] as a strided view of a q|k|v projection (its k|v
+    columns interleaved per head, as `hlsa.layers.lte` lays them out), a full valid ring."""
     layers = _layers()
     qkv = torch.randn(B, 3 * HKV * D, device="cuda").to(DTYPE)
     return {
-        "k": qkv[:, HKV * D : 2 * HKV * D].view(B, HKV, D),
-        "v": qkv[:, 2 * HKV * D :].view(B, HKV, D),
+        "kv": qkv[:, HKV * D :].view(B, HKV, 2 * D),
         "x": torch.randn(B, HKV, RING, sum(ring_channels(layers)), device="cuda").to(DTYPE),
         "valid": torch.rand(B, RING, device="cuda") < 0.9,
         "position": torch.tensor(1000, device="cuda"),
@@ -65,7 +65,7 @@ def _step(B: int) -> dict:
 
 
 def _bytes(step: dict) -> int:
-    B, size = step["k"].shape[0], DTYPE.itemsize
+    B, size = step["kv"].shape[0], DTYPE.itemsize
     weights = sum(w.numel() + b.numel() for w, b, _ in step["layers"]) * size
     ring = step_ring_bytes(step["layers"], HKV, size)  # as e2e.py counts it
     return weights + B * (ring + HKV * (2 * D + 1) * size)  # + the new token's k and v, and the logits
@@ -85,7 +85,7 @@ def bench_batch(B: int, kernels: dict[str, ModuleType], bandwidth: float) -> dic
     last = steps[-1]
     ref_inputs = {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in last.items()}
     ref_inputs["layers"] = [(w.double(), b.double(), d) for w, b, d in last["layers"]]
-    for name in ("k", "v", "x"):
+    for name in ("kv", "x"):
         ref_inputs[name] = ref_inputs[name].double()
     want = router_step_logits_ref(**ref_inputs)
     for label, module in kernels.items():

@@ -1,4 +1,5 @@
-"""CPU checks of benchmarks/e2e.py: the `--smoke` run end to end, and the synthetic decode caches against real ones."""
+"""Checks of benchmarks/e2e.py: the `--smoke` run end to end and the synthetic decode caches against real ones (CPU),
+and on a GPU the step it times against the eager step."""
 
 from __future__ import annotations
 
@@ -146,6 +147,42 @@ def test_compiled_decode_step_compiles_once(arch: str) -> None:
                 torch.testing.assert_close(got, e2e.decode_step(model, token, eager_cache), rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
     assert compiled_cache.seen == eager_cache.seen == 44
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_timed_step_matches_the_eager_step_on_cuda() -> None:
+    """The step e2e.py times (compiled with freezing and combo kernels, the Triton projections, replayed from a CUDA
+    graph) advances a tiny GDN+LTE bf16 cache as the eager step does: the same evictions and buffer, close keys,
+    scores and GDN states, and close logits from the two caches afterwards."""
+    e2e = _load_e2e()
+    smoke = e2e.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
+    plan = e2e.replace(smoke, device="cuda", dtype=torch.bfloat16, compile=True, freeze=True, combo_kernels=True)
+    model = e2e.build_model("gdn_lte", plan)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        cache = e2e.synthetic_cache(model, 8, 100)
+        eager = copy.deepcopy(cache)
+        token = torch.randint(0, model.config.vocab_size, (8, 1), device="cuda")
+        step, seen = e2e.prepare_step(model, cache, token, plan, graph=True, compiled=True)
+        for _ in range(12):  # past the window (8 + 1) and the router margin: tokens leave the ring, are scored
+            step()
+        e2e._set_seen(cache, seen + 12)
+        while eager.seen < cache.seen:
+            e2e.decode_step(model, token, eager)
+        got, want = e2e.decode_step(model, token, cache).float(), e2e.decode_step(model, token, eager).float()
+    assert (got - want).norm() <= 0.03 * want.norm()
+    for graphed, reference in zip(cache.states, eager.states):
+        if hasattr(reference, "buffer_len"):  # LTE
+            assert torch.equal(graphed.buffer_len, reference.buffer_len)
+            assert torch.equal(graphed.token_pos, reference.token_pos) and torch.equal(graphed.valid, reference.valid)
+            assert torch.equal(graphed.score.isinf(), reference.score.isinf())
+            finite = reference.score.isfinite()
+            torch.testing.assert_close(graphed.score[finite], reference.score[finite], rtol=0.05, atol=0.05)
+            torch.testing.assert_close(graphed.k.float(), reference.k.float(), rtol=0.05, atol=0.05)
+            assert int(graphed.position) == int(reference.position) == cache.seen
+        else:  # GDN
+            torch.testing.assert_close(graphed.recurrent, reference.recurrent, rtol=0.05, atol=0.05)
 
 
 def test_bracketed_arch_times_its_short_context_again(smoke_json: dict) -> None:

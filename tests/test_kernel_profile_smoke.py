@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "kernel_profile.py"
 
@@ -31,8 +33,11 @@ def test_kernel_profile_smoke(tmp_path: Path) -> None:
     # one decode step in launch order: the top-level aten operations, with their times
     for phases in result["archs"].values():
         sequence = phases["decode"]["sequence"]
-        assert sequence and all(name.startswith("aten::") and us >= 0 for name, us in sequence)
-        assert any("addmm" in name or "mm" in name or "linear" in name for name, _ in sequence)
+        assert sequence and all(name.startswith("aten::") and us >= 0 and idle >= 0 for name, us, idle in sequence)
+        assert any("addmm" in name or "mm" in name or "linear" in name for name, _, _ in sequence)
+        busy, idle = (sum(row[i] for row in sequence) for i in (1, 2))
+        assert busy > 0 and phases["decode"]["sequence_busy_us"] == pytest.approx(busy, abs=0.1)
+        assert phases["decode"]["sequence_idle_us"] == pytest.approx(idle, abs=0.1)
     # LTE's decode step does more than SWA's (router window, eviction)
     lte, swa = result["archs"]["gdn_lte"]["decode"], result["archs"]["gdn_swa"]["decode"]
     assert lte["kernels_per_step"] > swa["kernels_per_step"]

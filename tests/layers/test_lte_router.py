@@ -162,8 +162,7 @@ def test_score_step_equals_full_forward(backend: str, shared: str, config: str, 
     tail = slice(max(0, P - R), P)
     fill_ring(ring, router.ring_inputs(k[:, tail], v[:, tail], pad_mask=pad_mask[:, tail]), start=tail.start)
     fill_ring(valid, pad_mask[:, :P, None])
-    steps = [router.score_step(k[:, p], v[:, p], ring, valid[:, 0], torch.tensor(p), backend=backend) for p in
-             range(P, P + T)]  # fmt: skip
+    steps = [router.score_step(x[:, p], ring, valid[:, 0], torch.tensor(p), backend=backend) for p in range(P, P + T)]
     scored = torch.arange(P, P + T) - m  # the token each step scores
     ok = scored >= 0
     got, want = torch.stack(steps, 1)[:, ok], full[:, scored[ok]]
@@ -265,21 +264,21 @@ def test_input_errors() -> None:
     with pytest.raises(ValueError, match="pad_mask"):
         router(k, k, pad_mask=torch.ones(1, 5))
     kv, ring, valid, zero = (
-        torch.randn(1, 2, 4),
+        torch.randn(1, 2, 8),
         torch.randn(1, 2, 13, 14),
         torch.ones(1, 13, dtype=torch.bool),
         torch.tensor(0),
     )
     with pytest.raises(ValueError, match="x_ring"):  # a ring shorter than the receptive field (13)
-        router.score_step(kv, kv, ring[:, :, :12], valid[:, :12], zero)
+        router.score_step(kv, ring[:, :, :12], valid[:, :12], zero)
     with pytest.raises(ValueError, match="x_ring"):  # 14 = 8 + 4 + 2 channels: every conv's input
-        router.score_step(kv, kv, ring[..., :8], valid, zero)
-    with pytest.raises(ValueError, match="k and v"):
-        router.score_step(kv, kv[..., :3], ring, valid, zero)
+        router.score_step(kv, ring[..., :8], valid, zero)
+    with pytest.raises(ValueError, match="kv must have shape"):
+        router.score_step(kv[..., :6], ring, valid, zero)
     with pytest.raises(ValueError, match="valid"):
-        router.score_step(kv, kv, ring, valid.float(), zero)
+        router.score_step(kv, ring, valid.float(), zero)
     with pytest.raises(ValueError, match="position"):
-        router.score_step(kv, kv, ring, valid, zero.float())
+        router.score_step(kv, ring, valid, zero.float())
     with pytest.raises(ValueError, match="sink_size"):
         select(torch.randn(1, 5, 2), None, -1)
     with pytest.raises(ValueError, match="score"):

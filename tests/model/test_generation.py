@@ -63,6 +63,22 @@ def test_lte_routers_prefill_decode_equals_full_forward(conv, dilation):
             assert (cached - full).abs().max() <= 1e-4
 
 
+def test_lte_with_qkv_bias_prefill_decode_equals_full_forward():
+    """Decode projects q and each kv head's [k || v] with one GEMM whose k and v rows (and biases) are interleaved per
+    head; random biases, under GQA (4 query heads on 2 kv heads), must land on the same heads as the full forward's."""
+    model = tiny_model("gdn_lte", lte={**tiny_config("gdn_lte").lte, "qkv_bias": True})
+    with torch.no_grad():
+        names = ("q_proj.bias", "k_proj.bias", "v_proj.bias")
+        biases = [p for name, p in model.named_parameters() if name.endswith(names)]
+        assert biases
+        for p in biases:
+            p.normal_()
+        ids = torch.randint(0, model.config.vocab_size, (2, 30))
+        full = model(ids).logits
+        cached, _ = decode_logits(model, ids, 12)
+    assert (cached - full).abs().max() <= 1e-4
+
+
 def test_batched_left_padded_greedy_equals_single(arch):
     model = tiny_model(arch)
     prompts = [torch.randint(3, model.config.vocab_size, (n,)) for n in (5, 17, 11)]

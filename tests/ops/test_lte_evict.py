@@ -188,6 +188,43 @@ def test_full_buffer_replaces_latest_tied_token(backend: str) -> None:
     assert pos[0, 0, ring:].tolist() == [40, 10, 98, 55] and pos[0, 0, 1] == 101
 
 
+@pytest.mark.parametrize("lag", [0, 1, 4])
+def test_recorded_score_is_ranked_after_the_eviction(lag: int) -> None:
+    """`new_score`: token `position - lag` gets -inf before its row's padding ends (and while negative), +inf as one of
+    the row's first `sink_size` tokens, else its score; Triton equals the reference on every tensor at every step,
+    the prompt's first steps included (positions below `lag`)."""
+    B, HKV, ring, N, D, sink = 3, 2, 6, 3, 4, 2
+    offset = torch.tensor([0, 2, 5], device=DEVICE)  # left padding per row
+    g = torch.Generator().manual_seed(lag)
+    S = ring + N  # a fresh cache, as a prompt of zero tokens leaves it
+    cache_ref = (
+        torch.zeros(B, HKV, S, D, device=DEVICE),
+        torch.zeros(B, HKV, S, D, device=DEVICE),
+        torch.full((B, HKV, S), -INF, device=DEVICE),
+        torch.zeros(B, HKV, S, dtype=torch.bool, device=DEVICE),
+        torch.zeros(B, HKV, dtype=torch.int32, device=DEVICE),
+        torch.full((B, HKV, S), -1, dtype=torch.int32, device=DEVICE),
+    )
+    cache_tri = tuple(t.clone() for t in cache_ref)
+    for step in range(12):
+        position = torch.tensor(step, device=DEVICE)
+        new_score = torch.randn(B, HKV, generator=g).to(DEVICE)
+        k_new, v_new = (torch.randn(B, HKV, D, generator=g).to(DEVICE) for _ in range(2))
+        kwargs = dict(position=position, k_new=k_new, v_new=v_new, ring_size=ring, new_score=new_score,
+                      score_lag=lag, offset=offset, sink_size=sink)  # fmt: skip
+        lte_evict_ref(*cache_ref, **kwargs)
+        lte_evict(*cache_tri, **kwargs, backend="triton")
+        for name, a, b in zip(NAMES, cache_tri, cache_ref):
+            assert torch.equal(a, b), f"{name} differs at step {step}"
+        j = step - lag
+        for b in range(B):
+            since = j - int(offset[b])
+            want = [-INF if since < 0 else INF if since < sink else float(new_score[b, h]) for h in range(HKV)]
+            assert cache_ref[2][b, :, j % ring].tolist() == want, (step, b)
+        if lag > 0:  # the new token's own slot waits for its score
+            assert (cache_ref[2][:, :, step % ring] == -INF).all()
+
+
 def test_retained_top_n_model() -> None:
     assert retained_top_n([1.0, 3.0, 1.0, 0.0, -INF, INF, 2.0], 3) == {5, 1, 6}
     assert retained_top_n([1.0, 2.0, 1.0, 1.0], 2) == {1, 0}  # tie at 1.0: the earliest wins
@@ -217,6 +254,15 @@ def test_bad_input_raises() -> None:
         call(k, v, score, valid, buffer_len.long(), pos)
     with pytest.raises(ValueError, match="k_new"):
         call(*base, pos, k_new=new[:, :1])
+    scored = dict(position=position, k_new=new, v_new=new, ring_size=4, offset=torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="new_score must be float"):
+        lte_evict(*base, pos, **scored, new_score=torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="offset must be int64"):
+        lte_evict(*base, pos, **{**scored, "offset": None}, new_score=torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="score_lag"):
+        lte_evict(*base, pos, **scored, new_score=torch.zeros(1, 2), score_lag=4)
+    with pytest.raises(ValueError, match="pass both or neither"):
+        lte_evict(*base, pos, **scored)
     if DEVICE == "cuda":
         with pytest.raises(ValueError, match="pos_cache"):
             call(*base, pos.cpu())

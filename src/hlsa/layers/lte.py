@@ -26,6 +26,7 @@ from hlsa.layers.attention import ProjectedAttention
 from hlsa.layers.lte_router import LTERouter, select, sink_mask, value_gain
 from hlsa.layers.slots import fill_ring
 from hlsa.ops.decode_attention import decode_attention
+from hlsa.ops.linear import linear
 from hlsa.ops.lte_evict import lte_evict
 from hlsa.ops.lte_retention import lte_column_end
 from hlsa.ops.sparse_attention import sparse_attention
@@ -215,16 +216,37 @@ class LTEAttention(ProjectedAttention):
         state.seen = t
         state.position.fill_(t)
 
+    def _project_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, 1, d] -> q [B, 1, HQ, D] and kv [B, HKV, 2D], each kv head's pre-RoPE `[k || v]` (the router's input),
+        as one GEMM whose k and v rows are interleaved per head: compiled, kv is then one tensor that the router and
+        the eviction read, where separate k and v cost a kernel each (docs/efficiency.md, session 14)."""
+        hkv, d = self.num_kv_heads, self.head_dim
+
+        def interleave(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # [HKV*D, ...] twice -> [HKV*2D, ...]
+            return torch.stack([k.unflatten(0, (hkv, d)), v.unflatten(0, (hkv, d))], 1).flatten(0, 2)
+
+        weight = torch.cat([self.q_proj.weight, interleave(self.k_proj.weight, self.v_proj.weight)])
+        out = linear(x, weight, backend=self.q_proj.backend)
+        if self.q_proj.bias is not None:  # qkv_bias: every projection has one
+            out = out + torch.cat([self.q_proj.bias, interleave(self.k_proj.bias, self.v_proj.bias)])
+        q, kv = out[:, 0].split([self.num_heads * d, 2 * hkv * d], dim=-1)
+        return q.view(x.shape[0], 1, self.num_heads, d), kv.view(x.shape[0], hkv, 2 * d)
+
     def _decode(self, x: torch.Tensor, state: LTEState) -> tuple[torch.Tensor, LTERouting]:
         m, ring = self.router.margin, self.window_size + 1
         pos = state.position
-        q, k, v = self._project(x)  # T == 1
+        q, kv = self._project_decode(x)  # T == 1
+        k, v = kv.split(self.head_dim, dim=-1)
         # Score token j = pos - m, whose right context is now complete (the window is j-m .. j+m = pos-2m .. pos).
         # The whole validity tensor, not a view of it: compiled, a view passed to the in-place kernel is cloned and
         # copied back (two extra kernels per layer).
-        raw = self.router.score_step(k[:, 0], v[:, 0], state.router_x, state.router_valid, pos, backend=self.backend)
-        # Move the token leaving the window into the buffer (if it earns its place), write the new token.
-        q, k = self.rotary(q, k, pos.view(1))
+        raw = self.router.score_step(kv, state.router_x, state.router_valid, pos, backend=self.backend)
+        # Move the token leaving the window into the buffer (if it earns its place), write the new token, then record
+        # token j's score in its ring slot, ranked (sinks +inf, pads -inf), after the eviction: with a pointwise router
+        # (m = 0) token j is the new token, whose slot the eviction has just taken over from the token leaving the
+        # window. While j < 0 (the first m - t steps after a prompt of t < m tokens) j's slot, `pos + W + 1 - m > pos`,
+        # is one no token has reached yet, and its score is written -inf (j < 0 <= offset), as it already was.
+        q, k = self.rotary(q, k[:, None], pos.view(1))
         lte_evict(
             state.k,
             state.v,
@@ -234,22 +256,14 @@ class LTEAttention(ProjectedAttention):
             state.token_pos,
             position=pos,
             k_new=k[:, 0].to(state.k.dtype),
-            v_new=v[:, 0].to(state.v.dtype),
+            v_new=v.to(state.v.dtype),
             ring_size=ring,
+            new_score=raw,
+            score_lag=m,
+            offset=state.offset,
+            sink_size=self.sink_size,
             backend=self.backend,
         )
-        # Token j's score into its ring slot, after the eviction: with a pointwise router (m = 0) token j is the new
-        # token, whose slot the eviction has just taken over from the token leaving the window. Token j is real iff
-        # it is past its row's left padding, `j >= offset` (the validity of its router slot, read here without a
-        # gather that the scatter's address would wait behind); a pad's -inf is defensive, since the eviction moves
-        # only valid tokens. While j < 0 (the first m - t steps after a prompt of t < m tokens) no write is needed,
-        # and none is guarded against: `new` is -inf (j < 0 <= offset), and j's ring slot, `pos + W + 1 - m > pos`,
-        # is one no token has reached yet, whose score is already -inf. (A guard reading the old score would keep
-        # Inductor from fusing the score's computation into its scatter.)
-        since_start = (pos - m - state.offset)[:, None]  # [B, 1]
-        new = torch.where(since_start < self.sink_size, float("inf"), raw.float())
-        new = torch.where(since_start >= 0, new, float("-inf"))
-        state.score.index_copy_(2, ((pos - m) % ring).view(1), new[..., None])
         o = decode_attention(q[:, 0], state.k, state.v, valid=state.valid, backend=self.backend)
         state.seen += 1
         state.position.add_(1)

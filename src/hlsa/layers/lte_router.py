@@ -265,8 +265,7 @@ class LTERouter(nn.Module):
 
     def score_step(
         self,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        kv: torch.Tensor,
         x_ring: torch.Tensor,
         valid: torch.Tensor,
         position: torch.Tensor,
@@ -281,7 +280,8 @@ class LTERouter(nn.Module):
         False before the sequence start and at pads. No dropout (inference); no host sync.
 
         Args:
-            k, v: `[B, HKV, D]` the new token's pre-RoPE key and value (a decode token is real, never a pad).
+            kv: `[B, HKV, 2D]` the new token's router input, each head's pre-RoPE key and value `[k || v]` (a decode
+                token is real, never a pad).
             x_ring: `[B, HKV, R, ring_channels]`, `R >= 2 * margin + 1`, updated in place.
             valid: bool `[B, R]`, per slot, updated in place (the new token's slot is marked valid).
             position: 0-d int64 tensor, the new token's position.
@@ -292,18 +292,17 @@ class LTERouter(nn.Module):
         """
         B, R = valid.shape[0], x_ring.shape[2] if x_ring.dim() == 4 else 0
         expected = (B, self.num_kv_heads, R, self.ring_channels)
-        if k.shape != (B, self.num_kv_heads, self.head_dim) or v.shape != k.shape:
+        if kv.shape != (B, self.num_kv_heads, 2 * self.head_dim):
             raise ValueError(
-                f"k and v must have shape [B, HKV, D] = {[B, self.num_kv_heads, self.head_dim]}; got "
-                f"{list(k.shape)}, {list(v.shape)}"
+                f"kv must have shape [B, HKV, 2D] = {[B, self.num_kv_heads, 2 * self.head_dim]}; got {list(kv.shape)}"
             )
         if x_ring.shape != expected or R < self.receptive_field:
             raise ValueError(
                 f"x_ring must have shape [B, HKV, R, ring_channels] = {list(expected)} with R >= 2 * margin + 1 = "
                 f"{self.receptive_field}; got {list(x_ring.shape)}"
             )
-        layers = self.conv_stack.decode_layers(k.dtype)
-        return self._score(router_step_logits(k, v, x_ring, valid, position, layers, backend=backend))
+        layers = self.conv_stack.decode_layers(kv.dtype)
+        return self._score(router_step_logits(kv, x_ring, valid, position, layers, backend=backend))
 
     def _check_sequence(self, k: torch.Tensor, v: torch.Tensor, pad_mask: torch.Tensor | None) -> None:
         expected = (*k.shape[:2], self.num_kv_heads, self.head_dim)

@@ -10,6 +10,12 @@ retained set at inference": the top-N positive scores, ties broken in favour of 
 reused, so slot order says nothing about token age; only the positions do. Unlike the authors' torch swap (SPEC
 2.4: a batch-global branch), every (b, kv-head) decides on its own, and nothing syncs with the host.
 
+With `new_score`, the step also records the router's score of token `j = position - score_lag`, the token whose
+right context of `score_lag` tokens has just completed, in its ring slot, after the eviction (for `score_lag = 0`
+token j is the new token, whose slot the eviction has just taken over). The score is ranked as inference ranks it:
+`+inf` for the row's first `sink_size` tokens after its left padding (`offset`), `-inf` for pads and for `j < 0`.
+One op, not a scatter after it: at decode each is a launch of a few microseconds (docs/efficiency.md, session 14).
+
 Shape legend: `B` batch, `HKV` kv-heads, `S` slots, `D` head dim, `N` buffer slots.
 """
 
@@ -35,6 +41,10 @@ def _check_inputs(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     ring_size: int,
+    new_score: torch.Tensor | None,
+    score_lag: int,
+    offset: torch.Tensor | None,
+    sink_size: int,
 ) -> None:
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
         raise ValueError(
@@ -74,6 +84,22 @@ def _check_inputs(
                 f"lte_evict: {name} must be [B, HKV, D] = {(B, HKV, D)} in {k_cache.dtype}; got "
                 f"{t.dtype} {tuple(t.shape)}"
             )
+    if new_score is not None:
+        if new_score.shape != (B, HKV) or not new_score.is_floating_point():
+            raise ValueError(
+                f"lte_evict: new_score must be float [B, HKV] = {(B, HKV)} (the router's logits of token "
+                f"position - score_lag); got {new_score.dtype} {tuple(new_score.shape)}"
+            )
+        if offset is None or offset.shape != (B,) or offset.dtype != torch.int64:
+            got = None if offset is None else f"{offset.dtype} {tuple(offset.shape)}"
+            raise ValueError(f"lte_evict: with new_score, offset must be int64 [B] = ({B},) (left padding); got {got}")
+        if not 0 <= score_lag < ring_size or sink_size < 0:
+            raise ValueError(
+                f"lte_evict: score_lag must be in [0, ring_size={ring_size}) (the scored token is still in the ring) "
+                f"and sink_size >= 0; got score_lag={score_lag}, sink_size={sink_size}"
+            )
+    elif offset is not None:
+        raise ValueError("lte_evict: offset is read only with new_score; pass both or neither")
     named = {
         "v_cache": v_cache,
         "score_cache": score_cache,
@@ -83,9 +109,11 @@ def _check_inputs(
         "position": position,
         "k_new": k_new,
         "v_new": v_new,
+        "new_score": new_score,
+        "offset": offset,
     }
     for name, t in named.items():
-        if t.device != k_cache.device:
+        if t is not None and t.device != k_cache.device:
             raise ValueError(f"lte_evict: {name} is on {t.device}; move it to the device of k_cache ({k_cache.device})")
 
 
@@ -121,9 +149,14 @@ def lte_evict_ref(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     ring_size: int,
+    new_score: torch.Tensor | None = None,
+    score_lag: int = 0,
+    offset: torch.Tensor | None = None,
+    sink_size: int = 0,
 ) -> None:
     """Readable reference, vectorised over (b, kv-head); updates the caches in place. Args as in `lte_evict`."""
-    _check_inputs(k_cache, v_cache, score_cache, valid, buffer_len, pos_cache, position, k_new, v_new, ring_size)
+    cache = (k_cache, v_cache, score_cache, valid, buffer_len, pos_cache)
+    _check_inputs(*cache, position, k_new, v_new, ring_size, new_score, score_lag, offset, sink_size)
     B, HKV, S, D = k_cache.shape
     N = S - ring_size
     slot = position.remainder(ring_size)  # 0-d, on the device: no host sync
@@ -152,6 +185,12 @@ def lte_evict_ref(
     valid.index_fill_(2, slot.view(1), True)
     # index_copy_, not index_fill_: a tensor fill value would be read on the host.
     pos_cache.index_copy_(2, slot.view(1), position.to(torch.int32).view(1, 1, 1).expand(B, HKV, 1))
+    if new_score is not None:
+        j = position - score_lag
+        since_start = (j - offset)[:, None]  # [B, 1]: how far past its row's left padding token j is
+        ranked = torch.where(since_start < sink_size, float("inf"), new_score.float())
+        ranked = torch.where(since_start >= 0, ranked, float("-inf"))
+        score_cache.index_copy_(2, j.remainder(ring_size).view(1), ranked[..., None])
 
 
 def lte_evict(
@@ -166,6 +205,10 @@ def lte_evict(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     ring_size: int,
+    new_score: torch.Tensor | None = None,
+    score_lag: int = 0,
+    offset: torch.Tensor | None = None,
+    sink_size: int = 0,
     backend: str | None = None,
 ) -> None:
     """One decode step of the LTE cache, in place and without host syncs (CUDA-graph capturable).
@@ -177,7 +220,9 @@ def lte_evict(
     minimum score and, among those tied at the minimum, the largest position (the latest token). Then
     `k_new, v_new` go into ring slot `slot`, whose score becomes `-inf` (not yet scored), which becomes valid and
     whose `pos_cache` becomes `position`. The buffer thus holds the top-N positive scores of the evicted tokens,
-    ties broken in favour of the earlier token.
+    ties broken in favour of the earlier token. Finally, with `new_score`, token `j = position - score_lag` gets its
+    ranked score in ring slot `j % ring_size`: `-inf` if `j < offset[b]` (a pad, or `j < 0`), else `+inf` if
+    `j < offset[b] + sink_size` (a sink), else `new_score[b, h]`.
 
     Args:
         k_cache, v_cache: `[B, HKV, S, D]`, `S = ring_size + N` (`N >= 0`; `N = 0` behaves like a plain SWA ring).
@@ -186,16 +231,23 @@ def lte_evict(
         position: int64 0-d tensor on the cache's device, `>= 0`: the position of the new token.
         k_new, v_new: `[B, HKV, D]` (keys already rotated).
         ring_size: `W + 1`.
+        new_score: float `[B, HKV]`, the router's logits of token `position - score_lag`, or None (no score is
+            recorded; the new token's slot keeps `-inf`).
+        score_lag: in `[0, ring_size)`, the router's margin `m`.
+        offset: int64 `[B]`, each row's left-padding length (with `new_score` only).
+        sink_size: the tokens after a row's padding that rank `+inf` (always kept).
         backend: "torch" (reference), "triton", or None (Triton for CUDA tensors, else the reference).
     """
     args = (k_cache, v_cache, score_cache, valid, buffer_len, pos_cache)
+    kwargs = dict(position=position, k_new=k_new, v_new=v_new, ring_size=ring_size, new_score=new_score,
+                  score_lag=score_lag, offset=offset, sink_size=sink_size)  # fmt: skip
     if kernel_backend("lte_evict", backend, k_cache) == "torch":
-        lte_evict_ref(*args, position=position, k_new=k_new, v_new=v_new, ring_size=ring_size)
+        lte_evict_ref(*args, **kwargs)
         return
-    _check_inputs(*args, position, k_new, v_new, ring_size)
+    _check_inputs(*args, *kwargs.values())
     from hlsa.ops.triton.lte_evict import lte_evict_triton
 
-    lte_evict_triton(*args, position=position, k_new=k_new, v_new=v_new, ring_size=ring_size)
+    lte_evict_triton(*args, **kwargs)
 
 
 def retained_top_n(scores: Sequence[float], n: int) -> set[int]:

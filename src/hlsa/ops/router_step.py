@@ -64,21 +64,20 @@ def step_ring_bytes(layers: Sequence[Layer], num_heads: int, itemsize: int) -> i
 
 
 def _check_inputs(
-    k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, position: torch.Tensor, layers: Sequence
+    kv: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, position: torch.Tensor, layers: Sequence
 ) -> None:
-    if k.dim() != 3 or k.shape != v.shape or k.dtype != v.dtype or not k.is_floating_point():
+    if kv.dim() != 3 or not kv.is_floating_point():
         raise ValueError(
-            f"router_step_logits: k and v must be float [B, H, D] of one dtype; got {k.dtype} {tuple(k.shape)}, "
-            f"{v.dtype} {tuple(v.shape)}"
+            f"router_step_logits: kv must be float [B, H, 2D] (each head's [k || v]); got {kv.dtype} {tuple(kv.shape)}"
         )
-    B, H, D = k.shape
+    B, H, channels = kv.shape
     if len(layers) < 2:
         raise ValueError("router_step_logits: layers must hold at least one conv and the logit projection")
     R = x.shape[2] if x.dim() == 4 else 0
-    if x.shape != (B, H, R, sum(ring_channels(layers))) or x.dtype != k.dtype:
+    if x.shape != (B, H, R, sum(ring_channels(layers))) or x.dtype != kv.dtype:
         raise ValueError(
             f"router_step_logits: x must be a [B, H, R, sum of the convs' input channels] = [{B}, {H}, R, "
-            f"{sum(ring_channels(layers))}] ring in {k.dtype}; got {x.dtype} {tuple(x.shape)}"
+            f"{sum(ring_channels(layers))}] ring in {kv.dtype}; got {x.dtype} {tuple(x.shape)}"
         )
     if valid.shape != (B, R) or valid.dtype != torch.bool:
         raise ValueError(
@@ -88,7 +87,6 @@ def _check_inputs(
         raise ValueError(
             f"router_step_logits: position must be a 0-d int64 tensor; got {position.dtype} {tuple(position.shape)}"
         )
-    channels = 2 * D
     for i, (w, b, d) in enumerate(layers):
         g, taps, c_in, c_out = w.shape if w.dim() == 4 else (0, 0, 0, 0)
         if g < 1 or H % g != 0 or c_in != channels or b.shape != (g, c_out) or d < 1 or taps % 2 == 0:
@@ -97,8 +95,8 @@ def _check_inputs(
                 f"and k odd, bias [g, C_out], dilation >= 1; got weight {tuple(w.shape)}, bias {tuple(b.shape)}, "
                 f"dilation {d}"
             )
-        if w.dtype != k.dtype or b.dtype != k.dtype:
-            raise ValueError(f"router_step_logits: layer {i}'s weight and bias must be {k.dtype}; got {w.dtype}")
+        if w.dtype != kv.dtype or b.dtype != kv.dtype:
+            raise ValueError(f"router_step_logits: layer {i}'s weight and bias must be {kv.dtype}; got {w.dtype}")
         if g != layers[0][0].shape[0]:
             raise ValueError(
                 f"router_step_logits: every layer needs the same number of CNNs g (one per head group); layer 0 has "
@@ -115,22 +113,21 @@ def _check_inputs(
             f"router_step_logits: the ring (R={R}) must hold the 2 * margin + 1 = "
             f"{2 * sum(reach(layer) for layer in layers) + 1} positions one score depends on"
         )
-    tensors = [v, x, valid, position, *(t for w, b, _ in layers for t in (w, b))]
-    if any(t.device != k.device for t in tensors):
-        raise ValueError("router_step_logits: k, v, x, valid, position and the layers' tensors must be on one device")
+    tensors = [x, valid, position, *(t for w, b, _ in layers for t in (w, b))]
+    if any(t.device != kv.device for t in tensors):
+        raise ValueError("router_step_logits: kv, x, valid, position and the layers' tensors must be on one device")
 
 
 def router_step_logits_ref(
-    k: torch.Tensor,
-    v: torch.Tensor,
+    kv: torch.Tensor,
     x: torch.Tensor,
     valid: torch.Tensor,
     position: torch.Tensor,
     layers: Sequence[Layer],
 ) -> torch.Tensor:
     """Readable reference: per conv, write its fresh input into the ring, gather its taps, one matmul per tap."""
-    _check_inputs(k, v, x, valid, position, layers)
-    H, R = k.shape[1], x.shape[2]
+    _check_inputs(kv, x, valid, position, layers)
+    H, R = kv.shape[1], x.shape[2]
     valid.index_fill_(1, (position % R).view(1), True)  # the new token is real
 
     def per_head(w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +135,7 @@ def router_step_logits_ref(
             H // b.shape[0], 0
         )  # head h: CNN h // (H/g)
 
-    fresh = torch.cat([k, v], dim=-1)  # [B, H, C_0]: conv 0's input at `position`
+    fresh = kv  # [B, H, C_0]: conv 0's input at `position`
     lag, channel = 0, 0  # lag: how far behind `position` the current conv's fresh input is
     for w, b, d in layers[:-1]:
         ring = x[..., channel : channel + w.shape[2]]
@@ -156,8 +153,7 @@ def router_step_logits_ref(
 
 
 def router_step_logits(
-    k: torch.Tensor,
-    v: torch.Tensor,
+    kv: torch.Tensor,
     x: torch.Tensor,
     valid: torch.Tensor,
     position: torch.Tensor,
@@ -170,20 +166,21 @@ def router_step_logits(
     No host sync, no gradient; `x` and `valid` are updated in place.
 
     Args:
-        k, v: `[B, H, D]` the new token's pre-RoPE key and value (the router input is `[k || v]`).
-        x: `[B, H, R, sum_i C_i]` ring of each conv's recent inputs (module docstring), in the dtype of `k`.
+        kv: `[B, H, 2D]` the new token's router input `[k || v]`, its pre-RoPE key and value per head (any strides
+            but a contiguous last dim: the decode projection computes it as one slice, `hlsa.layers.lte`).
+        x: `[B, H, R, sum_i C_i]` ring of each conv's recent inputs (module docstring), in the dtype of `kv`.
         valid: bool `[B, R]`, per slot: False before the sequence start and at pads.
         position: 0-d int64 tensor, the new token's position (below 2**31: the kernel computes slots in int32).
         layers: `(weight [g, k, C_in, C_out], bias [g, C_out], dilation)` per conv, then the 1 x 1 logit
-            projection (`C_out = 1`); in the dtype of `k`.
+            projection (`C_out = 1`); in the dtype of `kv`.
         backend: "torch" (reference), "triton" (at most `MAX_CONVS` = 3 convs), or None (Triton for CUDA tensors
             and CNNs of up to 3 convs, else the reference).
 
     Returns:
-        logits `[B, H]` of token `position - m` in the dtype of `k` (meaningless while it is negative; the caller
+        logits `[B, H]` of token `position - m` in the dtype of `kv` (meaningless while it is negative; the caller
         masks it).
     """
-    chosen = kernel_backend("router_step_logits", backend, k)
+    chosen = kernel_backend("router_step_logits", backend, kv)
     if chosen == "triton" and len(layers) - 1 > MAX_CONVS:
         if backend == "triton":
             raise ValueError(
@@ -191,11 +188,11 @@ def router_step_logits(
                 f"projection), got {len(layers) - 1}; use backend='torch' or None for deeper CNNs"
             )
         chosen = "torch"  # auto: a deeper CNN than the kernel's runs the reference
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, *(t for w, b, _ in layers for t in (w, b)))):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (kv, *(t for w, b, _ in layers for t in (w, b)))):
         raise ValueError("router_step_logits: decode scoring has no gradient; call it under torch.no_grad()")
     if chosen == "torch":
-        return router_step_logits_ref(k, v, x, valid, position, layers)
-    _check_inputs(k, v, x, valid, position, layers)
+        return router_step_logits_ref(kv, x, valid, position, layers)
+    _check_inputs(kv, x, valid, position, layers)
     from hlsa.ops.triton.router_step import router_step_triton
 
-    return router_step_triton(k, v, x, valid, position, layers)
+    return router_step_triton(kv, x, valid, position, layers)

@@ -3,7 +3,8 @@
 Each program derives the ring slot `position % RING` on the device (no host sync), reads the score of the token
 leaving the window, finds the buffer victim (minimum score over the valid buffer prefix; among the entries tied at
 it, the largest position, i.e. the latest token), copies the token's K/V/score/position into the buffer when it
-earns a place, updates `buffer_len`, then writes the new token and its position into the ring slot.
+earns a place, updates `buffer_len`, then writes the new token and its position into the ring slot, and with
+`HAS_SCORE` the ranked score of token `position - LAG` into its ring slot.
 
 Legend: `B` batch, `HKV` kv-heads, `S` slots, `D` head dim, `N` buffer slots (`BN`, `BD`: power-of-2 tiles).
 """
@@ -15,7 +16,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["RING", "N"])
+@triton.jit(do_not_specialize=["RING", "N", "SINK"])
 def lte_evict_kernel(
     k,
     v,
@@ -26,6 +27,8 @@ def lte_evict_kernel(
     position,
     k_new,
     v_new,
+    new_score,
+    offset,
     stride_kb,
     stride_kh,
     stride_ks,
@@ -44,13 +47,18 @@ def lte_evict_kernel(
     stride_nkh,
     stride_nvb,
     stride_nvh,
+    stride_rb,
+    stride_rh,
     RING,
     N,
+    SINK,
     HKV: tl.constexpr,
     D: tl.constexpr,
     BN: tl.constexpr,
     BD: tl.constexpr,
     HAS_BUFFER: tl.constexpr,
+    HAS_SCORE: tl.constexpr,
+    LAG: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_b, i_h = (i_bh // HKV).to(tl.int64), i_bh % HKV  # int64: caches of 2^31 elements or more
@@ -100,7 +108,19 @@ def lte_evict_kernel(
     b_v_new = tl.load(v_new + i_b * stride_nvb + i_h * stride_nvh + o_d, mask=m_d)
     tl.store(p_k + i_slot * stride_ks + o_d, b_k_new, mask=m_d)
     tl.store(p_v + i_slot * stride_vs + o_d, b_v_new, mask=m_d)
-    tl.store(p_score + i_slot, float("-inf"))
+    b_new_score = tl.full([], float("-inf"), tl.float32)  # not scored yet: the router's score comes LAG steps later
+    if HAS_SCORE:
+        # Token j = position - LAG: -inf before its row's padding ends (or j < 0), +inf for the sinks after it.
+        i_j = i_pos_new - LAG
+        i_since = i_j - tl.load(offset + i_b)
+        b_ranked = tl.load(new_score + i_b * stride_rb + i_h * stride_rh).to(tl.float32)
+        b_ranked = tl.where(i_since < SINK, float("inf"), b_ranked)
+        b_ranked = tl.where(i_since >= 0, b_ranked, float("-inf"))
+        if LAG == 0:  # token j is the new token
+            b_new_score = b_ranked
+        else:  # a token still in the ring; `%` keeps the dividend's sign, so j < 0 wraps explicitly
+            tl.store(p_score + (i_j % RING + RING) % RING, b_ranked)
+    tl.store(p_score + i_slot, b_new_score)
     tl.store(p_valid + i_slot, tl.full([], 1, tl.int1))
     tl.store(p_pos + i_slot, i_pos_new.to(tl.int32))
 
@@ -117,6 +137,10 @@ def lte_evict_triton(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     ring_size: int,
+    new_score: torch.Tensor | None,
+    score_lag: int,
+    offset: torch.Tensor | None,
+    sink_size: int,
 ) -> None:
     """Launch the eviction kernel (in place); inputs are validated by `hlsa.ops.lte_evict.lte_evict`.
 
@@ -140,6 +164,8 @@ def lte_evict_triton(
         position,
         k_new,
         v_new,
+        new_score,
+        offset,
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
@@ -158,12 +184,17 @@ def lte_evict_triton(
         k_new.stride(1),
         v_new.stride(0),
         v_new.stride(1),
+        0 if new_score is None else new_score.stride(0),
+        0 if new_score is None else new_score.stride(1),
         RING=ring_size,
         N=N,
+        SINK=sink_size,
         HKV=HKV,
         D=D,
         BN=triton.next_power_of_2(max(N, 1)),
         BD=triton.next_power_of_2(D),
         HAS_BUFFER=N > 0,
+        HAS_SCORE=new_score is not None,
+        LAG=score_lag,
         num_warps=1 if N <= 256 and D <= 128 else 4,
     )

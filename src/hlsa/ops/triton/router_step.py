@@ -77,9 +77,9 @@ def _logit(last, w_proj, b_proj, i_cnn, out, o_b, m_b, H, C: tl.constexpr, BC: t
 
 
 @triton.jit
-def router_step_kernel(k, v, stride_kb, stride_kh, stride_vb, stride_vh, x, stride_xb, stride_xh, stride_xp, valid,
+def router_step_kernel(kv, stride_kvb, stride_kvh, x, stride_xb, stride_xh, stride_xp, valid,
                        stride_validb, stride_validp, position, out, B, H, HEADS_PER_CNN, R, w0, b0, w1, b1, w2, b2,
-                       w_proj, b_proj, CONVS: tl.constexpr, D: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+                       w_proj, b_proj, CONVS: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
                        C3: tl.constexpr, BC0: tl.constexpr, BC1: tl.constexpr, BC2: tl.constexpr,
                        BC3: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, D0: tl.constexpr,
                        D1: tl.constexpr, D2: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
@@ -92,58 +92,55 @@ def router_step_kernel(k, v, stride_kb, stride_kh, stride_vb, stride_vh, x, stri
     m_b = o_b < B
     pos = tl.load(position).to(tl.int32)  # slots in int32: positions stay far below 2**31
     o_x = x + o_b[:, None] * stride_xb + i_h * stride_xh  # [ROWS, 1] row bases of the ring
-    # Conv 0's fresh input: [k || v] of the new token (channel c < D from k, D <= c < 2 D from v).
+    # Conv 0's fresh input: [k || v] of the new token.
     o_c = tl.arange(0, BC0)
-    m_k = m_b[:, None] & (o_c < D)[None, :]
-    m_v = m_b[:, None] & ((o_c >= D) & (o_c < 2 * D))[None, :]
-    in0 = tl.load(k + o_b[:, None] * stride_kb + i_h * stride_kh + o_c[None, :], mask=m_k, other=0.0)
-    in0 += tl.load(v + o_b[:, None] * stride_vb + i_h * stride_vh + (o_c - D)[None, :], mask=m_v, other=0.0)
+    m_kv = m_b[:, None] & (o_c < C0)[None, :]
+    in0 = tl.load(kv + o_b[:, None] * stride_kvb + i_h * stride_kvh + o_c[None, :], mask=m_kv, other=0.0)
     lag1 = (K0 - 1) * D0 // 2
     in1 = _conv(in0, x, stride_xh, stride_xp, valid, stride_validb, stride_validp, o_x, o_b, m_b, pos, 0, R, w0, b0,
-                i_cnn, 0, 2 * D, C1, BC0, BC1, K0, D0)  # fmt: skip
+                i_cnn, 0, C0, C1, BC0, BC1, K0, D0)  # fmt: skip
     if CONVS == 1:
         _logit(in1, w_proj, b_proj, i_cnn, out, o_b, m_b, H, C1, BC1)
     else:
         lag2 = lag1 + (K1 - 1) * D1 // 2
         in2 = _conv(in1, x, stride_xh, stride_xp, valid, stride_validb, stride_validp, o_x, o_b, m_b, pos, lag1, R,
-                    w1, b1, i_cnn, 2 * D, C1, C2, BC1, BC2, K1, D1)  # fmt: skip
+                    w1, b1, i_cnn, C0, C1, C2, BC1, BC2, K1, D1)  # fmt: skip
         if CONVS == 2:
             _logit(in2, w_proj, b_proj, i_cnn, out, o_b, m_b, H, C2, BC2)
         else:
             in3 = _conv(in2, x, stride_xh, stride_xp, valid, stride_validb, stride_validp, o_x, o_b, m_b, pos,
-                        lag2, R, w2, b2, i_cnn, 2 * D + C1, C2, C3, BC2, BC3, K2, D2)  # fmt: skip
+                        lag2, R, w2, b2, i_cnn, C0 + C1, C2, C3, BC2, BC3, K2, D2)  # fmt: skip
             _logit(in3, w_proj, b_proj, i_cnn, out, o_b, m_b, H, C3, BC3)
-            _store(x, o_x, stride_xp, in2, ((pos - lag2) % R + R) % R, m_b, 2 * D + C1, C2, BC2)
-        _store(x, o_x, stride_xp, in1, ((pos - lag1) % R + R) % R, m_b, 2 * D, C1, BC1)
-    _store(x, o_x, stride_xp, in0, pos % R, m_b, 0, 2 * D, BC0)
+            _store(x, o_x, stride_xp, in2, ((pos - lag2) % R + R) % R, m_b, C0 + C1, C2, BC2)
+        _store(x, o_x, stride_xp, in1, ((pos - lag1) % R + R) % R, m_b, C0, C1, BC1)
+    _store(x, o_x, stride_xp, in0, pos % R, m_b, 0, C0, BC0)
     # The new token is real (written once per row, by head 0's programs; no program reads this slot).
     m_first = m_b & (tl.zeros([ROWS], tl.int32) + i_h == 0)
     tl.store(valid + o_b * stride_validb + (pos % R) * stride_validp, tl.full([ROWS], 1, tl.int1), mask=m_first)
 
 
 def router_step_triton(
-    k: torch.Tensor,
-    v: torch.Tensor,
+    kv: torch.Tensor,
     x: torch.Tensor,
     valid: torch.Tensor,
     position: torch.Tensor,
     layers: Sequence[Layer],
 ) -> torch.Tensor:
     """Triton path of `router_step_logits` (inputs already validated, at most `MAX_CONVS` convs): one launch."""
-    B, H, D = k.shape
-    if k.stride(-1) != 1 or v.stride(-1) != 1 or x.stride(-1) != 1:
-        raise ValueError("router_step_logits: k, v and the ring x need a contiguous last dim (the kernel's rows)")
+    B, H, C0 = kv.shape
+    if kv.stride(-1) != 1 or x.stride(-1) != 1:
+        raise ValueError("router_step_logits: kv and the ring x need a contiguous last dim (the kernel's rows)")
     convs, (w_proj, b_proj, _) = layers[:-1], layers[-1]
     channels = [*ring_channels(layers), w_proj.shape[2]]  # C0 .. C{CONVS}
     unused = MAX_CONVS - len(convs)
     tensors = [t.contiguous() for w, b, _ in convs for t in (w, b)] + [w_proj, b_proj] * unused
     blocks = [max(MIN_BLOCK, triton.next_power_of_2(c)) for c in channels]
-    out = torch.empty(B, H, device=k.device, dtype=k.dtype)
+    out = torch.empty(B, H, device=kv.device, dtype=kv.dtype)
     pad = [1] * unused
     router_step_kernel[(H, triton.cdiv(B, ROWS))](
-        k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1), x, x.stride(0), x.stride(1), x.stride(2), valid,
+        kv, kv.stride(0), kv.stride(1), x, x.stride(0), x.stride(1), x.stride(2), valid,
         valid.stride(0), valid.stride(1), position, out, B, H, H // w_proj.shape[0], x.shape[2], *tensors,
-        w_proj.contiguous(), b_proj.contiguous(), len(convs), D, *(channels[1:] + pad), *(blocks + pad),
+        w_proj.contiguous(), b_proj.contiguous(), len(convs), C0, *(channels[1:] + pad), *(blocks + pad),
         *([w.shape[1] for w, _, _ in convs] + pad), *([d for _, _, d in convs] + pad),
         ROWS=ROWS, num_warps=4,
     )  # fmt: skip
