@@ -87,7 +87,7 @@ def _check_inputs(
     if new_score is not None:
         if new_score.shape != (B, HKV) or not new_score.is_floating_point():
             raise ValueError(
-                f"lte_evict: new_score must be float [B, HKV] = {(B, HKV)} (the router's logits of token "
+                f"lte_evict: new_score must be float [B, HKV] = {(B, HKV)} (the router's scores of token "
                 f"position - score_lag); got {new_score.dtype} {tuple(new_score.shape)}"
             )
         if offset is None or offset.shape != (B,) or offset.dtype != torch.int64:
@@ -231,7 +231,7 @@ def lte_evict(
         position: int64 0-d tensor on the cache's device, `>= 0`: the position of the new token.
         k_new, v_new: `[B, HKV, D]` (keys already rotated).
         ring_size: `W + 1`.
-        new_score: float `[B, HKV]`, the router's logits of token `position - score_lag`, or None (no score is
+        new_score: float `[B, HKV]`, the router's scores of token `position - score_lag`, or None (no score is
             recorded; the new token's slot keeps `-inf`).
         score_lag: in `[0, ring_size)`, the router's margin `m`.
         offset: int64 `[B]`, each row's left-padding length (with `new_score` only).
