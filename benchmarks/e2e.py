@@ -82,9 +82,10 @@ class Plan:
     # copied every step (session 8, when freezing's own patterns did that concatenation: GDN+LTE 0.4B at batch 64,
     # 3.80 -> 3.47 ms per step). Inference only; off with --no-freeze.
     freeze: bool = True
-    # Inductor combo kernels for the compiled steps: independent small kernels (e.g. the 12 LTE layers' position
-    # increments at the end of a step) share one launch. Session 9 measured nothing; since the step's kernels run
-    # back to back in the CUDA graph, ~1 us each, session 14 measured 2.23 -> 2.19 ms at batch 64 (docs/efficiency.md).
+    # Inductor combo kernels for the compiled steps: independent small kernels (e.g. an LTE layer's sum of the k|v
+    # partials and its rotations of q and k) share one launch. Session 9 measured nothing; since the step's kernels
+    # run back to back in the CUDA graph, ~1 us each, session 14 measured 2.22 -> 2.19 ms at batch 64
+    # (docs/efficiency.md).
     # Off with --no-combo-kernels.
     combo_kernels: bool = True
     # The projections' backend: "auto" lets `hlsa.ops.linear` pick (its split-K decode GEMM inside compiled or
