@@ -244,7 +244,7 @@ def lte_evict(
     if kernel_backend("lte_evict", backend, k_cache) == "torch":
         lte_evict_ref(*args, **kwargs)
         return
-    _check_inputs(*args, *kwargs.values())
+    _check_inputs(*args, **kwargs)
     from hlsa.ops.triton.lte_evict import lte_evict_triton
 
     lte_evict_triton(*args, **kwargs)
