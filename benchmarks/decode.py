@@ -236,18 +236,27 @@ def check_evict_and_graph(steps: int = 40) -> dict:
 SWEEP_SHAPES = ((64, 4, 64, 1281), (64, 4, 64, 769), (64, 4, 128, 1281), (64, 16, 128, 1281), (64, 16, 64, 1285))
 
 
-def sweep(copy_gbs: float, shapes: tuple[tuple[int, int, int, int], ...] = SWEEP_SHAPES) -> list[dict]:
+# Tile configs (BS, num_warps, num_stages) of the sweep; None = the kernel's own pick.
+SWEEP_CONFIGS = (None, (16, 4, 4), (32, 4, 3), (32, 4, 4), (32, 2, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 2, 3),
+                 (128, 4, 2), (128, 4, 3), (128, 8, 3))  # fmt: skip
+SWEEP_SPLITS = (None, 1, 2, 3, 4, 8)  # None = the occupancy heuristic's pick
+
+
+def sweep(
+    copy_gbs: float,
+    shapes: tuple[tuple[int, int, int, int], ...] = SWEEP_SHAPES,
+    configs: tuple[tuple[int, int, int] | None, ...] = SWEEP_CONFIGS,
+    splits: tuple[int | None, ...] = SWEEP_SPLITS,
+) -> list[dict]:
     """Tile configs x split counts on `shapes` (B, HKV, D, S)."""
     from hlsa.ops.triton.decode_attention import decode_attention_triton
 
     rows = []
-    configs = [None, (16, 4, 4), (32, 4, 3), (32, 4, 4), (32, 2, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 2, 3),
-               (128, 4, 2), (128, 4, 3), (128, 8, 3)]  # fmt: skip
     for B, HKV, D, S in shapes:
         kv_bytes = 2 * B * HKV * S * D * 2
         sets = make_cache(B, HKV, S, D, min(64, max(1, math.ceil(L2_ROTATE_BYTES / kv_bytes))))
         for config in configs:
-            for ns in (None, 1, 2, 3, 4, 8):
+            for ns in splits:
                 calls = [
                     lambda s=s, c=config, n=ns: decode_attention_triton(
                         s[0], s[1], s[2], valid=s[3], scale=s[0].shape[-1] ** -0.5, num_splits=n, config=c
@@ -352,8 +361,24 @@ def main() -> None:
         metavar="B,HKV,D,S",
         help="sweep only these cache shapes, and skip the other sections (default: all sections, SWEEP_SHAPES)",
     )
+    parser.add_argument(
+        "--sweep-splits",
+        help="comma-separated split counts to sweep besides the heuristic's (default: 1,2,3,4,8)",
+    )
+    parser.add_argument(
+        "--sweep-own-config", action="store_true", help="sweep only the kernel's own tile config, not the others"
+    )
     parser.add_argument("--plot-only", type=Path, help="only draw the PNG of an existing JSON (no GPU needed)")
     args = parser.parse_args()
+    splits = SWEEP_SPLITS
+    if args.sweep_splits:
+        try:
+            splits = (None, *(int(v) for v in args.sweep_splits.split(",")))
+        except ValueError:
+            splits = ()
+        if len(splits) < 2 or min(n for n in splits if n is not None) < 1:
+            raise SystemExit(f"--sweep-splits: expected comma-separated positive integers, got {args.sweep_splits!r}")
+    configs = (None,) if args.sweep_own_config else SWEEP_CONFIGS
     shapes = SWEEP_SHAPES
     if args.sweep_shapes:
         try:
@@ -377,7 +402,10 @@ def main() -> None:
         ("check_evict_graph", check_evict_and_graph),
         ("evict", evict_rows),
         ("decode", lambda: decode_rows(result["copy_gbs"])),
-        ("sweep", lambda: sweep(result["copy_gbs"], shapes) if args.sweep or args.sweep_shapes else None),
+        (
+            "sweep",
+            lambda: sweep(result["copy_gbs"], shapes, configs, splits) if args.sweep or args.sweep_shapes else None,
+        ),
     ]
     if args.sweep_shapes:
         sections = sections[-1:]

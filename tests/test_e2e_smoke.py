@@ -67,6 +67,24 @@ def test_memory_table_growth(smoke_json: dict) -> None:
     assert by[("gdn_lte", 1024)] == by[("gdn_lte", 256)]
 
 
+def test_memory_table_gives_each_measured_points_roofline(smoke_json: dict) -> None:
+    """The meta-device shapes (memory table) give the roofline that each decode point computed from its real model and
+    cache, so target 2's bound on the Transformer, which is computed from the shapes alone, uses the same arithmetic."""
+    e2e = _load_e2e()
+    shapes = {(r["arch"], r["context"]): r for r in smoke_json["memory"]}
+    bandwidth = smoke_json["copy_bandwidth_bytes_per_s"]
+    for row in smoke_json["decode"]:
+        shape = shapes[(row["arch"], row["context"])]
+        assert shape["weight_bytes"] == smoke_json["models"][row["arch"]]["weight_bytes"]
+        assert shape["step_bytes_per_seq"] == row["step_bytes_per_seq"], row
+        best = e2e.roofline_tokens_per_s(shape["weight_bytes"], shape["step_bytes_per_seq"], row["batch"], bandwidth)
+        assert best == pytest.approx(row["roofline_tokens_per_s"], rel=1e-12)
+    (bound,) = [t for t in smoke_json["targets"] if "the transformer's roofline" in t["target"]]
+    lte = [r for r in smoke_json["decode"] if (r["arch"], r["batch"], r["context"]) == ("gdn_lte", 2, 64)]
+    base = [r for r in smoke_json["decode"] if (r["arch"], r["batch"], r["context"]) == ("transformer", 2, 64)]
+    assert bound["value"] == pytest.approx(lte[0]["tokens_per_s"] / base[0]["roofline_tokens_per_s"])
+
+
 def _shapes(cache) -> list[dict]:
     return [
         {name: (tuple(v.shape), v.dtype) for name, v in vars(state).items() if isinstance(v, torch.Tensor)}

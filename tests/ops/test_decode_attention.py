@@ -122,6 +122,12 @@ def test_launch_heuristics(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernels._pick_num_splits(64 * 16, 41, 6 * 132) == 1
     assert kernels._pick_num_splits(128 * 4, 11, 3 * 132) == 1
     assert kernels._pick_num_splits(16, 11, 3 * 132) > 1
+    # The Transformer's 64K cache at B=16 (256 programs, 512 blocks, 396 places): 4 splits (962 us on the H200), not
+    # the 3 that a wave count over non-powers of two picks (1,107 us).
+    assert kernels._pick_num_splits(16 * 16, 512, 3 * 132) == 4
+    for n_programs, n_blocks in [(1, 1024), (16, 32), (16, 513), (64, 11), (256, 11), (4, 3)]:
+        ns = kernels._pick_num_splits(n_programs, n_blocks, 3 * 132)
+        assert ns == n_blocks or ns & (ns - 1) == 0, (n_programs, n_blocks, ns)
 
 
 def test_triton_public_api_and_strided_cache() -> None:

@@ -161,13 +161,19 @@ def _pick_num_splits(n_programs: int, n_blocks: int, resident: int) -> int:
     combine launch (H200, LTE cache at D=64, benchmarks/results/decode_attention_sweep_session13_h200.json: B=64,
     HKV=16 with (32, 2, 4) tiles, 85.8 us unsplit, 92.0 in 3 splits, which the cost model below picks; B=128, HKV=4
     with (128, 4, 2), 47.1 unsplit, 51.7 in the model's 2). Otherwise, a cost model in block iterations: waves x
-    blocks per program, plus one for the combine launch, over 1 and the split counts that fill 1..4 waves exactly.
+    blocks per program, plus one for the combine launch, over the powers of two up to the first that fills 4 waves.
+    Powers of two because the session-13 sweep timed 3 splits, which the model then picked for 256 programs on 396
+    places, slower than 2 and 4 in every case (Transformer cache B=16, HKV=16, S=64K: 1,107 us against 963 and 962;
+    LTE caches B=16 / HKV=16 and B=64 / HKV=4: 30.0 and 31.0 us against 28.4-29.4).
     H200 sweep (B=64, HKV=4, LTE cache): 256 programs on 264 places run best unsplit, where splitting in 2 doubles the
     waves (27 -> 33 us at D=64).
     """
     if n_programs >= resident:
         return 1
-    candidates = {1} | {max(1, min(n_blocks, k * resident // n_programs)) for k in (1, 2, 3, 4)}
+    candidates, ns = {1}, 1
+    while ns < n_blocks and n_programs * ns < 4 * resident:
+        ns *= 2
+        candidates.add(min(ns, n_blocks))
 
     def cost(ns: int) -> int:
         return math.ceil(n_programs * ns / resident) * math.ceil(n_blocks / ns) + (ns > 1)
