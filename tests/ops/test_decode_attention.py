@@ -179,3 +179,12 @@ def test_bad_input_raises(field: str, kwargs: dict) -> None:
     valid = torch.ones(kwargs.get("valid_shape", (2, hkv, 10)), dtype=kwargs.get("valid_dtype", torch.bool))
     with pytest.raises(ValueError, match=field):
         decode_attention(q, k, k, valid=valid, backend=kwargs.get("backend", "torch"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_cache_or_batch_raises(backend: str) -> None:
+    """No slots or no rows: a clear error on both paths (the reference's softmax and the kernel's launch differ)."""
+    for B, S in [(2, 0), (0, 10)]:
+        q, k = torch.randn(B, 4, 8), torch.randn(B, 2, S, 8)
+        with pytest.raises(ValueError, match="empty input"):
+            decode_attention(q, k, k, valid=torch.ones(B, 2, S, dtype=torch.bool), backend=backend)

@@ -195,6 +195,7 @@ def test_recorded_score_is_ranked_after_the_eviction(lag: int) -> None:
     the prompt's first steps included (positions below `lag`)."""
     B, HKV, ring, N, D, sink = 3, 2, 6, 3, 4, 2
     offset = torch.tensor([0, 2, 5], device=DEVICE)  # left padding per row
+    strided_offset = torch.stack([offset, torch.full_like(offset, 9)], dim=1)[:, 0]  # Triton gets a strided view
     g = torch.Generator().manual_seed(lag)
     S = ring + N  # a fresh cache, as a prompt of zero tokens leaves it
     cache_ref = (
@@ -213,7 +214,7 @@ def test_recorded_score_is_ranked_after_the_eviction(lag: int) -> None:
         kwargs = dict(position=position, k_new=k_new, v_new=v_new, ring_size=ring, new_score=new_score,
                       score_lag=lag, offset=offset, sink_size=sink)  # fmt: skip
         lte_evict_ref(*cache_ref, **kwargs)
-        lte_evict(*cache_tri, **kwargs, backend="triton")
+        lte_evict(*cache_tri, **{**kwargs, "offset": strided_offset}, backend="triton")
         for name, a, b in zip(NAMES, cache_tri, cache_ref):
             assert torch.equal(a, b), f"{name} differs at step {step}"
         j = step - lag

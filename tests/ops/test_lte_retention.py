@@ -52,16 +52,41 @@ def test_scan_matches_ref(B: int, T: int, H: int, window: int, buffer_size: int)
         for chunk in (None, 256, 1, 7):  # the default, one chunk (T <= 256), many (keys evicted chunks later)
             got = lte_column_end_scan(score, window=window, buffer_size=buffer_size, chunk=chunk)
             torch.testing.assert_close(got, expect)
-        torch.testing.assert_close(lte_column_end(score, window=window, buffer_size=buffer_size), expect)
 
 
-def test_all_sinks_and_all_pads() -> None:
+def test_cpu_dispatch_switches_to_the_scan_for_large_pair_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """backend=None on the CPU: the brute force while B*HKV*T^2 is small, the scan past the threshold."""
+    import hlsa.ops.lte_retention as retention
+
+    score = random_scores(2, 45, 2, levels=3)
+    expect = lte_column_end_ref(score, window=3, buffer_size=5)
+    used = []
+    for name in ("lte_column_end_ref", "lte_column_end_scan"):
+        fn = getattr(retention, name)
+        monkeypatch.setattr(retention, name, lambda *a, fn=fn, name=name, **k: used.append(name) or fn(*a, **k))
+    torch.testing.assert_close(lte_column_end(score, window=3, buffer_size=5), expect)
+    monkeypatch.setattr(retention, "BRUTE_FORCE_MAX_PAIRS", 2 * 2 * 45 * 45 - 1)
+    torch.testing.assert_close(lte_column_end(score, window=3, buffer_size=5), expect)
+    assert used == ["lte_column_end_ref", "lte_column_end_scan"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "scan", "triton"])
+def test_all_sinks_and_all_pads(backend: str) -> None:
     inf = torch.full((1, 10, 1), float("inf"))
-    end = lte_column_end(inf, window=2, buffer_size=3)
+    end = lte_column_end(inf, window=2, buffer_size=3, backend=backend)
     # The first three keys are kept forever; every later sink loses the tie to them and never enters.
     assert end[0, :3, 0].tolist() == [INT32_MAX] * 3
     assert end[0, 3:, 0].tolist() == [j + 3 for j in range(3, 10)]
-    assert (lte_column_end(-inf, window=2, buffer_size=3) == 0).all()
+    assert (lte_column_end(-inf, window=2, buffer_size=3, backend=backend) == 0).all()
+
+
+def test_backends_rank_fp64_scores_in_fp32() -> None:
+    """fp64 scores that differ only below fp32 precision tie in every backend (ties favour the earlier key)."""
+    score = torch.tensor([1.0, 1.0 + 1e-12, 0.5, 0.25, 2.0], dtype=torch.float64)[None, :, None]
+    ends = {b: lte_column_end(score, window=0, buffer_size=1, backend=b) for b in ("torch", "scan", "triton")}
+    assert ends["torch"][0, :, 0].tolist() == [5, 2, 3, 4, INT32_MAX]  # in fp64 key 1 would push key 0 out at 2
+    for backend in ("scan", "triton"):
+        torch.testing.assert_close(ends[backend], ends["torch"])
 
 
 def test_bad_arguments() -> None:
@@ -77,6 +102,14 @@ def test_bad_arguments() -> None:
         lte_column_end_scan(torch.ones(1, 4, 1), window=1, buffer_size=1, chunk=0)
     with pytest.raises(ValueError, match="chunk"):
         lte_column_end_triton(torch.ones(1, 4, 1), window=1, buffer_size=1, chunk=-2)
+
+
+def test_explicit_triton_on_the_cpu_without_the_interpreter_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hlsa.ops
+
+    monkeypatch.setattr(hlsa.ops, "interpreted", lambda: False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        lte_column_end(torch.ones(1, 4, 1), window=1, buffer_size=1, backend="triton")
 
 
 @pytest.mark.parametrize(

@@ -140,6 +140,31 @@ def test_triton_decode_matches_reference(B, T, HQ, HKV, D, BS, S, W, pads):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_triton_decode_reads_a_strided_start() -> None:
+    """`start` as a column view of a wider tensor: the kernel must read row b's start, not the b-th element."""
+    q, k, v, gates, mask = _inputs(2, 21, 4, 2, 16, pads=(3, 9))
+    qd, kc, vc, k_cmp, v_cmp, gd, start = _decode_inputs(q, k, v, gates, mask, 4)
+    strided = torch.stack([start, torch.full_like(start, 7)], dim=1)[:, 0]
+    assert strided.stride() == (2,)
+    kw = dict(seq_len=21, block_size=4, block_counts=3, window=5)
+    want = nsa_decode(qd, kc, vc, k_cmp, v_cmp, *gd, start=start, **kw, backend="torch")
+    got = nsa_decode(qd, kc, vc, k_cmp, v_cmp, *gd, start=strided, **kw, backend="triton")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decode_checks_the_compressed_caches(backend: str) -> None:
+    q, k, v, gates, _ = _inputs(1, 12, 2, 1, 8)
+    qd, kc, vc, k_cmp, v_cmp, gd, start = _decode_inputs(q, k, v, gates, None, 4)
+    kw = dict(start=start, seq_len=12, block_size=4, block_counts=2, window=2, backend=backend)
+    with pytest.raises(ValueError, match="NC >= seq_len // block_size = 3"):  # 2 slots for 3 complete blocks
+        nsa_decode(qd, kc, vc, k_cmp[:, :, :2], v_cmp[:, :, :2], *gd, **kw)
+    with pytest.raises(ValueError, match="D=8"):
+        nsa_decode(qd, kc, vc, k_cmp[..., :4], v_cmp[..., :4], *gd, **kw)
+    with pytest.raises(ValueError, match="dtype"):
+        nsa_decode(qd, kc, vc, k_cmp.double(), v_cmp.double(), *gd, **kw)
+
+
 def test_bad_inputs_raise():
     q, k, v, gates, _ = _inputs(1, 8, 2, 1, 4)
     right_pad = torch.tensor([[True] * 6 + [False] * 2])

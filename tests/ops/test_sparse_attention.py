@@ -196,6 +196,13 @@ def test_bad_arguments() -> None:
         sparse_attention(q, k[:, :, :1].expand(1, 8, 3, 8), v[:, :, :1].expand(1, 8, 3, 8), window=2)
     with pytest.raises(ValueError, match="backend"):
         sparse_attention(q, k, v, window=2, backend="flash")
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="scale must be > 0"):  # the kernel's running max needs scale > 0
+            sparse_attention(q, k, v, window=2, scale=-0.3, backend=backend)
+        with pytest.raises(ValueError, match="empty input"):
+            sparse_attention(q[:, :0], k[:, :0], v[:, :0], window=2, backend=backend)
+        with pytest.raises(ValueError, match="empty input"):
+            sparse_attention(q[:0], k[:0], v[:0], window=2, backend=backend)
 
 
 @pytest.mark.gpu

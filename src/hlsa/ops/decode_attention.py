@@ -28,6 +28,8 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             f"decode_attention: k_cache must be [B, HKV, S, D] with B, D as in q and HQ divisible by HKV; got q "
             f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}"
         )
+    if B == 0 or S == 0:
+        raise ValueError(f"decode_attention: empty input (B={B}, S={S} cache slots); pass at least one of each")
     if not (q.dtype == k_cache.dtype == v_cache.dtype) or not q.is_floating_point():
         raise ValueError(
             f"decode_attention: q, k_cache, v_cache must share one float dtype; got {q.dtype}, {k_cache.dtype}, "

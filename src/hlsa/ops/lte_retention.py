@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from hlsa.ops import kernel_backend
+
 INT32_MAX = 2**31 - 1
 MAX_TRITON_SLOTS = 8192
 POS_BITS = 31  # positions < 2^31 fill the low bits of a rank key (`prefix_buffers`)
@@ -36,7 +38,7 @@ def _check(score: torch.Tensor, window: int, buffer_size: int) -> None:
 
 
 def lte_column_end_ref(score: torch.Tensor, *, window: int, buffer_size: int) -> torch.Tensor:
-    """Brute-force rank count, O(T^2) memory.
+    """Brute-force rank count, O(T^2) memory. Scores are compared in fp32, as in the scan and the kernel.
 
     Args:
         score: float `[B, T, HKV]` router scores (`+inf` sinks, `-inf` pads).
@@ -48,7 +50,7 @@ def lte_column_end_ref(score: torch.Tensor, *, window: int, buffer_size: int) ->
     """
     _check(score, window, buffer_size)
     B, T, H = score.shape
-    s = score.permute(0, 2, 1)  # [B, H, T]
+    s = score.float().permute(0, 2, 1)  # [B, H, T]
     pos = torch.arange(T, device=score.device)
     s_k, s_j = s[:, :, :, None], s[:, :, None, :]  # competitor k on dim 2, key j on dim 3
     # k outranks j: a higher score, or an equal score at an earlier position.
@@ -173,6 +175,7 @@ def lte_column_end(score: torch.Tensor, *, window: int, buffer_size: int, backen
         return lte_column_end_ref(score, window=window, buffer_size=buffer_size)
     if backend == "scan":
         return lte_column_end_scan(score, window=window, buffer_size=buffer_size)
+    kernel_backend("lte_column_end", backend, score)  # an explicit "triton" needs CUDA or the interpreter
     _check(score, window, buffer_size)
     from hlsa.ops.triton.lte_retention import lte_column_end_triton
 

@@ -17,6 +17,8 @@ Shape legend: `B` batch, `T` length, `HQ` query heads, `HKV` kv heads (`G = HQ /
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from hlsa.ops import kernel_backend
@@ -249,6 +251,7 @@ def nsa(
     if backend not in ("torch", "fla", None):
         raise ValueError(f"nsa: backend must be None, 'torch' or 'fla'; got {backend!r}")
     reason = None if q.is_cuda else "fla needs CUDA tensors"
+    reason = reason or (None if importlib.util.find_spec("fla") else "fla-core is not installed (pip install fla-core)")
     reason = reason or fla_supports(q, k, block_size=block_size, block_counts=block_counts)
     if backend == "fla" and reason is not None:
         raise ValueError(f"nsa: backend='fla' unavailable: {reason}")
@@ -269,7 +272,7 @@ def nsa(
     )  # fmt: skip
 
 
-def _check_decode(q, k_cache, v_cache, k_cmp, v_cmp, start, seq_len) -> None:
+def _check_decode(q, k_cache, v_cache, k_cmp, v_cmp, start, seq_len, block_size) -> None:
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cmp.shape != v_cmp.shape:
         raise ValueError(
             f"nsa_decode: q must be [B, HQ, D], caches [B, HKV, N, D], compressed caches [B, HKV, NC, D]; got "
@@ -282,6 +285,16 @@ def _check_decode(q, k_cache, v_cache, k_cmp, v_cmp, start, seq_len) -> None:
         )
     if not 0 < seq_len <= k_cache.shape[2]:
         raise ValueError(f"nsa_decode: seq_len must be in [1, N={k_cache.shape[2]}]; got {seq_len}")
+    if k_cmp.shape[3] != D or k_cmp.shape[2] < seq_len // block_size:
+        raise ValueError(
+            f"nsa_decode: compressed caches must be [B, HKV, NC >= seq_len // block_size = {seq_len // block_size}, "
+            f"D={D}] (a row with no left padding needs that many blocks); got {tuple(k_cmp.shape)}"
+        )
+    if {t.dtype for t in (k_cache, v_cache, k_cmp, v_cmp)} != {q.dtype}:
+        raise ValueError(
+            f"nsa_decode: caches must have q's dtype {q.dtype}; got {k_cache.dtype}, {v_cache.dtype}, "
+            f"{k_cmp.dtype}, {v_cmp.dtype}"
+        )
     if start.shape != (B,) or start.dtype != torch.int32 or start.device != q.device:
         raise ValueError(f"nsa_decode: start must be int32 [B] on {q.device}; got {start.dtype} {tuple(start.shape)}")
 
@@ -304,9 +317,9 @@ def nsa_decode_ref(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Readable reference of `nsa_decode` (one row at a time; host syncs on `start`). Args as in `nsa_decode`."""
-    _check_decode(q, k_cache, v_cache, k_cmp, v_cmp, start, seq_len)
-    _check_gates(q, (g_cmp, g_slc, g_swa))
     _check_config(block_size, block_counts, window)
+    _check_decode(q, k_cache, v_cache, k_cmp, v_cmp, start, seq_len, block_size)
+    _check_gates(q, (g_cmp, g_slc, g_swa))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     rows = []
     for b, s in enumerate(start.tolist()):
@@ -363,9 +376,9 @@ def nsa_decode(
             q, k_cache, v_cache, k_cmp, v_cmp, g_cmp, g_slc, g_swa, start=start, seq_len=seq_len,
             block_size=block_size, block_counts=block_counts, window=window, scale=scale,
         )  # fmt: skip
-    _check_decode(q, k_cache, v_cache, k_cmp, v_cmp, start, seq_len)
-    _check_gates(q, (g_cmp, g_slc, g_swa))
     _check_config(block_size, block_counts, window)
+    _check_decode(q, k_cache, v_cache, k_cmp, v_cmp, start, seq_len, block_size)
+    _check_gates(q, (g_cmp, g_slc, g_swa))
     from hlsa.ops.triton.nsa_decode import nsa_decode_triton
 
     return nsa_decode_triton(

@@ -20,6 +20,7 @@ def _check_inputs(
     window: int | None,
     column_end: torch.Tensor | None,
     key_mask: torch.Tensor | None,
+    scale: float | None,
 ) -> None:
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(
@@ -32,6 +33,10 @@ def _check_inputs(
             f"sparse_attention: k, v must be [B, T, HKV, D] with HQ divisible by HKV; got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}"
         )
+    if B == 0 or T == 0:
+        raise ValueError(f"sparse_attention: empty input (B={B}, T={T}); pass at least one token per row")
+    if scale is not None and not scale > 0:  # the kernel's running max assumes scores grow with q.k
+        raise ValueError(f"sparse_attention: scale must be > 0 (default D ** -0.5); got {scale}")
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
         raise ValueError(f"sparse_attention: q, k, v must share one float dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -95,7 +100,7 @@ def sparse_attention_ref(
 
     Args and Returns as in `sparse_attention`. Rows that see no key output zeros.
     """
-    _check_inputs(q, k, v, window, column_end, key_mask)
+    _check_inputs(q, k, v, window, column_end, key_mask, scale)
     B, T, HQ, D = q.shape
     G = HQ // k.shape[2]
     scale = D**-0.5 if scale is None else scale
@@ -140,7 +145,7 @@ def sparse_attention(
     """
     if kernel_backend("sparse_attention", backend, q) == "torch":
         return sparse_attention_ref(q, k, v, window=window, column_end=column_end, key_mask=key_mask, scale=scale)
-    _check_inputs(q, k, v, window, column_end, key_mask)
+    _check_inputs(q, k, v, window, column_end, key_mask, scale)
     from hlsa.ops.triton.sparse_attention import sparse_attention_triton
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale

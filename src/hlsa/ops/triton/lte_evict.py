@@ -154,6 +154,7 @@ def lte_evict_triton(
     for name, t in (("score_cache", score_cache), ("valid", valid), ("pos_cache", pos_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"lte_evict: {name} needs unit stride along S (it is updated in place)")
+    offset = None if offset is None else offset.contiguous()  # the kernel reads row b at offset + b
     lte_evict_kernel[(B * HKV,)](
         k_cache,
         v_cache,

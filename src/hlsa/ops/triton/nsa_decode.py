@@ -193,7 +193,7 @@ def nsa_decode_triton(
         raise ValueError("nsa_decode: caches need a contiguous last dim, and k/v caches the same strides")
     if v_cmp.stride() != k_cmp.stride():
         raise ValueError("nsa_decode: k_cmp and v_cmp need the same strides")
-    q, g_cmp, g_slc, g_swa = (x.contiguous() for x in (q, g_cmp, g_slc, g_swa))
+    q, g_cmp, g_slc, g_swa, start = (x.contiguous() for x in (q, g_cmp, g_slc, g_swa, start))
     NCP = _pow2_at_least_16((seq_len - 1) // block_size + 1)  # candidate blocks 0..IC fit in NCP keys
     imp = torch.empty(B * HKV, NCP, dtype=torch.float32, device=q.device)
     o = torch.empty_like(q)
