@@ -33,3 +33,43 @@ def test_generate_streams_the_greedy_continuation(checkpoint, capsys):
 def test_generate_rejects_a_directory_without_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="not a checkpoint directory"):
         main(["generate", str(tmp_path), "--prompt", "x"])
+
+
+def test_generate_accepts_the_byte_tokenizer_by_name(checkpoint, capsys):
+    _, root = checkpoint
+    argv = ["generate", str(root / "ckpt"), "--tokenizer", "byte", "--prompt", "hello", "--max-new-tokens", "3"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("hello")
+
+
+def test_generate_samples_with_valid_flags(checkpoint, capsys):
+    _, root = checkpoint
+    argv = ["generate", str(root / "ckpt"), "--prompt", "hello", "--max-new-tokens", "3", "--device", "cpu"]
+    assert main([*argv, "--temperature", "0.8", "--top-k", "5", "--top-p", "0.9"]) == 0
+    assert capsys.readouterr().out.startswith("hello")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--temperature", "-1"], r"--temperature must be >= 0"),
+        (["--temperature", "nan"], r"--temperature must be >= 0"),
+        (["--temperature", "0.7", "--top-k", "0"], r"--top-k must be >= 1"),
+        (["--temperature", "0.7", "--top-p", "0"], r"--top-p must be in \(0, 1\]"),
+        (["--temperature", "0.7", "--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
+        (["--top-k", "5"], r"pass --temperature > 0 to sample"),
+        (["--top-p", "0.9"], r"pass --temperature > 0 to sample"),
+    ],
+)
+def test_generate_rejects_bad_sampling_flags(checkpoint, flags, message):
+    _, root = checkpoint
+    with pytest.raises(SystemExit, match=message):
+        main(["generate", str(root / "ckpt"), "--prompt", "hello", "--max-new-tokens", "2", "--device", "cpu", *flags])
+
+
+def test_generate_refuses_a_tokenizer_larger_than_the_model_vocabulary(tmp_path):
+    """The byte tokenizer (259 ids) next to a 200-token model: ids 200..258 would index past the embeddings."""
+    tiny_model("gdn_lte", vocab_size=200).save_pretrained(tmp_path / "ckpt")
+    byte_tokenizer().save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(SystemExit, match=r"259 tokens .* vocab_size 200; pass --tokenizer DIR with the tokenizer"):
+        main(["generate", str(tmp_path / "ckpt"), "--prompt", "hello", "--max-new-tokens", "2", "--device", "cpu"])

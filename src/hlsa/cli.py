@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from hlsa.train.options import OptionsError
+
 # Modules that contribute subcommands (train/demo, eval/convert, generate).
 SUBCOMMAND_MODULES = ("hlsa.train.cli", "hlsa.eval.cli", "hlsa.generate")
 
@@ -28,7 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except OptionsError as e:
+        # A bad option or options file (`hlsa train`, `hlsa demo --train`'s recipe) is a usage error like argparse's:
+        # one line and status 2. Only this type is caught, and only options.py raises it (while options are read and
+        # checked, before any work starts); errors from deeper code keep their tracebacks, which is what finds bugs.
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -204,9 +204,13 @@ class HybridConfig(PretrainedConfig):
                 raise ValueError(f"mixers[{i}]: unknown mixer {t!r}; expected one of {MIXERS}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: {self.backend!r} is not one of {BACKENDS}")
+        if self.hidden_act not in ("swish", "silu"):
+            raise ValueError(f"hidden_act must be 'swish' (SiLU, the gated MLP's activation); got {self.hidden_act!r}")
         used = {SUBCONFIG_OF[t] for t in self.mixers}
         for kind in sorted(used):
             self._validate_heads(kind)
+        if "gdn" in used:
+            self._validate_gdn()
         if "swa" in self.mixers:
             self._validate_window("attn", required=True)
         if "attn" in self.mixers and self.attn["window_size"] is not None and "swa" not in self.mixers:
@@ -234,8 +238,23 @@ class HybridConfig(PretrainedConfig):
                 f"{kind}.head_dim is not given and hidden_size ({self.hidden_size}) is not divisible by "
                 f"{kind}.num_heads ({heads}); set {kind}.head_dim"
             )
-        if kind != "gdn" and (head_dim or self.hidden_size // heads) % 2 != 0:
+        if head_dim is not None and (not _is_int(head_dim) or head_dim < 1):
+            raise ValueError(f"{kind}.head_dim must be a positive integer or null (hidden_size // num_heads)")
+        if kind != "gdn" and self._head_dim(kind) % 2 != 0:
             raise ValueError(f"{kind}.head_dim must be even for rotary embeddings")
+
+    def _head_dim(self, kind: str) -> int:
+        sub = getattr(self, kind)
+        return sub["head_dim"] if sub.get("head_dim") is not None else self.hidden_size // sub["num_heads"]
+
+    def _validate_gdn(self) -> None:
+        gdn = self.gdn
+        expand_v = gdn["expand_v"]
+        head_v_dim = self._head_dim("gdn") * expand_v if isinstance(expand_v, (int, float)) else None
+        if head_v_dim is None or expand_v <= 0 or head_v_dim != int(head_v_dim):
+            raise ValueError(f"gdn.expand_v * head_dim must be a positive integer (got {expand_v!r} * head_dim)")
+        if gdn["use_short_conv"] and (not _is_int(gdn["conv_size"]) or gdn["conv_size"] < 1):
+            raise ValueError(f"gdn.conv_size must be an integer >= 1 with use_short_conv (got {gdn['conv_size']!r})")
 
     def _validate_window(self, kind: str, *, required: bool) -> None:
         w = getattr(self, kind)["window_size"]
@@ -271,9 +290,11 @@ class HybridConfig(PretrainedConfig):
             )
         if len(lte["conv_size"]) != len(lte["conv_dilation"]) or not lte["conv_size"]:
             raise ValueError("lte.conv_size and lte.conv_dilation must be non-empty lists of the same length")
+        if not all(_is_int(v) for v in (*lte["conv_size"], *lte["conv_dilation"])):
+            raise ValueError("lte.conv_size and lte.conv_dilation entries must be integers")
         if any(k < 1 or k % 2 == 0 for k in lte["conv_size"]) or any(d < 1 for d in lte["conv_dilation"]):
             raise ValueError("lte.conv_size entries must be odd and >= 1 (symmetric padding); dilations >= 1")
-        head_dim = lte["head_dim"] or self.hidden_size // lte["num_heads"]
+        head_dim = self._head_dim("lte")
         if (2 * head_dim) % (2 ** len(lte["conv_size"])) != 0:
             raise ValueError(
                 f"lte: each router conv halves the channels (2 * head_dim = {2 * head_dim}); head_dim must be "
@@ -318,3 +339,7 @@ class HybridConfig(PretrainedConfig):
     @property
     def lte_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.mixers) if t == "lte"]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

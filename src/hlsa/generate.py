@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,12 +12,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tokenizer",
         default=None,
-        help="local tokenizer directory (default: the checkpoint's own, else hlsa's byte-level tokenizer)",
+        help="local tokenizer directory, or 'byte' (default: the checkpoint's own, else hlsa's byte tokenizer)",
     )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument(
+        "--top-k", type=int, default=None, help="sample among the k likeliest tokens (needs --temperature > 0)"
+    )
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1] (needs --temperature > 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument(
@@ -27,18 +28,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_tokenizer(model_dir: str, tokenizer: str | None):  # noqa: ANN201 - a transformers tokenizer
-    from transformers import AutoTokenizer
-
-    path = tokenizer or model_dir
-    has_own = any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    if tokenizer is not None and not has_own:
-        raise SystemExit(f"--tokenizer {tokenizer}: no tokenizer.json/tokenizer_config.json there")
-    if has_own:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    from hlsa.tokenizer import byte_tokenizer
-
-    return byte_tokenizer()
+def _check_sampling(args: argparse.Namespace) -> None:
+    """Refuse sampling flags that transformers would reject deep inside `generate`, or silently ignore."""
+    # `not x >= 0` rather than `x < 0`, and `not 0 < p <= 1`, so that NaN fails too.
+    if not args.temperature >= 0:
+        raise SystemExit(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise SystemExit(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise SystemExit(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        raise SystemExit(
+            "--top-k/--top-p need sampling but --temperature 0 is greedy: pass --temperature > 0 to sample"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,16 +49,18 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
-    from hlsa import HybridForCausalLM
+    from hlsa.eval.common import load_model, load_tokenizer, pick_device
 
-    if not (Path(args.model) / "config.json").exists():
-        raise SystemExit(f"{args.model}: not a checkpoint directory (no config.json)")
     if args.max_new_tokens < 1:
         raise SystemExit("--max-new-tokens must be >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else "auto"
-    model = HybridForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    tok = load_tokenizer(args.model, args.tokenizer)
+    _check_sampling(args)
+    device = pick_device(args.device)
+    try:
+        # The tokenizer first: it is checked against the checkpoint's vocab_size before the weights are read.
+        tok = load_tokenizer(args.model, args.tokenizer)
+        model = load_model(args.model, device=device, dtype=args.dtype)
+    except ValueError as e:  # a bad checkpoint or tokenizer directory: a one-line message, not a traceback
+        raise SystemExit(str(e)) from None
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     ids = tok(prompt, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:
@@ -69,10 +73,10 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         do_sample=sample,
         temperature=args.temperature if sample else None,
-        top_k=args.top_k if sample else None,
-        top_p=args.top_p if sample else None,
+        top_k=args.top_k,
+        top_p=args.top_p,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
-        streamer=TextStreamer(tok, skip_prompt=False),
+        streamer=TextStreamer(tok, skip_prompt=False, skip_special_tokens=True),  # no <bos> in the echo
     )
     return 0

@@ -147,3 +147,12 @@ def test_distractor_needles_avoid_the_query_keys() -> None:
     avoid = keys(haystack_units("needle", 20, random.Random(0)))
     units = haystack_units("needle", 300, random.Random(0), avoid_keys=avoid)
     assert len(units) == 300 and not keys(units) & avoid
+
+
+def test_make_samples_progress(capsys: pytest.CaptureFixture) -> None:
+    """A bar on stderr while the samples are sized (it can take minutes), nothing with progress=False."""
+    kw = {"tokenizer": _tok(), "lengths": [480], "depths": [0.0, 100.0], "tokens_to_generate": 4}
+    make_samples(["niah_single_1"], **kw)
+    assert "niah samples" in capsys.readouterr().err
+    make_samples(["niah_single_1"], progress=False, **kw)
+    assert capsys.readouterr().err == ""

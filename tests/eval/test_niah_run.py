@@ -1,4 +1,5 @@
-"""`hlsa eval niah` on a tiny model: the run writes the summary, batching does not change predictions, export works."""
+"""`hlsa eval niah` on a tiny model: the run writes the summary and shows progress, batching does not change
+predictions, export works; the eval commands refuse a tokenizer larger than the model's vocabulary."""
 
 from __future__ import annotations
 
@@ -28,7 +29,11 @@ def test_niah_command(tiny_swa_dir: Path, tmp_path: Path, capsys: pytest.Capture
     assert len(result["records"]) == 2 * 2
     cell = result["summary"]["niah_multikey_2"]["480"]["100"]
     assert set(cell) == {"partial", "exact", "n"} and cell["n"] == 1
-    assert "niah_single_1" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "niah_single_1" in captured.out
+    # Progress goes to stderr (stdout keeps only the table): 4 samples built, then one batch of 4 generated.
+    assert "niah samples" in captured.err and "4/4" in captured.err
+    assert "niah generate" in captured.err and "1/1" in captured.err
 
 
 def test_batched_generation_equals_single(tiny_lte_dir: Path) -> None:
@@ -54,3 +59,27 @@ def test_export_lm_eval(tiny_lte_dir: Path, tmp_path: Path) -> None:
     yaml_text = (tmp_path / "tasks" / "hlsa_niah_single_3.yaml").read_text()
     assert "task: hlsa_niah_single_3" in yaml_text and 'metric: "560"' in yaml_text
     assert (tmp_path / "tasks" / "hlsa_niah_utils.py").is_file()
+
+
+@pytest.mark.parametrize("command", ["niah", "ppl", "inspect"])
+def test_tokenizer_larger_than_the_vocabulary_is_refused(command: str, tmp_path: Path) -> None:
+    """A 200-token model saved with the byte tokenizer (259 ids): every eval command stops before running it."""
+    from hlsa.config import HybridConfig
+    from hlsa.model import HybridForCausalLM
+    from hlsa.tokenizer import byte_tokenizer
+    from tests.eval.conftest import TINY_CONFIGS
+
+    fields = {k: v for k, v in json.loads((TINY_CONFIGS / "gdn_swa.json").read_text()).items() if k != "model_type"}
+    fields.update(vocab_size=200, backend="torch")
+    ckpt = tmp_path / "ckpt"
+    HybridForCausalLM(HybridConfig(**fields)).save_pretrained(ckpt)
+    byte_tokenizer().save_pretrained(ckpt)
+    (tmp_path / "doc.txt").write_text("hello world " * 20)
+    extra = {
+        "niah": ["--tasks", "niah_single_1", "--lengths", "480", "--depths", "50", "--samples", "1"],
+        "ppl": ["--data", str(tmp_path / "doc.txt"), "--block-size", "64", "--bucket-size", "32"],
+        "inspect": ["--prompt", "hello world", "--out", str(tmp_path / "x.png")],
+    }[command]
+    args = _parser().parse_args(["eval", command, str(ckpt), "--device", "cpu", *extra])
+    with pytest.raises(ValueError, match=r"259 tokens .* vocab_size 200; pass --tokenizer DIR with the tokenizer"):
+        args.func(args)

@@ -60,6 +60,14 @@ def tiny(**overrides):
         ({"lte": {"num_heads": 4, "bogus": 1}}, r"lte: unknown field\(s\) \['bogus'\]"),
         ({"backend": "cuda"}, r"backend: 'cuda' is not one of"),
         ({"mixers": ["gdn"], "mixer_layers": None}, r"mixers has 1 entries but num_hidden_layers=2"),
+        # Caught by the config, not later by the layer constructors (a bad config could be saved and shipped).
+        ({"lte": {"num_heads": 4, "head_dim": 0}}, r"lte.head_dim must be a positive integer or null"),
+        ({"lte": {"num_heads": 4, "head_dim": -2}}, r"lte.head_dim must be a positive integer or null"),
+        ({"gdn": {"num_heads": 2, "head_dim": 0}}, r"gdn.head_dim must be a positive integer or null"),
+        ({"gdn": {"num_heads": 2, "expand_v": 1.3}}, r"gdn.expand_v \* head_dim must be a positive integer"),
+        ({"gdn": {"num_heads": 2, "conv_size": 0}}, r"gdn.conv_size must be an integer >= 1"),
+        ({"hidden_act": "gelu"}, r"hidden_act must be 'swish'"),
+        ({"lte": {"num_heads": 4, "conv_size": [3.0, 3, 3]}}, r"conv_dilation entries must be integers"),
     ],
 )
 def test_validation_messages(overrides, message):

@@ -31,6 +31,17 @@ def test_prefill_decode_equals_full_forward(arch, prompt_len):
     assert (cached - full).abs().max() <= 1e-4
 
 
+def test_cached_forward_without_no_grad(arch):
+    """An eval loop that forgets torch.no_grad still decodes, as it does with it (LTE's decode scoring has no gradient
+    and runs under no_grad itself)."""
+    model = tiny_model(arch)
+    ids = torch.randint(0, model.config.vocab_size, (2, 13))
+    cached, _ = decode_logits(model, ids, 5)
+    with torch.no_grad():
+        want, _ = decode_logits(model, ids, 5)
+    torch.testing.assert_close(cached.detach(), want, rtol=1e-4, atol=1e-5)  # autograd may pick other kernels
+
+
 def test_left_padded_prefill_decode_equals_full_forward(arch):
     """Row 3's pads reach into the last `margin` prompt positions of the tiny LTE (3), so its first decode step scores
     a pad, and the next two its sinks."""

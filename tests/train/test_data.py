@@ -64,8 +64,8 @@ def byte_opts(source: str, **over: object) -> DataOptions:
 def test_long_document_spans_rows_and_short_ones_pack(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("x" * 30)
     (tmp_path / "b.txt").write_text("yz")
-    stream, vocab = build_stream(byte_opts(str(tmp_path)), seed=0)
-    assert vocab == 259
+    stream, vocab, tokenizer = build_stream(byte_opts(str(tmp_path)), seed=0)
+    assert vocab == 259 and tokenizer("hi")["input_ids"] == [257, ord("h"), ord("i")]  # saved to put <bos> first
     rows = torch.cat([stream.next_batch()["input_ids"] for _ in range(3)])  # 48 tokens: 32 of a, 4 of b, 12 of a
     flat = rows.flatten().tolist()
     assert flat[:32] == [257] + [ord("x")] * 30 + [258]
@@ -79,7 +79,7 @@ def test_jsonl_and_parquet(tmp_path: Path) -> None:
 
     (tmp_path / "d.jsonl").write_text(json.dumps({"body": "hello"}) + "\n\n" + json.dumps({"body": "you"}) + "\n")
     pq.write_table(pa.table({"body": ["abc"]}), tmp_path / "e.parquet")
-    stream, _ = build_stream(byte_opts(f"{tmp_path}/d.jsonl,{tmp_path}/e.parquet", text_field="body"), seed=0)
+    stream, _, _ = build_stream(byte_opts(f"{tmp_path}/d.jsonl,{tmp_path}/e.parquet", text_field="body"), seed=0)
     flat = stream.next_batch()["input_ids"].flatten().tolist()
     assert bytes(t for t in flat if t < 256) == b"helloyouabc"
     with pytest.raises(ValueError, match="no field 'text'"):
@@ -88,7 +88,7 @@ def test_jsonl_and_parquet(tmp_path: Path) -> None:
 
 def test_empty_and_missing_files(tmp_path: Path) -> None:
     (tmp_path / "empty.txt").write_text("")
-    stream, _ = build_stream(byte_opts(str(tmp_path / "empty.txt")), seed=0)
+    stream, _, _ = build_stream(byte_opts(str(tmp_path / "empty.txt")), seed=0)
     with pytest.raises(ValueError, match="no text"):
         stream.next_batch()
     with pytest.raises(ValueError, match="does not exist"):
@@ -102,7 +102,7 @@ def test_empty_and_missing_files(tmp_path: Path) -> None:
 
 def test_read_once_stream_ends(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("abcdefghijklmn")  # 16 tokens: one batch of 2 x 8
-    stream, _ = build_stream(byte_opts(str(tmp_path / "a.txt"), repeat=False), seed=0)
+    stream, _, _ = build_stream(byte_opts(str(tmp_path / "a.txt"), repeat=False), seed=0)
     stream.next_batch()
     with pytest.raises(DataExhaustedError):
         stream.next_batch()

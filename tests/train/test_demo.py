@@ -31,6 +31,7 @@ def test_demo_evaluates_and_writes_its_outputs(tmp_path: Path, capsys: pytest.Ca
 def test_demo_training_resumes_from_its_run_directory(tmp_path: Path) -> None:
     recipe = demo.load_recipe(demo.DEFAULT_RECIPE)
     recipe["data"].update(seq_len=48, batch_size=2, num_pairs=6, num_queries=4)
+    recipe.setdefault("optim", {}).update(warmup_steps=1)
     recipe["train"].update(steps=2, log_every=1)
     recipe["checkpoint"].update(interval=1)
     recipe["log"].update(progress=False)

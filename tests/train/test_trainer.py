@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hlsa.train.options import Options, build_options
-from hlsa.train.trainer import Trainer, lr_factor
+from hlsa.train.trainer import Trainer, TrainingInterruptedError, lr_factor
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -119,8 +119,11 @@ def test_non_finite_steps_are_skipped(tmp_path: Path) -> None:
 
 
 def test_sigterm_saves_then_resume_finishes(tmp_path: Path) -> None:
-    config = tiny_config(tmp_path)
-    trainer = Trainer(options(config, tmp_path / "run", **{"checkpoint.interval": 100}))
+    """A stop request saves the step and raises instead of exporting: an interrupted run is not a trained model."""
+    config, export = tiny_config(tmp_path), tmp_path / "hf"
+    trainer = Trainer(
+        options(config, tmp_path / "run", **{"checkpoint.interval": 100, "checkpoint.export": str(export)})
+    )
     step = trainer.train_step
 
     def signal_at_2(n: int) -> dict[str, float]:
@@ -129,10 +132,69 @@ def test_sigterm_saves_then_resume_finishes(tmp_path: Path) -> None:
         return step(n)
 
     trainer.train_step = signal_at_2
-    trainer.run()
+    with pytest.raises(TrainingInterruptedError, match="stopped at step 2 of 6"):
+        trainer.run()
     assert trainer.step == 2 and (tmp_path / "run" / "latest").read_text() == "step-00000002"
-    resumed = Trainer(options(config, tmp_path / "run", **{"checkpoint.resume": True}))
+    assert not export.exists()
+    resumed = Trainer(
+        options(config, tmp_path / "run", **{"checkpoint.resume": True, "checkpoint.export": str(export)})
+    )
     assert len(resumed.run()) == 4 and resumed.step == 6
+    assert (export / "model.safetensors").is_file()
+
+
+def test_a_fresh_run_refuses_a_directory_with_checkpoints(tmp_path: Path) -> None:
+    """Without --resume, starting over in an old run's directory would interleave the two runs' steps and prune the
+    new run's checkpoints as the oldest."""
+    config = tiny_config(tmp_path)
+    Trainer(options(config, tmp_path / "run")).run()
+    with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):
+        Trainer(options(config, tmp_path / "run", **{"train.steps": 2, "optim.warmup_steps": 1}))
+
+
+def test_resume_checks_the_model_and_data_and_says_when_there_is_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tiny_config(tmp_path)
+    Trainer(options(config, tmp_path / "run", **{"train.steps": 3})).run()
+    other = json.loads(Path(config).read_text())
+    other["hidden_size"] = 48
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="holds another model than model.config"):
+        Trainer(options(str(tmp_path / "other.json"), tmp_path / "run", **{"checkpoint.resume": True}))
+    with pytest.raises(ValueError, match="data.source='synthetic:mqar' \\(now 'synthetic:passkey'\\)"):
+        Trainer(options(config, tmp_path / "run", **{"checkpoint.resume": True, "data.source": "synthetic:passkey"}))
+    fresh = Trainer(options(config, tmp_path / "typo", **{"checkpoint.resume": True}))
+    assert fresh.step == 0 and "no checkpoint in" in capsys.readouterr().err
+
+
+def test_resume_takes_this_runs_optimizer_options(tmp_path: Path) -> None:
+    """--optim.lr (and AdamW's other hyperparameters) of the resumed run apply; the loaded state dicts do not win."""
+    config = tiny_config(tmp_path)
+    Trainer(options(config, tmp_path / "run", **{"train.steps": 3})).run()
+    new = {"checkpoint.resume": True, "optim.lr": 1e-4, "optim.min_lr_ratio": 1.0, "optim.weight_decay": 0.0}
+    resumed = Trainer(options(config, tmp_path / "run", **new))
+    group = resumed.optimizer.param_groups[0]
+    assert group["weight_decay"] == 0.0 and group["lr"] == pytest.approx(1e-4)
+    assert [m["lr"] for m in resumed.run()] == pytest.approx([1e-4] * 3)
+
+
+def test_resumed_log_has_each_step_once(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path)
+    first = Trainer(options(config, tmp_path / "run"))
+    step = first.train_step
+
+    def dies_at_5(n: int) -> dict[str, float]:
+        if n == 5:
+            raise RuntimeError("crash")  # steps 4 was logged, the checkpoint is step 3
+        return step(n)
+
+    first.train_step = dies_at_5
+    with pytest.raises(RuntimeError, match="crash"):
+        first.run()
+    Trainer(options(config, tmp_path / "run", **{"checkpoint.resume": True})).run()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_export_loads_with_from_pretrained(tmp_path: Path) -> None:
@@ -161,7 +223,18 @@ def test_hlsa_train_command_line(tmp_path: Path) -> None:
     opts_file = tmp_path / "o.yaml"
     opts_file.write_text("data:\n  seq_len: 40\n  batch_size: 1\n  num_pairs: 2\n  num_queries: 2\n")
     argv = ["train", "--options", str(opts_file), "--config", tiny_config(tmp_path), "--data", "synthetic:passkey"]
-    argv += ["--out", str(tmp_path / "run"), "--steps", "2", "--train.threads", "1", "--log.tensorboard", "false"]
+    argv += [
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "2",
+        "--optim.warmup_steps",
+        "1",
+        "--train.threads",
+        "1",
+        "--log.tensorboard",
+        "false",
+    ]
     argv += ["--checkpoint.export", str(tmp_path / "hf")]
     args = parser.parse_args(argv)
     assert args.func(args) == 0
@@ -183,3 +256,27 @@ def test_warmup_runs_full_attention_then_routes(tmp_path: Path) -> None:
     trainer.opts.train.steps = 4
     trainer.run()
     assert not torch.equal(router, start)
+
+
+def test_text_runs_save_their_tokenizer(tmp_path: Path) -> None:
+    """Step directories and the export carry the training tokenizer, which puts <bos> first as training did, so
+    `hlsa generate` / `hlsa eval` do not fall back to another one."""
+    from hlsa.eval.common import load_tokenizer
+
+    (tmp_path / "a.txt").write_text("some text to pack. " * 20)
+    export = tmp_path / "hf"
+    over = {
+        "data.source": str(tmp_path / "a.txt"),
+        "train.steps": 2,
+        "optim.warmup_steps": 1,
+        "checkpoint.export": str(export),
+    }
+    Trainer(options(tiny_config(tmp_path), tmp_path / "run", **over)).run()
+    for path in (export, tmp_path / "run" / "step-00000002"):
+        tok = load_tokenizer(path, None)
+        assert (path / "tokenizer.json").is_file() and tok("hi")["input_ids"] == [257, ord("h"), ord("i")]
+    synthetic = Trainer(
+        options(tiny_config(tmp_path), tmp_path / "mqar", **{"train.steps": 1, "optim.warmup_steps": 0})
+    )
+    synthetic.run()
+    assert not (tmp_path / "mqar" / "step-00000001" / "tokenizer.json").exists()  # task ids have no tokenizer

@@ -30,19 +30,35 @@ def load_model(path: str | Path, *, device: torch.device, dtype: str | None = No
 
 def load_tokenizer(model_dir: str | Path, tokenizer: str | None) -> Any:
     """`tokenizer` = a tokenizer directory, `"byte"` for hlsa's byte tokenizer, or None for the checkpoint's own
-    tokenizer (the byte tokenizer when the checkpoint has none)."""
+    tokenizer (the byte tokenizer when the checkpoint has none).
+
+    Raises ValueError when the tokenizer has more tokens than the checkpoint's `vocab_size`: its larger ids would
+    index past the embeddings (an error on CPU, a device-side assert or garbage on CUDA), and a mismatch usually
+    means the checkpoint was trained with another tokenizer.
+    """
     from transformers import AutoTokenizer
 
     from hlsa.tokenizer import byte_tokenizer
 
-    if tokenizer == "byte":
-        return byte_tokenizer()
     path = Path(tokenizer or model_dir)
-    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    if tokenizer is not None:
+    if tokenizer == "byte":
+        tok, source = byte_tokenizer(), "hlsa's byte tokenizer"
+    elif (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+        tok, source = AutoTokenizer.from_pretrained(str(path), local_files_only=True), f"the tokenizer of {path}"
+    elif tokenizer is not None:
         raise ValueError(f"tokenizer {tokenizer}: no tokenizer.json/tokenizer_config.json there (or pass 'byte')")
-    return byte_tokenizer()
+    else:
+        tok, source = byte_tokenizer(), "hlsa's byte tokenizer (the checkpoint has none)"
+    # Checked from config.json rather than the loaded model so that it fails before the weights are read. No config
+    # (a tokenizer-only MODEL for `eval niah --export-lm-eval`) leaves nothing to check against.
+    config = Path(model_dir) / "config.json"
+    vocab_size = json.loads(config.read_text()).get("vocab_size") if config.is_file() else None
+    if vocab_size is not None and len(tok) > vocab_size:
+        raise ValueError(
+            f"{source} has {len(tok)} tokens but model {model_dir} has vocab_size {vocab_size}; "
+            "pass --tokenizer DIR with the tokenizer the model was trained with"
+        )
+    return tok
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:

@@ -204,12 +204,20 @@ def make_samples(
     num_samples: int = 1,
     seed: int = 0,
     tokens_to_generate: int = 128,
+    progress: bool = True,
 ) -> list[NiahSample]:
-    """All samples for every task x length x depth x index (`num_samples` per cell)."""
+    """All samples for every task x length x depth x index (`num_samples` per cell).
+
+    `progress` shows a bar on stderr: sizing a prompt tokenizes it at every step of a search over haystack sizes,
+    which adds up to minutes for many samples at long lengths.
+    """
+    from tqdm.auto import tqdm
+
+    cells = list(itertools.product(tasks, lengths, depths, range(num_samples)))
     return [
         make_sample(task, tokenizer=tokenizer, max_length=n, depth=d, index=i, seed=seed,
                     tokens_to_generate=tokens_to_generate)
-        for task in tasks for n in lengths for d in depths for i in range(num_samples)
+        for task, n, d, i in tqdm(cells, desc="niah samples", unit="sample", disable=not progress)
     ]  # fmt: skip
 
 
@@ -231,21 +239,31 @@ def string_match_all(prediction: str, references: list[str]) -> float:
 
 @torch.no_grad()
 def generate_predictions(
-    model: torch.nn.Module, tokenizer: Any, prompts: list[str], *, batch_size: int, max_new_tokens: int
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool = True,
 ) -> list[str]:
     """Greedy continuations of `prompts`, batched with left padding (prompts sorted by length to pad little).
 
-    Returns the decoded new text of each prompt, in the order of `prompts`.
+    Returns the decoded new text of each prompt, in the order of `prompts`. `progress` shows a bar of batches on
+    stderr (longest prompts first, so the first batches are the slowest).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     out: list[str] = [""] * len(prompts)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for b in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for b in tqdm(starts, desc="niah generate", unit="batch", disable=not progress):
             idx = order[b : b + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
             gen = model.generate(

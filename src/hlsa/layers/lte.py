@@ -240,7 +240,10 @@ class LTEAttention(ProjectedAttention):
         # Score token j = pos - m, whose right context is now complete (the window is j-m .. j+m = pos-2m .. pos).
         # The whole validity tensor, not a view of it: compiled, a view passed to the in-place kernel is cloned and
         # copied back (two extra kernels per layer).
-        raw = self.router.score_step(kv, state.router_x, state.router_valid, pos, backend=self.backend)
+        # Decode scores only rank tokens for eviction, a discrete choice with no gradient: outside no_grad (an eval
+        # loop that forgot it) the router's weights would require one, which the streaming op refuses.
+        with torch.no_grad():
+            raw = self.router.score_step(kv, state.router_x, state.router_valid, pos, backend=self.backend)
         # Move the token leaving the window into the buffer (if it earns its place), write the new token, then record
         # token j's score in its ring slot, ranked (sinks +inf, pads -inf), after the eviction: with a pointwise router
         # (m = 0) token j is the new token, whose slot the eviction has just taken over from the token leaving the

@@ -3,10 +3,13 @@
 Layout of `<checkpoint.dir>/`:
 
 * `step-00001000/` - `config.json` + `model.safetensors` (a directory `HybridForCausalLM.from_pretrained` can load;
-  the LTE controller's `l1_lambda` / `num_kept` buffers are in it), `optimizer.pt` (full, unsharded AdamW state keyed
-  by parameter name), `trainer.pt` (step, scheduler, skip counter, options, and per rank its RNG states and data
-  position);
+  the LTE controller's `l1_lambda` / `num_kept` buffers are in it), the training tokenizer's files when the data has
+  one (so `hlsa generate` / `hlsa eval` find it), `optimizer.pt` (full, unsharded AdamW state keyed by parameter
+  name), `trainer.pt` (step, scheduler, skip counter, options, and per rank its RNG states and data position);
 * `latest` - a text file naming the newest complete step directory (replaced atomically after the rename).
+
+Every file is fsynced before the rename and the directory after it, so a power loss cannot leave `latest` naming
+a directory with truncated files.
 
 State dicts go through `torch.distributed.checkpoint.state_dict` with `full_state_dict=True`, which gives the same
 unsharded names for a plain module, DDP and FSDP2; only rank 0 writes, and every rank reads the same files.
@@ -54,6 +57,26 @@ def restore_state(
     )
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make the directory's entries (renames, new files) durable; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("w") as fh:
@@ -61,6 +84,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def existing_steps(root: str | Path) -> list[Path]:
+    """The step directories under `root`, oldest first."""
+    return sorted(p for p in Path(root).glob("step-*") if p.is_dir())
 
 
 def save_checkpoint(
@@ -72,8 +101,10 @@ def save_checkpoint(
     optim_sd: dict[str, Any],
     trainer_state: dict[str, Any],
     keep: int = 2,
+    tokenizer: Any = None,
 ) -> Path:
-    """Write `root/step-XXXXXXXX` atomically, point `root/latest` at it and keep the newest `keep` (rank 0 only)."""
+    """Write `root/step-XXXXXXXX` atomically, point `root/latest` at it and keep the newest `keep` (rank 0 only).
+    `tokenizer` (the training data's, or None) is saved beside the model."""
     from safetensors.torch import save_file
 
     root = Path(root)
@@ -83,11 +114,14 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     # clone: tied weights share storage, which safetensors refuses; both names are stored (a few MB at most)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_sd.items()}
     save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
     torch.save(optim_sd, tmp / OPTIM_FILE)
     torch.save(trainer_state, tmp / TRAINER_FILE)
+    _fsync_tree(tmp)
     if final.exists():  # re-saving a step (e.g. interrupted right after a scheduled save): swap, then delete
         old = root / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
@@ -95,13 +129,15 @@ def save_checkpoint(
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+    _fsync_dir(root)
     _atomic_write_text(root / LATEST, final.name)
-    _prune(root, keep)
+    _prune(root, keep, current=final)
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+def _prune(root: Path, keep: int, *, current: Path) -> None:
+    """Delete all but the newest `keep` steps up to `current`; `current` (what `latest` names) is always kept."""
+    steps = [p for p in existing_steps(root) if p.name <= current.name]
     for p in steps[: max(len(steps) - max(keep, 1), 0)]:
         shutil.rmtree(p)
 
@@ -112,7 +148,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     if not marker.is_file():
         return None
     path = Path(root) / marker.read_text().strip()
-    if not (path / TRAINER_FILE).is_file():
+    if not all((path / name).is_file() for name in (MODEL_FILE, OPTIM_FILE, TRAINER_FILE)):
         raise ValueError(f"{marker} names {path.name}, which is incomplete; delete {marker} to start afresh")
     return path
 
@@ -128,14 +164,17 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], d
     return model_sd, optim_sd, trainer_state
 
 
-def export_pretrained(config: Any, model_sd: dict[str, Any], out_dir: str | Path) -> Path:
-    """A plain HF directory (`config.json` + `model.safetensors`) for `HybridForCausalLM.from_pretrained`."""
+def export_pretrained(config: Any, model_sd: dict[str, Any], out_dir: str | Path, *, tokenizer: Any = None) -> Path:
+    """A plain HF directory (`config.json` + `model.safetensors`, and `tokenizer`'s files when given) for
+    `HybridForCausalLM.from_pretrained`, `hlsa generate` and `hlsa eval`."""
     from hlsa.model import HybridForCausalLM
 
     out_dir = Path(out_dir)
     model = HybridForCausalLM(config)
     model.load_state_dict(model_sd)
     model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
     return out_dir
 
 

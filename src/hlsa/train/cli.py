@@ -78,27 +78,45 @@ def collect_overrides(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
+# Exit status of a run stopped by SIGTERM / Ctrl-C (the shell's 128 + SIGINT): its checkpoint is saved, its export
+# is not written, and a job script must not mistake it for a finished run.
+INTERRUPTED = 130
+
+
 def run_train(args: argparse.Namespace) -> int:
+    import sys
+
     from hlsa.train.options import build_options, read_options_file
-    from hlsa.train.trainer import Trainer
+    from hlsa.train.trainer import Trainer, TrainingInterruptedError
 
     file_values = read_options_file(args.options) if args.options else {}
     opts = build_options(file_values, collect_overrides(args))
-    Trainer(opts).run()
+    try:
+        Trainer(opts).run()
+    except TrainingInterruptedError as e:
+        print(f"hlsa train: {e}", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    import sys
+
     from hlsa.demo import main as demo_main
+    from hlsa.train.trainer import TrainingInterruptedError
 
     archs = [a for a in args.archs.split(",") if a]
-    return demo_main(
-        retrain=args.train,
-        checkpoints=args.checkpoints,
-        runs=args.runs,
-        out=args.out,
-        recipe=args.recipe or None,
-        archs=archs or None,
-        examples=args.examples,
-        threads=args.threads,
-    )
+    try:
+        return demo_main(
+            retrain=args.train,
+            checkpoints=args.checkpoints,
+            runs=args.runs,
+            out=args.out,
+            recipe=args.recipe or None,
+            archs=archs or None,
+            examples=args.examples,
+            threads=args.threads,
+        )
+    except TrainingInterruptedError as e:  # the shipped checkpoint is untouched; --train resumes from --runs
+        print(f"hlsa demo: {e}", file=sys.stderr)
+        return INTERRUPTED

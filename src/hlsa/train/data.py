@@ -100,8 +100,14 @@ class PackedText:
     def _open(self) -> Iterator[str]:
         """The document iterator positioned after the first `self.doc` documents of this epoch."""
         docs = self.open_docs()
-        for _ in range(self.doc):
-            next(docs)
+        if self.doc:
+            from tqdm.auto import tqdm
+
+            # Document streams cannot seek: a resumed epoch reads (a hub stream downloads) the documents it used again.
+            skip = tqdm(range(self.doc), desc=f"resume: skipping used documents of {self.name}", unit="doc",
+                        disable=self.rank != 0 or self.doc < 1000, leave=False)  # fmt: skip
+            for _ in skip:
+                next(docs)
         return docs
 
     def _next_doc_tokens(self) -> list[int]:
@@ -266,16 +272,20 @@ def open_hub(name: str, *, config: str, split: str, text_field: str) -> Callable
     return docs
 
 
-def make_encoder(tokenizer: str) -> tuple[Callable[[str], list[int]], int]:
-    """`(encode, vocab_len)`: `encode(text) = [bos] + ids + [eos]` with the tokenizer's specials (when it has them)."""
-    if tokenizer == "byte":
+def load_text_tokenizer(name: str) -> Any:
+    """`data.tokenizer`: "byte" (hlsa's, offline) or a HF tokenizer name/path. The byte tokenizer is built to put
+    `<bos>` before a prompt, as every training document starts with it; the same object is saved with checkpoints."""
+    if name == "byte":
         from hlsa.tokenizer import byte_tokenizer
 
-        tok = byte_tokenizer()
-    else:
-        from transformers import AutoTokenizer
+        return byte_tokenizer(add_bos_token=True)
+    from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+    return AutoTokenizer.from_pretrained(name)
+
+
+def make_encoder(tok: Any) -> Callable[[str], list[int]]:
+    """`encode(text) = [bos] + ids + [eos]` with the tokenizer's specials (when it has them)."""
     head = [] if tok.bos_token_id is None else [tok.bos_token_id]
     tail = [] if tok.eos_token_id is None else [tok.eos_token_id]
 
@@ -283,11 +293,12 @@ def make_encoder(tokenizer: str) -> tuple[Callable[[str], list[int]], int]:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         return head + ids + tail if ids else []
 
-    return encode, len(tok)
+    return encode
 
 
-def build_stream(opts: Any, *, seed: int, rank: int = 0, world: int = 1) -> tuple[TaskStream | PackedText, int]:
-    """The training stream for `opts` (a `DataOptions`) and the vocabulary size it needs."""
+def build_stream(opts: Any, *, seed: int, rank: int = 0, world: int = 1) -> tuple[TaskStream | PackedText, int, Any]:
+    """The training stream for `opts` (a `DataOptions`), the vocabulary size it needs, and its tokenizer (None for
+    synthetic tasks, whose token ids are the task's own)."""
     src = opts.source.strip()
     if not src:
         raise ValueError("data.source is empty; pass --data PATH, a hub dataset name, or synthetic:mqar")
@@ -300,7 +311,7 @@ def build_stream(opts: Any, *, seed: int, rank: int = 0, world: int = 1) -> tupl
             num_queries=opts.num_queries,
             digits=opts.passkey_digits,
         )
-        return TaskStream(task, seed=seed, batch_size=opts.batch_size, rank=rank, world=world), opts.task_vocab
+        return TaskStream(task, seed=seed, batch_size=opts.batch_size, rank=rank, world=world), opts.task_vocab, None
     files = local_files(src)
     if files is not None:
 
@@ -311,10 +322,10 @@ def build_stream(opts: Any, *, seed: int, rank: int = 0, world: int = 1) -> tupl
     else:
         open_docs = open_hub(src, config=opts.hub_config, split=opts.split, text_field=opts.text_field)
         repeat = False
-    encode, vocab = make_encoder(opts.tokenizer)
+    tokenizer = load_text_tokenizer(opts.tokenizer)
     stream = PackedText(
         open_docs,
-        encode,
+        make_encoder(tokenizer),
         seq_len=opts.seq_len,
         batch_size=opts.batch_size,
         rank=rank,
@@ -322,4 +333,4 @@ def build_stream(opts: Any, *, seed: int, rank: int = 0, world: int = 1) -> tupl
         repeat=repeat,
         name=src,
     )
-    return stream, vocab
+    return stream, len(tokenizer), tokenizer

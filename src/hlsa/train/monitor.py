@@ -21,13 +21,14 @@ class Monitor:
         if not self.active:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_log(run_dir / "log.jsonl", start_step)
         self.jsonl = (run_dir / "log.jsonl").open("a")
         if opts.log.progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
         if opts.log.tensorboard:
-            self.tb = _tensorboard(run_dir / "tb")
+            self.tb = _tensorboard(run_dir / "tb", purge_step=start_step + 1)
         if opts.log.wandb:
             self.wandb = _wandb(opts)
 
@@ -72,13 +73,27 @@ class Monitor:
             self.wandb.finish()
 
 
-def _tensorboard(path: Path) -> Any:
-    """A SummaryWriter, or None when TensorBoard is not installed (it is optional)."""
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the records after `step` (the checkpoint a run resumes from): the steps after it are trained again, and
+    would otherwise appear twice. Rewritten atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+
+
+def _tensorboard(path: Path, *, purge_step: int) -> Any:
+    """A SummaryWriter that drops events from `purge_step` on (a resumed run's), or None when TensorBoard is not
+    installed (it is optional)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(path))
+    return SummaryWriter(str(path), purge_step=purge_step)
 
 
 def _wandb(opts: Any) -> Any:

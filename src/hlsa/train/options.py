@@ -3,6 +3,7 @@
 Every field is addressed as `section.field` (`optim.lr`, `data.seq_len`); on the command line it becomes
 `--optim.lr 1e-3`. A file holds the same names as tables (`[optim]` then `lr = 1e-3`) or nested mappings (YAML).
 Precedence: command line > options file > the defaults below (SPEC section 4, the authors' flame/torchtitan recipe).
+`build_options` checks every value's range (`Options.validate`) before anything is built from it.
 
 This module imports only the standard library (and PyYAML lazily), so the CLI can build its parser cheaply.
 """
@@ -10,10 +11,24 @@ This module imports only the standard library (and PyYAML lazily), so the CLI ca
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# Accepted values of the string-valued choices; the trainer (`_autocast`) and `hlsa.train.distributed` (`pick_device`,
+# `parallelize`) act on exactly these.
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "bf16", "fp32")
+PARALLEL = ("ddp", "fsdp2")
+
+
+class OptionsError(ValueError):
+    """A bad option name or value, or an unreadable options file: the user's input, not a bug, so `hlsa` reports it
+    as `hlsa: error: ...` without a traceback."""
 
 
 @dataclass
@@ -110,6 +125,49 @@ class Options:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        """Raise `OptionsError` naming every option outside its accepted range (a run would otherwise fail late, after
+        its directory exists, or worse, "succeed" without updates)."""
+        problems = []
+        for key, (accepts, accepted) in _CHECKS.items():
+            section, _, name = key.partition(".")
+            value = getattr(getattr(self, section), name)
+            if not accepts(value):
+                problems.append(f"{key} = {value!r} is invalid: it must be {accepted}")
+        if problems:
+            raise OptionsError("; ".join(problems))
+
+
+# `section.name` -> (accepts(value), the accepted range in words). The predicates are written so that NaN fails them.
+# Options not listed accept any value of their type (strings are checked where they are used: paths, sources,
+# tokenizers; `optim.clip <= 0` means no clipping; `data.task_vocab` and how many pairs and digits fit in a row are
+# checked by the synthetic tasks when the stream is built, before the run directory exists).
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.seq_len": (lambda v: v >= 2, ">= 2 (a row holds inputs and their next-token targets)"),
+    "data.batch_size": (lambda v: v >= 1, ">= 1"),
+    "data.num_pairs": (lambda v: v >= 1, ">= 1"),
+    "data.num_queries": (lambda v: v >= 1, ">= 1 (without queries an MQAR row has no target)"),
+    "data.passkey_digits": (lambda v: v >= 1, ">= 1"),
+    "optim.lr": (lambda v: v > 0 and math.isfinite(v), "a finite number > 0"),
+    "optim.eps": (lambda v: v > 0 and math.isfinite(v), "a finite number > 0"),
+    "optim.beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.weight_decay": (lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0"),
+    "optim.warmup_steps": (lambda v: v >= 0, ">= 0 (0 = no warm-up)"),
+    "optim.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "optim.grad_accum": (lambda v: v >= 1, ">= 1 (micro-batches per optimizer step)"),
+    "train.steps": (lambda v: v >= 1, ">= 1"),
+    "train.seed": (lambda v: v >= 0, ">= 0 (the synthetic tasks seed numpy with it)"),
+    "train.device": (lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
+    "train.dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    "train.parallel": (lambda v: v in PARALLEL, f"one of {', '.join(PARALLEL)}"),
+    "train.threads": (lambda v: v >= 0, ">= 0 (0 = torch's default)"),
+    "train.log_every": (lambda v: v >= 1, ">= 1"),
+    "checkpoint.interval": (lambda v: v >= 0, ">= 0 (0 = save only at the end)"),
+    # save_checkpoint never deletes the newest checkpoint (`latest` and --resume point at it), so 0 would keep one
+    "checkpoint.keep": (lambda v: v >= 1, ">= 1 (the newest checkpoint is always kept)"),
+}
+
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Options))
 # Tables an options file may hold for other commands: `[demo]` is the shape of `hlsa demo`'s models
@@ -138,14 +196,17 @@ def parse_value(text: str, kind: type) -> Any:
         if low in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"expected a boolean (true/false), got {text!r}")
-    return kind(text)
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"expected {kind.__name__}, got {text!r}") from None
 
 
 def read_options_file(path: str | Path) -> dict[str, Any]:
-    """Load a `.toml`, `.yaml` or `.yml` file into nested dicts."""
+    """Load a `.toml`, `.yaml` or `.yml` file into nested dicts (`OptionsError` when it is missing or malformed)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"options file {str(path)!r} does not exist; pass an existing .toml or .yaml file")
+        raise OptionsError(f"options file {str(path)!r} does not exist; pass an existing .toml or .yaml file")
     suffix = path.suffix.lower()
     if suffix == ".toml":
         if sys.version_info >= (3, 11):
@@ -153,46 +214,71 @@ def read_options_file(path: str | Path) -> dict[str, Any]:
         else:  # pragma: no cover - Python 3.10
             import tomli as tomllib
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            try:
+                return tomllib.load(fh)
+            except tomllib.TOMLDecodeError as e:  # its message gives line and column but not the file
+                raise OptionsError(f"options file {str(path)!r}: {e}") from None
     if suffix in (".yaml", ".yml"):
         import yaml
 
         with path.open() as fh:
-            return yaml.safe_load(fh) or {}
-    raise ValueError(f"options file {str(path)!r}: unknown suffix {suffix!r}; use .toml, .yaml or .yml")
+            try:
+                values = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as e:
+                raise OptionsError(f"options file {str(path)!r}: {e}") from None
+        if not isinstance(values, dict):
+            raise OptionsError(f"options file {str(path)!r} must hold a mapping of sections, got {values!r}")
+        return values
+    raise OptionsError(f"options file {str(path)!r}: unknown suffix {suffix!r}; use .toml, .yaml or .yml")
 
 
 def build_options(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> Options:
-    """Defaults, then `file_values` (nested `{section: {name: value}}`), then flat `overrides` (`{"optim.lr": 1e-3}`).
+    """Defaults, then `file_values` (nested `{section: {name: value}}`), then flat `overrides` (`{"optim.lr": 1e-3}`),
+    then `Options.validate`.
 
-    Unknown sections or names raise `ValueError` listing the valid ones, so a typo never goes unnoticed.
+    Unknown sections or names raise `OptionsError` listing the valid ones, so a typo never goes unnoticed; so do
+    values of the wrong type or outside their range, with the option's dotted name first.
     """
     opts = Options()
     for section, values in (file_values or {}).items():
         if section in FOREIGN_SECTIONS:
             continue
         if not isinstance(values, dict):
-            raise ValueError(f"options file: [{section}] must be a table of options, got {values!r}")
+            raise OptionsError(f"options file: [{section}] must be a table of options, got {values!r}")
         for name, value in values.items():
             _set(opts, section, name, value)
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         _set(opts, section, name, value)
+    opts.validate()
+    warmup, steps = opts.optim.warmup_steps, opts.train.steps
+    if warmup >= steps:
+        # legal, and fine for a smoke test, but a real run that does this never trains at its intended LR
+        warnings.warn(
+            f"optim.warmup_steps ({warmup}) >= train.steps ({steps}): the learning rate is still warming up when "
+            f"training ends (at most {steps}/{warmup} of optim.lr, on the last step) and never decays to "
+            f"optim.min_lr_ratio x optim.lr; set optim.warmup_steps below train.steps for the full schedule",
+            UserWarning,
+            stacklevel=2,  # point at the code that built the options
+        )
     return opts
 
 
 def _set(opts: Options, section: str, name: str, value: Any) -> None:
     if section not in SECTIONS:
-        raise ValueError(f"unknown options section {section!r}; valid sections are {list(SECTIONS)}")
+        raise OptionsError(f"unknown options section {section!r}; valid sections are {list(SECTIONS)}")
     target = getattr(opts, section)
     names = [f.name for f in dataclasses.fields(target)]
     if name not in names:
-        raise ValueError(f"unknown option {section}.{name}; valid options of [{section}] are {names}")
+        raise OptionsError(f"unknown option {section}.{name}; valid options of [{section}] are {names}")
     current = getattr(target, name)
     if isinstance(value, str) and not isinstance(current, str):
-        value = parse_value(value, type(current))
+        try:
+            value = parse_value(value, type(current))
+        except ValueError as e:  # parse_value knows the text, not which option it was meant for
+            raise OptionsError(f"{section}.{name}: {e}") from None
     elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     elif type(value) is not type(current):
-        raise ValueError(f"option {section}.{name} expects {type(current).__name__}, got {value!r}")
+        raise OptionsError(f"{section}.{name}: expected {type(current).__name__}, got {value!r}")
     setattr(target, name, value)

@@ -32,7 +32,7 @@ from hlsa.train.distributed import (
     pick_device,
 )
 from hlsa.train.monitor import Monitor
-from hlsa.train.options import Options
+from hlsa.train.options import Options, OptionsError
 
 
 def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -53,6 +53,16 @@ def load_config(path: str) -> Any:
     if p.is_file():
         return HybridConfig.from_json_file(str(p))
     raise ValueError(f"model.config {path!r} does not exist; pass a HybridConfig JSON file or a model directory")
+
+
+class TrainingInterruptedError(Exception):
+    """SIGTERM / Ctrl-C stopped the run before `train.steps`: the step was checkpointed, nothing was exported, and
+    the caller must not treat the model as trained (`hlsa train` exits 130, `hlsa demo --train` stops)."""
+
+
+# Options a resumed run must share with its checkpoint: the data it was trained on (the model is compared by its
+# parameters' names and shapes, so a config file moved or copied resumes; seq_len and batch size may change).
+RESUME_MUST_MATCH = ("data.source", "data.tokenizer")
 
 
 class StopRequest:
@@ -82,6 +92,7 @@ class Trainer:
     """Owns the model, optimizer, scheduler, data stream and controller of one run."""
 
     def __init__(self, opts: Options, *, model: nn.Module | None = None) -> None:
+        opts.validate()  # `build_options` did; options built in code (`Options(...)`) are checked here
         self.opts = opts
         t = opts.train
         if t.threads > 0:
@@ -90,7 +101,9 @@ class Trainer:
         self.device = pick_device(t.device, self.world)
         if t.fla_hopper_bypass and self.device.type == "cuda" and allow_fla_gated_backward_on_hopper():
             print("[train] fla's Hopper guard bypassed (train.fla_hopper_bypass)", file=sys.stderr)
-        self.data, vocab = build_stream(opts.data, seed=t.seed, rank=self.world.rank, world=self.world.size)
+        self.data, vocab, self.tokenizer = build_stream(
+            opts.data, seed=t.seed, rank=self.world.rank, world=self.world.size
+        )
         torch.manual_seed(t.seed)
         self.model = model if model is not None else self._build_model(vocab)
         self.model.to(self.device)
@@ -110,6 +123,12 @@ class Trainer:
         torch.manual_seed(t.seed + self.world.rank)  # per-rank dropout streams, identical on every (re)start
         if opts.checkpoint.resume:
             self._resume()
+        elif (self.run_dir / ckpt.LATEST).exists() or ckpt.existing_steps(self.run_dir):
+            # A fresh run would interleave its steps with the old ones and prune its own as the "oldest".
+            raise OptionsError(
+                f"checkpoint.dir {self.run_dir} already holds checkpoints; pass --resume to continue that run, or "
+                "choose another --out (or delete the directory) to start a new one"
+            )
 
     # ------------------------------------------------------------------------------------------------ setup
     def _build_model(self, vocab: int) -> nn.Module:
@@ -139,9 +158,7 @@ class Trainer:
         )
 
     def _autocast(self) -> Any:
-        dtype = self.opts.train.dtype
-        if dtype not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"train.dtype must be auto, bf16 or fp32 (got {dtype!r})")
+        dtype = self.opts.train.dtype  # validated: auto, bf16 or fp32
         if dtype == "fp32" or (dtype == "auto" and self.device.type != "cuda"):
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -176,7 +193,12 @@ class Trainer:
                         saved_at = self.step
             if self.step != saved_at:
                 self.save()
-            if c.export:
+            if stop.requested:
+                raise TrainingInterruptedError(
+                    f"training stopped at step {self.step} of {t.steps}; checkpoint in {self.run_dir}, nothing "
+                    "exported; rerun with --resume to continue"
+                )
+            if c.export:  # a finished run: every step, or the end of a non-repeating data set
                 self.export(c.export)
         finally:
             monitor.close()
@@ -261,17 +283,40 @@ class Trainer:
             optim_sd=optim_sd,
             trainer_state=state,
             keep=c.keep,
+            tokenizer=self.tokenizer,
         )
 
     def _resume(self) -> None:
         path = ckpt.latest_checkpoint(self.run_dir)
         if path is None:
+            if self.world.is_main:
+                print(f"[train] --resume: no checkpoint in {self.run_dir}; starting from step 0", file=sys.stderr)
             return
         model_sd, optim_sd, state = ckpt.load_checkpoint(path)
+        ours = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}  # FSDP2: DTensors, global shapes
+        theirs = {k: tuple(v.shape) for k, v in model_sd.items()}
+        if ours != theirs:
+            diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+            raise OptionsError(
+                f"the checkpoint {path} holds another model than model.config {self.opts.model.config!r} "
+                f"({len(diff)} parameters differ, e.g. {diff[:3]}); pass its config to resume it, or another --out"
+            )
+        saved, now = _flat(state["options"]), _flat(self.opts.to_dict())
+        differ = [k for k in RESUME_MUST_MATCH if saved.get(k) != now.get(k)]
+        if differ:
+            was = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in differ)
+            raise OptionsError(
+                f"the checkpoint {path} was trained with {was}; pass the same options to resume it, or another --out"
+            )
         # Model and optimizer states are unsharded, so any number of ranks can load them (FSDP2 reshards).
         ckpt.restore_state(self.net, self.optimizer, model_sd, optim_sd)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped = int(state["step"]), int(state["skipped"])
+        self._apply_optim_options()
+        changed = sorted(k for k in now if k.startswith(("optim.", "train.steps")) and saved.get(k) != now[k])
+        if changed and self.world.is_main:
+            was = ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+            print(f"[train] resuming {path} with changed options: {was}", file=sys.stderr)
         note = self.data.resume([r["data"] for r in state["ranks"]])
         if state["world_size"] == self.world.size:
             ckpt.set_rng_state(state["ranks"][self.world.rank]["rng"])
@@ -282,8 +327,23 @@ class Trainer:
                 file=sys.stderr,
             )
 
+    def _apply_optim_options(self) -> None:
+        """The options of this run, not the checkpoint's, set the LR schedule and AdamW's hyperparameters: the loaded
+        state dicts brought back the old peak LR, betas, eps and weight decay."""
+        o = self.opts.optim
+        factor = lr_factor(self.step, warmup=o.warmup_steps, total=self.opts.train.steps, min_ratio=o.min_lr_ratio)
+        self.scheduler.base_lrs = [o.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group.update(betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, initial_lr=o.lr)
+            group["lr"] = o.lr * factor
+
     def export(self, out_dir: str) -> None:
         """Write a plain HF directory of the current weights (collective; rank 0 writes)."""
         model_sd, _ = ckpt.full_state(self.net, self.optimizer)
         if self.world.is_main:
-            ckpt.export_pretrained(self.model.config, model_sd, out_dir)
+            ckpt.export_pretrained(self.model.config, model_sd, out_dir, tokenizer=self.tokenizer)
+
+
+def _flat(options: dict[str, Any]) -> dict[str, Any]:
+    """`{"section.name": value}` of an `Options.to_dict()`."""
+    return {f"{section}.{name}": v for section, values in options.items() for name, v in values.items()}
