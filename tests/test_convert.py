@@ -195,6 +195,8 @@ def test_strictness() -> None:
         convert_state_dict({**good, "lm_head.weight": torch.ones(259, 64)}, kwargs)
     with pytest.raises(ValueError, match="does not know"):
         translate_config({**TINY_LTE, "mystery_switch": 1})
+    with pytest.raises(ValueError, match=r"attn: unknown key\(s\) \['window_sizee'\]"):  # would be dropped silently
+        translate_config({**TINY_SWA, "attn": {**TINY_SWA["attn"], "window_sizee": 8}})
     with pytest.raises(ValueError, match="qk_norm"):
         translate_config({**TINY_SWA, "model_type": "transformer", "num_heads": 4, "qk_norm": True})
     with pytest.raises(ValueError, match="model_type"):

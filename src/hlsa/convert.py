@@ -68,14 +68,18 @@ def _ours_minus_one(window: int | None, where: str) -> int | None:
     return window - 1
 
 
+_ATTN_KEYS = ("num_heads", "num_kv_heads", "qkv_bias", "rope_theta")  # and window_size, translated
+_NSA_KEYS = ("num_heads", "num_kv_heads", "head_dim", "qkv_bias", "block_size", "block_counts", "rope_theta")
+
+
 def _attn_sub(src: Mapping[str, Any]) -> dict[str, Any]:
-    sub = _copy(src, ("num_heads", "num_kv_heads", "qkv_bias", "rope_theta"))
+    sub = _copy(src, _ATTN_KEYS)
     sub["window_size"] = _ours_minus_one(src.get("window_size"), "attn")
     return sub
 
 
 def _nsa_sub(src: Mapping[str, Any]) -> dict[str, Any]:
-    sub = _copy(src, ("num_heads", "num_kv_heads", "head_dim", "qkv_bias", "block_size", "block_counts", "rope_theta"))
+    sub = _copy(src, _NSA_KEYS)
     sub["window_size"] = _ours_minus_one(src.get("window_size", 512), "nsa")
     return sub
 
@@ -101,6 +105,10 @@ def _hybrid_layers(cfg: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
     if attn is None:
         return mixers, subs
     attn_type = attn.get("attn_type", "attn")
+    keys = {"attn": _ATTN_KEYS, "nsa": _NSA_KEYS}.get(attn_type)
+    unknown = sorted(set(attn) - {"attn_type", "layers", "window_size", *(keys or ())}) if keys else []
+    if unknown:  # a key dropped here would silently change the model (LTE's keys are ours and checked by HybridConfig)
+        raise ValueError(f"attn: unknown key(s) {unknown} for attn_type {attn_type!r}; cannot convert")
     if attn_type == "lte":
         kind, subs["lte"] = "lte", _lte_sub(attn)
     elif attn_type == "nsa":
