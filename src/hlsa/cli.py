@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from hlsa.train.options import OptionsError
+from hlsa.errors import UsageError
 
 # Modules that contribute subcommands (train/demo, eval/convert, generate).
 SUBCOMMAND_MODULES = ("hlsa.train.cli", "hlsa.eval.cli", "hlsa.generate")
@@ -32,10 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except OptionsError as e:
-        # A bad option or options file (`hlsa train`, `hlsa demo --train`'s recipe) is a usage error like argparse's:
-        # one line and status 2. Only this type is caught, and only options.py raises it (while options are read and
-        # checked, before any work starts); errors from deeper code keep their tracebacks, which is what finds bugs.
+    except UsageError as e:  # bad options, paths or files: one line, like argparse's errors (hlsa/errors.py)
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
 

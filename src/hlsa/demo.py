@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from hlsa.errors import UsageError
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RECIPE = REPO / "configs" / "train" / "demo.toml"
 EVAL_SEED = 1_000_003  # disjoint from the training seed's examples
@@ -48,7 +50,7 @@ def arch_configs(shape: dict[str, Any] | None = None) -> dict[str, dict[str, Any
     hybrids. `shape` overrides `DEFAULT_SHAPE` (unknown keys are an error)."""
     unknown = sorted(set(shape or {}) - set(DEFAULT_SHAPE))
     if unknown:
-        raise ValueError(f"[demo]: unknown keys {unknown}; valid keys are {list(DEFAULT_SHAPE)}")
+        raise UsageError(f"[demo]: unknown keys {unknown}; valid keys are {list(DEFAULT_SHAPE)}")
     s = {**DEFAULT_SHAPE, **(shape or {})}
     n, w = s["layers"], s["window"]
     common = {
@@ -131,7 +133,7 @@ def load_recipe(path: Path) -> dict[str, Any]:
     from hlsa.train.options import read_options_file
 
     if not path.is_file():
-        raise ValueError(f"demo recipe {path} not found; pass --recipe configs/train/demo.toml from the repository")
+        raise UsageError(f"demo recipe {path} not found; pass --recipe configs/train/demo.toml from the repository")
     return read_options_file(path)
 
 
@@ -241,7 +243,7 @@ def main(
     names = archs or list(configs)
     unknown = sorted(set(names) - set(configs))
     if unknown:
-        raise ValueError(f"--archs: unknown {unknown}; choose from {list(configs)}")
+        raise UsageError(f"--archs: unknown {unknown}; choose from {list(configs)}")
     task, window = recipe_task(spec), recipe_window(spec)
     results: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -251,7 +253,7 @@ def main(
             train_arch(name, spec, ckpt, Path(runs) / name, threads=threads)
         if not (ckpt / "model.safetensors").is_file():
             if archs:  # asked for by name: that is an error
-                raise ValueError(f"no demo checkpoint in {ckpt}; run `hlsa demo --train --archs {name}`")
+                raise UsageError(f"no demo checkpoint in {ckpt}; run `hlsa demo --train --archs {name}`")
             print(f"[demo] skipping {name}: no checkpoint in {ckpt} (hlsa demo --train --archs {name})", flush=True)
             continue
         model = HybridForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
@@ -262,7 +264,7 @@ def main(
         results[name] = r
         print(f"[demo] {name}: overall recall {100 * r['overall']:.1f}%", flush=True)
     if not results:
-        raise ValueError(
+        raise UsageError(
             f"no demo checkpoints under {checkpoints}; run `hlsa demo --train` "
             "(minutes per model on a GPU, ~45 min on a CPU)"
         )

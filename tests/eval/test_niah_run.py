@@ -83,3 +83,12 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(command: str, tmp_path:
     args = _parser().parse_args(["eval", command, str(ckpt), "--device", "cpu", *extra])
     with pytest.raises(ValueError, match=r"259 tokens .* vocab_size 200; pass --tokenizer DIR with the tokenizer"):
         args.func(args)
+
+
+def test_a_bad_checkpoint_path_is_one_line(tmp_path, capsys) -> None:
+    """`hlsa eval` reports bad input as `hlsa: error: ...` with status 2, not a traceback."""
+    from hlsa.cli import main
+
+    assert main(["eval", "ppl", str(tmp_path / "missing"), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hlsa: error: model ") and "no config.json" in err and "Traceback" not in err

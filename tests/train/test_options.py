@@ -149,7 +149,9 @@ def test_malformed_options_files_name_the_file(tmp_path: Path) -> None:
         read_options_file(listing)
 
 
-def test_hlsa_reports_bad_options_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_hlsa_reports_bad_options_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = tmp_path / "run"
     argv = ["train", "--data", "synthetic:mqar", "--out", str(run), "--train.device", "cpu", "--log.progress", "false"]
     assert main([*argv, "--optim.grad_accum", "0"]) == 2
@@ -158,9 +160,17 @@ def test_hlsa_reports_bad_options_without_traceback(tmp_path: Path, capsys: pyte
     assert main([*argv, "--optim.lr", "abc"]) == 2
     assert capsys.readouterr().err == "hlsa: error: optim.lr: expected float, got 'abc'\n"
     assert not run.exists()  # refused before anything was built
-    # A ValueError from deeper code (here: no model config) is not a usage error of the options: it propagates.
-    with pytest.raises(ValueError, match="model.config is empty"):
-        main([*argv, "--train.steps", "1", "--optim.warmup_steps", "0"])
+    # Bad input found later (here: no model config) is a usage error too; errors of hlsa's own code keep tracebacks.
+    assert main([*argv, "--train.steps", "1", "--optim.warmup_steps", "0"]) == 2
+    assert capsys.readouterr().err.startswith("hlsa: error: model.config is empty; pass --config PATH")
+    from hlsa.train import trainer
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(trainer, "load_config", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main([*argv, "--config", "any.json", "--train.steps", "1", "--optim.warmup_steps", "0"])
 
 
 def test_demo_parser() -> None:

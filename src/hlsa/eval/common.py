@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from hlsa.errors import UsageError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -21,9 +23,9 @@ def load_model(path: str | Path, *, device: torch.device, dtype: str | None = No
     from hlsa.model import HybridForCausalLM
 
     if not (Path(path) / "config.json").is_file():
-        raise ValueError(f"model {path}: not a checkpoint directory (no config.json)")
+        raise UsageError(f"model {path}: not a checkpoint directory (no config.json)")
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     model = HybridForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype] if dtype else "auto")
     return model.to(device).eval()
 
@@ -46,7 +48,7 @@ def load_tokenizer(model_dir: str | Path, tokenizer: str | None) -> Any:
     elif (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         tok, source = AutoTokenizer.from_pretrained(str(path), local_files_only=True), f"the tokenizer of {path}"
     elif tokenizer is not None:
-        raise ValueError(f"tokenizer {tokenizer}: no tokenizer.json/tokenizer_config.json there (or pass 'byte')")
+        raise UsageError(f"tokenizer {tokenizer}: no tokenizer.json/tokenizer_config.json there (or pass 'byte')")
     else:
         tok, source = byte_tokenizer(), "hlsa's byte tokenizer (the checkpoint has none)"
     # Checked from config.json rather than the loaded model so that it fails before the weights are read. No config
@@ -54,7 +56,7 @@ def load_tokenizer(model_dir: str | Path, tokenizer: str | None) -> Any:
     config = Path(model_dir) / "config.json"
     vocab_size = json.loads(config.read_text()).get("vocab_size") if config.is_file() else None
     if vocab_size is not None and len(tok) > vocab_size:
-        raise ValueError(
+        raise UsageError(
             f"{source} has {len(tok)} tokens but model {model_dir} has vocab_size {vocab_size}; "
             "pass --tokenizer DIR with the tokenizer the model was trained with"
         )

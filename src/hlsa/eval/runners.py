@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from hlsa.errors import UsageError
 from hlsa.eval.common import load_model, load_tokenizer, pick_device, write_json
 
 
@@ -90,5 +91,5 @@ def _inspect_prompt(args: argparse.Namespace, tokenizer: object) -> tuple[str, t
         return prompt, None
     start = prompt.find(args.needle)
     if start < 0:
-        raise ValueError(f"--needle {args.needle!r} does not occur in the prompt")
+        raise UsageError(f"--needle {args.needle!r} does not occur in the prompt")
     return prompt, (start, start + len(args.needle))

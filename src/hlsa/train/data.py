@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from hlsa.errors import UsageError
 from hlsa.train.tasks import make_task
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -88,7 +89,7 @@ class PackedText:
         name: str = "data",
     ) -> None:
         if seq_len < 2:
-            raise ValueError(f"data.seq_len must be >= 2 (got {seq_len})")
+            raise UsageError(f"data.seq_len must be >= 2 (got {seq_len})")
         self.open_docs, self.encode, self.name = open_docs, encode, name
         self.seq_len, self.batch_size, self.rank, self.world, self.repeat = seq_len, batch_size, rank, world, repeat
         self.epoch, self.doc, self.buffer = 0, 0, []
@@ -124,7 +125,7 @@ class PackedText:
                         return ids
             # A whole pass without a token for this rank would loop forever: empty files, or fewer docs than ranks.
             if self._full_pass and not self._found:
-                raise ValueError(
+                raise UsageError(
                     f"{self.name}: no text for rank {self.rank} of {self.world} (empty files, or fewer documents "
                     "than ranks); give data.source with more text"
                 )
@@ -203,14 +204,14 @@ def local_files(source: str) -> list[Path] | None:
         if path.is_dir():
             found = sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.is_file())
             if not found:
-                raise ValueError(f"data.source: directory {p!r} holds no {'/'.join(SUFFIXES)} files")
+                raise UsageError(f"data.source: directory {p!r} holds no {'/'.join(SUFFIXES)} files")
             files.extend(found)
         elif path.is_file():
             if path.suffix not in SUFFIXES:
-                raise ValueError(f"data.source: {p!r} has suffix {path.suffix!r}; supported are {SUFFIXES}")
+                raise UsageError(f"data.source: {p!r} has suffix {path.suffix!r}; supported are {SUFFIXES}")
             files.append(path)
         else:
-            raise ValueError(f"data.source: file {p!r} does not exist; check the path (or name a hub dataset)")
+            raise UsageError(f"data.source: file {p!r} does not exist; check the path (or name a hub dataset)")
     return files
 
 
@@ -232,7 +233,7 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
                 continue
             row = json.loads(line)
             if text_field not in row:
-                raise ValueError(f"{path}:{n}: no field {text_field!r}; set data.text_field to the text column")
+                raise UsageError(f"{path}:{n}: no field {text_field!r}; set data.text_field to the text column")
             yield str(row[text_field])
 
 
@@ -241,7 +242,7 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
 
     pf = pq.ParquetFile(path)
     if text_field not in pf.schema_arrow.names:
-        raise ValueError(f"{path}: no column {text_field!r} (has {pf.schema_arrow.names}); set data.text_field")
+        raise UsageError(f"{path}: no column {text_field!r} (has {pf.schema_arrow.names}); set data.text_field")
     for batch in pf.iter_batches(columns=[text_field]):
         yield from (str(t) for t in batch.column(0).to_pylist() if t is not None)
 
@@ -251,14 +252,14 @@ def open_hub(name: str, *, config: str, split: str, text_field: str) -> Callable
     try:
         import datasets
     except ImportError as e:
-        raise ValueError(
+        raise UsageError(
             f"data.source {name!r} is not a local file, so it would be a hub dataset, which needs the `datasets` "
             "package: pip install 'hlsa[train]'"
         ) from e
     try:
         ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
     except (FileNotFoundError, ConnectionError, ValueError) as e:  # DatasetNotFoundError is a FileNotFoundError
-        raise ValueError(
+        raise UsageError(
             f"data.source: cannot open hub dataset {name!r} (config {config or None!r}, split {split!r}): {e}. "
             "Check the name, or pass a local .txt/.jsonl/.parquet path"
         ) from e
@@ -266,7 +267,7 @@ def open_hub(name: str, *, config: str, split: str, text_field: str) -> Callable
     def docs() -> Iterator[str]:
         for row in ds:
             if text_field not in row:
-                raise ValueError(f"hub dataset {name!r} has no column {text_field!r}; set data.text_field")
+                raise UsageError(f"hub dataset {name!r} has no column {text_field!r}; set data.text_field")
             yield str(row[text_field])
 
     return docs
@@ -301,7 +302,7 @@ def build_stream(opts: Any, *, seed: int, rank: int = 0, world: int = 1) -> tupl
     synthetic tasks, whose token ids are the task's own)."""
     src = opts.source.strip()
     if not src:
-        raise ValueError("data.source is empty; pass --data PATH, a hub dataset name, or synthetic:mqar")
+        raise UsageError("data.source is empty; pass --data PATH, a hub dataset name, or synthetic:mqar")
     if src.startswith(SYNTHETIC):
         task = make_task(
             src[len(SYNTHETIC) :],

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hlsa.errors import UsageError
+
 # Accepted values of the string-valued choices; the trainer (`_autocast`) and `hlsa.train.distributed` (`pick_device`,
 # `parallelize`) act on exactly these.
 DEVICES = ("auto", "cpu", "cuda")
@@ -26,9 +28,8 @@ DTYPES = ("auto", "bf16", "fp32")
 PARALLEL = ("ddp", "fsdp2")
 
 
-class OptionsError(ValueError):
-    """A bad option name or value, or an unreadable options file: the user's input, not a bug, so `hlsa` reports it
-    as `hlsa: error: ...` without a traceback."""
+class OptionsError(UsageError):
+    """A bad option name or value, or an unreadable options file."""
 
 
 @dataclass

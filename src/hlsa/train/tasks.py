@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hlsa.errors import UsageError
+
 IGNORE = -100
 
 
@@ -46,11 +48,11 @@ class MQAR:
 
     def __post_init__(self) -> None:
         if self.vocab < 16:
-            raise ValueError(f"MQAR vocab must be >= 16 (got {self.vocab})")
+            raise UsageError(f"MQAR vocab must be >= 16 (got {self.vocab})")
         if self.num_pairs > self.vocab // 4:
-            raise ValueError(f"num_pairs ({self.num_pairs}) must be <= vocab // 4 = {self.vocab // 4} (distinct keys)")
+            raise UsageError(f"num_pairs ({self.num_pairs}) must be <= vocab // 4 = {self.vocab // 4} (distinct keys)")
         if 2 * (self.num_pairs + self.num_queries) > self.seq_len:
-            raise ValueError(
+            raise UsageError(
                 f"seq_len ({self.seq_len}) is too short for {self.num_pairs} pairs and {self.num_queries} queries "
                 f"(needs 2 * (pairs + queries) tokens)"
             )
@@ -90,9 +92,9 @@ class Passkey:
 
     def __post_init__(self) -> None:
         if self.vocab < 13:
-            raise ValueError(f"passkey vocab must be >= 13 (got {self.vocab})")
+            raise UsageError(f"passkey vocab must be >= 13 (got {self.vocab})")
         if 2 * (self.digits + 1) + 1 > self.seq_len:
-            raise ValueError(f"seq_len ({self.seq_len}) is too short for a {self.digits}-digit passkey")
+            raise UsageError(f"seq_len ({self.seq_len}) is too short for a {self.digits}-digit passkey")
 
     def example(self, seed: int, index: int) -> Example:
         rng = np.random.default_rng([seed, index])
@@ -124,4 +126,4 @@ def make_task(name: str, *, seq_len: int, vocab: int, num_pairs: int, num_querie
         return MQAR(seq_len=seq_len, vocab=vocab, num_pairs=num_pairs, num_queries=num_queries)
     if name == "passkey":
         return Passkey(seq_len=seq_len, vocab=vocab, digits=digits)
-    raise ValueError(f"data.source: unknown synthetic task {name!r}; use synthetic:mqar or synthetic:passkey")
+    raise UsageError(f"data.source: unknown synthetic task {name!r}; use synthetic:mqar or synthetic:passkey")

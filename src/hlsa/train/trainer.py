@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hlsa.errors import UsageError
 from hlsa.ops.gated_delta import allow_fla_gated_backward_on_hopper
 from hlsa.train import checkpoint as ckpt
 from hlsa.train.controller import SparsityController
@@ -52,7 +53,7 @@ def load_config(path: str) -> Any:
         return HybridConfig.from_pretrained(p)
     if p.is_file():
         return HybridConfig.from_json_file(str(p))
-    raise ValueError(f"model.config {path!r} does not exist; pass a HybridConfig JSON file or a model directory")
+    raise UsageError(f"model.config {path!r} does not exist; pass a HybridConfig JSON file or a model directory")
 
 
 class TrainingInterruptedError(Exception):
@@ -136,10 +137,10 @@ class Trainer:
 
         path = self.opts.model.config
         if not path:
-            raise ValueError("model.config is empty; pass --config PATH to a HybridConfig JSON or model directory")
+            raise UsageError("model.config is empty; pass --config PATH to a HybridConfig JSON or model directory")
         config = load_config(path)
         if config.vocab_size < vocab:
-            raise ValueError(
+            raise UsageError(
                 f"model vocab_size ({config.vocab_size}) is smaller than the data's vocabulary ({vocab}); "
                 "raise vocab_size in the model config or use a smaller tokenizer / data.task_vocab"
             )
