@@ -1,5 +1,6 @@
-# One entry point for a fresh machine: `make test` and `make demo` create .venv, install torch first (CPU build),
-# then the package, then run.
+# One entry point for a fresh machine: `make test` and `make demo` create .venv, install torch first (pinned, so that
+# pip takes the CPU build where the machine offers one, as CI's does, and no other package pulls a newer torch), then
+# the package, then run.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

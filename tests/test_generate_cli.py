@@ -1,5 +1,7 @@
 """`hlsa generate` streams a greedy continuation from a saved checkpoint with a local tokenizer."""
 
+import re
+
 import pytest
 import torch
 
@@ -30,9 +32,16 @@ def test_generate_streams_the_greedy_continuation(checkpoint, capsys):
     assert tok.decode(expected[0]) in printed
 
 
-def test_generate_rejects_a_directory_without_checkpoint(tmp_path):
-    with pytest.raises(SystemExit, match="not a checkpoint directory"):
-        main(["generate", str(tmp_path), "--prompt", "x"])
+def usage_error(capsys, argv: list[str], pattern: str) -> None:
+    """`hlsa` reports bad input as one line, `hlsa: error: ...`, with exit status 2."""
+    capsys.readouterr()  # what setting up the test printed
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hlsa: error: ") and re.search(pattern, err) and "Traceback" not in err, err
+
+
+def test_generate_rejects_a_directory_without_checkpoint(tmp_path, capsys):
+    usage_error(capsys, ["generate", str(tmp_path), "--prompt", "x"], "not a checkpoint directory")
 
 
 def test_generate_accepts_the_byte_tokenizer_by_name(checkpoint, capsys):
@@ -61,15 +70,15 @@ def test_generate_samples_with_valid_flags(checkpoint, capsys):
         (["--top-p", "0.9"], r"pass --temperature > 0 to sample"),
     ],
 )
-def test_generate_rejects_bad_sampling_flags(checkpoint, flags, message):
+def test_generate_rejects_bad_sampling_flags(checkpoint, capsys, flags, message):
     _, root = checkpoint
-    with pytest.raises(SystemExit, match=message):
-        main(["generate", str(root / "ckpt"), "--prompt", "hello", "--max-new-tokens", "2", "--device", "cpu", *flags])
+    argv = ["generate", str(root / "ckpt"), "--prompt", "hello", "--max-new-tokens", "2", "--device", "cpu", *flags]
+    usage_error(capsys, argv, message)
 
 
-def test_generate_refuses_a_tokenizer_larger_than_the_model_vocabulary(tmp_path):
+def test_generate_refuses_a_tokenizer_larger_than_the_model_vocabulary(tmp_path, capsys):
     """The byte tokenizer (259 ids) next to a 200-token model: ids 200..258 would index past the embeddings."""
     tiny_model("gdn_lte", vocab_size=200).save_pretrained(tmp_path / "ckpt")
     byte_tokenizer().save_pretrained(tmp_path / "ckpt")
-    with pytest.raises(SystemExit, match=r"259 tokens .* vocab_size 200; pass --tokenizer DIR with the tokenizer"):
-        main(["generate", str(tmp_path / "ckpt"), "--prompt", "hello", "--max-new-tokens", "2", "--device", "cpu"])
+    argv = ["generate", str(tmp_path / "ckpt"), "--prompt", "hello", "--max-new-tokens", "2", "--device", "cpu"]
+    usage_error(capsys, argv, r"259 tokens .* vocab_size 200; pass --tokenizer DIR with the tokenizer")

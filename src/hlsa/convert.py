@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from hlsa.errors import UsageError
+
 AUTHOR_MODEL_TYPES = ("hybrid_gated_deltanet", "gated_deltanet", "transformer", "nsa")
 
 # Source config keys that carry no model semantics here (kernel/fusion switches and HF bookkeeping).
@@ -56,7 +58,7 @@ def _check_supported(cfg: Mapping[str, Any], where: str) -> None:
         if key == "num_v_heads" and value is not None and value == cfg.get("num_heads"):
             continue
         if value != ok:
-            raise ValueError(f"{where}.{key}={value!r} is not supported by hlsa (only {ok!r}); cannot convert")
+            raise UsageError(f"{where}.{key}={value!r} is not supported by hlsa (only {ok!r}); cannot convert")
 
 
 def _ours_minus_one(window: int | None, where: str) -> int | None:
@@ -64,7 +66,7 @@ def _ours_minus_one(window: int | None, where: str) -> int | None:
     if window is None:
         return None
     if not isinstance(window, int) or window < 2:
-        raise ValueError(f"{where}.window_size must be an integer >= 2 or null, got {window!r}")
+        raise UsageError(f"{where}.window_size must be an integer >= 2 or null, got {window!r}")
     return window - 1
 
 
@@ -108,7 +110,7 @@ def _hybrid_layers(cfg: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
     keys = {"attn": _ATTN_KEYS, "nsa": _NSA_KEYS}.get(attn_type)
     unknown = sorted(set(attn) - {"attn_type", "layers", "window_size", *(keys or ())}) if keys else []
     if unknown:  # a key dropped here would silently change the model (LTE's keys are ours and checked by HybridConfig)
-        raise ValueError(f"attn: unknown key(s) {unknown} for attn_type {attn_type!r}; cannot convert")
+        raise UsageError(f"attn: unknown key(s) {unknown} for attn_type {attn_type!r}; cannot convert")
     if attn_type == "lte":
         kind, subs["lte"] = "lte", _lte_sub(attn)
     elif attn_type == "nsa":
@@ -117,10 +119,10 @@ def _hybrid_layers(cfg: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
         subs["attn"] = _attn_sub(attn)
         kind = "attn" if subs["attn"]["window_size"] is None else "swa"
     else:
-        raise ValueError(f"attn.attn_type={attn_type!r} is not one of 'attn', 'nsa', 'lte'")
+        raise UsageError(f"attn.attn_type={attn_type!r} is not one of 'attn', 'nsa', 'lte'")
     for i in attn["layers"]:
         if not 0 <= i < n:
-            raise ValueError(f"attn.layers contains {i}, outside 0..{n - 1}")
+            raise UsageError(f"attn.layers contains {i}, outside 0..{n - 1}")
         mixers[i] = kind
     return mixers, subs
 
@@ -134,7 +136,7 @@ def translate_config(cfg: Mapping[str, Any], *, vocab_size: int | None = None) -
     """
     model_type = cfg.get("model_type")
     if model_type not in AUTHOR_MODEL_TYPES:
-        raise ValueError(f"config model_type={model_type!r}; expected one of {AUTHOR_MODEL_TYPES}")
+        raise UsageError(f"config model_type={model_type!r}; expected one of {AUTHOR_MODEL_TYPES}")
     _check_supported(cfg, "config")
     if model_type in ("gated_deltanet", "hybrid_gated_deltanet"):
         mixers, subs = _hybrid_layers(cfg)
@@ -148,7 +150,7 @@ def translate_config(cfg: Mapping[str, Any], *, vocab_size: int | None = None) -
     known |= {"num_kv_heads", "qkv_bias", "rope_theta", "window_size", "block_size", "block_counts"}
     unknown = sorted(set(cfg) - known)
     if unknown:
-        raise ValueError(f"config has key(s) {unknown} that this converter does not know; refusing to guess")
+        raise UsageError(f"config has key(s) {unknown} that this converter does not know; refusing to guess")
     out = _copy(cfg, _COMMON_KEYS)
     out["vocab_size"] = cfg.get("vocab_size", vocab_size or 32000)
     out["intermediate_size"] = _fla_intermediate_size(cfg)
@@ -160,7 +162,7 @@ def translate_config(cfg: Mapping[str, Any], *, vocab_size: int | None = None) -
 def _squeeze_conv2d(t: torch.Tensor) -> torch.Tensor:
     """Conv2d weight `[C_out, C_in/g, 1, k]` (kernel (1, k)) -> Conv1d weight `[C_out, C_in/g, k]`."""
     if t.dim() != 4 or t.shape[2] != 1:
-        raise ValueError(f"expected a Conv2d weight of shape [C_out, C_in/g, 1, k], got {tuple(t.shape)}")
+        raise UsageError(f"expected a Conv2d weight of shape [C_out, C_in/g, 1, k], got {tuple(t.shape)}")
     return t.squeeze(2)
 
 
@@ -193,7 +195,7 @@ def _rename(key: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor] | Non
         m = re.fullmatch(pattern, key)
         if m:
             return m.expand(template), transform
-    raise ValueError(f"source key {key!r} matches no rule of hlsa.convert.RULES; the checkpoint is not convertible")
+    raise UsageError(f"source key {key!r} matches no rule of hlsa.convert.RULES; the checkpoint is not convertible")
 
 
 def expected_shapes(config_kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -232,12 +234,12 @@ def convert_state_dict(
     missing = sorted(set(want) - set(out) - ({"lm_head.weight"} if tied else set()))
     bad += [f"{k}: missing from the source checkpoint" for k in missing]
     if bad:
-        raise ValueError("checkpoint does not convert cleanly:\n  " + "\n  ".join(bad))
+        raise UsageError("checkpoint does not convert cleanly:\n  " + "\n  ".join(bad))
     if tied and "lm_head.weight" in out:
         head = out.pop("lm_head.weight")
         emb = out["model.embeddings.weight"]
         if not head.is_meta and not torch.equal(head, emb):
-            raise ValueError("tie_word_embeddings is true but lm_head.weight differs from model.embeddings.weight")
+            raise UsageError("tie_word_embeddings is true but lm_head.weight differs from model.embeddings.weight")
     return out
 
 
@@ -246,7 +248,7 @@ def load_source(src: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     `pytorch_model.bin`, or their sharded `*.index.json` forms."""
     src = Path(src)
     if not (src / "config.json").is_file():
-        raise ValueError(f"SRC {src}: no config.json (pass a checkpoint directory)")
+        raise UsageError(f"SRC {src}: no config.json (pass a checkpoint directory)")
     cfg = json.loads((src / "config.json").read_text())
     files = _weight_files(src)
     state: dict[str, torch.Tensor] = {}
@@ -268,7 +270,7 @@ def _weight_files(src: Path) -> list[Path]:
         if (src / index).is_file():
             shards = sorted(set(json.loads((src / index).read_text())["weight_map"].values()))
             return [src / s for s in shards]
-    raise ValueError(f"SRC {src}: no model.safetensors or pytorch_model.bin (or their .index.json) found")
+    raise UsageError(f"SRC {src}: no model.safetensors or pytorch_model.bin (or their .index.json) found")
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hlsa.errors import UsageError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text from a saved checkpoint (streams tokens)")
@@ -32,13 +34,13 @@ def _check_sampling(args: argparse.Namespace) -> None:
     """Refuse sampling flags that transformers would reject deep inside `generate`, or silently ignore."""
     # `not x >= 0` rather than `x < 0`, and `not 0 < p <= 1`, so that NaN fails too.
     if not args.temperature >= 0:
-        raise SystemExit(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
-        raise SystemExit(f"--top-k must be >= 1, got {args.top_k}")
+        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise SystemExit(f"--top-p must be in (0, 1], got {args.top_p}")
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
-        raise SystemExit(
+        raise UsageError(
             "--top-k/--top-p need sampling but --temperature 0 is greedy: pass --temperature > 0 to sample"
         )
 
@@ -52,19 +54,16 @@ def run(args: argparse.Namespace) -> int:
     from hlsa.eval.common import load_model, load_tokenizer, pick_device
 
     if args.max_new_tokens < 1:
-        raise SystemExit("--max-new-tokens must be >= 1")
+        raise UsageError("--max-new-tokens must be >= 1")
     _check_sampling(args)
     device = pick_device(args.device)
-    try:
-        # The tokenizer first: it is checked against the checkpoint's vocab_size before the weights are read.
-        tok = load_tokenizer(args.model, args.tokenizer)
-        model = load_model(args.model, device=device, dtype=args.dtype)
-    except ValueError as e:  # a bad checkpoint or tokenizer directory: a one-line message, not a traceback
-        raise SystemExit(str(e)) from None
+    # The tokenizer first: it is checked against the checkpoint's vocab_size before the weights are read.
+    tok = load_tokenizer(args.model, args.tokenizer)
+    model = load_model(args.model, device=device, dtype=args.dtype)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     ids = tok(prompt, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:
-        raise SystemExit("the prompt is empty after tokenization")
+        raise UsageError("the prompt is empty after tokenization")
     torch.manual_seed(args.seed)
     sample = args.temperature > 0
     model.generate(

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from hlsa.errors import UsageError
+
 EVICTED, WINDOW, RETAINED, SINK = 0, 1, 2, 3
 STATE_NAMES = ("evicted", "window", "retained", "sink")
 STATE_COLORS = ("#e6e6e6", "#9ecae1", "#fd8d3c", "#a50f15")
@@ -89,7 +91,7 @@ def token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[in
     """Token range `[a, b)` of the tokens whose character offsets overlap `[start, end)`."""
     hits = [i for i, (s, e) in enumerate(offsets) if s < end and e > start]
     if not hits:
-        raise ValueError(f"no token overlaps characters [{start}, {end})")
+        raise UsageError(f"no token overlaps characters [{start}, {end})")
     return hits[0], hits[-1] + 1
 
 
@@ -101,7 +103,7 @@ def inspect_prompt(model: Any, tokenizer: Any, prompt: str, *, needle: tuple[int
     """
     config = model.config
     if "lte" not in config.mixers:
-        raise ValueError("model has no LTE layer: eviction pictures need layer type 'lte'")
+        raise UsageError("model has no LTE layer: eviction pictures need layer type 'lte'")
     enc = tokenizer(prompt, return_offsets_mapping=True)
     ids = torch.tensor([enc["input_ids"]], device=next(model.parameters()).device)
     routing = model(input_ids=ids).routing

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from hlsa.errors import UsageError
 from hlsa.eval.haystack import NEEDLE, haystack_units, join_units, random_key, random_value
 
 TASKS: dict[str, dict[str, Any]] = {
@@ -77,7 +78,7 @@ class NiahSample:
 
 def _spec(task: str) -> dict[str, Any]:
     if task not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+        raise UsageError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     return {"keys": "words", "num_keys": 1, "num_values": 1, "num_queries": 1, **TASKS[task]}
 
 
@@ -168,7 +169,7 @@ def make_sample(
     Deterministic in `(seed, task, max_length, depth, index)`.
     """
     if not 0.0 <= depth <= 100.0:
-        raise ValueError(f"depth must be a percentage in [0, 100], got {depth}")
+        raise UsageError(f"depth must be a percentage in [0, 100], got {depth}")
     rng = random.Random(f"hlsa-niah/{seed}/{task}/{max_length}/{depth:g}/{index}")
     builder = _Builder(task, depth, rng)
 
@@ -177,7 +178,7 @@ def make_sample(
         return _token_count(tokenizer, f"{text} {builder.gen_prefix}") + tokens_to_generate <= max_length
 
     if not fits(1):
-        raise ValueError(
+        raise UsageError(
             f"max_length={max_length} leaves no room for the {task} prompt and tokens_to_generate="
             f"{tokens_to_generate}; raise the length or lower tokens_to_generate"
         )
@@ -232,7 +233,7 @@ def postprocess(prediction: str) -> str:
 def string_match_all(prediction: str, references: list[str]) -> float:
     """Fraction of `references` that occur in `prediction`, case-insensitive (RULER's per-sample score)."""
     if not references:
-        raise ValueError("references must not be empty")
+        raise UsageError("references must not be empty")
     pred = postprocess(prediction).lower()
     return sum(ref.lower() in pred for ref in references) / len(references)
 
@@ -253,7 +254,7 @@ def generate_predictions(
     stderr (longest prompts first, so the first batches are the slowest).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device

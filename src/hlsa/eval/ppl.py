@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hlsa.errors import UsageError
+
 
 def iter_documents(
     source: str, *, text_field: str = "text", split: str = "test", dataset_config: str | None = None
@@ -29,7 +31,7 @@ def iter_documents(
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         if not files:
-            raise ValueError(f"data {source}: directory holds no .txt files")
+            raise UsageError(f"data {source}: directory holds no .txt files")
         for f in files:
             yield f.read_text(encoding="utf-8")
     elif path.suffix == ".txt" and path.is_file():
@@ -40,10 +42,10 @@ def iter_documents(
                 if line.strip():
                     record = json.loads(line)
                     if text_field not in record:
-                        raise ValueError(f"data {source}:{n}: no field {text_field!r} (set --text-field)")
+                        raise UsageError(f"data {source}:{n}: no field {text_field!r} (set --text-field)")
                     yield record[text_field]
     elif path.exists() or path.suffix in (".txt", ".jsonl", ".json"):
-        raise ValueError(f"data {source}: expected an existing .txt file, .jsonl file or directory of .txt files")
+        raise UsageError(f"data {source}: expected an existing .txt file, .jsonl file or directory of .txt files")
     else:
         import datasets  # lazy: only for hub datasets
 
@@ -88,7 +90,7 @@ def perplexity_by_position(
     Returns a JSON-able dict: `buckets` (list of `{start, end, tokens, nll, ppl}`), `overall`, `documents`.
     """
     if bucket_size < 1 or block_size < 2:
-        raise ValueError(f"need bucket_size >= 1 and block_size >= 2 (got {bucket_size}, {block_size})")
+        raise UsageError(f"need bucket_size >= 1 and block_size >= 2 (got {bucket_size}, {block_size})")
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -109,7 +111,7 @@ def perplexity_by_position(
         count.index_add_(0, bucket, torch.ones_like(nll))
         used += 1
     if used == 0:
-        raise ValueError("no document had enough tokens; lower --min-tokens or check the data")
+        raise UsageError("no document had enough tokens; lower --min-tokens or check the data")
     buckets = [
         _stats(nll_sum[b].item(), count[b].item())
         | {"start": b * bucket_size, "end": min((b + 1) * bucket_size, block_size)}

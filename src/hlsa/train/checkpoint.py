@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hlsa.errors import UsageError
+
 LATEST = "latest"
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.pt"
@@ -149,7 +151,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         return None
     path = Path(root) / marker.read_text().strip()
     if not all((path / name).is_file() for name in (MODEL_FILE, OPTIM_FILE, TRAINER_FILE)):
-        raise ValueError(f"{marker} names {path.name}, which is incomplete; delete {marker} to start afresh")
+        raise UsageError(f"{marker} names {path.name}, which is incomplete; delete {marker} to start afresh")
     return path
 
 

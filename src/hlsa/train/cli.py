@@ -5,6 +5,9 @@ Every training option is a flag named `--<section>.<name>` (`--optim.lr 1e-3`, `
 precedence over `--options FILE` (TOML or YAML with the same sections), which takes precedence over the defaults.
 Shortcuts: `--config` = `--model.config`, `--data` = `--data.source`, `--out` = `--checkpoint.dir`,
 `--steps` = `--train.steps`, `--resume` = `--checkpoint.resume true`.
+
+SIGTERM or Ctrl-C saves the current step and exits with status 130 without writing `--checkpoint.export`; rerun with
+`--resume` to continue. Bad options exit with status 2 before anything is written.
 """
 
 from __future__ import annotations
