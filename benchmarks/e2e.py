@@ -464,11 +464,12 @@ def memory_table(plan: Plan) -> list[dict]:
     rows = []
     for arch in ARCHS:
         model = build_model(arch, plan, device="meta")
+        weights = weight_bytes(model)
         for c in sorted(set(plan.memory_contexts) | set(plan.target_contexts)):
             cache = synthetic_cache(model, 1, c, headroom=0)
-            rows.append({"arch": arch, "context": c, "cache_bytes_per_seq": cache.nbytes(),
-                         "step_bytes_per_seq": step_bytes_per_seq(model, cache, c, 1),
-                         "weight_bytes": weight_bytes(model)})  # fmt: skip
+            step = step_bytes_per_seq(model, cache, c, 1)
+            rows.append({"arch": arch, "context": c, "cache_bytes_per_seq": cache.nbytes(), "step_bytes_per_seq": step,
+                         "weight_bytes": weights})  # fmt: skip
     return rows
 
 

@@ -272,7 +272,8 @@ def nsa(
     )  # fmt: skip
 
 
-def _check_decode(q, k_cache, v_cache, k_cmp, v_cmp, start, seq_len, block_size) -> None:
+def _check_decode(q, k_cache, v_cache, k_cmp, v_cmp, gates, start, seq_len, block_size, block_counts, window) -> None:
+    _check_config(block_size, block_counts, window)  # first: the cache checks divide by block_size
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cmp.shape != v_cmp.shape:
         raise ValueError(
             f"nsa_decode: q must be [B, HQ, D], caches [B, HKV, N, D], compressed caches [B, HKV, NC, D]; got "
@@ -297,6 +298,7 @@ def _check_decode(q, k_cache, v_cache, k_cmp, v_cmp, start, seq_len, block_size)
         )
     if start.shape != (B,) or start.dtype != torch.int32 or start.device != q.device:
         raise ValueError(f"nsa_decode: start must be int32 [B] on {q.device}; got {start.dtype} {tuple(start.shape)}")
+    _check_gates(q, gates)
 
 
 def nsa_decode_ref(
@@ -317,9 +319,9 @@ def nsa_decode_ref(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Readable reference of `nsa_decode` (one row at a time; host syncs on `start`). Args as in `nsa_decode`."""
-    _check_config(block_size, block_counts, window)
-    _check_decode(q, k_cache, v_cache, k_cmp, v_cmp, start, seq_len, block_size)
-    _check_gates(q, (g_cmp, g_slc, g_swa))
+    _check_decode(
+        q, k_cache, v_cache, k_cmp, v_cmp, (g_cmp, g_slc, g_swa), start, seq_len, block_size, block_counts, window
+    )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     rows = []
     for b, s in enumerate(start.tolist()):
@@ -376,9 +378,9 @@ def nsa_decode(
             q, k_cache, v_cache, k_cmp, v_cmp, g_cmp, g_slc, g_swa, start=start, seq_len=seq_len,
             block_size=block_size, block_counts=block_counts, window=window, scale=scale,
         )  # fmt: skip
-    _check_config(block_size, block_counts, window)
-    _check_decode(q, k_cache, v_cache, k_cmp, v_cmp, start, seq_len, block_size)
-    _check_gates(q, (g_cmp, g_slc, g_swa))
+    _check_decode(
+        q, k_cache, v_cache, k_cmp, v_cmp, (g_cmp, g_slc, g_swa), start, seq_len, block_size, block_counts, window
+    )
     from hlsa.ops.triton.nsa_decode import nsa_decode_triton
 
     return nsa_decode_triton(

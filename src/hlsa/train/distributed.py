@@ -36,9 +36,8 @@ def init_world(device: str) -> World:
 
 
 def pick_device(requested: str, world: World) -> torch.device:
-    """`auto` = this rank's GPU when CUDA exists, else the CPU."""
-    if requested not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"train.device must be auto, cpu or cuda (got {requested!r})")
+    """`auto` = this rank's GPU when CUDA exists, else the CPU (`requested` is one of `options.DEVICES`, checked by
+    `Options.validate`)."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

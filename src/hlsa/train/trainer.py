@@ -331,12 +331,11 @@ class Trainer:
     def _apply_optim_options(self) -> None:
         """The options of this run, not the checkpoint's, set the LR schedule and AdamW's hyperparameters: the loaded
         state dicts brought back the old peak LR, betas, eps and weight decay."""
-        o = self.opts.optim
-        factor = lr_factor(self.step, warmup=o.warmup_steps, total=self.opts.train.steps, min_ratio=o.min_lr_ratio)
+        o, schedule = self.opts.optim, self.scheduler.lr_lambdas[0]  # this run's schedule: not saved, built anew
         self.scheduler.base_lrs = [o.lr for _ in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
             group.update(betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, initial_lr=o.lr)
-            group["lr"] = o.lr * factor
+            group["lr"] = o.lr * schedule(self.scheduler.last_epoch)
 
     def export(self, out_dir: str) -> None:
         """Write a plain HF directory of the current weights (collective; rank 0 writes)."""
