@@ -6,9 +6,9 @@ key/shape lists of all 14 released configs, then used to build small checkpoints
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +16,9 @@ import torch
 from hlsa.convert import convert_checkpoint, convert_state_dict, expected_shapes, translate_config
 
 REFERENCE = Path("/work/shared/reference")
+# The authors' released 0.4B GDN+LTE config as their code saves it after training: with the keys their config class
+# and transformers 4.49 add on save, and `attn.receptive_margin`, which their LTE model's `forward` writes into it.
+TRAINED_LTE = Path(__file__).parent / "data" / "authors_gdn_lte_0.4B_trained.json"
 NAMES = sorted(p.stem for p in (REFERENCE / "authors_configs").glob("*.json")) if REFERENCE.exists() else []
 needs_reference = pytest.mark.skipif(not NAMES, reason="authors' reference configs not available")
 
@@ -155,17 +158,30 @@ def _random_checkpoint(cfg: dict, path: Path, *, fmt: str) -> dict[str, torch.Te
     return state
 
 
-@pytest.mark.parametrize(("cfg", "fmt"), [(TINY_LTE, "safetensors"), (TINY_SWA, "bin")], ids=["lte-tied", "swa-bin"])
+def _trained_lte(**shrink: Any) -> dict:
+    """The trained-checkpoint config, with top-level sizes replaced by `shrink` (the attn dict is kept whole)."""
+    return {**json.loads(TRAINED_LTE.read_text()), **shrink}
+
+
+# Small enough for a quick random-weight checkpoint; the LTE settings (window, buffer, router convs) are the 0.4B's.
+SMALL_TRAINED_LTE = _trained_lte(
+    hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=32, vocab_size=259,
+    attn={**_trained_lte()["attn"], "layers": [1], "num_heads": 4, "num_kv_heads": 2},
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("cfg", "fmt"),
+    [(TINY_LTE, "safetensors"), (TINY_SWA, "bin"), (SMALL_TRAINED_LTE, "safetensors")],
+    ids=["lte-tied", "swa-bin", "lte-trained"],
+)
 def test_convert_command_end_to_end(tmp_path: Path, cfg: dict, fmt: str) -> None:
-    from hlsa.eval.cli import register
+    from hlsa.cli import main
     from hlsa.model import HybridForCausalLM
 
     src, dst = tmp_path / "authors", tmp_path / "ours"
     state = _random_checkpoint(cfg, src, fmt=fmt)
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args(["convert", str(src), str(dst)])
-    assert args.func(args) == 0
+    assert main(["convert", str(src), str(dst)]) == 0
     model = HybridForCausalLM.from_pretrained(dst).eval()
     ours = model.state_dict()
     for key, value in state.items():
@@ -207,3 +223,27 @@ def test_convert_rejects_a_directory_without_weights(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(TINY_LTE))
     with pytest.raises(ValueError, match="model.safetensors"):
         convert_checkpoint(tmp_path, tmp_path / "out")
+
+
+def test_a_checkpoint_saved_after_training_converts_at_full_size() -> None:
+    cfg = json.loads(TRAINED_LTE.read_text())
+    kwargs = translate_config(cfg)
+    assert "receptive_margin" not in kwargs["lte"] and kwargs["mixers"][1::2] == ["lte"] * 12
+    meta = {k: torch.empty(shape, device="meta") for k, shape in authors_shapes(cfg, 32000).items()}
+    want = expected_shapes(kwargs)
+    assert {k: tuple(v.shape) for k, v in convert_state_dict(meta, kwargs).items()} == {
+        k: v for k, v in want.items() if k != "lm_head.weight"
+    }
+
+
+@pytest.mark.parametrize("margin", [6, 8, True, "7"])
+def test_a_receptive_margin_that_disagrees_with_the_router_is_refused(margin: Any) -> None:
+    cfg = _trained_lte()
+    with pytest.raises(ValueError, match=r"attn.receptive_margin=.* conv_dilation \[2, 2, 2\] gives 7"):
+        translate_config({**cfg, "attn": {**cfg["attn"], "receptive_margin": margin}})
+
+
+def test_unknown_lte_keys_are_still_refused() -> None:
+    cfg = _trained_lte()
+    with pytest.raises(ValueError, match=r"lte: unknown field\(s\) \['receptive_margins'\]"):
+        translate_config({**cfg, "attn": {**cfg["attn"], "receptive_margins": 7}})

@@ -9,6 +9,8 @@ Two steps, both strict:
    (docs/design.md): their SWA/transformer `window_size=w` is a flash-attn window of `w` tokens including the query,
    i.e. our `W = w - 1`; their NSA sliding branch is the same (`512 -> 511`); their LTE band is already `W + 1`, so
    LTE windows are copied unchanged. Settings we do not implement (`qk_norm`, negative eigenvalues, ...) raise.
+   The one key their code writes into the config at run time, `attn.receptive_margin` (LTE `forward`), is
+   checked against the router and dropped; any other unknown key raises.
 2. `convert_state_dict`: one explicit old -> new name table (`RULES`), a shape check of every tensor against an
    hlsa model of the translated config built on the meta device, and a check that every key of the model is filled
    and no source key is left over. Any mismatch raises `ValueError` listing the offending keys.
@@ -88,7 +90,26 @@ def _nsa_sub(src: Mapping[str, Any]) -> dict[str, Any]:
 
 def _lte_sub(src: Mapping[str, Any]) -> dict[str, Any]:
     # The authors' LTE keys are ours; their band is already W + 1 tokens, so window_size is copied unchanged.
-    return {k: v for k, v in src.items() if k not in ("attn_type", "layers")}
+    return {k: v for k, v in src.items() if k not in ("attn_type", "layers", "receptive_margin")}
+
+
+def _check_receptive_margin(attn: Mapping[str, Any], config_kwargs: Mapping[str, Any]) -> None:
+    """The authors' LTE `forward` writes `attn.receptive_margin = receptive field // 2 + 1` into the model config,
+    so every checkpoint they saved after training carries it. hlsa derives the margin from `conv_size` and
+    `conv_dilation`, so the key is dropped, but only when it agrees with them: another value means a router
+    other than the one these weights were trained with."""
+    if "receptive_margin" not in attn:
+        return
+    from hlsa.config import HybridConfig
+
+    config = HybridConfig(**config_kwargs)
+    given, expected = attn["receptive_margin"], config.lte_receptive_field // 2 + 1
+    if type(given) is not int or given != expected:
+        raise UsageError(
+            f"attn.receptive_margin={given!r} does not match the router: conv_size {config.lte['conv_size']} with "
+            f"conv_dilation {config.lte['conv_dilation']} gives {expected} (receptive field // 2 + 1); the config "
+            "was edited after training, so fix conv_size/conv_dilation or remove receptive_margin"
+        )
 
 
 def _fla_intermediate_size(cfg: Mapping[str, Any]) -> int:
@@ -156,6 +177,8 @@ def translate_config(cfg: Mapping[str, Any], *, vocab_size: int | None = None) -
     out["intermediate_size"] = _fla_intermediate_size(cfg)
     out["mixers"] = mixers
     out.update(subs)
+    if "lte" in subs:
+        _check_receptive_margin(cfg["attn"], out)
     return out
 
 
