@@ -10,96 +10,226 @@ A layer is one of
 
 Window convention (docs/design.md): `window_size = W` lets a query see itself and the `W` tokens before it.
 The config is never mutated after construction: every sub-config is copied, completed with defaults and checked here.
+Checked: every field's type (no bool for an integer, no float for a size or an index), finiteness and range; rules
+across fields (head divisibility, windows, the router's margin); and that no key is unknown, so a misspelt key is an
+error rather than a default silently used (the keys transformers itself writes, `HF_CONFIG_KEYS`, are accepted).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from transformers import PretrainedConfig
+from transformers import GenerationConfig, PretrainedConfig
 
 MIXERS = ("gdn", "attn", "swa", "nsa", "lte")
 BACKENDS = ("auto", "torch")
 
-# Defaults of each mixer kind; `None` means "derived from other fields" (documented at the use site).
-GDN_DEFAULTS: dict[str, Any] = {
-    "num_heads": None,  # required when a gdn layer exists
-    "head_dim": None,  # default: hidden_size // num_heads
-    "expand_v": 1.0,
-    "use_short_conv": True,
-    "conv_size": 4,
-    "use_gate": True,
+# A field check: `check(name, value)` raises `ValueError` naming the field when the value is of the wrong type or
+# out of range. Cross-field rules (divisibility, window vs. margin, ...) live in `HybridConfig._validate`.
+Check = Callable[[str, Any], None]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(lo: int, *, null: bool = False) -> Check:
+    """An integer >= `lo` (bools and floats refused: `True` would silently be 1, `64.0` breaks tensor shapes)."""
+
+    def check(name: str, value: Any) -> None:
+        if (value is None and null) or (_is_int(value) and value >= lo):
+            return
+        raise ValueError(f"{name} must be an integer >= {lo}{' or null' if null else ''} (got {value!r})")
+
+    return check
+
+
+def _real(*, gt: float | None = None, ge: float | None = None, lt: float | None = None) -> Check:
+    """A finite number within the given bounds (NaN and infinities refused: they give NaN models, not errors)."""
+    bounds = [f"{op} {b}" for op, b in ((">", gt), (">=", ge), ("<", lt)) if b is not None]
+
+    def check(name: str, value: Any) -> None:
+        if (
+            _is_real(value)
+            and (gt is None or value > gt)
+            and (ge is None or value >= ge)
+            and (lt is None or value < lt)
+        ):
+            return
+        raise ValueError(
+            f"{name} must be a finite number{' ' + ' and '.join(bounds) if bounds else ''} (got {value!r})"
+        )
+
+    return check
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false (got {value!r})")
+
+
+def _one_of(*choices: str, note: str = "") -> Check:
+    def check(name: str, value: Any) -> None:
+        if value not in choices:
+            names = " or ".join(", ".join(repr(c) for c in choices).rsplit(", ", 1))
+            raise ValueError(f"{name} must be {names} (got {value!r}){note}")
+
+    return check
+
+
+def _ints(lo: int) -> Check:
+    """A non-empty list of integers >= `lo`."""
+
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, (list, tuple)) or not value or not all(_is_int(v) and v >= lo for v in value):
+            raise ValueError(f"{name} must be a non-empty list of integers >= {lo} (got {value!r})")
+
+    return check
+
+
+def _band(name: str, value: Any) -> None:
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_real(v) for v in value)) or not (
+        0 < value[0] <= value[1]
+    ):
+        raise ValueError(f"{name} must be [lo, hi] with 0 < lo <= hi, finite (got {value!r})")
+
+
+# Each mixer kind's fields: name -> (default, check). `None` defaults are derived from other fields (documented at
+# the use site) or required where a layer of that kind exists.
+GDN_FIELDS: dict[str, tuple[Any, Check]] = {
+    "num_heads": (None, _int(1, null=True)),  # required when a gdn layer exists
+    "head_dim": (None, _int(1, null=True)),  # default: hidden_size // num_heads
+    "expand_v": (1.0, _real(gt=0)),
+    "use_short_conv": (True, _flag),
+    "conv_size": (4, _int(1)),
+    "use_gate": (True, _flag),
 }
-ATTN_DEFAULTS: dict[str, Any] = {
-    "num_heads": None,
-    "num_kv_heads": None,  # default: num_heads
-    "head_dim": None,  # default: hidden_size // num_heads
-    "qkv_bias": False,
-    "window_size": None,  # required for swa layers
-    "rope_theta": 10000.0,
+ATTN_FIELDS: dict[str, tuple[Any, Check]] = {
+    "num_heads": (None, _int(1, null=True)),
+    "num_kv_heads": (None, _int(1, null=True)),  # default: num_heads
+    "head_dim": (None, _int(1, null=True)),  # default: hidden_size // num_heads
+    "qkv_bias": (False, _flag),
+    "window_size": (None, _int(1, null=True)),  # required for swa layers
+    "rope_theta": (10000.0, _real(gt=0)),
 }
-NSA_DEFAULTS: dict[str, Any] = {
-    "num_heads": None,
-    "num_kv_heads": None,
-    "head_dim": 64,
-    "block_size": 64,
-    "block_counts": 16,
-    "qkv_bias": False,
-    "window_size": 511,  # the authors' 512-token window in our convention
-    "rope_theta": 10000.0,
+NSA_FIELDS: dict[str, tuple[Any, Check]] = {
+    "num_heads": (None, _int(1, null=True)),
+    "num_kv_heads": (None, _int(1, null=True)),
+    "head_dim": (64, _int(1, null=True)),
+    "block_size": (64, _int(1)),
+    "block_counts": (16, _int(1)),
+    "qkv_bias": (False, _flag),
+    "window_size": (511, _int(1, null=True)),  # the authors' 512-token window in our convention
+    "rope_theta": (10000.0, _real(gt=0)),
 }
-LTE_DEFAULTS: dict[str, Any] = {
-    "num_heads": None,
-    "num_kv_heads": None,
-    "head_dim": None,
-    "qkv_bias": False,
-    "window_size": 768,
-    "buffer_size": 512,
-    "sink_size": 4,
-    "rope_theta": 10000.0,
-    "conv_size": [3, 3, 3],
-    "conv_dilation": [2, 2, 2],
-    "dropout_prob": 0.1,
-    "routing_method": "sigmoid",
-    "routing_grad": True,
-    "routing_shared": "head",
-    "router_bias_init": 0.5,  # the authors': every score starts positive (every token kept); < 0 starts as SWA
+LTE_FIELDS: dict[str, tuple[Any, Check]] = {
+    "num_heads": (None, _int(1, null=True)),
+    "num_kv_heads": (None, _int(1, null=True)),
+    "head_dim": (None, _int(1, null=True)),
+    "qkv_bias": (False, _flag),
+    "window_size": (768, _int(1, null=True)),
+    "buffer_size": (512, _int(0)),
+    "sink_size": (4, _int(0)),
+    "rope_theta": (10000.0, _real(gt=0)),
+    "conv_size": ([3, 3, 3], _ints(1)),
+    "conv_dilation": ([2, 2, 2], _ints(1)),
+    "dropout_prob": (0.1, _real(ge=0, lt=1)),
+    "routing_method": ("sigmoid", _one_of("sigmoid", "relu")),
+    "routing_grad": (True, _flag),
+    "routing_shared": (
+        "head",
+        _one_of("head", "layer", note="; the authors' 'all' (one CNN shared by every layer) is not supported"),
+    ),
+    # the authors' 0.5: every score starts positive (every token kept); < 0 starts as SWA
+    "router_bias_init": (0.5, _real()),
     # Which older tokens a query sees in training: "positive" (the authors': every positively scored token, no
     # cap) or "buffer" (the inference rule: the top `buffer_size` positive scores older than its window)
-    "train_selection": "positive",
-    "routing_freeze_steps": 0,
-    "l1_lambda_init": 1e-9,
-    "l1_lambda_min": 1e-9,
-    "l1_lambda_max": 1.0,
-    "l1_alpha": 1.5,
-    "l1_alpha_neg": 2.0,
-    "l1_warmup_steps": 0,
-    "l1_lambda_initial_steps": 0,
-    "l1_lambda_update_steps": 32,
-    "l1_lambda_shared": "head",
-    "l1_lambda_tolerate": [0.95, 1.0],
+    "train_selection": ("positive", _one_of("positive", "buffer")),
+    # The L1 sparsity controller's settings (hlsa.train.controller); the model itself does not read them.
+    "routing_freeze_steps": (0, _int(0)),
+    "l1_lambda_init": (1e-9, _real(ge=0)),
+    "l1_lambda_min": (1e-9, _real(ge=0)),
+    "l1_lambda_max": (1.0, _real(ge=0)),  # 0 turns the L1 term off
+    "l1_alpha": (1.5, _real(gt=0)),  # lambda *= l1_alpha when too many tokens are kept
+    "l1_alpha_neg": (2.0, _real(gt=0)),  # lambda /= l1_alpha_neg when too few are
+    "l1_warmup_steps": (0, _int(0)),
+    "l1_lambda_initial_steps": (0, _int(0)),
+    "l1_lambda_update_steps": (32, _int(1)),
+    "l1_lambda_shared": ("head", _one_of("head", "layer", "all")),
+    "l1_lambda_tolerate": ([0.95, 1.0], _band),
 }
+FIELDS = {"gdn": GDN_FIELDS, "attn": ATTN_FIELDS, "nsa": NSA_FIELDS, "lte": LTE_FIELDS}
+GDN_DEFAULTS, ATTN_DEFAULTS, NSA_DEFAULTS, LTE_DEFAULTS = (
+    {k: default for k, (default, _) in fields.items()} for fields in FIELDS.values()
+)
+# Top-level numeric and flag fields; the rest (mixers, sub-configs, backend, hidden_act) are checked by hand.
+TOP_FIELDS: dict[str, Check] = {
+    "vocab_size": _int(1),
+    "hidden_size": _int(1),
+    "num_hidden_layers": _int(1),
+    "intermediate_size": _int(1, null=True),  # null: derived from hidden_ratio
+    "hidden_ratio": _real(gt=0),
+    "norm_eps": _real(gt=0),
+    "initializer_range": _real(gt=0),
+    "max_position_embeddings": _int(1),
+    "tie_word_embeddings": _flag,
+    "use_cache": _flag,
+    "bos_token_id": _int(0, null=True),
+    "eos_token_id": _int(0, null=True),
+    "pad_token_id": _int(0, null=True),
+}
+# Keys transformers' own config accepts beside a model's fields: its dataclass fields, the generation parameters it
+# drops on load, and the names `from_dict`/`to_dict`/`__post_init__` read or write that are not fields. A config.json
+# written by transformers may carry any of them; every other unknown key is a typo or another model's setting.
+HF_CONFIG_KEYS = frozenset(
+    {f.name for f in dataclasses.fields(PretrainedConfig)}
+    | set(GenerationConfig._get_default_generation_params())
+    | {"model_type", "_name_or_path", "name_or_path", "torch_dtype", "num_labels", "output_attentions",
+       "attn_implementation", "experts_implementation", "_commit_hash", "auto_map",
+       # written by transformers 4.x, still accepted (and stored) by 5.x
+       "_attn_implementation_autoset", "tokenizer_class", "prefix", "finetuning_task", "task_specific_params",
+       "sep_token_id", "decoder_start_token_id", "is_decoder", "add_cross_attention", "tie_encoder_decoder",
+       "cross_attention_hidden_size", "pruned_heads", "torchscript", "use_bfloat16", "tf_legacy_loss"}
+)  # fmt: skip
 # Which sub-config a layer kind reads.
 SUBCONFIG_OF = {"gdn": "gdn", "attn": "attn", "swa": "attn", "nsa": "nsa", "lte": "lte"}
 
 
-def _complete(name: str, given: Mapping[str, Any] | None, defaults: dict[str, Any]) -> dict[str, Any]:
+def _complete(name: str, given: Mapping[str, Any] | None, fields: dict[str, tuple[Any, Check]]) -> dict[str, Any]:
+    """A copy of sub-config `name` with defaults filled in and every field's type and range checked."""
+    if given is not None and not isinstance(given, Mapping):
+        raise ValueError(f"{name} must be a mapping of field -> value (got {type(given).__name__})")
     given = dict(given or {})
-    unknown = sorted(set(given) - set(defaults))
+    unknown = sorted(set(given) - set(fields))
     if unknown:
-        raise ValueError(f"{name}: unknown field(s) {unknown}; allowed fields are {sorted(defaults)}")
-    return {**defaults, **given}
+        raise ValueError(f"{name}: unknown field(s) {unknown}; allowed fields are {sorted(fields)}")
+    out = {k: given.get(k, default) for k, (default, _) in fields.items()}
+    out = {k: list(v) if isinstance(v, list) else v for k, v in out.items()}  # no config shares a list with another
+    for key, (_, check) in fields.items():
+        check(f"{name}.{key}", out[key])
+    return out
 
 
 def _mixers_from(num_hidden_layers: int, mixer_layers: Mapping[str, Sequence[int]]) -> list[str]:
     """`{"lte": [1, 3]}` -> one mixer per layer, `gdn` where no other mixer is named."""
     types = ["gdn"] * num_hidden_layers
     owner: dict[int, str] = {}
+    if not isinstance(mixer_layers, Mapping):
+        raise ValueError(f"mixer_layers must map a mixer to a list of layer indices (got {mixer_layers!r})")
     for mixer, layers in mixer_layers.items():
         if mixer not in MIXERS:
             raise ValueError(f"mixer_layers: unknown mixer {mixer!r}; expected one of {MIXERS}")
+        if not isinstance(layers, (list, tuple)) or not all(_is_int(i) for i in layers):
+            raise ValueError(f"mixer_layers[{mixer!r}] must be a list of integer layer indices (got {layers!r})")
         for i in layers:
             if not 0 <= i < num_hidden_layers:
                 raise ValueError(
@@ -111,6 +241,15 @@ def _mixers_from(num_hidden_layers: int, mixer_layers: Mapping[str, Sequence[int
             owner[i] = mixer
             types[i] = mixer
     return types
+
+
+def _unknown_keys_message(unknown: list[str]) -> str:
+    own = [p for p in inspect.signature(HybridConfig.__init__).parameters if p not in ("self", "kwargs")]
+    hints = [f"{k!r} -> {m[0]!r}" for k in unknown if (m := difflib.get_close_matches(k, own, n=1))]
+    return (
+        f"unknown config key(s) {unknown}: neither a HybridConfig field ({', '.join(own)}) nor one of transformers' "
+        "own; fix or remove them" + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+    )
 
 
 class HybridConfig(PretrainedConfig):
@@ -149,21 +288,14 @@ class HybridConfig(PretrainedConfig):
         use_cache: bool = True,
         **kwargs: Any,
     ) -> None:
+        unknown = sorted(set(kwargs) - HF_CONFIG_KEYS)
+        if unknown:
+            raise ValueError(_unknown_keys_message(unknown))
         if mixers is not None and mixer_layers is not None:
             raise ValueError("give either mixers or mixer_layers, not both")
-        if mixers is None:
-            mixers = _mixers_from(num_hidden_layers, mixer_layers or {})
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
-        self.mixers = list(mixers)
-        self.gdn = _complete("gdn", gdn, GDN_DEFAULTS)
-        self.attn = _complete("attn", attn, ATTN_DEFAULTS)
-        self.nsa = _complete("nsa", nsa, NSA_DEFAULTS)
-        self.lte = _complete("lte", lte, LTE_DEFAULTS)
-        if intermediate_size is None:
-            # SwiGLU width 2/3 * ratio * d, rounded up to a multiple of 256 (2816 at d=1024, 5632 at d=2048).
-            intermediate_size = 256 * math.ceil(hidden_size * hidden_ratio * 2 / 3 / 256)
         self.intermediate_size = intermediate_size
         self.hidden_ratio = hidden_ratio
         self.hidden_act = hidden_act
@@ -179,8 +311,27 @@ class HybridConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+        # Types and ranges first: the derivations below compute with these values.
+        for name, check in TOP_FIELDS.items():
+            check(name, getattr(self, name))
+        if self.intermediate_size is None:
+            # SwiGLU width 2/3 * ratio * d, rounded up to a multiple of 256 (2816 at d=1024, 5632 at d=2048).
+            self.intermediate_size = 256 * math.ceil(hidden_size * hidden_ratio * 2 / 3 / 256)
+        self.mixers = list(mixers) if mixers is not None else _mixers_from(num_hidden_layers, mixer_layers or {})
+        self.gdn = _complete("gdn", gdn, GDN_FIELDS)
+        self.attn = _complete("attn", attn, ATTN_FIELDS)
+        self.nsa = _complete("nsa", nsa, NSA_FIELDS)
+        self.lte = _complete("lte", lte, LTE_FIELDS)
         self._validate()
         self._fill_derived()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> HybridConfig:
+        """As `PretrainedConfig.from_dict`, but overrides of our own fields (`from_pretrained(path, hidden_size=...)`)
+        go through `__init__`: transformers would set them after construction, past every check."""
+        own = inspect.signature(cls.__init__).parameters
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in own and k != "kwargs"}
+        return super().from_dict({**config_dict, **overrides}, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------------
     def _fill_derived(self) -> None:
@@ -195,8 +346,7 @@ class HybridConfig(PretrainedConfig):
                 sub["num_kv_heads"] = sub["num_heads"]
 
     def _validate(self) -> None:
-        if self.vocab_size < 1 or self.hidden_size < 1 or self.num_hidden_layers < 1:
-            raise ValueError("vocab_size, hidden_size and num_hidden_layers must be positive")
+        """Rules across fields; each field's own type and range was checked by `TOP_FIELDS` / `_complete`."""
         if len(self.mixers) != self.num_hidden_layers:
             raise ValueError(f"mixers has {len(self.mixers)} entries but num_hidden_layers={self.num_hidden_layers}")
         for i, t in enumerate(self.mixers):
@@ -206,13 +356,22 @@ class HybridConfig(PretrainedConfig):
             raise ValueError(f"backend: {self.backend!r} is not one of {BACKENDS}")
         if self.hidden_act not in ("swish", "silu"):
             raise ValueError(f"hidden_act must be 'swish' (SiLU, the gated MLP's activation); got {self.hidden_act!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            token = getattr(self, name)
+            if token is not None and token >= self.vocab_size:
+                raise ValueError(f"{name} ({token}) must be < vocab_size ({self.vocab_size}): it indexes the embedding")
+        lte = self.lte
+        if lte["l1_lambda_min"] > lte["l1_lambda_max"]:
+            raise ValueError(
+                f"lte.l1_lambda_min ({lte['l1_lambda_min']}) must be <= lte.l1_lambda_max ({lte['l1_lambda_max']})"
+            )
         used = {SUBCONFIG_OF[t] for t in self.mixers}
         for kind in sorted(used):
             self._validate_heads(kind)
         if "gdn" in used:
             self._validate_gdn()
-        if "swa" in self.mixers:
-            self._validate_window("attn", required=True)
+        if "swa" in self.mixers and self.attn["window_size"] is None:
+            raise ValueError("attn.window_size is required for swa layers (a query sees itself + W tokens)")
         if "attn" in self.mixers and self.attn["window_size"] is not None and "swa" not in self.mixers:
             raise ValueError(
                 "attn.window_size is set but no layer is 'swa'; use layer type 'swa' for sliding-window layers"
@@ -225,21 +384,18 @@ class HybridConfig(PretrainedConfig):
     def _validate_heads(self, kind: str) -> None:
         sub = getattr(self, kind)
         heads, kv = sub["num_heads"], sub.get("num_kv_heads")
-        if not isinstance(heads, int) or heads < 1:
-            raise ValueError(f"{kind}.num_heads must be a positive integer (got {heads!r})")
-        if kv is not None and (not isinstance(kv, int) or kv < 1 or heads % kv != 0):
+        if heads is None:
+            raise ValueError(f"{kind}.num_heads is required: the config has {kind} layers")
+        if kv is not None and heads % kv != 0:
             raise ValueError(
                 f"{kind}.num_heads ({heads}) must be divisible by {kind}.num_kv_heads ({kv}): each kv head serves "
                 "a whole group of query heads (GQA)"
             )
-        head_dim = sub.get("head_dim")
-        if head_dim is None and self.hidden_size % heads != 0:
+        if sub.get("head_dim") is None and self.hidden_size % heads != 0:
             raise ValueError(
                 f"{kind}.head_dim is not given and hidden_size ({self.hidden_size}) is not divisible by "
                 f"{kind}.num_heads ({heads}); set {kind}.head_dim"
             )
-        if head_dim is not None and (not _is_int(head_dim) or head_dim < 1):
-            raise ValueError(f"{kind}.head_dim must be a positive integer or null (hidden_size // num_heads)")
         if kind != "gdn" and self._head_dim(kind) % 2 != 0:
             raise ValueError(f"{kind}.head_dim must be even for rotary embeddings")
 
@@ -248,28 +404,14 @@ class HybridConfig(PretrainedConfig):
         return sub["head_dim"] if sub.get("head_dim") is not None else self.hidden_size // sub["num_heads"]
 
     def _validate_gdn(self) -> None:
-        gdn = self.gdn
-        expand_v = gdn["expand_v"]
-        head_v_dim = self._head_dim("gdn") * expand_v if isinstance(expand_v, (int, float)) else None
-        if head_v_dim is None or expand_v <= 0 or head_v_dim != int(head_v_dim):
-            raise ValueError(f"gdn.expand_v * head_dim must be a positive integer (got {expand_v!r} * head_dim)")
-        if gdn["use_short_conv"] and (not _is_int(gdn["conv_size"]) or gdn["conv_size"] < 1):
-            raise ValueError(f"gdn.conv_size must be an integer >= 1 with use_short_conv (got {gdn['conv_size']!r})")
-
-    def _validate_window(self, kind: str, *, required: bool) -> None:
-        w = getattr(self, kind)["window_size"]
-        if w is None and required:
-            raise ValueError(f"{kind}.window_size is required for this layer type (a query sees itself + W tokens)")
-        if w is not None and (not isinstance(w, int) or w < 1):
-            raise ValueError(f"{kind}.window_size must be an integer >= 1 (got {w!r})")
+        head_v_dim = self._head_dim("gdn") * self.gdn["expand_v"]
+        if head_v_dim != int(head_v_dim):
+            raise ValueError(f"gdn.expand_v * head_dim must be a positive integer (got {head_v_dim})")
 
     def _validate_nsa(self) -> None:
         nsa = self.nsa
-        self._validate_window("nsa", required=True)
-        if not isinstance(nsa["block_size"], int) or nsa["block_size"] < 1:
-            raise ValueError(f"nsa.block_size must be a positive integer (got {nsa['block_size']!r})")
-        if not isinstance(nsa["block_counts"], int) or nsa["block_counts"] < 1:
-            raise ValueError(f"nsa.block_counts must be a positive integer (got {nsa['block_counts']!r})")
+        if nsa["window_size"] is None:
+            raise ValueError("nsa.window_size is required for nsa layers (its sliding branch sees itself + W tokens)")
         # The selected blocks must fit in the context the model is built for; otherwise top-S is always "all".
         if nsa["block_size"] * nsa["block_counts"] > self.max_position_embeddings:
             raise ValueError(
@@ -280,20 +422,17 @@ class HybridConfig(PretrainedConfig):
 
     def _validate_lte(self) -> None:
         lte = self.lte
-        self._validate_window("lte", required=True)
-        if not isinstance(lte["buffer_size"], int) or not isinstance(lte["sink_size"], int) or lte["sink_size"] < 0:
-            raise ValueError("lte.buffer_size and lte.sink_size must be non-negative integers")
+        if lte["window_size"] is None:
+            raise ValueError("lte.window_size is required for lte layers (a query sees itself + W tokens)")
         if lte["buffer_size"] < lte["sink_size"]:
             raise ValueError(
                 f"lte.buffer_size ({lte['buffer_size']}) must be >= lte.sink_size ({lte['sink_size']}): sinks are "
                 "kept inside the retained buffer"
             )
-        if len(lte["conv_size"]) != len(lte["conv_dilation"]) or not lte["conv_size"]:
-            raise ValueError("lte.conv_size and lte.conv_dilation must be non-empty lists of the same length")
-        if not all(_is_int(v) for v in (*lte["conv_size"], *lte["conv_dilation"])):
-            raise ValueError("lte.conv_size and lte.conv_dilation entries must be integers")
-        if any(k < 1 or k % 2 == 0 for k in lte["conv_size"]) or any(d < 1 for d in lte["conv_dilation"]):
-            raise ValueError("lte.conv_size entries must be odd and >= 1 (symmetric padding); dilations >= 1")
+        if len(lte["conv_size"]) != len(lte["conv_dilation"]):
+            raise ValueError("lte.conv_size and lte.conv_dilation must have the same length (one dilation per conv)")
+        if any(k % 2 == 0 for k in lte["conv_size"]):
+            raise ValueError("lte.conv_size entries must be odd (symmetric padding)")
         head_dim = self._head_dim("lte")
         if (2 * head_dim) % (2 ** len(lte["conv_size"])) != 0:
             raise ValueError(
@@ -307,24 +446,11 @@ class HybridConfig(PretrainedConfig):
                 "token's score reads its next `margin` tokens, and a query must not use a score that depends on "
                 "tokens after itself"
             )
-        if lte["routing_method"] not in ("sigmoid", "relu"):
-            raise ValueError(f"lte.routing_method must be 'sigmoid' or 'relu' (got {lte['routing_method']!r})")
-        if lte["routing_shared"] not in ("head", "layer"):
-            raise ValueError(
-                f"lte.routing_shared must be 'head' or 'layer' (got {lte['routing_shared']!r}); the authors' 'all' "
-                "(one CNN shared by every layer) is not supported"
-            )
-        if lte["l1_lambda_shared"] not in ("head", "layer", "all"):
-            raise ValueError(f"lte.l1_lambda_shared must be 'head', 'layer' or 'all' (got {lte['l1_lambda_shared']!r})")
         if lte["routing_method"] == "relu" and not lte["router_bias_init"] > 0:
             raise ValueError(
                 f"lte.router_bias_init must be > 0 with routing_method 'relu' (got {lte['router_bias_init']}): a "
                 "relu score starts at 0 for every token and its gradient is 0 there, so the router would never learn"
             )
-        if lte["train_selection"] not in ("positive", "buffer"):
-            raise ValueError(f"lte.train_selection must be 'positive' or 'buffer' (got {lte['train_selection']!r})")
-        if not 0.0 <= lte["dropout_prob"] < 1.0:
-            raise ValueError(f"lte.dropout_prob must be in [0, 1) (got {lte['dropout_prob']})")
 
     # ----------------------------------------------------------------------------------------------------------------
     @property
@@ -339,7 +465,3 @@ class HybridConfig(PretrainedConfig):
     @property
     def lte_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.mixers) if t == "lte"]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

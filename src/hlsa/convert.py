@@ -30,16 +30,16 @@ from typing import Any
 
 import torch
 
+from hlsa.config import HF_CONFIG_KEYS
 from hlsa.errors import UsageError
 
 AUTHOR_MODEL_TYPES = ("hybrid_gated_deltanet", "gated_deltanet", "transformer", "nsa")
 
-# Source config keys that carry no model semantics here (kernel/fusion switches and HF bookkeeping).
+# Source config keys that carry no model semantics here: fla's kernel/fusion switches and transformers' own keys.
 _IGNORED_KEYS = {
-    "model_type", "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
-    "use_cache", "attn_mode", "fuse_cross_entropy", "fuse_linear_cross_entropy", "fuse_norm", "fuse_swiglu",
-    "use_l2warp", "output_attentions", "output_hidden_states", "return_dict", "use_return_dict",
-}  # fmt: skip
+    "attn_mode", "fuse_cross_entropy", "fuse_linear_cross_entropy", "fuse_norm", "fuse_swiglu", "use_l2warp",
+    "use_return_dict",
+} | HF_CONFIG_KEYS  # fmt: skip
 _COMMON_KEYS = (
     "hidden_size", "num_hidden_layers", "hidden_ratio", "intermediate_size", "hidden_act", "norm_eps",
     "initializer_range", "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id",

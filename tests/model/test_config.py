@@ -61,13 +61,13 @@ def tiny(**overrides):
         ({"backend": "cuda"}, r"backend: 'cuda' is not one of"),
         ({"mixers": ["gdn"], "mixer_layers": None}, r"mixers has 1 entries but num_hidden_layers=2"),
         # Caught by the config, not later by the layer constructors (a bad config could be saved and shipped).
-        ({"lte": {"num_heads": 4, "head_dim": 0}}, r"lte.head_dim must be a positive integer or null"),
-        ({"lte": {"num_heads": 4, "head_dim": -2}}, r"lte.head_dim must be a positive integer or null"),
-        ({"gdn": {"num_heads": 2, "head_dim": 0}}, r"gdn.head_dim must be a positive integer or null"),
+        ({"lte": {"num_heads": 4, "head_dim": 0}}, r"lte.head_dim must be an integer >= 1 or null"),
+        ({"lte": {"num_heads": 4, "head_dim": -2}}, r"lte.head_dim must be an integer >= 1 or null"),
+        ({"gdn": {"num_heads": 2, "head_dim": 0}}, r"gdn.head_dim must be an integer >= 1 or null"),
         ({"gdn": {"num_heads": 2, "expand_v": 1.3}}, r"gdn.expand_v \* head_dim must be a positive integer"),
         ({"gdn": {"num_heads": 2, "conv_size": 0}}, r"gdn.conv_size must be an integer >= 1"),
         ({"hidden_act": "gelu"}, r"hidden_act must be 'swish'"),
-        ({"lte": {"num_heads": 4, "conv_size": [3.0, 3, 3]}}, r"conv_dilation entries must be integers"),
+        ({"lte": {"num_heads": 4, "conv_size": [3.0, 3, 3]}}, r"lte.conv_size must be a non-empty list of integers"),
     ],
 )
 def test_validation_messages(overrides, message):
@@ -80,7 +80,7 @@ def test_mixers_and_defaults():
     assert cfg.mixers == ["gdn", "lte"]
     assert cfg.lte["head_dim"] == 8 and cfg.lte["conv_size"] == [3, 3, 3]
     assert cfg.lte_margin == 6 and cfg.lte_layers == [1]
-    # SwiGLU width: 256 * ceil(8d/3 / 256) -> 2816 at d=1024 (SPEC 6).
+    # SwiGLU width: 256 * ceil(8d/3 / 256) -> 2816 at d=1024.
     assert HybridConfig(hidden_size=1024, gdn={"num_heads": 8}).intermediate_size == 2816
 
 
