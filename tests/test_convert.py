@@ -220,9 +220,10 @@ def test_strictness() -> None:
 
 
 def test_convert_rejects_a_directory_without_weights(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps(TINY_LTE))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(json.dumps(TINY_LTE))
     with pytest.raises(ValueError, match="model.safetensors"):
-        convert_checkpoint(tmp_path, tmp_path / "out")
+        convert_checkpoint(tmp_path / "src", tmp_path / "out")
 
 
 def test_a_checkpoint_saved_after_training_converts_at_full_size() -> None:
@@ -247,3 +248,116 @@ def test_unknown_lte_keys_are_still_refused() -> None:
     cfg = _trained_lte()
     with pytest.raises(ValueError, match=r"lte: unknown field\(s\) \['receptive_margins'\]"):
         translate_config({**cfg, "attn": {**cfg["attn"], "receptive_margins": 7}})
+
+
+def _cli(*args: str) -> int:
+    from hlsa.cli import main
+
+    return main(["convert", *args])
+
+
+def test_the_destination_must_be_new_and_outside_the_source(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "authors"
+    _random_checkpoint(TINY_LTE, src, fmt="safetensors")
+    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "tokenizer.json").write_text("{}")  # another model's tokenizer must not end up beside the new weights
+    for dst, message in [
+        (src, "is the source directory or inside it"),
+        (src / "converted", "is the source directory or inside it"),
+        (used, "exists and is not an empty directory"),
+        (src / "config.json", "is the source directory or inside it"),
+    ]:
+        assert _cli(str(src), str(dst)) == 2
+        assert message in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+    assert [f.name for f in used.iterdir()] == ["tokenizer.json"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _cli(str(src), str(empty)) == 0
+    assert sorted(f.name for f in empty.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_failed_conversion_leaves_nothing_behind(tmp_path: Path) -> None:
+    src = tmp_path / "authors"
+    _random_checkpoint({**TINY_LTE, "attn": {**TINY_LTE["attn"], "receptive_margin": 5}}, src, fmt="safetensors")
+    assert _cli(str(src), str(tmp_path / "out")) == 2
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["authors"]
+
+
+def _sharded(tmp_path: Path, weight_map: Any) -> Path:
+    src = tmp_path / "authors"
+    state = _random_checkpoint(TINY_LTE, src, fmt="safetensors")
+    (src / "model.safetensors").rename(src / "model-00001-of-00001.safetensors")
+    if weight_map == "all":
+        weight_map = dict.fromkeys(state, "model-00001-of-00001.safetensors")
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return src
+
+
+def test_a_sharded_checkpoint_converts(tmp_path: Path) -> None:
+    assert _cli(str(_sharded(tmp_path, "all")), str(tmp_path / "out")) == 0
+
+
+@pytest.mark.parametrize(
+    ("weight_map", "message"),
+    [
+        ({"x": "../../../etc/passwd"}, "shard '../../../etc/passwd' lies outside the checkpoint directory"),
+        ({"x": "/etc/passwd"}, "shard '/etc/passwd' lies outside the checkpoint directory"),
+        ({"x": "sub/../../authors2/model.safetensors"}, "lies outside the checkpoint directory"),
+        ({"x": "model-00002-of-00002.safetensors"}, "shard 'model-00002-of-00002.safetensors' is missing"),
+        ({"x": 3}, "'weight_map' must be a non-empty object"),
+        ([], "'weight_map' must be a non-empty object"),
+    ],
+)
+def test_a_malformed_or_escaping_index_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture, weight_map: Any, message: str
+) -> None:
+    src = _sharded(tmp_path, weight_map)
+    assert _cli(str(src), str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hlsa: error: {src / 'model.safetensors.index.json'}: ") and message in err
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "message"),
+    [
+        ("config.json", "{not json", "config.json: not readable as JSON"),
+        ("config.json", "[1, 2]", "config.json: expected a JSON object, got list"),
+        ("config.json", json.dumps({**TINY_LTE, "hidden_size": "64"}), "config.json: hidden_size must be an integer"),
+        ("config.json", json.dumps({**TINY_LTE, "hidden_ratio": None, "intermediate_size": None}), "hidden_ratio"),
+        ("config.json", json.dumps({**TINY_LTE, "norm_eps": float("nan")}), "config.json: norm_eps must be a finite"),
+        ("config.json", json.dumps({**TINY_LTE, "attn": {**TINY_LTE["attn"], "layers": 1}}), "attn must be an object"),
+        ("config.json", json.dumps({**TINY_LTE, "attn": {**TINY_LTE["attn"], "layers": [True]}}), "attn.layers"),
+        ("model.safetensors", "", "model.safetensors: not a readable weights file"),
+        ("model.safetensors", "\x00" * 100, "model.safetensors: not a readable weights file"),
+        ("model.safetensors.index.json", "{", "model.safetensors.index.json: not readable as JSON"),
+    ],
+    ids=["bad-json", "not-object", "str-size", "null-ratio", "nan-eps", "int-layers", "bool-layer", "empty-weights",
+         "zero-weights", "bad-index"],
+)  # fmt: skip
+def test_garbage_input_files_are_usage_errors_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture, file: str, text: str, message: str
+) -> None:
+    src = tmp_path / "authors"
+    _random_checkpoint(TINY_LTE, src, fmt="safetensors")
+    if file.endswith("index.json"):
+        (src / "model.safetensors").unlink()
+    (src / file).write_text(text)
+    assert _cli(str(src), str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hlsa: error: ") and message in err and "Traceback" not in err
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    class Planted:
+        def __reduce__(self) -> tuple:
+            return (Path.touch, (tmp_path / "pwned",))
+
+    src = tmp_path / "authors"
+    _random_checkpoint(TINY_SWA, src, fmt="bin")
+    torch.save({"model.norm.weight": Planted()}, src / "pytorch_model.bin")
+    assert _cli(str(src), str(tmp_path / "out")) == 2
+    assert "pytorch_model.bin: not a readable weights file" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()

@@ -34,7 +34,7 @@ BACKENDS = ("auto", "torch")
 Check = Callable[[str, Any], None]
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -46,7 +46,7 @@ def _int(lo: int, *, null: bool = False) -> Check:
     """An integer >= `lo` (bools and floats refused: `True` would silently be 1, `64.0` breaks tensor shapes)."""
 
     def check(name: str, value: Any) -> None:
-        if (value is None and null) or (_is_int(value) and value >= lo):
+        if (value is None and null) or (is_int(value) and value >= lo):
             return
         raise ValueError(f"{name} must be an integer >= {lo}{' or null' if null else ''} (got {value!r})")
 
@@ -90,7 +90,7 @@ def _ints(lo: int) -> Check:
     """A non-empty list of integers >= `lo`."""
 
     def check(name: str, value: Any) -> None:
-        if not isinstance(value, (list, tuple)) or not value or not all(_is_int(v) and v >= lo for v in value):
+        if not isinstance(value, (list, tuple)) or not value or not all(is_int(v) and v >= lo for v in value):
             raise ValueError(f"{name} must be a non-empty list of integers >= {lo} (got {value!r})")
 
     return check
@@ -228,7 +228,7 @@ def _mixers_from(num_hidden_layers: int, mixer_layers: Mapping[str, Sequence[int
     for mixer, layers in mixer_layers.items():
         if mixer not in MIXERS:
             raise ValueError(f"mixer_layers: unknown mixer {mixer!r}; expected one of {MIXERS}")
-        if not isinstance(layers, (list, tuple)) or not all(_is_int(i) for i in layers):
+        if not isinstance(layers, (list, tuple)) or not all(is_int(i) for i in layers):
             raise ValueError(f"mixer_layers[{mixer!r}] must be a list of integer layer indices (got {layers!r})")
         for i in layers:
             if not 0 <= i < num_hidden_layers:

@@ -17,20 +17,27 @@ Two steps, both strict:
 
 The only tensor change: the LTE router's `Conv2d` weights `[C_out, C_in/g, 1, k]` become `Conv1d` weights
 `[C_out, C_in/g, k]`.
+
+`convert_checkpoint` runs no code from the checkpoint (safetensors, or `torch.load(weights_only=True)`), reads no
+shard that a sharded index places outside the checkpoint directory, writes only into a new (or empty) directory
+outside the source, and renames it into place only when complete. Every bad input is a `UsageError` naming its file.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import re
 import shutil
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hlsa.config import HF_CONFIG_KEYS
+from hlsa.config import HF_CONFIG_KEYS, TOP_FIELDS, HybridConfig, is_int
 from hlsa.errors import UsageError
 
 AUTHOR_MODEL_TYPES = ("hybrid_gated_deltanet", "gated_deltanet", "transformer", "nsa")
@@ -93,16 +100,13 @@ def _lte_sub(src: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in src.items() if k not in ("attn_type", "layers", "receptive_margin")}
 
 
-def _check_receptive_margin(attn: Mapping[str, Any], config_kwargs: Mapping[str, Any]) -> None:
+def _check_receptive_margin(attn: Mapping[str, Any], config: HybridConfig) -> None:
     """The authors' LTE `forward` writes `attn.receptive_margin = receptive field // 2 + 1` into the model config,
     so every checkpoint they saved after training carries it. hlsa derives the margin from `conv_size` and
     `conv_dilation`, so the key is dropped, but only when it agrees with them: another value means a router
     other than the one these weights were trained with."""
     if "receptive_margin" not in attn:
         return
-    from hlsa.config import HybridConfig
-
-    config = HybridConfig(**config_kwargs)
     given, expected = attn["receptive_margin"], config.lte_receptive_field // 2 + 1
     if type(given) is not int or given != expected:
         raise UsageError(
@@ -115,7 +119,7 @@ def _check_receptive_margin(attn: Mapping[str, Any], config_kwargs: Mapping[str,
 def _fla_intermediate_size(cfg: Mapping[str, Any]) -> int:
     """fla's rule: `256 * ceil(int(d * ratio * 2 / 3) / 256)` (SwiGLU width), used when the config leaves it null."""
     if cfg.get("intermediate_size") is not None:
-        return int(cfg["intermediate_size"])
+        return cfg["intermediate_size"]  # checked by HybridConfig
     width = int(cfg["hidden_size"] * cfg.get("hidden_ratio", 4) * 2 / 3)
     return 256 * ((width + 255) // 256)
 
@@ -127,6 +131,8 @@ def _hybrid_layers(cfg: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
     attn = cfg.get("attn")
     if attn is None:
         return mixers, subs
+    if not isinstance(attn, Mapping) or not isinstance(attn.get("layers"), list):
+        raise UsageError(f"attn must be an object with a list of layer indices in 'layers' (got {attn!r})")
     attn_type = attn.get("attn_type", "attn")
     keys = {"attn": _ATTN_KEYS, "nsa": _NSA_KEYS}.get(attn_type)
     unknown = sorted(set(attn) - {"attn_type", "layers", "window_size", *(keys or ())}) if keys else []
@@ -142,7 +148,7 @@ def _hybrid_layers(cfg: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
     else:
         raise UsageError(f"attn.attn_type={attn_type!r} is not one of 'attn', 'nsa', 'lte'")
     for i in attn["layers"]:
-        if not 0 <= i < n:
+        if not is_int(i) or not 0 <= i < n:
             raise UsageError(f"attn.layers contains {i}, outside 0..{n - 1}")
         mixers[i] = kind
     return mixers, subs
@@ -159,10 +165,16 @@ def translate_config(cfg: Mapping[str, Any], *, vocab_size: int | None = None) -
     if model_type not in AUTHOR_MODEL_TYPES:
         raise UsageError(f"config model_type={model_type!r}; expected one of {AUTHOR_MODEL_TYPES}")
     _check_supported(cfg, "config")
+    # The fields computed with below, checked by HybridConfig's own rules first; the rest are checked when the
+    # translated config is built.
+    for key in ("hidden_size", "num_hidden_layers", "hidden_ratio"):
+        TOP_FIELDS[key](key, cfg.get(key, 4 if key == "hidden_ratio" else None))
     if model_type in ("gated_deltanet", "hybrid_gated_deltanet"):
         mixers, subs = _hybrid_layers(cfg)
     elif model_type == "transformer":
-        subs = {"attn": {**_attn_sub(cfg), "head_dim": cfg["hidden_size"] // cfg["num_heads"]}}
+        # fla's transformer rounds head_dim down; hlsa would refuse a hidden_size that num_heads does not divide
+        heads = cfg.get("num_heads")
+        subs = {"attn": {**_attn_sub(cfg), **({"head_dim": cfg["hidden_size"] // heads} if is_int(heads) else {})}}
         mixers = ["attn" if subs["attn"]["window_size"] is None else "swa"] * cfg["num_hidden_layers"]
     else:
         subs = {"nsa": _nsa_sub(cfg)}
@@ -177,8 +189,9 @@ def translate_config(cfg: Mapping[str, Any], *, vocab_size: int | None = None) -
     out["intermediate_size"] = _fla_intermediate_size(cfg)
     out["mixers"] = mixers
     out.update(subs)
+    config = HybridConfig(**out)
     if "lte" in subs:
-        _check_receptive_margin(cfg["attn"], out)
+        _check_receptive_margin(cfg["attn"], config)
     return out
 
 
@@ -223,7 +236,6 @@ def _rename(key: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor] | Non
 
 def expected_shapes(config_kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Key -> shape of an hlsa model with this config, built on the meta device (no memory, no init cost)."""
-    from hlsa.config import HybridConfig
     from hlsa.model import HybridForCausalLM
 
     with torch.device("meta"):
@@ -266,61 +278,116 @@ def convert_state_dict(
     return out
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: not readable as JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def load_source(src: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config dict, state dict) of a checkpoint directory: `config.json` plus `model.safetensors`,
-    `pytorch_model.bin`, or their sharded `*.index.json` forms."""
-    src = Path(src)
-    if not (src / "config.json").is_file():
-        raise UsageError(f"SRC {src}: no config.json (pass a checkpoint directory)")
-    cfg = json.loads((src / "config.json").read_text())
-    files = _weight_files(src)
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    `pytorch_model.bin`, or their sharded `*.index.json` forms. Tensors are loaded without running any code
+    (safetensors, or `torch.load(weights_only=True)`)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-            state.update(load_file(str(f)))
-        else:
-            state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+    src = Path(src)
+    if not src.is_dir():
+        raise UsageError(f"SRC {src}: not a directory (pass the checkpoint directory)")
+    if not (src / "config.json").exists():
+        raise UsageError(f"SRC {src}: no config.json (pass a checkpoint directory)")
+    cfg = _read_json(src / "config.json")
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(src):
+        try:
+            if f.suffix == ".safetensors":
+                state.update(load_file(str(f)))
+            else:
+                state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+            raise UsageError(f"{f}: not a readable weights file ({e})") from e
     return cfg, state
 
 
 def _weight_files(src: Path) -> list[Path]:
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):  # fmt: skip
-        if (src / single).is_file():
+        if (src / single).exists():
             return [src / single]
-        if (src / index).is_file():
-            shards = sorted(set(json.loads((src / index).read_text())["weight_map"].values()))
-            return [src / s for s in shards]
+        if (src / index).exists():
+            return _shards(src, src / index)
     raise UsageError(f"SRC {src}: no model.safetensors or pytorch_model.bin (or their .index.json) found")
+
+
+def _shards(src: Path, index: Path) -> list[Path]:
+    """The shard files an index names, each of which must lie inside `src`."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UsageError(f"{index}: 'weight_map' must be a non-empty object of tensor name -> shard file name")
+    # Judged by the name, not by following links: a Hugging Face cache snapshot's files are links into blobs/.
+    root, shards = Path(os.path.abspath(src)), []
+    for name in sorted(set(weight_map.values())):
+        path = Path(os.path.abspath(root / name))
+        if root not in path.parents:
+            raise UsageError(f"{index}: shard {name!r} lies outside the checkpoint directory; refusing to read it")
+        if not path.exists():
+            raise UsageError(f"{index}: shard {name!r} is missing")
+        shards.append(path)
+    return shards
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
+def _check_destination(src: Path, dst: Path) -> None:
+    """DST must be new (or an empty directory) and outside SRC: converting onto the source would overwrite the
+    authors' checkpoint, and into a used directory would leave another model's files beside the new weights."""
+    if dst.resolve() == src.resolve() or dst.resolve().is_relative_to(src.resolve()):
+        raise UsageError(f"DST {dst} is the source directory or inside it; choose a new directory outside {src}")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise UsageError(f"DST {dst} exists and is not an empty directory; choose a new one (nothing was written)")
+
+
 def convert_checkpoint(src: str | Path, dst: str | Path) -> dict[str, Any]:
-    """Convert directory `src` (authors' format) into directory `dst` (hlsa: config.json + model.safetensors, plus
-    the source's tokenizer files). Returns the translated config kwargs."""
+    """Convert directory `src` (authors' format) into the new directory `dst` (hlsa: config.json +
+    model.safetensors, plus the source's tokenizer files). Returns the translated config kwargs.
+
+    Everything is written into a temporary directory beside `dst`, renamed to `dst` only when complete: a failed
+    conversion leaves nothing behind.
+    """
     from safetensors.torch import save_file
 
-    from hlsa.config import HybridConfig
-
+    src, dst = Path(src), Path(dst)
+    _check_destination(src, dst)
     cfg, state = load_source(src)
     emb = state.get("model.embeddings.weight")
-    kwargs = translate_config(cfg, vocab_size=None if emb is None else emb.shape[0])
+    try:
+        kwargs = translate_config(cfg, vocab_size=None if emb is None else emb.shape[0])
+    except ValueError as e:  # HybridConfig's own errors are ValueErrors; name the file the user must fix
+        raise UsageError(f"{src / 'config.json'}: {e}") from e
     converted = convert_state_dict(state, kwargs)
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
     config = HybridConfig(**kwargs)
     config.architectures = ["HybridForCausalLM"]
     if emb is not None:
         config.dtype = emb.dtype  # `from_pretrained(dtype="auto")` then loads the weights as stored
-    config.save_pretrained(dst)
-    save_file(
-        {k: v.contiguous() for k, v in converted.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"}
-    )
-    for name in _TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, dst / name)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would differ from the user's other directories
+    try:
+        config.save_pretrained(tmp)
+        tensors = {k: v.contiguous() for k, v in converted.items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for name in _TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        if dst.exists():
+            dst.rmdir()  # empty, checked above
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return kwargs
