@@ -149,7 +149,7 @@ def _hybrid_layers(cfg: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
         raise UsageError(f"attn.attn_type={attn_type!r} is not one of 'attn', 'nsa', 'lte'")
     for i in attn["layers"]:
         if not is_int(i) or not 0 <= i < n:
-            raise UsageError(f"attn.layers contains {i}, outside 0..{n - 1}")
+            raise UsageError(f"attn.layers: {i!r} is not a layer index in 0..{n - 1}")
         mixers[i] = kind
     return mixers, subs
 
@@ -173,8 +173,9 @@ def translate_config(cfg: Mapping[str, Any], *, vocab_size: int | None = None) -
         mixers, subs = _hybrid_layers(cfg)
     elif model_type == "transformer":
         # fla's transformer rounds head_dim down; hlsa would refuse a hidden_size that num_heads does not divide
-        heads = cfg.get("num_heads")
-        subs = {"attn": {**_attn_sub(cfg), **({"head_dim": cfg["hidden_size"] // heads} if is_int(heads) else {})}}
+        heads, subs = cfg.get("num_heads"), {"attn": _attn_sub(cfg)}
+        if is_int(heads) and heads > 0:  # else HybridConfig names the bad num_heads
+            subs["attn"]["head_dim"] = cfg["hidden_size"] // heads
         mixers = ["attn" if subs["attn"]["window_size"] is None else "swa"] * cfg["num_hidden_layers"]
     else:
         subs = {"nsa": _nsa_sub(cfg)}
