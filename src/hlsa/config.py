@@ -103,71 +103,109 @@ def _band(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be [lo, hi] with 0 < lo <= hi, finite (got {value!r})")
 
 
-# Each mixer kind's fields: name -> (default, check). `None` defaults are derived from other fields (documented at
-# the use site) or required where a layer of that kind exists.
-GDN_FIELDS: dict[str, tuple[Any, Check]] = {
-    "num_heads": (None, _int(1, null=True)),  # required when a gdn layer exists
-    "head_dim": (None, _int(1, null=True)),  # default: hidden_size // num_heads
-    "expand_v": (1.0, _real(gt=0)),
-    "use_short_conv": (True, _flag),
-    "conv_size": (4, _int(1)),
-    "use_gate": (True, _flag),
-}
-ATTN_FIELDS: dict[str, tuple[Any, Check]] = {
-    "num_heads": (None, _int(1, null=True)),
-    "num_kv_heads": (None, _int(1, null=True)),  # default: num_heads
-    "head_dim": (None, _int(1, null=True)),  # default: hidden_size // num_heads
-    "qkv_bias": (False, _flag),
-    "window_size": (None, _int(1, null=True)),  # required for swa layers
-    "rope_theta": (10000.0, _real(gt=0)),
-}
-NSA_FIELDS: dict[str, tuple[Any, Check]] = {
-    "num_heads": (None, _int(1, null=True)),
-    "num_kv_heads": (None, _int(1, null=True)),
-    "head_dim": (64, _int(1, null=True)),
-    "block_size": (64, _int(1)),
-    "block_counts": (16, _int(1)),
-    "qkv_bias": (False, _flag),
-    "window_size": (511, _int(1, null=True)),  # the authors' 512-token window in our convention
-    "rope_theta": (10000.0, _real(gt=0)),
-}
-LTE_FIELDS: dict[str, tuple[Any, Check]] = {
-    "num_heads": (None, _int(1, null=True)),
-    "num_kv_heads": (None, _int(1, null=True)),
-    "head_dim": (None, _int(1, null=True)),
-    "qkv_bias": (False, _flag),
-    "window_size": (768, _int(1, null=True)),
-    "buffer_size": (512, _int(0)),
-    "sink_size": (4, _int(0)),
-    "rope_theta": (10000.0, _real(gt=0)),
-    "conv_size": ([3, 3, 3], _ints(1)),
-    "conv_dilation": ([2, 2, 2], _ints(1)),
-    "dropout_prob": (0.1, _real(ge=0, lt=1)),
-    "routing_method": ("sigmoid", _one_of("sigmoid", "relu")),
-    "routing_grad": (True, _flag),
-    "routing_shared": (
-        "head",
-        _one_of("head", "layer", note="; the authors' 'all' (one CNN shared by every layer) is not supported"),
-    ),
+def _field(default: Any, check: Check) -> Any:
+    return dataclasses.field(default=default, metadata={"check": check})
+
+
+# Typed settings of each mixer kind. Field names are the layer constructors' argument names, so a layer is built as
+# `Layer(hidden_size=..., **asdict(settings))`. `None` defaults are derived from other fields when the config is
+# built (noted beside each) or are required where a layer of that kind exists. In config.json each kind is one plain
+# object (`gdn`, `attn`, `nsa`, `lte`), which `HybridConfig` stores as a dict; these classes are its typed views.
+@dataclasses.dataclass(frozen=True)
+class GDNConfig:
+    """Settings of the Gated DeltaNet layers (`hlsa.layers.gdn.GatedDeltaNet`)."""
+
+    num_heads: int | None = _field(None, _int(1, null=True))  # required when a gdn layer exists
+    head_dim: int | None = _field(None, _int(1, null=True))  # default: hidden_size // num_heads
+    expand_v: float = _field(1.0, _real(gt=0))
+    use_short_conv: bool = _field(True, _flag)
+    conv_size: int = _field(4, _int(1))
+    use_gate: bool = _field(True, _flag)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnConfig:
+    """Settings of the full (`attn`) and sliding-window (`swa`) attention layers (`hlsa.layers.attention`)."""
+
+    num_heads: int | None = _field(None, _int(1, null=True))
+    num_kv_heads: int | None = _field(None, _int(1, null=True))  # default: num_heads
+    head_dim: int | None = _field(None, _int(1, null=True))  # default: hidden_size // num_heads
+    window_size: int | None = _field(None, _int(1, null=True))  # required for swa layers; attn layers have none
+    qkv_bias: bool = _field(False, _flag)
+    rope_theta: float = _field(10000.0, _real(gt=0))
+
+
+@dataclasses.dataclass(frozen=True)
+class NSAConfig:
+    """Settings of the Native Sparse Attention layers (`hlsa.layers.nsa`)."""
+
+    num_heads: int | None = _field(None, _int(1, null=True))
+    num_kv_heads: int | None = _field(None, _int(1, null=True))
+    head_dim: int | None = _field(64, _int(1, null=True))
+    block_size: int = _field(64, _int(1))
+    block_counts: int = _field(16, _int(1))
+    window_size: int | None = _field(511, _int(1, null=True))  # the authors' 512-token window in our convention
+    qkv_bias: bool = _field(False, _flag)
+    rope_theta: float = _field(10000.0, _real(gt=0))
+
+
+@dataclasses.dataclass(frozen=True)
+class LTEConfig:
+    """Settings of the LTE layers (`hlsa.layers.lte.LTEAttention`): what the model is."""
+
+    num_heads: int | None = _field(None, _int(1, null=True))
+    num_kv_heads: int | None = _field(None, _int(1, null=True))
+    head_dim: int | None = _field(None, _int(1, null=True))
+    window_size: int | None = _field(768, _int(1, null=True))
+    buffer_size: int = _field(512, _int(0))
+    sink_size: int = _field(4, _int(0))
+    conv_size: tuple[int, ...] = _field((3, 3, 3), _ints(1))
+    conv_dilation: tuple[int, ...] = _field((2, 2, 2), _ints(1))
+    dropout_prob: float = _field(0.1, _real(ge=0, lt=1))
+    routing_method: str = _field("sigmoid", _one_of("sigmoid", "relu"))
+    routing_grad: bool = _field(True, _flag)
+    routing_shared: str = _field(
+        "head", _one_of("head", "layer", note="; the authors' 'all' (one CNN shared by every layer) is not supported")
+    )
     # the authors' 0.5: every score starts positive (every token kept); < 0 starts as SWA
-    "router_bias_init": (0.5, _real()),
+    router_bias_init: float = _field(0.5, _real())
     # Which older tokens a query sees in training: "positive" (the authors': every positively scored token, no
     # cap) or "buffer" (the inference rule: the top `buffer_size` positive scores older than its window)
-    "train_selection": ("positive", _one_of("positive", "buffer")),
-    # The L1 sparsity controller's settings (hlsa.train.controller); the model itself does not read them.
-    "routing_freeze_steps": (0, _int(0)),
-    "l1_lambda_init": (1e-9, _real(ge=0)),
-    "l1_lambda_min": (1e-9, _real(ge=0)),
-    "l1_lambda_max": (1.0, _real(ge=0)),  # 0 turns the L1 term off
-    "l1_alpha": (1.5, _real(gt=0)),  # lambda *= l1_alpha when too many tokens are kept
-    "l1_alpha_neg": (2.0, _real(gt=0)),  # lambda /= l1_alpha_neg when too few are
-    "l1_warmup_steps": (0, _int(0)),
-    "l1_lambda_initial_steps": (0, _int(0)),
-    "l1_lambda_update_steps": (32, _int(1)),
-    "l1_lambda_shared": ("head", _one_of("head", "layer", "all")),
-    "l1_lambda_tolerate": ([0.95, 1.0], _band),
+    train_selection: str = _field("positive", _one_of("positive", "buffer"))
+    qkv_bias: bool = _field(False, _flag)
+    rope_theta: float = _field(10000.0, _real(gt=0))
+
+
+@dataclasses.dataclass(frozen=True)
+class LTEControllerConfig:
+    """How training drives the LTE routers (`hlsa.train.controller`): the L1 sparsity controller and its schedules.
+    The model never reads these; they are stored in the `lte` section beside the layer settings, as the authors do."""
+
+    routing_freeze_steps: int = _field(0, _int(0))
+    l1_lambda_init: float = _field(1e-9, _real(ge=0))
+    l1_lambda_min: float = _field(1e-9, _real(ge=0))
+    l1_lambda_max: float = _field(1.0, _real(ge=0))  # 0 turns the L1 term off
+    l1_alpha: float = _field(1.5, _real(gt=0))  # lambda *= l1_alpha when too many tokens are kept
+    l1_alpha_neg: float = _field(2.0, _real(gt=0))  # lambda /= l1_alpha_neg when too few are
+    l1_warmup_steps: int = _field(0, _int(0))
+    l1_lambda_initial_steps: int = _field(0, _int(0))
+    l1_lambda_update_steps: int = _field(32, _int(1))
+    l1_lambda_shared: str = _field("head", _one_of("head", "layer", "all"))
+    l1_lambda_tolerate: tuple[float, float] = _field((0.95, 1.0), _band)
+
+
+# The classes stored in each section of config.json.
+SECTIONS: dict[str, tuple[type, ...]] = {
+    "gdn": (GDNConfig,),
+    "attn": (AttnConfig,),
+    "nsa": (NSAConfig,),
+    "lte": (LTEConfig, LTEControllerConfig),
 }
-FIELDS = {"gdn": GDN_FIELDS, "attn": ATTN_FIELDS, "nsa": NSA_FIELDS, "lte": LTE_FIELDS}
+# Each section's fields: name -> (default, check).
+FIELDS: dict[str, dict[str, tuple[Any, Check]]] = {
+    section: {f.name: (f.default, f.metadata["check"]) for cls in classes for f in dataclasses.fields(cls)}
+    for section, classes in SECTIONS.items()
+}
 GDN_DEFAULTS, ATTN_DEFAULTS, NSA_DEFAULTS, LTE_DEFAULTS = (
     {k: default for k, (default, _) in fields.items()} for fields in FIELDS.values()
 )
@@ -204,16 +242,18 @@ HF_CONFIG_KEYS = frozenset(
 SUBCONFIG_OF = {"gdn": "gdn", "attn": "attn", "swa": "attn", "nsa": "nsa", "lte": "lte"}
 
 
-def _complete(name: str, given: Mapping[str, Any] | None, fields: dict[str, tuple[Any, Check]]) -> dict[str, Any]:
-    """A copy of sub-config `name` with defaults filled in and every field's type and range checked."""
+def _complete(name: str, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Section `name` as stored: a fresh dict with defaults filled in and every field's type and range checked."""
+    fields = FIELDS[name]
     if given is not None and not isinstance(given, Mapping):
         raise ValueError(f"{name} must be a mapping of field -> value (got {type(given).__name__})")
     given = dict(given or {})
     unknown = sorted(set(given) - set(fields))
     if unknown:
         raise ValueError(f"{name}: unknown field(s) {unknown}; allowed fields are {sorted(fields)}")
+    # Sequences are stored as fresh lists, as JSON has them: no config shares a list with another or its caller.
     out = {k: given.get(k, default) for k, (default, _) in fields.items()}
-    out = {k: list(v) if isinstance(v, list) else v for k, v in out.items()}  # no config shares a list with another
+    out = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in out.items()}
     for key, (_, check) in fields.items():
         check(f"{name}.{key}", out[key])
     return out
@@ -256,8 +296,10 @@ class HybridConfig(PretrainedConfig):
     """Configuration of a hybrid GDN + sparse attention language model.
 
     Give the per-layer mixers either as `mixers` (a list of `gdn|attn|swa|nsa|lte`, one per layer) or as
-    `mixer_layers` (e.g. `{"lte": [1, 3, 5]}`; unnamed layers are `gdn`). Sub-configs `gdn`, `attn`, `nsa`, `lte`
-    are dicts whose fields and defaults are listed at the top of this module.
+    `mixer_layers` (e.g. `{"lte": [1, 3, 5]}`; unnamed layers are `gdn`). Sections `gdn`, `attn`, `nsa`, `lte`
+    are stored as dicts, as in config.json; their fields and defaults are those of `GDNConfig`, `AttnConfig`,
+    `NSAConfig`, and `LTEConfig` + `LTEControllerConfig` above, and `mixer_config(kind)` / `lte_controller` give
+    them typed and frozen.
     """
 
     model_type = "hlsa"
@@ -318,10 +360,10 @@ class HybridConfig(PretrainedConfig):
             # SwiGLU width 2/3 * ratio * d, rounded up to a multiple of 256 (2816 at d=1024, 5632 at d=2048).
             self.intermediate_size = 256 * math.ceil(hidden_size * hidden_ratio * 2 / 3 / 256)
         self.mixers = list(mixers) if mixers is not None else _mixers_from(num_hidden_layers, mixer_layers or {})
-        self.gdn = _complete("gdn", gdn, GDN_FIELDS)
-        self.attn = _complete("attn", attn, ATTN_FIELDS)
-        self.nsa = _complete("nsa", nsa, NSA_FIELDS)
-        self.lte = _complete("lte", lte, LTE_FIELDS)
+        self.gdn = _complete("gdn", gdn)
+        self.attn = _complete("attn", attn)
+        self.nsa = _complete("nsa", nsa)
+        self.lte = _complete("lte", lte)
         self._validate()
         self._fill_derived()
 
@@ -453,6 +495,18 @@ class HybridConfig(PretrainedConfig):
             )
 
     # ----------------------------------------------------------------------------------------------------------------
+    def mixer_config(self, kind: str) -> GDNConfig | AttnConfig | NSAConfig | LTEConfig:
+        """The typed, frozen settings of layer kind `kind` (one of `MIXERS`), read from its section: `swa` layers
+        read `attn` with its window, full `attn` layers the same without one."""
+        section = SUBCONFIG_OF[kind]
+        settings = _view(SECTIONS[section][0], getattr(self, section))
+        return dataclasses.replace(settings, window_size=None) if kind == "attn" else settings
+
+    @property
+    def lte_controller(self) -> LTEControllerConfig:
+        """The typed, frozen settings of the L1 sparsity controller (stored in the `lte` section)."""
+        return _view(LTEControllerConfig, self.lte)
+
     @property
     def lte_receptive_field(self) -> int:
         return 1 + sum((k - 1) * d for k, d in zip(self.lte["conv_size"], self.lte["conv_dilation"]))
@@ -465,3 +519,8 @@ class HybridConfig(PretrainedConfig):
     @property
     def lte_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.mixers) if t == "lte"]
+
+
+def _view(cls: type[Any], section: Mapping[str, Any]) -> Any:
+    """An instance of dataclass `cls` from the stored section (lists become tuples: the view is immutable)."""
+    return cls(**{f.name: (tuple(v) if isinstance(v := section[f.name], list) else v) for f in dataclasses.fields(cls)})

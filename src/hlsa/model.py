@@ -7,6 +7,7 @@ applied from outside (hlsa.train).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -33,69 +34,22 @@ def _ops_backend(config: HybridConfig) -> str | None:
     return None if config.backend == "auto" else config.backend
 
 
+# The layer class of each mixer kind; its arguments are the fields of `config.mixer_config(kind)`.
+MIXER_LAYERS: dict[str, type[nn.Module]] = {
+    "gdn": GatedDeltaNet,
+    "attn": Attention,
+    "swa": Attention,
+    "nsa": NativeSparseAttention,
+    "lte": LTEAttention,
+}
+
+
 def build_mixer(config: HybridConfig, kind: str) -> nn.Module:
     """One token mixer of type `kind` with the settings of its sub-config."""
-    d, backend = config.hidden_size, _ops_backend(config)
+    settings = dataclasses.asdict(config.mixer_config(kind))
     if kind == "gdn":
-        g = config.gdn
-        return GatedDeltaNet(
-            hidden_size=d,
-            num_heads=g["num_heads"],
-            head_dim=g["head_dim"],
-            expand_v=g["expand_v"],
-            use_short_conv=g["use_short_conv"],
-            conv_size=g["conv_size"],
-            use_gate=g["use_gate"],
-            norm_eps=config.norm_eps,
-            backend=backend,
-        )
-    if kind in ("attn", "swa"):
-        a = config.attn
-        return Attention(
-            d,
-            a["num_heads"],
-            a["num_kv_heads"],
-            a["head_dim"],
-            window_size=a["window_size"] if kind == "swa" else None,
-            qkv_bias=a["qkv_bias"],
-            rope_theta=a["rope_theta"],
-            backend=backend,
-        )
-    if kind == "nsa":
-        n = config.nsa
-        return NativeSparseAttention(
-            d,
-            n["num_heads"],
-            n["num_kv_heads"],
-            n["head_dim"],
-            block_size=n["block_size"],
-            block_counts=n["block_counts"],
-            window_size=n["window_size"],
-            rope_theta=n["rope_theta"],
-            qkv_bias=n["qkv_bias"],
-            backend=backend,
-        )
-    lte = config.lte
-    return LTEAttention(
-        d,
-        lte["num_heads"],
-        lte["num_kv_heads"],
-        lte["head_dim"],
-        window_size=lte["window_size"],
-        buffer_size=lte["buffer_size"],
-        sink_size=lte["sink_size"],
-        conv_size=tuple(lte["conv_size"]),
-        conv_dilation=tuple(lte["conv_dilation"]),
-        dropout_prob=lte["dropout_prob"],
-        routing_method=lte["routing_method"],
-        routing_grad=lte["routing_grad"],
-        routing_shared=lte["routing_shared"],
-        router_bias_init=lte["router_bias_init"],
-        train_selection=lte["train_selection"],
-        qkv_bias=lte["qkv_bias"],
-        rope_theta=lte["rope_theta"],
-        backend=backend,
-    )
+        settings["norm_eps"] = config.norm_eps  # GDN's output norm uses the model's epsilon
+    return MIXER_LAYERS[kind](hidden_size=config.hidden_size, **settings, backend=_ops_backend(config))
 
 
 class Block(nn.Module):

@@ -101,3 +101,25 @@ def test_shipped_configs_load(path):
     cfg = HybridConfig.from_json_file(path)
     assert len(cfg.mixers) == cfg.num_hidden_layers
     assert json.loads(path.read_text())["model_type"] == "hlsa"
+
+
+def test_typed_views():
+    import dataclasses
+
+    from hlsa.config import FIELDS, AttnConfig, LTEConfig, LTEControllerConfig
+
+    cfg = tiny(mixers=["swa", "attn", "lte"], mixer_layers=None, num_hidden_layers=3,
+               attn={"num_heads": 4, "window_size": 6})  # fmt: skip
+    swa, full = cfg.mixer_config("swa"), cfg.mixer_config("attn")
+    assert isinstance(swa, AttnConfig) and swa.window_size == 6 and full.window_size is None
+    assert swa.num_kv_heads == 4 and swa.head_dim == 8  # derived defaults are resolved in the views too
+    lte = cfg.mixer_config("lte")
+    assert isinstance(lte, LTEConfig) and lte.conv_size == (3, 3, 3) and lte.window_size == 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lte.window_size = 9
+    assert isinstance(cfg.lte_controller, LTEControllerConfig) and cfg.lte_controller.l1_lambda_tolerate == (0.95, 1.0)
+    # The model's and the controller's fields split the lte section exactly; config.json keeps one lte object.
+    model_fields = {f.name for f in dataclasses.fields(LTEConfig)}
+    controller_fields = {f.name for f in dataclasses.fields(LTEControllerConfig)}
+    assert not model_fields & controller_fields and model_fields | controller_fields == set(FIELDS["lte"])
+    assert set(cfg.to_dict()["lte"]) == set(FIELDS["lte"])

@@ -153,4 +153,4 @@ def test_every_top_level_field_is_checked(field: str) -> None:
 def test_configs_do_not_share_lists() -> None:
     a, b = tiny(), tiny()
     a.lte["conv_size"].append(3)
-    assert b.lte["conv_size"] == [3, 3, 3] and LTE_DEFAULTS["conv_size"] == [3, 3, 3]
+    assert b.lte["conv_size"] == [3, 3, 3] and LTE_DEFAULTS["conv_size"] == (3, 3, 3)
