@@ -335,6 +335,8 @@ class HybridConfig(PretrainedConfig):
             raise ValueError(_unknown_keys_message(unknown))
         if mixers is not None and mixer_layers is not None:
             raise ValueError("give either mixers or mixer_layers, not both")
+        if mixers is not None and not isinstance(mixers, (list, tuple)):
+            raise ValueError(f"mixers must be a list with one mixer name per layer (got {mixers!r})")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers

@@ -93,6 +93,7 @@ def test_every_load_path_validates(tmp_path: Path) -> None:
         ({"eos_token_id": 64}, r"^eos_token_id \(64\) must be < vocab_size \(64\)"),
         ({"mixer_layers": {"lte": [True]}}, r"^mixer_layers\['lte'\] must be a list of integer layer indices"),
         ({"mixer_layers": {"lte": 1}}, r"^mixer_layers\['lte'\] must be a list of integer layer indices"),
+        ({"mixers": "gdn", "mixer_layers": None}, r"^mixers must be a list with one mixer name per layer"),
         ({"lte": "window_size=8"}, r"^lte must be a mapping"),
         ({"gdn": {"num_heads": True, "head_dim": 16}}, r"^gdn.num_heads must be an integer >= 1 or null \(got True\)"),
         ({"gdn": {"num_heads": 2.0}}, r"^gdn.num_heads must be an integer >= 1 or null \(got 2.0\)"),
