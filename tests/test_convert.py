@@ -108,6 +108,29 @@ def test_every_released_checkpoint_maps_exactly(name: str) -> None:
     assert all(tuple(converted[k].shape) == want[k] for k in converted)
 
 
+# What the authors' config classes add to a released config when a trained model is saved (transformers 4.49
+# writes every attribute their `__init__` sets, at its default here, and its own bookkeeping keys).
+SAVED_KEYS = {
+    "hybrid_gated_deltanet": {"attn_mode": "chunk", "fuse_norm": True, "fuse_swiglu": True},
+    "gated_deltanet": {"attn_mode": "chunk", "fuse_norm": True, "fuse_swiglu": True, "allow_neg_eigval": False,
+                       "num_v_heads": None, "use_l2warp": False},
+    "transformer": {"fuse_norm": True, "fuse_swiglu": True, "elementwise_affine": True, "qk_norm": False,
+                    "use_l2warp": False},
+    "nsa": {"fuse_norm": True, "fuse_swiglu": True, "elementwise_affine": True, "use_l2warp": False},
+}  # fmt: skip
+HF_SAVED = {"architectures": ["X"], "torch_dtype": "bfloat16", "transformers_version": "4.49.0", "use_cache": True}
+
+
+@needs_reference
+@pytest.mark.parametrize("name", NAMES)
+def test_every_released_config_translates_as_saved_after_training(name: str) -> None:
+    cfg = _reference(name)[0]
+    saved = {**cfg, **SAVED_KEYS[cfg["model_type"]], **HF_SAVED}
+    if cfg.get("attn", {}).get("attn_type") == "lte":
+        saved["attn"] = {**cfg["attn"], "receptive_margin": 7}
+    assert translate_config(saved) == translate_config(cfg)
+
+
 @needs_reference
 def test_window_conventions() -> None:
     swa = translate_config(_reference("gated_delta_net_swa_0.4B")[0])
