@@ -309,6 +309,22 @@ def test_a_failed_conversion_leaves_nothing_behind(tmp_path: Path) -> None:
     assert sorted(f.name for f in tmp_path.iterdir()) == ["authors"]
 
 
+def test_a_write_that_fails_midway_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import safetensors.torch
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    src = tmp_path / "authors"
+    _random_checkpoint(TINY_LTE, src, fmt="safetensors")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        convert_checkpoint(src, tmp_path / "out")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["authors"]
+
+
 def _sharded(tmp_path: Path, weight_map: Any) -> Path:
     src = tmp_path / "authors"
     state = _random_checkpoint(TINY_LTE, src, fmt="safetensors")
