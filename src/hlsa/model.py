@@ -7,9 +7,8 @@ applied from outside (hlsa.train).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +45,7 @@ MIXER_LAYERS: dict[str, type[nn.Module]] = {
 
 def build_mixer(config: HybridConfig, kind: str) -> nn.Module:
     """One token mixer of type `kind` with the settings of its sub-config."""
-    settings = dataclasses.asdict(config.mixer_config(kind))
+    settings = asdict(config.mixer_config(kind))
     if kind == "gdn":
         settings["norm_eps"] = config.norm_eps  # GDN's output norm uses the model's epsilon
     return MIXER_LAYERS[kind](hidden_size=config.hidden_size, **settings, backend=_ops_backend(config))
