@@ -335,8 +335,15 @@ def _sharded(tmp_path: Path, weight_map: Any) -> Path:
     return src
 
 
-def test_a_sharded_checkpoint_converts(tmp_path: Path) -> None:
-    assert _cli(str(_sharded(tmp_path, "all")), str(tmp_path / "out")) == 0
+@pytest.mark.parametrize("linked", [False, True], ids=["file", "hf-cache-link"])
+def test_a_sharded_checkpoint_converts(tmp_path: Path, linked: bool) -> None:
+    src = _sharded(tmp_path, "all")
+    if linked:  # as in a Hugging Face cache snapshot, whose files are links into blobs/ outside it
+        shard = src / "model-00001-of-00001.safetensors"
+        (tmp_path / "blobs").mkdir()
+        shard.rename(tmp_path / "blobs" / "0123abcd")
+        shard.symlink_to(Path("..") / "blobs" / "0123abcd")
+    assert _cli(str(src), str(tmp_path / "out")) == 0
 
 
 @pytest.mark.parametrize(
