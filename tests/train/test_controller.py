@@ -230,3 +230,23 @@ def test_zero_cap_keeps_the_penalty_off() -> None:
     ctl = SparsityController.for_model(lm, seq_len=4096)
     run_steps(ctl, range(1, 200), [4000.0, 500.0, 10.0])
     assert lm.model.l1_lambda.abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("l1_alpha", float("nan"), "a finite number >= 1"),
+        ("l1_alpha", 0.5, "a finite number >= 1"),
+        ("l1_alpha_neg", float("inf"), "a finite number >= 1"),
+        ("l1_lambda_update_steps", 0, "an integer >= 1"),
+        ("l1_lambda_update_steps", True, "an integer >= 1"),
+        ("l1_lambda_init", -1e-3, "a finite number >= 0"),
+        ("l1_lambda_max", float("nan"), "a finite number >= 0"),
+        ("buffer_size", 8.5, "an integer >= 1"),
+        ("l1_warmup_steps", -1, "an integer >= 0"),
+        ("l1_lambda_tolerate", [0.9, float("nan")], "\\[lo, hi\\]"),
+    ],
+)
+def test_bad_controller_constants_are_named(key: str, value: object, words: str) -> None:
+    with pytest.raises(ValueError, match=f"lte.{key} = .* is invalid: it must be {words}"):
+        settings(**{key: value})
