@@ -4,6 +4,7 @@ W&B (only when `log.wandb = true`). Only rank 0 writes anything."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,13 @@ class Monitor:
             if self.wandb is not None:
                 self.wandb.log(metrics, step=step)
 
+    def sync(self) -> None:
+        """Make `log.jsonl` durable up to now (called before each checkpoint, so no logged step the checkpoint holds
+        can be lost to a kill; rows after the checkpoint are dropped on resume anyway)."""
+        if self.jsonl is not None:
+            self.jsonl.flush()
+            os.fsync(self.jsonl.fileno())
+
     def message(self, text: str) -> None:
         if not self.active:
             return
@@ -75,15 +83,24 @@ class Monitor:
 
 def _truncate_log(path: Path, step: int) -> None:
     """Drop the records after `step` (the checkpoint a run resumes from): the steps after it are trained again, and
-    would otherwise appear twice. Rewritten atomically."""
+    would otherwise appear twice. A line a kill cut short is dropped too. Rewritten atomically."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if (row := _row(line)) is not None and row.get("step", 0) <= step]
     if len(kept) != len(lines):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(kept))
         tmp.replace(path)
+
+
+def _row(line: str) -> dict[str, Any] | None:
+    """A complete record of `log.jsonl`, or None for a blank or torn line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and line.endswith("\n") else None
 
 
 def _tensorboard(path: Path, *, purge_step: int) -> Any:
