@@ -419,3 +419,27 @@ def test_cli_reports_bad_model_configs_and_stale_temporaries_are_removed(
     assert "Traceback" not in err
     Trainer(options(tiny_config(tmp_path), run, **{"train.steps": 1, "optim.warmup_steps": 0}))
     assert not (run / ".tmp-step-00000009-1").exists()
+
+
+def test_a_full_disk_stops_the_log_not_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    from hlsa.train.monitor import Monitor
+
+    opts = options(tiny_config(tmp_path), tmp_path / "run", **{"train.log_every": 1})
+    monitor = Monitor(opts, rank=0, start_step=0, total_steps=2, run_dir=tmp_path / "run")
+
+    class Full:
+        def write(self, text: str) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monitor.jsonl.close()
+    monitor.jsonl = Full()
+    monitor.step(1, {"loss": 1.0, "lr": 1e-3}, tokens=10)
+    monitor.step(2, {"loss": 1.0, "lr": 1e-3}, tokens=10)
+    monitor.sync()
+    monitor.close()
+    assert capsys.readouterr().out.count("log.jsonl: cannot write (No space left on device)") == 1

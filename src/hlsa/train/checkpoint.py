@@ -46,8 +46,8 @@ STALE_PREFIXES = (".tmp-step-", ".old-step-")
 
 
 class CheckpointWriteError(UsageError):
-    """A checkpoint could not be written (a full disk, a directory that became unwritable): the partial copy is
-    removed and the last complete checkpoint is kept. A UsageError, so that `hlsa train` reports it in one line:
+    """A checkpoint or export could not be written (a full disk, a directory that became unwritable): the partial
+    copy is removed and the last complete checkpoint is kept. A UsageError, so that `hlsa train` reports it in one line:
     the fix (free space, fix permissions, then `--resume`) is the user's."""
 
 

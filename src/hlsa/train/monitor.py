@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 class Monitor:
@@ -40,7 +41,7 @@ class Monitor:
         now = time.perf_counter()
         metrics = {**metrics, "tokens_per_s": tokens / max(now - self._t0, 1e-9)}
         self._t0 = now
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._log(lambda f: f.write(json.dumps({"step": step, **metrics}) + "\n"))
         if self.bar is not None:
             self.bar.update(1)
             short = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
@@ -49,7 +50,7 @@ class Monitor:
                 short["kept"] = f"{metrics['lte/num_kept']:.1f}"
             self.bar.set_postfix(short, refresh=False)
         if step % self.every == 0:
-            self.jsonl.flush()
+            self._log(lambda f: f.flush())
             if self.tb is not None:
                 for k, v in metrics.items():
                     self.tb.add_scalar(k, v, step)
@@ -59,9 +60,22 @@ class Monitor:
     def sync(self) -> None:
         """Make `log.jsonl` durable up to now (called before each checkpoint, so no logged step the checkpoint holds
         can be lost to a kill; rows after the checkpoint are dropped on resume anyway)."""
-        if self.jsonl is not None:
-            self.jsonl.flush()
-            os.fsync(self.jsonl.fileno())
+        self._log(lambda f: (f.flush(), os.fsync(f.fileno())))
+
+    def _log(self, write: Callable[[TextIO], object]) -> None:
+        """`write(log.jsonl)`; when it fails (a full disk), say so once and stop logging there: the log must not
+        end the run, and the checkpoint that follows reports the full disk with what it costs."""
+        if self.jsonl is None:
+            return
+        try:
+            write(self.jsonl)
+        except OSError as e:
+            jsonl, self.jsonl = self.jsonl, None
+            self.message(f"log.jsonl: cannot write ({e.strerror or e}); no further steps are logged there")
+            try:
+                jsonl.close()
+            except OSError:
+                pass  # its buffered rows are what could not be written
 
     def message(self, text: str) -> None:
         if not self.active:
@@ -74,7 +88,8 @@ class Monitor:
     def close(self) -> None:
         if not self.active:
             return
-        for sink in (self.bar, self.tb, self.jsonl):
+        self._log(lambda f: f.close())
+        for sink in (self.bar, self.tb):
             if sink is not None:
                 sink.close()
         if self.wandb is not None:

@@ -477,8 +477,15 @@ class Trainer:
     def export(self, out_dir: str) -> None:
         """Write a plain HF directory of the current weights (collective; rank 0 writes)."""
         model_sd, _ = ckpt.full_state(self.net, self.optimizer)
-        if self.world.is_main:
+        if not self.world.is_main:
+            return
+        try:
             ckpt.export_pretrained(self.model.config, model_sd, out_dir, tokenizer=self.tokenizer)
+        except OSError as e:  # checked writable before the first step, so: the disk filled up
+            raise ckpt.CheckpointWriteError(
+                f"cannot write the export to {out_dir}: {e.strerror or e}; the trained model is in the last "
+                f"checkpoint of {self.run_dir}: free space, then rerun with --resume to write the export"
+            ) from e
 
 
 def _flat(options: dict[str, Any]) -> dict[str, Any]:
