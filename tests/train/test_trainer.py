@@ -443,3 +443,31 @@ def test_a_full_disk_stops_the_log_not_the_run(tmp_path: Path, capsys: pytest.Ca
     monitor.sync()
     monitor.close()
     assert capsys.readouterr().out.count("log.jsonl: cannot write (No space left on device)") == 1
+
+
+def test_a_full_disk_during_training_keeps_the_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+
+    from hlsa.cli import main
+
+    real, saves = torch.save, {"n": 0}
+
+    def full_on_the_second_checkpoint(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        saves["n"] += 1
+        if saves["n"] > 2:  # optimizer.pt + trainer.pt of step 3 fit; step 6 finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_on_the_second_checkpoint)
+    run = tmp_path / "run"
+    argv = ["train", "--config", tiny_config(tmp_path), "--data", "synthetic:mqar", "--out", str(run), "--steps", "6"]
+    argv += ["--data.seq_len", "48", "--data.batch_size", "2", "--data.num_pairs", "4", "--data.num_queries", "4"]
+    argv += ["--optim.warmup_steps", "2", "--train.threads", "1", "--checkpoint.interval", "3"]
+    argv += ["--log.progress", "false", "--log.tensorboard", "false", "--checkpoint.export", str(tmp_path / "hf")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "hlsa: error: cannot write checkpoint step-00000006" in err and "the disk is full" in err
+    assert sorted(p.name for p in run.iterdir()) == ["latest", "log.jsonl", "step-00000003"]
+    assert (run / "latest").read_text() == "step-00000003" and not (tmp_path / "hf").exists()
