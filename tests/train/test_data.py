@@ -244,3 +244,18 @@ def test_a_tokenizer_that_cannot_be_loaded_is_a_clear_error(monkeypatch: pytest.
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
     with pytest.raises(ValueError, match="'gpt2' cannot be loaded.*couldn't connect.*Pass \"byte\""):
         build_stream(byte_opts(str(tmp_path / "a.txt"), tokenizer="gpt2"), seed=0)
+
+
+def test_an_unreadable_file_is_reported_as_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a.txt").write_text("text")
+    (tmp_path / "b.txt").write_text("text")
+    real = Path.open
+
+    def denied(self: Path, *args: object, **kwargs: object) -> object:  # chmod 000 does not stop root
+        if self.name == "b.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(ValueError, match="b.txt exists but is not readable"):
+        local_files(str(tmp_path))

@@ -215,3 +215,15 @@ def test_non_finite_flags_are_refused(flag: str) -> None:
     args = parser().parse_args(["train", flag])
     with pytest.raises(ValueError, match=f"{flag[2:].split('=')[0]} = .* is invalid: it must be a finite number"):
         build_options(overrides=collect_overrides(args))
+
+
+def test_an_unreadable_options_file_is_reported_as_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "o.toml"
+    path.write_text("[optim]\nlr = 1e-3\n")
+
+    def denied(self: Path, *args: object, **kwargs: object) -> None:  # chmod 000 does not stop root
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(ValueError, match="o.toml' exists but is not readable"):
+        read_options_file(path)

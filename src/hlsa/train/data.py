@@ -212,6 +212,12 @@ def local_files(source: str) -> list[Path] | None:
             files.append(path)
         else:
             raise UsageError(f"data.source: file {p!r} does not exist; check the path (or name a hub dataset)")
+    for f in files:  # now, not when the stream reaches the file mid-run
+        try:
+            with f.open("rb"):
+                pass
+        except PermissionError:
+            raise UsageError(f"data.source: {f} exists but is not readable (permission denied)") from None
     return files
 
 

@@ -229,6 +229,11 @@ def read_options_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise OptionsError(f"options file {str(path)!r} does not exist; pass an existing .toml or .yaml file")
+    try:
+        with path.open("rb"):
+            pass
+    except PermissionError:
+        raise OptionsError(f"options file {str(path)!r} exists but is not readable (permission denied)") from None
     suffix = path.suffix.lower()
     if suffix == ".toml":
         if sys.version_info >= (3, 11):
