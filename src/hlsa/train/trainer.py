@@ -111,6 +111,11 @@ def available_memory(device: torch.device) -> int | None:
     return free
 
 
+def bf16_autocast(dtype: str, device: torch.device) -> bool:
+    """Whether `train.dtype` (validated: auto, bf16 or fp32) runs the forward pass under bf16 autocast."""
+    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+
+
 def step_memory_lower_bound(model: nn.Module, opts: Options, device: torch.device, world_size: int) -> int:
     """Bytes one optimizer step must allocate at least, beyond what is already allocated.
 
@@ -125,7 +130,7 @@ def step_memory_lower_bound(model: nn.Module, opts: Options, device: torch.devic
     if opts.train.parallel == "fsdp2":
         state //= world_size
     c, d = model.config, opts.data
-    elem = 4 if opts.train.dtype == "fp32" or (opts.train.dtype == "auto" and device.type != "cuda") else 2
+    elem = 2 if bf16_autocast(opts.train.dtype, device) else 4
     tokens = d.batch_size * d.seq_len
     return state + tokens * (c.num_hidden_layers * c.hidden_size + 2 * c.vocab_size) * elem
 
@@ -269,8 +274,7 @@ class Trainer:
         )
 
     def _autocast(self) -> Any:
-        dtype = self.opts.train.dtype  # validated: auto, bf16 or fp32
-        if dtype == "fp32" or (dtype == "auto" and self.device.type != "cuda"):
+        if not bf16_autocast(self.opts.train.dtype, self.device):
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
