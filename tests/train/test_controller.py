@@ -1,4 +1,4 @@
-"""The LTE sparsity controller, rule by rule (SPEC section 4), on hand-made router outputs."""
+"""The LTE sparsity controller, rule by rule, on hand-made router outputs."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_settings_from_authors_config() -> None:
     s = settings()
     assert (s.buffer_size, s.update_steps, s.tol_lo, s.tol_hi) == (512, 32, 0.95, 1.0)
     assert s.ema_alpha == pytest.approx(2 / 17)
-    assert s.drop == 6  # RF = 1 + 3 * (3 - 1) * 2 = 13, look-ahead 6 (SPEC: receptive_margin 7, last 6 dropped)
+    assert s.drop == 6  # RF = 1 + 3 * (3 - 1) * 2 = 13, look-ahead 6 (the authors: receptive_margin 7, last 6 dropped)
     assert stats_drop([3, 3, 3], [1, 1, 1]) == 3
     with pytest.raises(ValueError, match="l1_lambda_tolerate"):
         settings(l1_lambda_tolerate=[1.0, 0.5])

@@ -28,7 +28,7 @@ def test_precedence_defaults_file_cli(tmp_path: Path) -> None:
     args = parser().parse_args(["train", "--options", str(f), "--optim.lr", "2e-3", "--steps", "50", "--resume"])
     opts = build_options(read_options_file(args.options), collect_overrides(args))
     assert opts.optim.lr == 2e-3 and opts.optim.warmup_steps == 7  # CLI beats file, file beats default
-    assert opts.optim.eps == 1e-15 and opts.optim.clip == 1.0  # SPEC 4 defaults
+    assert opts.optim.eps == 1e-15 and opts.optim.clip == 1.0  # the authors' recipe defaults
     assert opts.train.steps == 50 and opts.checkpoint.resume is True and opts.data.source == "synthetic:mqar"
 
 
