@@ -74,7 +74,7 @@ def check_output_dir(path: str | Path, option: str) -> None:
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {str(path)!r} is a file, not a directory; choose a directory")
     existing = path
-    while not existing.exists():
+    while not existing.exists() and existing != existing.parent:  # "." or "/" end it (even if cwd was removed)
         existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"{option} {str(path)!r} cannot be created: {existing} is a file; choose another directory")
