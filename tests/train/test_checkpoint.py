@@ -175,3 +175,12 @@ def test_a_full_disk_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch: pyte
         save(tmp_path, 2, 2.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-00000001"
+
+
+def test_an_older_trainer_state_with_a_numpy_array_says_what_to_do(tmp_path: Path) -> None:
+    import numpy as np
+
+    save(tmp_path, 1, 1.0)
+    torch.save({"rng": {"numpy": np.random.get_state()}}, tmp_path / "step-00000001" / "trainer.pt")
+    with pytest.raises(UsageError, match="numpy.* cannot be resumed, but its weights can be trained further with"):
+        ckpt.load_checkpoint(tmp_path / "step-00000001")

@@ -259,11 +259,18 @@ def _read(path: Path, load: Any) -> Any:
     except FileNotFoundError:
         raise UsageError(f"{path} is missing; the checkpoint is incomplete") from None
     except pickle.UnpicklingError as e:  # weights_only stopped at an object it does not allow: never built or run
-        reason = str(e).partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0].strip()
+        reason = str(e).partition("WeightsUnpickler error:")[2].partition(" Please use")[0].strip()
+        # trainer.pt files of hlsa before RNG states were plain data hold numpy's as an array
+        older = (
+            "; an older hlsa's trainer.pt holds a numpy array: such a run cannot be resumed, but its weights can "
+            f"be trained further with --config {path.parent} and a new --out"
+            if "numpy" in reason
+            else ""
+        )
         raise UsageError(
             f"refusing to load {path}: it is damaged, or holds pickled Python objects besides tensors and plain "
-            f"data, which could run code ({reason or e.__class__.__name__}); only load checkpoints written by hlsa "
-            "from a source you trust"
+            f"data, which could run code ({reason or e.__class__.__name__}){older}; only load checkpoints written by "
+            "hlsa from a source you trust"
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError, SafetensorError) as e:  # truncated or garbage
         raise UsageError(
