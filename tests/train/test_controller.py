@@ -1,4 +1,4 @@
-"""The LTE sparsity controller, rule by rule (SPEC section 4), on hand-made router outputs."""
+"""The LTE sparsity controller, rule by rule, on hand-made router outputs."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_settings_from_authors_config() -> None:
     s = settings()
     assert (s.buffer_size, s.update_steps, s.tol_lo, s.tol_hi) == (512, 32, 0.95, 1.0)
     assert s.ema_alpha == pytest.approx(2 / 17)
-    assert s.drop == 6  # RF = 1 + 3 * (3 - 1) * 2 = 13, look-ahead 6 (SPEC: receptive_margin 7, last 6 dropped)
+    assert s.drop == 6  # RF = 1 + 3 * (3 - 1) * 2 = 13, look-ahead 6 (the authors: receptive_margin 7, last 6 dropped)
     assert stats_drop([3, 3, 3], [1, 1, 1]) == 3
     with pytest.raises(ValueError, match="l1_lambda_tolerate"):
         settings(l1_lambda_tolerate=[1.0, 0.5])
@@ -230,3 +230,23 @@ def test_zero_cap_keeps_the_penalty_off() -> None:
     ctl = SparsityController.for_model(lm, seq_len=4096)
     run_steps(ctl, range(1, 200), [4000.0, 500.0, 10.0])
     assert lm.model.l1_lambda.abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("l1_alpha", float("nan"), "a finite number >= 1"),
+        ("l1_alpha", 0.5, "a finite number >= 1"),
+        ("l1_alpha_neg", float("inf"), "a finite number >= 1"),
+        ("l1_lambda_update_steps", 0, "an integer >= 1"),
+        ("l1_lambda_update_steps", True, "an integer >= 1"),
+        ("l1_lambda_init", -1e-3, "a finite number >= 0"),
+        ("l1_lambda_max", float("nan"), "a finite number >= 0"),
+        ("buffer_size", 8.5, "an integer >= 1"),
+        ("l1_warmup_steps", -1, "an integer >= 0"),
+        ("l1_lambda_tolerate", [0.9, float("nan")], "\\[lo, hi\\]"),
+    ],
+)
+def test_bad_controller_constants_are_named(key: str, value: object, words: str) -> None:
+    with pytest.raises(ValueError, match=f"lte.{key} = .* is invalid: it must be {words}"):
+        settings(**{key: value})

@@ -58,7 +58,7 @@ def test_task_stream_ranks_partition_the_examples() -> None:
 
 
 def byte_opts(source: str, **over: object) -> DataOptions:
-    return DataOptions(source=source, tokenizer="byte", seq_len=8, batch_size=2, **over)
+    return DataOptions(**{"source": source, "tokenizer": "byte", "seq_len": 8, "batch_size": 2, **over})
 
 
 def test_long_document_spans_rows_and_short_ones_pack(tmp_path: Path) -> None:
@@ -200,3 +200,62 @@ def test_packed_text_resharded_resume_loses_no_document(new_world: int) -> None:
     restart = int(notes[0].split("document ")[1].split()[0])
     assert all(any(doc in t for t in old_text) for doc in docs[:restart])  # skipped ones were used whole
     assert max(s["doc"] for s in states) - restart <= 2 * 2  # repeats: at most a few documents per old rank
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"text": null}', "d.jsonl:2: field 'text' is null, not a string"),
+        ('{"text": 123}', "d.jsonl:2: field 'text' is 123, not a string"),
+        ('{"text": ["a"]}', "d.jsonl:2: field 'text' is \\[\"a\"\\], not a string"),
+        ('{"body": "a"}', "d.jsonl:2: no field 'text'"),
+        ('{"text": "a"', "d.jsonl:2: not valid JSON"),
+        ('"just a string"', "d.jsonl:2: expected a JSON object"),
+    ],
+)
+def test_bad_jsonl_records_name_file_and_line(tmp_path: Path, line: str, message: str) -> None:
+    (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n' + line + "\n")
+    stream, _, _ = build_stream(byte_opts(str(tmp_path / "d.jsonl")), seed=0)
+    with pytest.raises(ValueError, match=message):
+        stream.next_batch()
+
+
+def test_a_parquet_column_that_is_not_text_is_refused(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "e.parquet")
+    stream, _, _ = build_stream(byte_opts(str(tmp_path / "e.parquet")), seed=0)
+    with pytest.raises(ValueError, match="column 'text' holds int64, not strings"):
+        stream.next_batch()
+
+
+def test_a_tokenizer_that_cannot_be_loaded_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Offline, a hub name fails inside transformers with an OSError; a missing path fails its repo-id check."""
+    import transformers
+
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(ValueError, match="data.tokenizer './no/such/dir' cannot be loaded: it is not a local dir"):
+        build_stream(byte_opts(str(tmp_path / "a.txt"), tokenizer="./no/such/dir"), seed=0)
+
+    def offline(name: str, **kwargs: object) -> None:
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {name}.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(ValueError, match="'gpt2' cannot be loaded.*couldn't connect.*Pass \"byte\""):
+        build_stream(byte_opts(str(tmp_path / "a.txt"), tokenizer="gpt2"), seed=0)
+
+
+def test_an_unreadable_file_is_reported_as_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a.txt").write_text("text")
+    (tmp_path / "b.txt").write_text("text")
+    real = Path.open
+
+    def denied(self: Path, *args: object, **kwargs: object) -> object:  # chmod 000 does not stop root
+        if self.name == "b.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(ValueError, match="b.txt exists but is not readable"):
+        local_files(str(tmp_path))

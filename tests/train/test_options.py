@@ -11,7 +11,7 @@ import pytest
 
 from hlsa.cli import main
 from hlsa.train.cli import collect_overrides, register
-from hlsa.train.options import build_options, read_options_file
+from hlsa.train.options import Options, build_options, read_options_file
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,7 @@ def test_precedence_defaults_file_cli(tmp_path: Path) -> None:
     args = parser().parse_args(["train", "--options", str(f), "--optim.lr", "2e-3", "--steps", "50", "--resume"])
     opts = build_options(read_options_file(args.options), collect_overrides(args))
     assert opts.optim.lr == 2e-3 and opts.optim.warmup_steps == 7  # CLI beats file, file beats default
-    assert opts.optim.eps == 1e-15 and opts.optim.clip == 1.0  # SPEC 4 defaults
+    assert opts.optim.eps == 1e-15 and opts.optim.clip == 1.0  # the authors' recipe defaults
     assert opts.train.steps == 50 and opts.checkpoint.resume is True and opts.data.source == "synthetic:mqar"
 
 
@@ -76,8 +76,16 @@ def test_committed_recipes_parse() -> None:
         ("checkpoint.interval", -1, ">= 0"),
         ("checkpoint.keep", 0, ">= 1"),  # the newest checkpoint is never deleted: 0 would silently mean 1
         ("optim.lr", 0.0, "a finite number > 0"),
-        ("optim.lr", float("nan"), "a finite number > 0"),
-        ("optim.lr", float("inf"), "a finite number > 0"),
+        ("optim.lr", float("nan"), "a finite number"),
+        ("optim.lr", float("inf"), "a finite number"),
+        ("optim.clip", float("nan"), "a finite number"),  # NaN > 0 is false: it silently disabled clipping
+        ("optim.clip", -1.0, ">= 0"),
+        ("optim.eps", float("-inf"), "a finite number"),
+        ("optim.beta1", float("nan"), "a finite number"),
+        ("optim.min_lr_ratio", float("nan"), "a finite number"),
+        ("optim.weight_decay", float("inf"), "a finite number"),
+        ("train.max_consecutive_skips", -1, ">= 0"),
+        ("data.task_vocab", 0, ">= 1"),
         ("optim.min_lr_ratio", 1.5, r"in \[0, 1\]"),
         ("optim.min_lr_ratio", -0.1, r"in \[0, 1\]"),
         ("optim.warmup_steps", -1, ">= 0"),
@@ -176,3 +184,46 @@ def test_hlsa_reports_bad_options_without_traceback(
 def test_demo_parser() -> None:
     args = parser().parse_args(["demo", "--archs", "gdn,transformer", "--examples", "8"])
     assert args.func.__name__ == "run_demo" and args.examples == 8 and args.train is False
+
+
+def test_types_are_checked_for_options_built_in_code() -> None:
+    """`Options(...)` skips `build_options`' parsing: validate still refuses a bool for a count, a string for a
+    number, and NaN, naming every option."""
+    from hlsa.train.options import DataOptions, OptimOptions, TrainOptions
+
+    opts = Options(
+        data=DataOptions(batch_size=True, seq_len=8.0),  # type: ignore[arg-type]
+        optim=OptimOptions(clip=float("nan"), lr="1e-3", eps=1),  # type: ignore[arg-type]
+        train=TrainOptions(skip_nan_inf=1),  # type: ignore[arg-type]
+    )
+    with pytest.raises(ValueError) as e:
+        opts.validate()
+    msg = str(e.value)
+    for part in (
+        "data.seq_len = 8.0 is invalid: it must be an integer",
+        "data.batch_size = True is invalid: it must be an integer",
+        "optim.lr = '1e-3' is invalid: it must be a finite number",
+        "optim.clip = nan is invalid: it must be a finite number",
+        "train.skip_nan_inf = 1 is invalid: it must be true or false",
+    ):
+        assert part in msg
+    assert "optim.eps" not in msg  # an int where a float belongs is fine
+
+
+@pytest.mark.parametrize("flag", ["--optim.clip=nan", "--optim.lr=inf", "--optim.beta2=-inf", "--optim.eps=NaN"])
+def test_non_finite_flags_are_refused(flag: str) -> None:
+    args = parser().parse_args(["train", flag])
+    with pytest.raises(ValueError, match=f"{flag[2:].split('=')[0]} = .* is invalid: it must be a finite number"):
+        build_options(overrides=collect_overrides(args))
+
+
+def test_an_unreadable_options_file_is_reported_as_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "o.toml"
+    path.write_text("[optim]\nlr = 1e-3\n")
+
+    def denied(self: Path, *args: object, **kwargs: object) -> None:  # chmod 000 does not stop root
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(ValueError, match="o.toml' exists but is not readable"):
+        read_options_file(path)

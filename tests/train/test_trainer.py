@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from hlsa.errors import UsageError
 from hlsa.train.options import Options, build_options
-from hlsa.train.trainer import Trainer, TrainingInterruptedError, lr_factor
+from hlsa.train.trainer import Trainer, TrainingDivergedError, TrainingInterruptedError, lr_factor
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -280,3 +281,193 @@ def test_text_runs_save_their_tokenizer(tmp_path: Path) -> None:
     )
     synthetic.run()
     assert not (tmp_path / "mqar" / "step-00000001" / "tokenizer.json").exists()  # task ids have no tokenizer
+
+
+def test_a_killed_run_loses_no_log_row(tmp_path: Path) -> None:
+    """SIGKILL gives Python no chance to flush: the log must already hold every step of the checkpoint, and the
+    resumed run continues it without a gap or a duplicate."""
+    import subprocess
+    import sys
+
+    config, run = tiny_config(tmp_path), tmp_path / "run"
+    child = f"""
+import os, signal, sys
+sys.path[:0] = {sys.path!r}
+from tests.train.test_trainer import options
+from hlsa.train.trainer import Trainer
+trainer = Trainer(options({config!r}, __import__("pathlib").Path({str(run)!r})))
+step = trainer.train_step
+def killed_at_5(n):
+    if n == 5:
+        os.kill(os.getpid(), signal.SIGKILL)  # steps 1-4 logged (log_every 10: never flushed), checkpoint at 3
+    return step(n)
+trainer.train_step = killed_at_5
+trainer.run()
+"""
+    done = subprocess.run([sys.executable, "-c", child], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert (run / "latest").read_text() == "step-00000003"
+    Trainer(options(config, run, **{"checkpoint.resume": True})).run()
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_torn_log_line_is_dropped_on_resume(tmp_path: Path) -> None:
+    config, run = tiny_config(tmp_path), tmp_path / "run"
+    Trainer(options(config, run, **{"train.steps": 3})).run()
+    with (run / "log.jsonl").open("a") as fh:
+        fh.write('{"step": 4, "loss": 1.2')  # a kill in the middle of a write
+    Trainer(options(config, run, **{"checkpoint.resume": True, "train.steps": 4})).run()
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_a_diverged_run_stops_without_saving_or_exporting(tmp_path: Path) -> None:
+    export = tmp_path / "hf"
+    over = {"train.max_consecutive_skips": 3, "checkpoint.export": str(export), "checkpoint.interval": 3}
+    trainer = Trainer(options(tiny_config(tmp_path), tmp_path / "run", **over))
+    trainer.model.lm_head.register_forward_hook(lambda m, a, o: o * float("nan"))
+    with pytest.raises(TrainingDivergedError, match="the last 3 steps \\(to step 3\\) all had a non-finite loss"):
+        trainer.run()
+    assert trainer.step == 3 and not export.exists() and not (tmp_path / "run" / "latest").exists()
+
+    unlimited = Trainer(options(tiny_config(tmp_path), tmp_path / "run2", **{"train.max_consecutive_skips": 0}))
+    unlimited.model.lm_head.register_forward_hook(lambda m, a, o: o * float("nan"))
+    assert [m["finite"] for m in unlimited.run()] == [0.0] * 6
+
+
+def test_a_second_sigterm_abandons_the_running_step(tmp_path: Path) -> None:
+    """For a step too long to wait for: the first signal asks for a save after the step, the second stops now and
+    keeps the last checkpoint."""
+    trainer = Trainer(options(tiny_config(tmp_path), tmp_path / "run"))
+    step = trainer.train_step
+
+    def two_signals_in_step_5(n: int) -> dict[str, float]:
+        if n == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(n)
+
+    trainer.train_step = two_signals_in_step_5
+    with pytest.raises(TrainingInterruptedError, match="abandoning step 5 of 6; the last checkpoint .*step-00000003"):
+        trainer.run()
+    assert trainer.step == 4 and (tmp_path / "run" / "latest").read_text() == "step-00000003"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(("step", "."))) == ["step-00000003"]
+
+
+@pytest.mark.parametrize(
+    ("key", "where", "message"),
+    [
+        ("checkpoint.dir", "file", "checkpoint.dir .* is a file, not a directory"),
+        ("checkpoint.dir", "under_file", "checkpoint.dir .* cannot be created: .* is a file"),
+        ("checkpoint.export", "file", "checkpoint.export .* is a file, not a directory"),
+        ("checkpoint.export", "under_file", "checkpoint.export .* cannot be created: .* is a file"),
+    ],
+)
+def test_bad_output_paths_fail_before_any_work(tmp_path: Path, key: str, where: str, message: str) -> None:
+    (tmp_path / "f").write_text("x")
+    path = tmp_path / "f" if where == "file" else tmp_path / "f" / "sub"
+    opts = options(tiny_config(tmp_path), tmp_path / "run", **{key: str(path)})
+    with pytest.raises(UsageError, match=message):
+        Trainer(opts)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any directory")
+def test_an_unwritable_output_path_fails_before_any_work(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(UsageError, match="checkpoint.export .* is not writable"):
+        Trainer(options(tiny_config(tmp_path), tmp_path / "run", **{"checkpoint.export": str(locked / "hf")}))
+
+
+def test_a_step_that_cannot_fit_is_refused_before_it_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hlsa.train import trainer as trainer_module
+
+    config = tiny_config(tmp_path)
+    with pytest.raises(UsageError, match="needs at least .* GiB \\(data.batch_size 100000000 x data.seq_len 48"):
+        Trainer(options(config, tmp_path / "run", **{"data.batch_size": 100_000_000}))
+    opts = options(config, tmp_path / "run")
+    monkeypatch.setattr(trainer_module, "available_memory", lambda device: 2**20)  # 1 MiB left
+    with pytest.raises(UsageError, match="only 0.0 GiB are free on cpu; lower data.batch_size"):
+        Trainer(opts)
+    assert not (tmp_path / "run").exists()
+
+
+def test_lower_bound_counts_optimizer_state_and_activations(tmp_path: Path) -> None:
+    from hlsa.train.trainer import step_memory_lower_bound
+
+    trainer = Trainer(options(tiny_config(tmp_path), tmp_path / "run"))
+    params = sum(p.numel() for p in trainer.model.parameters())
+    c = trainer.model.config
+    want = 12 * params + 2 * 48 * (c.num_hidden_layers * c.hidden_size + 2 * c.vocab_size) * 4
+    assert step_memory_lower_bound(trainer.model, trainer.opts, torch.device("cpu"), 1) == want
+
+
+def test_cli_reports_bad_model_configs_and_stale_temporaries_are_removed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hlsa.cli import main
+
+    (tmp_path / "bad.json").write_text('{"hidden_size": 64,')
+    run = tmp_path / "run"
+    (run / ".tmp-step-00000009-1").mkdir(parents=True)  # a save killed mid-write
+    argv = ["train", "--config", str(tmp_path / "bad.json"), "--data", "synthetic:mqar", "--out", str(run)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hlsa: error: model.config: cannot read a HybridConfig from") and "bad.json" in err
+    assert "Traceback" not in err
+    Trainer(options(tiny_config(tmp_path), run, **{"train.steps": 1, "optim.warmup_steps": 0}))
+    assert not (run / ".tmp-step-00000009-1").exists()
+
+
+def test_a_full_disk_stops_the_log_not_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    from hlsa.train.monitor import Monitor
+
+    opts = options(tiny_config(tmp_path), tmp_path / "run", **{"train.log_every": 1})
+    monitor = Monitor(opts, rank=0, start_step=0, total_steps=2, run_dir=tmp_path / "run")
+
+    class Full:
+        def write(self, text: str) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monitor.jsonl.close()
+    monitor.jsonl = Full()
+    monitor.step(1, {"loss": 1.0, "lr": 1e-3}, tokens=10)
+    monitor.step(2, {"loss": 1.0, "lr": 1e-3}, tokens=10)
+    monitor.sync()
+    monitor.close()
+    assert capsys.readouterr().out.count("log.jsonl: cannot write (No space left on device)") == 1
+
+
+def test_a_full_disk_during_training_keeps_the_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+
+    from hlsa.cli import main
+
+    real, saves = torch.save, {"n": 0}
+
+    def full_on_the_second_checkpoint(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        saves["n"] += 1
+        if saves["n"] > 2:  # optimizer.pt + trainer.pt of step 3 fit; step 6 finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_on_the_second_checkpoint)
+    run = tmp_path / "run"
+    argv = ["train", "--config", tiny_config(tmp_path), "--data", "synthetic:mqar", "--out", str(run), "--steps", "6"]
+    argv += ["--data.seq_len", "48", "--data.batch_size", "2", "--data.num_pairs", "4", "--data.num_queries", "4"]
+    argv += ["--optim.warmup_steps", "2", "--train.threads", "1", "--checkpoint.interval", "3"]
+    argv += ["--log.progress", "false", "--log.tensorboard", "false", "--checkpoint.export", str(tmp_path / "hf")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "hlsa: error: cannot write checkpoint step-00000006" in err and "the disk is full" in err
+    assert sorted(p.name for p in run.iterdir()) == ["latest", "log.jsonl", "step-00000003"]
+    assert (run / "latest").read_text() == "step-00000003" and not (tmp_path / "hf").exists()

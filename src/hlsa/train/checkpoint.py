@@ -5,11 +5,17 @@ Layout of `<checkpoint.dir>/`:
 * `step-00001000/` - `config.json` + `model.safetensors` (a directory `HybridForCausalLM.from_pretrained` can load;
   the LTE controller's `l1_lambda` / `num_kept` buffers are in it), the training tokenizer's files when the data has
   one (so `hlsa generate` / `hlsa eval` find it), `optimizer.pt` (full, unsharded AdamW state keyed by parameter
-  name), `trainer.pt` (step, scheduler, skip counter, options, and per rank its RNG states and data position);
+  name), `trainer.pt` (step, scheduler, skip counters, options, and per rank its RNG states and data position);
 * `latest` - a text file naming the newest complete step directory (replaced atomically after the rename).
 
 Every file is fsynced before the rename and the directory after it, so a power loss cannot leave `latest` naming
-a directory with truncated files.
+a directory with truncated files. A save that fails (a full disk, a kill) leaves at most a `.tmp-step-*` directory,
+which the next save or run removes; `latest` and the step it names are untouched.
+
+Nothing read back can run code: `optimizer.pt` and `trainer.pt` hold only tensors and plain data (numbers,
+strings, lists, tuples, dicts; the numpy RNG state is stored as such a tuple) and are loaded with
+`torch.load(weights_only=True)`, which refuses any other pickled object; `latest` must name a step directory inside
+the run directory.
 
 State dicts go through `torch.distributed.checkpoint.state_dict` with `full_state_dict=True`, which gives the same
 unsharded names for a plain module, DDP and FSDP2; only rank 0 writes, and every rank reads the same files.
@@ -17,8 +23,11 @@ unsharded names for a plain module, DDP and FSDP2; only rank 0 writes, and every
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +40,15 @@ LATEST = "latest"
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.pt"
 TRAINER_FILE = "trainer.pt"
+STEP_DIR = re.compile(r"step-\d{8}")
+# Leftovers of an interrupted save: its temporary directory, or the old copy of a step being re-saved.
+STALE_PREFIXES = (".tmp-step-", ".old-step-")
+
+
+class CheckpointWriteError(UsageError):
+    """A checkpoint or export could not be written (a full disk, a directory that became unwritable): the partial
+    copy is removed and the last complete checkpoint is kept. A UsageError, so that `hlsa train` reports it in one line:
+    the fix (free space, fix permissions, then `--resume`) is the user's."""
 
 
 def step_dir_name(step: int) -> str:
@@ -81,12 +99,32 @@ def _fsync_tree(path: Path) -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def clean_stale(root: str | Path) -> None:
+    """Remove what interrupted saves left in `root` (rank 0, before writing). A `.old-step-*` copy whose step
+    directory is missing (killed between the two renames of a re-save) is the complete one: it is put back."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.startswith(f".{LATEST}.tmp-") and p.is_file():
+            p.unlink(missing_ok=True)
+        elif p.name.startswith(STALE_PREFIXES) and p.is_dir():
+            name = p.name[1:].split("-", 1)[1].rsplit("-", 1)[0]  # ".old-step-00000005-123" -> "step-00000005"
+            if p.name.startswith(".old-") and STEP_DIR.fullmatch(name) and not (root / name).exists():
+                os.replace(p, root / name)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def existing_steps(root: str | Path) -> list[Path]:
@@ -111,30 +149,57 @@ def save_checkpoint(
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    clean_stale(root)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    config.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    # clone: tied weights share storage, which safetensors refuses; both names are stored (a few MB at most)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_sd.items()}
-    save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-    torch.save(optim_sd, tmp / OPTIM_FILE)
-    torch.save(trainer_state, tmp / TRAINER_FILE)
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving a step (e.g. interrupted right after a scheduled save): swap, then delete
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
-    _atomic_write_text(root / LATEST, final.name)
+    try:
+        tmp.mkdir()
+        config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        # clone: tied weights share storage, which safetensors refuses; both names are stored (a few MB at most)
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_sd.items()}
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        torch.save(optim_sd, tmp / OPTIM_FILE)
+        torch.save(trainer_state, tmp / TRAINER_FILE)
+        _match_umask(tmp.iterdir())
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step (e.g. interrupted right after a scheduled save): swap, then delete
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+        _atomic_write_text(root / LATEST, final.name)
+    except BaseException as e:  # a full disk, or an interrupt: the partial copy must not accumulate
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _write_error(e, final, root) from e
+        raise
     _prune(root, keep, current=final)
     return final
+
+
+def _write_error(e: OSError, final: Path, root: Path) -> CheckpointWriteError:
+    last = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    kept = f"the last complete checkpoint ({root / last}) is kept" if last else "there is no earlier checkpoint"
+    cause = "the disk is full" if e.errno == errno.ENOSPC else f"{e.strerror or e}"
+    return CheckpointWriteError(
+        f"cannot write checkpoint {final.name} in {root}: {cause}; the partial copy was removed and {kept}. "
+        "Free space (or fix the directory), then rerun with --resume"
+    )
+
+
+def _match_umask(files: Iterable[Path]) -> None:
+    """Give `files` the permissions of any other file the process creates (0666 less the umask): safetensors
+    writes through a 0600 temporary file, which would make the weights unreadable to the rest of the run's group."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in files:
+        if f.is_file():
+            f.chmod(0o666 & ~mask)
 
 
 def _prune(root: Path, keep: int, *, current: Path) -> None:
@@ -149,7 +214,16 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     marker = Path(root) / LATEST
     if not marker.is_file():
         return None
-    path = Path(root) / marker.read_text().strip()
+    name = _read(marker, lambda p: p.read_text()).strip()
+    # `latest` is data, and data may be crafted: follow it only to a step directory of this run.
+    if not STEP_DIR.fullmatch(name):
+        raise UsageError(
+            f"{marker} names {name!r}, which is not a step directory of {root} (step-NNNNNNNN); "
+            f"write the name of one of its step directories into {marker}, or delete it to start afresh"
+        )
+    path = Path(root) / name
+    if path.resolve().parent != Path(root).resolve():  # a step-* symlink to elsewhere
+        raise UsageError(f"{marker} names {path}, which leads outside {root}; refusing to load it")
     if not all((path / name).is_file() for name in (MODEL_FILE, OPTIM_FILE, TRAINER_FILE)):
         raise UsageError(f"{marker} names {path.name}, which is incomplete; delete {marker} to start afresh")
     return path
@@ -160,10 +234,49 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], d
     from safetensors.torch import load_file
 
     path = Path(path)
-    model_sd = load_file(str(path / MODEL_FILE))
-    optim_sd = torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=False)
-    trainer_state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
+    model_sd = _read(path / MODEL_FILE, lambda p: load_file(str(p)))
+    optim_sd = _read(path / OPTIM_FILE, _load_plain)
+    trainer_state = _read(path / TRAINER_FILE, _load_plain)
     return model_sd, optim_sd, trainer_state
+
+
+def _load_plain(path: Path) -> Any:
+    """Tensors and plain data only: `weights_only=True` refuses any other pickled object instead of building it
+    (which is how a crafted file would run code)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read(path: Path, load: Any) -> Any:
+    """`load(path)`, with every way a checkpoint file can be unusable turned into a UsageError naming it."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        return load(path)
+    except PermissionError:
+        raise UsageError(f"{path} exists but is not readable (permission denied); fix its permissions") from None
+    except FileNotFoundError:
+        raise UsageError(f"{path} is missing; the checkpoint is incomplete") from None
+    except pickle.UnpicklingError as e:  # weights_only stopped at an object it does not allow: never built or run
+        reason = str(e).partition("WeightsUnpickler error:")[2].partition(" Please use")[0].strip()
+        # trainer.pt files of hlsa before RNG states were plain data hold numpy's as an array
+        older = (
+            "; an older hlsa's trainer.pt holds a numpy array: such a run cannot be resumed, but its weights can "
+            f"be trained further with --config {path.parent} and a new --out"
+            if "numpy" in reason
+            else ""
+        )
+        raise UsageError(
+            f"refusing to load {path}: it is damaged, or holds pickled Python objects besides tensors and plain "
+            f"data, which could run code ({reason or e.__class__.__name__}){older}; only load checkpoints written by "
+            "hlsa from a source you trust"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError, SafetensorError) as e:  # truncated or garbage
+        raise UsageError(
+            f"{path} is unreadable: truncated or not a checkpoint file ({e.__class__.__name__}: {e}); "
+            "delete this step directory and point latest at an earlier one, or start afresh"
+        ) from None
 
 
 def export_pretrained(config: Any, model_sd: dict[str, Any], out_dir: str | Path, *, tokenizer: Any = None) -> Path:
@@ -175,6 +288,7 @@ def export_pretrained(config: Any, model_sd: dict[str, Any], out_dir: str | Path
     model = HybridForCausalLM(config)
     model.load_state_dict(model_sd)
     model.save_pretrained(out_dir, safe_serialization=True)
+    _match_umask(out_dir.glob("*.safetensors"))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -186,7 +300,9 @@ def rng_state() -> dict[str, Any]:
 
     import numpy as np
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # ("MT19937", uint32 array, ...): stored as plain data
+    numpy = (str(kind), keys.tolist(), int(pos), int(has_gauss), float(gauss))
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state

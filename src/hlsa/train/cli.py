@@ -6,8 +6,13 @@ precedence over `--options FILE` (TOML or YAML with the same sections), which ta
 Shortcuts: `--config` = `--model.config`, `--data` = `--data.source`, `--out` = `--checkpoint.dir`,
 `--steps` = `--train.steps`, `--resume` = `--checkpoint.resume true`.
 
-SIGTERM or Ctrl-C saves the current step and exits with status 130 without writing `--checkpoint.export`; rerun with
-`--resume` to continue. Bad options exit with status 2 before anything is written.
+SIGTERM or Ctrl-C saves the current step and exits with status 130 without writing `--checkpoint.export`; a second
+one abandons the step in progress (the last checkpoint is kept). Rerun with `--resume` to continue.
+
+Exit status 2 (`hlsa: error: ...`): bad options, paths or files, found before the first step (output directories
+that cannot be written, a step too large for the free memory); a run that diverged (`train.max_consecutive_skips`
+skipped steps in a row; nothing saved or exported); a checkpoint that could not be written (a full disk; the last
+complete one is kept).
 """
 
 from __future__ import annotations

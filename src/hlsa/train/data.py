@@ -212,6 +212,12 @@ def local_files(source: str) -> list[Path] | None:
             files.append(path)
         else:
             raise UsageError(f"data.source: file {p!r} does not exist; check the path (or name a hub dataset)")
+    for f in files:  # now, not when the stream reaches the file mid-run
+        try:
+            with f.open("rb"):
+                pass
+        except PermissionError:
+            raise UsageError(f"data.source: {f} exists but is not readable (permission denied)") from None
     return files
 
 
@@ -231,20 +237,39 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{n}: not valid JSON ({e}); each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{path}:{n}: expected a JSON object with a {text_field!r} field, got {line[:60]!r}")
             if text_field not in row:
                 raise UsageError(f"{path}:{n}: no field {text_field!r}; set data.text_field to the text column")
-            yield str(row[text_field])
+            yield _text(row[text_field], f"{path}:{n}: field {text_field!r}")
+
+
+def _text(value: Any, where: str) -> str:
+    """`value` when it is a string: a null or a number would otherwise be trained as the text "None" or "123"."""
+    if not isinstance(value, str):
+        raise UsageError(
+            f"{where} is {json.dumps(value, default=repr)[:60]}, not a string; fix the record or set data.text_field "
+            "to the text column"
+        )
+    return value
 
 
 def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
     if text_field not in pf.schema_arrow.names:
         raise UsageError(f"{path}: no column {text_field!r} (has {pf.schema_arrow.names}); set data.text_field")
+    kind = pf.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UsageError(f"{path}: column {text_field!r} holds {kind}, not strings; set data.text_field")
     for batch in pf.iter_batches(columns=[text_field]):
-        yield from (str(t) for t in batch.column(0).to_pylist() if t is not None)
+        yield from (t for t in batch.column(0).to_pylist() if t is not None)  # a null cell is a missing document
 
 
 def open_hub(name: str, *, config: str, split: str, text_field: str) -> Callable[[], Iterator[str]]:
@@ -268,21 +293,30 @@ def open_hub(name: str, *, config: str, split: str, text_field: str) -> Callable
         for row in ds:
             if text_field not in row:
                 raise UsageError(f"hub dataset {name!r} has no column {text_field!r}; set data.text_field")
-            yield str(row[text_field])
+            yield _text(row[text_field], f"hub dataset {name!r}: column {text_field!r}")
 
     return docs
 
 
 def load_text_tokenizer(name: str) -> Any:
-    """`data.tokenizer`: "byte" (hlsa's, offline) or a HF tokenizer name/path. The byte tokenizer is built to put
-    `<bos>` before a prompt, as every training document starts with it; the same object is saved with checkpoints."""
+    """`data.tokenizer`: "byte" (hlsa's, offline) or a HF tokenizer directory or hub name. The byte tokenizer is built
+    to put `<bos>` before a prompt, as every training document starts with it; the same object is saved with
+    checkpoints."""
     if name == "byte":
         from hlsa.tokenizer import byte_tokenizer
 
         return byte_tokenizer(add_bos_token=True)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:  # not a directory and no hub access (offline), a bad name or a bad directory
+        where = "a directory without a usable tokenizer" if Path(name).is_dir() else "not a local directory"
+        raise UsageError(
+            f"data.tokenizer {name!r} cannot be loaded: it is {where}, and as a hub name it failed "
+            f'({str(e).splitlines()[0] if str(e) else e.__class__.__name__}). Pass "byte" (built in), a local '
+            "directory holding a tokenizer (saved by save_pretrained), or a hub name while online"
+        ) from None
 
 
 def make_encoder(tok: Any) -> Callable[[str], list[int]]:

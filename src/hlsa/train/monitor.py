@@ -4,9 +4,11 @@ W&B (only when `log.wandb = true`). Only rank 0 writes anything."""
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 class Monitor:
@@ -39,7 +41,7 @@ class Monitor:
         now = time.perf_counter()
         metrics = {**metrics, "tokens_per_s": tokens / max(now - self._t0, 1e-9)}
         self._t0 = now
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._log(lambda f: f.write(json.dumps({"step": step, **metrics}) + "\n"))
         if self.bar is not None:
             self.bar.update(1)
             short = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
@@ -48,12 +50,32 @@ class Monitor:
                 short["kept"] = f"{metrics['lte/num_kept']:.1f}"
             self.bar.set_postfix(short, refresh=False)
         if step % self.every == 0:
-            self.jsonl.flush()
+            self._log(lambda f: f.flush())
             if self.tb is not None:
                 for k, v in metrics.items():
                     self.tb.add_scalar(k, v, step)
             if self.wandb is not None:
                 self.wandb.log(metrics, step=step)
+
+    def sync(self) -> None:
+        """Make `log.jsonl` durable up to now (called before each checkpoint, so no logged step the checkpoint holds
+        can be lost to a kill; rows after the checkpoint are dropped on resume anyway)."""
+        self._log(lambda f: (f.flush(), os.fsync(f.fileno())))
+
+    def _log(self, write: Callable[[TextIO], object]) -> None:
+        """`write(log.jsonl)`; when it fails (a full disk), say so once and stop logging there: the log must not
+        end the run, and the checkpoint that follows reports the full disk with what it costs."""
+        if self.jsonl is None:
+            return
+        try:
+            write(self.jsonl)
+        except OSError as e:
+            jsonl, self.jsonl = self.jsonl, None
+            self.message(f"log.jsonl: cannot write ({e.strerror or e}); no further steps are logged there")
+            try:
+                jsonl.close()
+            except OSError:
+                pass  # its buffered rows are what could not be written
 
     def message(self, text: str) -> None:
         if not self.active:
@@ -66,7 +88,8 @@ class Monitor:
     def close(self) -> None:
         if not self.active:
             return
-        for sink in (self.bar, self.tb, self.jsonl):
+        self._log(lambda f: f.close())
+        for sink in (self.bar, self.tb):
             if sink is not None:
                 sink.close()
         if self.wandb is not None:
@@ -75,15 +98,24 @@ class Monitor:
 
 def _truncate_log(path: Path, step: int) -> None:
     """Drop the records after `step` (the checkpoint a run resumes from): the steps after it are trained again, and
-    would otherwise appear twice. Rewritten atomically."""
+    would otherwise appear twice. A line a kill cut short is dropped too. Rewritten atomically."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if (row := _row(line)) is not None and row.get("step", 0) <= step]
     if len(kept) != len(lines):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(kept))
         tmp.replace(path)
+
+
+def _row(line: str) -> dict[str, Any] | None:
+    """A complete record of `log.jsonl`, or None for a blank or torn line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and line.endswith("\n") else None
 
 
 def _tensorboard(path: Path, *, purge_step: int) -> Any:

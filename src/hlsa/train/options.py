@@ -2,7 +2,7 @@
 
 Every field is addressed as `section.field` (`optim.lr`, `data.seq_len`); on the command line it becomes
 `--optim.lr 1e-3`. A file holds the same names as tables (`[optim]` then `lr = 1e-3`) or nested mappings (YAML).
-Precedence: command line > options file > the defaults below (SPEC section 4, the authors' flame/torchtitan recipe).
+Precedence: command line > options file > the defaults below (the authors' flame/torchtitan recipe).
 `build_options` checks every value's range (`Options.validate`) before anything is built from it.
 
 This module imports only the standard library (and PyYAML lazily), so the CLI can build its parser cheaply.
@@ -71,7 +71,7 @@ class OptimOptions:
     warmup_steps: int = 512
     min_lr_ratio: float = 0.1
     grad_accum: int = 1
-    clip: float = 1.0  # max global grad norm; <= 0 disables clipping
+    clip: float = 1.0  # max global grad norm; 0 disables clipping
 
 
 @dataclass
@@ -84,6 +84,9 @@ class TrainOptions:
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     parallel: str = "ddp"  # ddp | fsdp2 (only used under torchrun with WORLD_SIZE > 1)
     skip_nan_inf: bool = True
+    # Stop with an error after this many skipped steps in a row (0 = never): a run whose every step is non-finite
+    # (a learning rate far too high) has diverged, and its weights must not be exported as a trained model.
+    max_consecutive_skips: int = 20
     threads: int = 0  # torch.set_num_threads on CPU; 0 = leave torch's default
     log_every: int = 10
     # fla refuses its gated chunk backward (GDN) on Hopper GPUs under Triton < 3.7.1 (fla issue #640); true lets it
@@ -130,19 +133,34 @@ class Options:
         """Raise `OptionsError` naming every option outside its accepted range (a run would otherwise fail late, after
         its directory exists, or worse, "succeed" without updates)."""
         problems = []
-        for key, (accepts, accepted) in _CHECKS.items():
-            section, _, name = key.partition(".")
-            value = getattr(getattr(self, section), name)
-            if not accepts(value):
-                problems.append(f"{key} = {value!r} is invalid: it must be {accepted}")
+        for section, name, kind, _ in option_fields():
+            key, value = f"{section}.{name}", getattr(getattr(self, section), name)
+            of_type, described = _TYPES[kind]
+            if not of_type(value):
+                problems.append(f"{key} = {value!r} is invalid: it must be {described}")
+            elif key in _CHECKS and not _CHECKS[key][0](value):
+                problems.append(f"{key} = {value!r} is invalid: it must be {_CHECKS[key][1]}")
         if problems:
             raise OptionsError("; ".join(problems))
 
 
-# `section.name` -> (accepts(value), the accepted range in words). The predicates are written so that NaN fails them.
+# The type every option of a kind must have. A bool is an int in Python, but `true` where a count belongs is a
+# mistake; a float option takes an int (`lr = 1`) but never NaN or an infinity, which no option means.
+_TYPES: dict[type, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        "a finite number",
+    ),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
+# `section.name` -> (accepts(value), the accepted range in words), checked after the option's type (`_TYPES`).
 # Options not listed accept any value of their type (strings are checked where they are used: paths, sources,
-# tokenizers; `optim.clip <= 0` means no clipping; `data.task_vocab` and how many pairs and digits fit in a row are
-# checked by the synthetic tasks when the stream is built, before the run directory exists).
+# tokenizers; `data.task_vocab` and how many pairs and digits fit in a row are checked by the synthetic tasks when
+# the stream is built, before the run directory exists).
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.seq_len": (lambda v: v >= 2, ">= 2 (a row holds inputs and their next-token targets)"),
     "data.batch_size": (lambda v: v >= 1, ">= 1"),
@@ -157,6 +175,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.warmup_steps": (lambda v: v >= 0, ">= 0 (0 = no warm-up)"),
     "optim.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "optim.grad_accum": (lambda v: v >= 1, ">= 1 (micro-batches per optimizer step)"),
+    "optim.clip": (lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+    "data.task_vocab": (lambda v: v >= 1, ">= 1"),
     "train.steps": (lambda v: v >= 1, ">= 1"),
     "train.seed": (lambda v: v >= 0, ">= 0 (the synthetic tasks seed numpy with it)"),
     "train.device": (lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
@@ -164,6 +184,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.parallel": (lambda v: v in PARALLEL, f"one of {', '.join(PARALLEL)}"),
     "train.threads": (lambda v: v >= 0, ">= 0 (0 = torch's default)"),
     "train.log_every": (lambda v: v >= 1, ">= 1"),
+    "train.max_consecutive_skips": (lambda v: v >= 0, ">= 0 (0 = never stop for skipped steps)"),
     "checkpoint.interval": (lambda v: v >= 0, ">= 0 (0 = save only at the end)"),
     # save_checkpoint never deletes the newest checkpoint (`latest` and --resume point at it), so 0 would keep one
     "checkpoint.keep": (lambda v: v >= 1, ">= 1 (the newest checkpoint is always kept)"),
@@ -208,6 +229,11 @@ def read_options_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise OptionsError(f"options file {str(path)!r} does not exist; pass an existing .toml or .yaml file")
+    try:
+        with path.open("rb"):
+            pass
+    except PermissionError:
+        raise OptionsError(f"options file {str(path)!r} exists but is not readable (permission denied)") from None
     suffix = path.suffix.lower()
     if suffix == ".toml":
         if sys.version_info >= (3, 11):

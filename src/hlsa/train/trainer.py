@@ -1,6 +1,11 @@
 """The training loop, in nanoGPT's order (LR, micro-steps, clip, step, controller, log, checkpoint), made safe:
-non-finite steps are skipped and counted, checkpoints are atomic, SIGTERM/Ctrl-C save before exiting, and `--resume`
-continues bit for bit (model, AdamW, scheduler, LTE controller buffers, RNG states and data position).
+non-finite steps are skipped and counted (and `train.max_consecutive_skips` in a row stop the run), checkpoints are
+atomic, SIGTERM/Ctrl-C save before exiting, and `--resume` continues bit for bit (model, AdamW, scheduler, LTE
+controller buffers, RNG states and data position).
+
+Before the first step the output paths are checked (writable directories, not files) and one step's memory is
+estimated against what the device has free (`check_step_memory`), so a bad `--out`, `--checkpoint.export` or batch
+size fails at once rather than after the work.
 
 `Trainer(opts).run()` is the whole job; `hlsa train` builds `opts` from a file and the command line.
 """
@@ -8,8 +13,10 @@ continues bit for bit (model, AdamW, scheduler, LTE controller buffers, RNG stat
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
+import tempfile
 import threading
 from contextlib import nullcontext
 from pathlib import Path
@@ -49,16 +56,113 @@ def load_config(path: str) -> Any:
     from hlsa.config import HybridConfig
 
     p = Path(path)
-    if p.is_dir():
-        return HybridConfig.from_pretrained(p)
-    if p.is_file():
-        return HybridConfig.from_json_file(str(p))
-    raise UsageError(f"model.config {path!r} does not exist; pass a HybridConfig JSON file or a model directory")
+    if not p.exists():
+        raise UsageError(f"model.config {path!r} does not exist; pass a HybridConfig JSON file or a model directory")
+    file = p / "config.json" if p.is_dir() else p
+    try:
+        return HybridConfig.from_pretrained(p) if p.is_dir() else HybridConfig.from_json_file(str(p))
+    except PermissionError:
+        raise UsageError(f"model.config: {file} exists but is not readable (permission denied)") from None
+    except (OSError, ValueError) as e:  # invalid JSON, a missing config.json, or values HybridConfig refuses
+        raise UsageError(f"model.config: cannot read a HybridConfig from {file}: {e}") from None
+
+
+def check_output_dir(path: str | Path, option: str) -> None:
+    """Refuse `path` unless it is, or can be created as, a directory this process can write into (nothing is
+    created: a probe file is opened and removed in the nearest existing ancestor)."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {str(path)!r} is a file, not a directory; choose a directory")
+    existing = path
+    while not existing.exists() and existing != existing.parent:  # "." or "/" end it (even if cwd was removed)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{option} {str(path)!r} cannot be created: {existing} is a file; choose another directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UsageError(
+            f"{option} {str(path)!r} is not writable ({existing}: {e.strerror or e}); choose a writable directory"
+        ) from None
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that one step may still allocate: CUDA's free memory, else the CPU's MemAvailable (lowered to the
+    cgroup's limit less its usage, in a container); None where neither can be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    free = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except OSError:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return None
+    try:  # cgroup v2: "max" (no limit) fails int()
+        limit = int(Path("/sys/fs/cgroup/memory.max").read_text())
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        free = min(free, limit - used) if free is not None else limit - used
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def bf16_autocast(dtype: str, device: torch.device) -> bool:
+    """Whether `train.dtype` (validated: auto, bf16 or fp32) runs the forward pass under bf16 autocast."""
+    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+
+
+def step_memory_lower_bound(model: nn.Module, opts: Options, device: torch.device, world_size: int) -> int:
+    """Bytes one optimizer step must allocate at least, beyond what is already allocated.
+
+    A deliberate under-estimate, so that a run it refuses could never have fit: per parameter its gradient and
+    AdamW's two moments (and the weight itself on a GPU, where it is not yet), 4 bytes each, split over ranks under
+    FSDP2; per token of a micro-batch, each layer's input hidden state kept for the backward pass and the logits
+    with their gradient (`B * T * (layers * hidden + 2 * vocab)` elements, 2 bytes under bf16 autocast, else 4).
+    The real footprint is several times larger (attention, MLP and mixer activations are not counted).
+    """
+    params = sum(p.numel() for p in model.parameters())
+    state = params * 4 * (4 if device.type == "cuda" else 3)
+    if opts.train.parallel == "fsdp2":
+        state //= world_size
+    c, d = model.config, opts.data
+    elem = 2 if bf16_autocast(opts.train.dtype, device) else 4
+    tokens = d.batch_size * d.seq_len
+    return state + tokens * (c.num_hidden_layers * c.hidden_size + 2 * c.vocab_size) * elem
+
+
+def check_step_memory(model: nn.Module, opts: Options, device: torch.device, world_size: int) -> None:
+    """Refuse a step that cannot fit in `device`'s free memory (by `step_memory_lower_bound`), naming the options
+    that size it: such a run would otherwise grow until the machine swaps or the kernel kills it."""
+    need, free = step_memory_lower_bound(model, opts, device, world_size), available_memory(device)
+    if free is not None and need > free:
+        d, gib = opts.data, 2**30
+        raise UsageError(
+            f"one training step needs at least {need / gib:.1f} GiB (data.batch_size {d.batch_size} x data.seq_len "
+            f"{d.seq_len} tokens per micro-batch, plus the optimizer state), but only {free / gib:.1f} GiB are free "
+            f"on {device}; lower data.batch_size (optim.grad_accum keeps the tokens per step) or data.seq_len"
+        )
 
 
 class TrainingInterruptedError(Exception):
-    """SIGTERM / Ctrl-C stopped the run before `train.steps`: the step was checkpointed, nothing was exported, and
-    the caller must not treat the model as trained (`hlsa train` exits 130, `hlsa demo --train` stops)."""
+    """SIGTERM / Ctrl-C stopped the run before `train.steps`: the step was checkpointed (or, after a second signal,
+    abandoned with the last checkpoint kept), nothing was exported, and the caller must not treat the model as trained
+    (`hlsa train` exits 130, `hlsa demo --train` stops)."""
+
+
+class TrainingDivergedError(UsageError):
+    """`train.max_consecutive_skips` steps in a row had a non-finite loss or gradient: the run stopped without saving
+    or exporting them. A UsageError (`hlsa train` prints one line, exit 2): the fix is an option, mostly a lower
+    `optim.lr`."""
+
+
+class _StopNow(BaseException):
+    """Raised by a second stop signal inside whatever is running; a BaseException, like KeyboardInterrupt, so that
+    no `except Exception` on the way swallows it."""
 
 
 # Options a resumed run must share with its checkpoint: the data it was trained on (the model is compared by its
@@ -67,7 +171,9 @@ RESUME_MUST_MATCH = ("data.source", "data.tokenizer")
 
 
 class StopRequest:
-    """SIGTERM / first Ctrl-C set a flag that the loop checks after each step (a second Ctrl-C interrupts now)."""
+    """The first SIGTERM / Ctrl-C sets a flag that the loop checks after each step (the step is finished and saved);
+    a second one interrupts at once (`_StopNow`), for a step too long to wait for: that step is abandoned and the
+    last checkpoint is kept."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -80,8 +186,8 @@ class StopRequest:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.requested:
+            raise _StopNow
         self.requested = True
 
     def __exit__(self, *exc: object) -> None:
@@ -96,6 +202,9 @@ class Trainer:
         opts.validate()  # `build_options` did; options built in code (`Options(...)`) are checked here
         self.opts = opts
         t = opts.train
+        check_output_dir(opts.checkpoint.dir, "checkpoint.dir")
+        if opts.checkpoint.export:
+            check_output_dir(opts.checkpoint.export, "checkpoint.export")
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         self.world = init_world("cpu" if t.device == "cpu" or not torch.cuda.is_available() else "cuda")
@@ -107,6 +216,7 @@ class Trainer:
         )
         torch.manual_seed(t.seed)
         self.model = model if model is not None else self._build_model(vocab)
+        check_step_memory(self.model, opts, self.device, self.world.size)
         self.model.to(self.device)
         if self.world.size > 1:
             broadcast_params_equal(self.model)
@@ -118,9 +228,11 @@ class Trainer:
             lambda s: lr_factor(s, warmup=o.warmup_steps, total=t.steps, min_ratio=o.min_lr_ratio),
         )
         self.controller = SparsityController.for_model(self.model, seq_len=opts.data.seq_len)
-        self.step, self.skipped = 0, 0
+        self.step, self.skipped, self.skipped_in_a_row = 0, 0, 0
         self.history: list[dict[str, float]] = []
-        self.run_dir = Path(opts.checkpoint.dir)
+        self.run_dir = Path(opts.checkpoint.dir).expanduser()
+        if self.world.is_main:
+            ckpt.clean_stale(self.run_dir)  # what a kill during a save left; it may be what filled the disk
         torch.manual_seed(t.seed + self.world.rank)  # per-rank dropout streams, identical on every (re)start
         if opts.checkpoint.resume:
             self._resume()
@@ -145,7 +257,10 @@ class Trainer:
                 "raise vocab_size in the model config or use a smaller tokenizer / data.task_vocab"
             )
         if Path(path).is_dir():  # a saved model: start from its weights (fine-tuning)
-            return HybridForCausalLM.from_pretrained(path, dtype=torch.float32)
+            try:
+                return HybridForCausalLM.from_pretrained(path, dtype=torch.float32)
+            except (OSError, ValueError) as e:  # a missing, truncated or unreadable weights file
+                raise UsageError(f"model.config: cannot load the model in {path}: {e}") from None
         return HybridForCausalLM(config)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -159,8 +274,7 @@ class Trainer:
         )
 
     def _autocast(self) -> Any:
-        dtype = self.opts.train.dtype  # validated: auto, bf16 or fp32
-        if dtype == "fp32" or (dtype == "auto" and self.device.type != "cuda"):
+        if not bf16_autocast(self.opts.train.dtype, self.device):
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
@@ -173,6 +287,11 @@ class Trainer:
         )
         tokens = self.opts.data.batch_size * self.opts.data.seq_len * self.opts.optim.grad_accum * self.world.size
         saved_at = self.step
+
+        def checkpoint() -> None:
+            monitor.sync()  # the log holds every step the checkpoint does: a kill after it loses no row
+            self.save()
+
         try:
             with StopRequest() as stop:
                 while self.step < t.steps:
@@ -186,14 +305,15 @@ class Trainer:
                     monitor.step(self.step, metrics, tokens=tokens)
                     if not metrics["finite"]:
                         monitor.message(f"step {self.step}: non-finite loss/grad norm, update skipped ({self.skipped})")
+                    self._check_divergence(metrics)
                     if any_rank(stop.requested, self.world, self.device):
                         monitor.message(f"stop requested: saving step {self.step} to {self.run_dir}")
                         break
                     if c.interval > 0 and self.step % c.interval == 0:
-                        self.save()
+                        checkpoint()
                         saved_at = self.step
-            if self.step != saved_at:
-                self.save()
+                if self.step != saved_at:
+                    checkpoint()
             if stop.requested:
                 raise TrainingInterruptedError(
                     f"training stopped at step {self.step} of {t.steps}; checkpoint in {self.run_dir}, nothing "
@@ -201,9 +321,28 @@ class Trainer:
                 )
             if c.export:  # a finished run: every step, or the end of a non-repeating data set
                 self.export(c.export)
+        except _StopNow:
+            latest = ckpt.latest_checkpoint(self.run_dir) if self.world.is_main else None
+            kept = f"the last checkpoint ({latest}) is kept" if latest else "there is no checkpoint yet"
+            raise TrainingInterruptedError(
+                f"training stopped at once by a second stop signal, abandoning step {self.step + 1} of {t.steps}; "
+                f"{kept}, nothing exported; rerun with --resume to continue"
+            ) from None
         finally:
             monitor.close()
         return self.history
+
+    def _check_divergence(self, metrics: dict[str, float]) -> None:
+        """Stop after `train.max_consecutive_skips` skipped steps in a row, before they are saved or exported."""
+        self.skipped_in_a_row = 0 if metrics["finite"] else self.skipped_in_a_row + 1
+        limit = self.opts.train.max_consecutive_skips
+        if 0 < limit <= self.skipped_in_a_row:
+            raise TrainingDivergedError(
+                f"the last {self.skipped_in_a_row} steps (to step {self.step}) all had a non-finite loss or gradient "
+                f"norm and were skipped: training has diverged. Nothing was saved for them or exported; lower "
+                f"optim.lr (now {self.opts.optim.lr:g}) or check the data, then rerun (--resume continues from the "
+                "last checkpoint), or raise train.max_consecutive_skips (0 = never stop)"
+            )
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over `grad_accum` micro-batches; returns its metrics."""
@@ -263,6 +402,7 @@ class Trainer:
         return {
             "step": self.step,
             "skipped": self.skipped,
+            "skipped_in_a_row": self.skipped_in_a_row,
             "scheduler": self.scheduler.state_dict(),
             "world_size": self.world.size,
             "ranks": gather_objects(mine, self.world),
@@ -313,6 +453,7 @@ class Trainer:
         ckpt.restore_state(self.net, self.optimizer, model_sd, optim_sd)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped = int(state["step"]), int(state["skipped"])
+        self.skipped_in_a_row = int(state["skipped_in_a_row"])
         self._apply_optim_options()
         changed = sorted(k for k in now if k.startswith(("optim.", "train.steps")) and saved.get(k) != now[k])
         if changed and self.world.is_main:
@@ -340,8 +481,15 @@ class Trainer:
     def export(self, out_dir: str) -> None:
         """Write a plain HF directory of the current weights (collective; rank 0 writes)."""
         model_sd, _ = ckpt.full_state(self.net, self.optimizer)
-        if self.world.is_main:
+        if not self.world.is_main:
+            return
+        try:
             ckpt.export_pretrained(self.model.config, model_sd, out_dir, tokenizer=self.tokenizer)
+        except OSError as e:  # checked writable before the first step, so: the disk filled up
+            raise ckpt.CheckpointWriteError(
+                f"cannot write the export to {out_dir}: {e.strerror or e}; the trained model is in the last "
+                f"checkpoint of {self.run_dir}: free space, then rerun with --resume to write the export"
+            ) from e
 
 
 def _flat(options: dict[str, Any]) -> dict[str, Any]:
