@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hlsa.layers.eviction import POLICIES
+
 TASKS = ("recall",)
 DEFAULT_POLICIES = "learned,window,random,key_norm,oracle"
 
@@ -149,34 +151,41 @@ def render(doc: dict[str, Any]) -> str:
 
 def plot(doc: dict[str, Any], path: Path) -> None:
     """Recall (all queries, and beyond the window) against cache KiB per sequence: a line per policy and LTE
-    checkpoint over the budgets, a marker per reference and ceiling."""
+    checkpoint over the budgets, a star per ceiling (in its policy's colour), a square per reference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120, sharey=True)
+    colours = dict(zip(POLICIES, ("tab:blue", "tab:gray", "tab:green", "tab:orange", "tab:purple")))
+    others = iter(("tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black") * 10)
+    colours.update({r["name"]: next(others) for r in doc["results"] if r["policy"] == "reference"})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), dpi=120, sharey=True)
     for ax, key, title in zip(axes, ("overall", "beyond_window"), ("all queries", "queries beyond the window")):
         lines: dict[str, list[dict[str, Any]]] = {}
         for r in doc["results"]:
             if r["policy"] == "reference" or r["budget"] is None:
-                marker = "s" if r["policy"] == "reference" else "*"
-                ax.scatter(r["cache_bytes"] / 1024, 100 * r[key], marker=marker, s=60, label=_label(r), zorder=3)
+                marker, colour = (
+                    ("s", colours[r["name"]]) if r["policy"] == "reference" else ("*", colours[r["policy"]])
+                )
+                ax.scatter(r["cache_bytes"] / 1024, 100 * r[key], marker=marker, s=70, color=colour, label=_label(r))
             else:
                 lines.setdefault(_label(r), []).append(r)
         for label, rs in lines.items():
             rs.sort(key=lambda r: r["cache_bytes"])
             style = "--" if rs[0]["policy"] == "oracle" else "-"
-            ax.plot([r["cache_bytes"] / 1024 for r in rs], [100 * r[key] for r in rs], style, marker="o", label=label)
+            xs, ys = [r["cache_bytes"] / 1024 for r in rs], [100 * r[key] for r in rs]
+            ax.plot(xs, ys, style, marker="o", color=colours[rs[0]["policy"]], label=label)
         ax.set_xscale("log")
         ax.set_xlabel("decode cache per sequence (KiB)")
         ax.set_title(f"recall, {title}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
-    axes[1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right")
     task = doc["task"]
     fig.suptitle(f"eviction arena: MQAR, {task['seq_len']} tokens, W = {doc['window']}, {doc['examples']} sequences")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(path)
     plt.close(fig)
 
@@ -184,8 +193,6 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     """`hlsa eval arena`: run, print the table, write the JSON and the PNG."""
     import torch
-
-    from hlsa.layers.eviction import POLICIES
 
     _names(args.tasks, TASKS, "--tasks")
     torch.set_num_threads(args.threads)
