@@ -31,9 +31,9 @@ POLICIES = ("learned", "window", "random", "key_norm", "oracle")
 _MASK32 = 0xFFFFFFFF
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mix (two rounds of xorshift-multiply) of an int64 tensor, in `[0, 2**32)`. Every product stays
-    below 2**59, so int64 arithmetic never overflows on any device."""
+def _hash32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """A 32-bit integer mix (two rounds of xorshift-multiply) of an int64 tensor or a Python int, in `[0, 2**32)`.
+    Every product stays below 2**59, so int64 arithmetic never overflows on any device."""
     x = x & _MASK32
     for _ in range(2):
         x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
@@ -44,10 +44,8 @@ def random_scores(seed: int, layer: int, num_kv_heads: int, positions: torch.Ten
     """Uniform scores in (0, 1], float32 `[T, HKV]`, a deterministic function of (seed, layer, kv head, position).
 
     24 bits of the hash, so every score is exact in float32 (ties are the rule's: the earlier key wins)."""
-    heads = torch.arange(num_kv_heads, device=positions.device, dtype=torch.int64)
-    h = _hash32(torch.tensor(seed, device=positions.device, dtype=torch.int64))
-    h = _hash32(h + layer)
-    h = _hash32(h + heads)[None, :]  # [1, HKV]
+    base = _hash32(_hash32(seed) + layer)  # on the host: a decode step copies nothing to the device
+    h = _hash32(base + torch.arange(num_kv_heads, device=positions.device, dtype=torch.int64))[None, :]  # [1, HKV]
     h = _hash32(h + positions.to(torch.int64)[:, None])  # [T, HKV]
     return ((h >> 8) + 1).float() / 2**24
 
