@@ -183,3 +183,42 @@ def test_model_set_eviction_resizes_the_cache() -> None:
     with pytest.raises(ValueError, match="no LTE layer"):
         HybridForCausalLM(HybridConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, gdn={"num_heads": 2}))\
             .set_eviction("window")  # fmt: skip
+
+
+def test_visible_keys_by_hand() -> None:
+    """Window 1, buffer 3, one sink: sinks first, then high scores, ties to the earlier key, never a pad or a
+    non-positive score."""
+    raw = torch.tensor([9.0, 0.5, 0.2, -1.0, 0.5, 0.7, 0.5, 0.1, 0.3])[None, :, None]
+    pad = torch.tensor([[False, True, True, True, True, True, True, True, True]])
+    visible = visible_keys(raw, pad, window=1, buffer_size=3, sink_size=1)[0, 0]
+    assert visible[8].nonzero().flatten().tolist() == [1, 4, 5, 7, 8]  # sink 1, 0.7 at 5, 0.5 at 4 (not 6), band
+    assert visible[4].nonzero().flatten().tolist() == [1, 2, 3, 4]  # older: sink 1, 0.2 at 2; band 3..4
+    assert visible[0].nonzero().flatten().tolist() == []  # a pad sees nothing but pads
+
+
+def test_model_decode_equals_its_full_forward_under_each_policy() -> None:
+    """Through `set_eviction` on a 2-LTE-layer model: prefill + decode logits equal the full forward's."""
+    config = HybridConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=3,
+        mixers=["lte", "gdn", "lte"],
+        gdn={"num_heads": 2},
+        lte={"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "window_size": 4, "buffer_size": 16, "sink_size": 2,
+             "conv_size": [3], "conv_dilation": [1], "router_bias_init": 0.0, "dropout_prob": 0.0},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = HybridForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :4] = 0
+    for policy in ("learned", "window", "random", "key_norm"):
+        model.set_eviction(policy, buffer_size=6, seed=2)
+        with torch.no_grad():
+            full = model(ids, attention_mask=mask).logits
+            out = model(ids[:, :12], attention_mask=mask[:, :12], use_cache=True)
+            steps = [out.logits]
+            for i in range(12, 40):
+                steps.append(model(ids[:, i : i + 1], cache=out.cache).logits)
+        real = mask.bool()
+        torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-4, atol=1e-4, msg=policy)
