@@ -87,7 +87,6 @@ def run(
     examples: int,
     recipe: str | None = None,
     seed: int = 0,
-    progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate every setting of every checkpoint on the recall task; returns the JSON document."""
     import torch
@@ -97,8 +96,8 @@ def run(
     from hlsa.errors import UsageError
     from hlsa.model import HybridForCausalLM
 
-    spec = demo.load_recipe(Path(recipe) if recipe else demo.DEFAULT_RECIPE)
-    task, window = demo.recipe_task(spec), demo.recipe_window(spec)
+    recipe_options = demo.load_recipe(Path(recipe) if recipe else demo.DEFAULT_RECIPE)
+    task, window = demo.recipe_task(recipe_options), demo.recipe_window(recipe_options)
     models, jobs = {}, []
     for path in checkpoints:
         if not (Path(path) / "config.json").is_file():
@@ -110,18 +109,16 @@ def run(
         else:
             jobs.append((path, "reference", None))
     rows = []
-    for path, policy, budget in tqdm(jobs, desc="arena", disable=not progress, file=sys.stderr):
+    for path, policy, budget in tqdm(jobs, desc="arena", file=sys.stderr):
         model = models[path]
         row: dict[str, Any] = {"checkpoint": path, "name": Path(path).name, "policy": policy, "budget": budget}
         if policy != "reference":
-            sinks = model.config.lte["sink_size"]
-            n = task.seq_len if budget is None else sinks + budget
-            model.set_eviction("learned", buffer_size=n)  # bytes depend on N only; the oracle has no cache of its own
-            row["cache_bytes"] = demo.cache_bytes(model, task.seq_len)
-            model.set_eviction(policy, buffer_size=n, seed=seed)
-            row["buffer_size"] = n
-        else:
-            row["cache_bytes"] = demo.cache_bytes(model, task.seq_len)
+            row["buffer_size"] = task.seq_len if budget is None else model.config.lte["sink_size"] + budget
+            # Bytes depend on N only, so the oracle, which has no cache of its own, is measured as `learned`.
+            model.set_eviction("learned", buffer_size=row["buffer_size"])
+        row["cache_bytes"] = demo.cache_bytes(model, task.seq_len)
+        if policy != "reference":
+            model.set_eviction(policy, buffer_size=row["buffer_size"], seed=seed)
         row.update(demo.evaluate(model, task, examples, window))
         row["beyond_window"] = beyond_window(row)
         rows.append(row)
