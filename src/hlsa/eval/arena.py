@@ -11,6 +11,7 @@ which keeps every key, is placed at the bytes of the cache it is compared with).
 
 Task: `recall`, the demo's multi-query associative recall, evaluated by `hlsa.demo.evaluate` (accuracy by query
 distance in units of the window). Writes a JSON file, a PNG of accuracy against cache bytes, and prints a table.
+Module-level imports stay light (no torch), as in `hlsa.eval.cli`, which imports `add_arena_parser`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
-
-from hlsa.layers.eviction import POLICIES
 
 TASKS = ("recall",)
 DEFAULT_POLICIES = "learned,window,random,key_norm,oracle"
@@ -154,6 +153,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from hlsa.layers.eviction import POLICIES
+
     colours = dict(zip(POLICIES, ("tab:blue", "tab:gray", "tab:green", "tab:orange", "tab:purple")))
     others = iter(("tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black") * 10)
     colours.update({r["name"]: next(others) for r in doc["results"] if r["policy"] == "reference"})
@@ -190,6 +191,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     """`hlsa eval arena`: run, print the table, write the JSON and the PNG."""
     import torch
+
+    from hlsa.layers.eviction import POLICIES
 
     _names(args.tasks, TASKS, "--tasks")
     torch.set_num_threads(args.threads)
