@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 from hlsa.cache import HybridCache
 from hlsa.config import HybridConfig
 from hlsa.layers.attention import Attention
+from hlsa.layers.eviction import Eviction
 from hlsa.layers.gdn import GatedDeltaNet
 from hlsa.layers.linear import Linear
 from hlsa.layers.lte import LTEAttention, LTERouting
@@ -183,6 +184,17 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         for layer in self.model.layers:
             if isinstance(layer.attn, LTEAttention):
                 layer.attn.routing_enabled = enabled
+
+    def set_eviction(self, policy: str = "learned", *, buffer_size: int | None = None, seed: int = 0) -> None:
+        """Inference settings of every LTE layer: the eviction `policy` that ranks keys for its buffer (one of
+        `hlsa.layers.eviction.POLICIES`; training always uses the router) and the buffer size N (None: the config's),
+        which sizes caches allocated afterwards. `seed` drives the `random` policy."""
+        lte = [(i, block.attn) for i, block in enumerate(self.model.layers) if isinstance(block.attn, LTEAttention)]
+        if not lte:
+            raise ValueError("set_eviction: this model has no LTE layer (eviction policies apply to LTE layers)")
+        n = self.config.lte["buffer_size"] if buffer_size is None else buffer_size
+        for i, layer in lte:
+            layer.set_eviction(Eviction(policy, seed=seed, layer=i), n)
 
     def allocate_cache(self, batch_size: int) -> HybridCache:
         """Decode states for `batch_size` sequences, on the model's device and dtype."""

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from hlsa.layers.attention import ProjectedAttention
+from hlsa.layers.eviction import Eviction, oracle_attention
 from hlsa.layers.lte_router import LTERouter, select, sink_mask, value_gain
 from hlsa.layers.slots import fill_ring
 from hlsa.ops.decode_attention import decode_attention
@@ -82,9 +83,8 @@ class LTEAttention(ProjectedAttention):
         super().__init__(
             hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias=qkv_bias, rope_theta=rope_theta, backend=backend
         )
-        if buffer_size < sink_size:
-            raise ValueError(f"buffer_size ({buffer_size}) must be >= sink_size ({sink_size})")
-        self.window_size, self.buffer_size, self.sink_size = window_size, buffer_size, sink_size
+        self.window_size, self.sink_size = window_size, sink_size
+        self.set_eviction(Eviction(), buffer_size)
         if train_selection not in ("positive", "buffer"):
             raise ValueError(f"train_selection must be 'positive' or 'buffer'; got {train_selection!r}")
         self.train_selection = train_selection
@@ -107,6 +107,13 @@ class LTEAttention(ProjectedAttention):
                 "the next `margin` tokens, which a query must already have seen"
             )
 
+    def set_eviction(self, eviction: Eviction, buffer_size: int) -> None:
+        """Inference settings: the policy whose score ranks keys for the buffer (`hlsa.layers.eviction`; training
+        always ranks by the router) and the buffer size N, which sizes the next `init_state`."""
+        if buffer_size < self.sink_size:
+            raise ValueError(f"buffer_size ({buffer_size}) must be >= sink_size ({self.sink_size}): sinks live in it")
+        self.eviction, self.buffer_size = eviction, buffer_size
+
     # ------------------------------------------------------------------------------------------------------------
     def inference_scores(self, score: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         """Scores that rank keys at inference: sinks +inf (always kept), pads -inf (never kept). [B, T, HKV]."""
@@ -120,6 +127,8 @@ class LTEAttention(ProjectedAttention):
         """x [B, T, d] -> (y [B, T, d], LTERouting). With `state`: prefill (empty state) or token-by-token decode."""
         if state is not None and self.training:
             raise ValueError("LTEAttention: the decode cache is for inference; call model.eval() before generating")
+        if state is not None and self.eviction.policy == "oracle":
+            raise ValueError("LTEAttention: the oracle policy reads every key, so it has no cache; use a full forward")
         if state is not None and state.seen > 0:
             outs = [self._decode(x[:, i : i + 1], state) for i in range(x.shape[1])]
             return torch.cat([y for y, _ in outs], dim=1), LTERouting(
@@ -133,17 +142,34 @@ class LTEAttention(ProjectedAttention):
             v = value_gain(v, score)  # forward: v unchanged; backward: d score = sum_d(dv * v) (SPEC 1.5)
         k_prerope = k
         q, k = self.rotary(q, k, torch.arange(t, device=x.device))
+        # What ranks keys for the buffer: the router in training, the eviction policy's score at inference.
+        rank = (
+            score
+            if self.training
+            else self.eviction.scores(score.detach(), k_prerope, torch.arange(t, device=x.device))
+        )
         if self.training and (self.train_selection == "positive" or not self.routing_enabled):
             visible = select(score, pad_mask, self.sink_size, enabled=self.routing_enabled)
             column_end = torch.where(visible, INT32_MAX, 0).to(torch.int32)
         else:  # inference, or training under the inference rule (train_selection "buffer")
-            ranked = self.inference_scores(score, pad_mask)
+            ranked = self.inference_scores(rank, pad_mask)
             column_end = lte_column_end(ranked, window=self.window_size, buffer_size=self.buffer_size)
-        o = sparse_attention(
-            q, k, v, window=self.window_size, column_end=column_end, key_mask=pad_mask, backend=self.backend
-        )
+        if self.eviction.policy == "oracle" and not self.training:
+            o = oracle_attention(
+                q,
+                k,
+                v,
+                window=self.window_size,
+                buffer_size=self.buffer_size,
+                sink_size=self.sink_size,
+                pad_mask=pad_mask,
+            )
+        else:
+            o = sparse_attention(
+                q, k, v, window=self.window_size, column_end=column_end, key_mask=pad_mask, backend=self.backend
+            )
         if state is not None:
-            self._prefill(state, k_prerope, k, v, score, pad_mask)
+            self._prefill(state, k_prerope, k, v, rank, pad_mask)
         return self.o_proj(o.flatten(2)), LTERouting(score, selected)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -177,8 +203,9 @@ class LTEAttention(ProjectedAttention):
         ring, m = self.window_size + 1, self.router.margin
         real = torch.ones(b, t, device=k.device, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
         ranked = self.inference_scores(score, pad_mask)
-        # Scores of the last m tokens still lack right context: they are scored during decode (before eviction).
-        ranked[:, max(0, t - m) :] = float("-inf")
+        # The router's scores of the last m tokens still lack right context: they are scored during decode (before
+        # eviction). The training-free policies score a token from itself (no lag).
+        ranked[:, max(0, t - self.eviction.score_lag(m)) :] = float("-inf")
         real_h = real[:, :, None].expand(b, t, self.num_kv_heads)
         # Ring: the last W+1 tokens.
         fill_ring(state.k[:, :, :ring], k)
@@ -244,6 +271,7 @@ class LTEAttention(ProjectedAttention):
         # loop that forgot it) the router's weights would require one, which the streaming op refuses.
         with torch.no_grad():
             raw = self.router.score_step(kv, state.router_x, state.router_valid, pos, backend=self.backend)
+            new_score = self.eviction.scores(raw[:, None], k[:, None], pos.view(1))[:, 0]
         # Move the token leaving the window into the buffer (if it earns its place), write the new token, then record
         # token j's score in its ring slot, ranked (sinks +inf, pads -inf), after the eviction: with a pointwise router
         # (m = 0) token j is the new token, whose slot the eviction has just taken over from the token leaving the
@@ -261,8 +289,8 @@ class LTEAttention(ProjectedAttention):
             k_new=k[:, 0].to(state.k.dtype),
             v_new=v.to(state.v.dtype),
             ring_size=ring,
-            new_score=raw,
-            score_lag=m,
+            new_score=new_score,
+            score_lag=self.eviction.score_lag(m),
             offset=state.offset,
             sink_size=self.sink_size,
             backend=self.backend,

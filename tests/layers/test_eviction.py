@@ -1,0 +1,224 @@
+"""Eviction policies of LTE layers: prefill plus token-by-token decode (and the full forward) equal each policy's
+brute-force definition; the oracle is full attention with an unbounded buffer and the window policy with none."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hlsa.config import HybridConfig
+from hlsa.layers.eviction import Eviction, dense_attention, random_scores, visible_keys
+from hlsa.layers.lte import LTEAttention
+from hlsa.model import HybridForCausalLM
+
+WINDOW, SINKS = 6, 2
+
+
+def make_layer(heads: int = 4, kv_heads: int = 2) -> LTEAttention:
+    torch.manual_seed(0)
+    layer = LTEAttention(
+        32,
+        heads,
+        kv_heads,
+        8,
+        window_size=WINDOW,
+        buffer_size=5,
+        sink_size=SINKS,
+        conv_size=(3, 3),
+        conv_dilation=(1, 2),  # router margin 3: the learned policy scores a token 3 steps after it arrives
+        dropout_prob=0.0,
+    ).eval()
+    torch.nn.init.normal_(layer.router.conv_stack.proj.bias, 0.0, 1.0)  # mixed-sign router scores
+    return layer
+
+
+def definition(layer: LTEAttention, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """The policy's output from its brute-force visible set: dense attention over the keys `visible_keys` allows."""
+    t = x.shape[1]
+    q, k, v = layer._project(x)
+    raw = layer.eviction.scores(layer.router(k, v, pad_mask=pad), k, torch.arange(t))
+    visible = visible_keys(raw, pad, window=WINDOW, buffer_size=layer.buffer_size, sink_size=SINKS)
+    q, k = layer.rotary(q, k, torch.arange(t))
+    return layer.o_proj(dense_attention(q, k, v, visible).flatten(2))
+
+
+@pytest.mark.parametrize("policy", ["learned", "window", "random", "key_norm"])
+@pytest.mark.parametrize("buffer", [SINKS, 4, 12])
+@pytest.mark.parametrize("prompt", [1, 9, 20])
+@pytest.mark.parametrize("heads", [2, 4], ids=["mha", "gqa"])
+def test_prefill_and_decode_equal_the_definition(policy: str, buffer: int, prompt: int, heads: int) -> None:
+    layer = make_layer(heads=heads)
+    layer.set_eviction(Eviction(policy, seed=3, layer=1), buffer)
+    b, t = 3, 30
+    x = torch.randn(b, t, 32, generator=torch.Generator().manual_seed(1))
+    pad = torch.ones(b, t, dtype=torch.bool)
+    pad[1, : min(3, prompt - 1)] = False  # left padding, inside the prompt
+    pad[2, : min(7, prompt - 1)] = False
+    x = x * pad[:, :, None]
+    with torch.no_grad():
+        want = definition(layer, x, pad)
+        full, _ = layer(x, pad_mask=pad)
+        state = layer.init_state(b, device=torch.device("cpu"), dtype=torch.float32)
+        assert state.k.shape[2] == WINDOW + 1 + buffer  # the buffer is allocated at the requested size
+        first, _ = layer(x[:, :prompt], pad_mask=pad[:, :prompt], state=state)
+        steps = [layer(x[:, i : i + 1], state=state)[0] for i in range(prompt, t)]
+    cached = torch.cat([first, *steps], dim=1)
+    torch.testing.assert_close(full[pad], want[pad], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached[pad], want[pad], rtol=1e-4, atol=1e-4)
+
+
+def test_policies_keep_different_tokens() -> None:
+    """The scores differ between policies (a guard against a hook that ignores the policy)."""
+    layer = make_layer()
+    x = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(2))
+    outs = {}
+    with torch.no_grad():
+        for policy in ("learned", "window", "random", "key_norm", "oracle"):
+            layer.set_eviction(Eviction(policy), 4)
+            outs[policy] = layer(x)[0]
+    names = list(outs)
+    for i, a in enumerate(names):
+        for c in names[i + 1 :]:
+            assert not torch.allclose(outs[a], outs[c]), (a, c)
+
+
+def test_random_scores_are_a_function_of_seed_layer_head_and_position() -> None:
+    pos = torch.arange(4096)
+    s = random_scores(0, 1, 2, pos)
+    assert s.shape == (4096, 2) and s.dtype == torch.float32
+    assert (s > 0).all() and (s <= 1).all() and abs(float(s.mean()) - 0.5) < 0.02
+    assert torch.equal(random_scores(0, 1, 2, pos[1000:1001]), s[1000:1001])  # one decode position = the prefill's
+    assert not torch.equal(s[:, 0], s[:, 1])  # heads
+    for other in (random_scores(1, 1, 2, pos), random_scores(0, 2, 2, pos)):  # seeds, layers
+        assert float((other == s).float().mean()) < 0.01
+
+
+def test_key_norm_prefers_small_keys() -> None:
+    k = torch.zeros(1, 3, 1, 4)
+    k[0, :, 0, 0] = torch.tensor([3.0, 0.5, 1.0])
+    score = Eviction("key_norm").scores(torch.zeros(1, 3, 1), k, torch.arange(3))
+    assert score.flatten().argsort(descending=True).tolist() == [1, 2, 0] and (score > 0).all()
+
+
+@pytest.mark.parametrize("heads", [2, 4], ids=["mha", "gqa"])
+def test_oracle_is_full_attention_with_an_unbounded_buffer_and_window_attention_with_none(heads: int) -> None:
+    layer = make_layer(heads=heads)
+    b, t = 2, 30
+    x = torch.randn(b, t, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        layer.set_eviction(Eviction("oracle"), t)
+        unbounded = layer(x)[0]
+        q, k, v = layer._project(x)
+        q, k = layer.rotary(q, k, torch.arange(t))
+        g = heads // 2
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.repeat_interleave(g, 2).transpose(1, 2), v.repeat_interleave(g, 2).transpose(1, 2),
+            is_causal=True,
+        )  # fmt: skip
+        torch.testing.assert_close(unbounded, layer.o_proj(o.transpose(1, 2).flatten(2)), rtol=1e-5, atol=1e-5)
+        layer.set_eviction(Eviction("oracle"), SINKS)
+        none = layer(x)[0]
+        layer.set_eviction(Eviction("window"), SINKS)
+        torch.testing.assert_close(none, layer(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_oracle_keeps_the_keys_of_largest_attention_weight() -> None:
+    """One query, written out: the kept older keys are the sinks and the top weights of the group's query heads."""
+    layer = make_layer(heads=4, kv_heads=2)
+    t, n = 25, 5
+    x = torch.randn(1, t, 32, generator=torch.Generator().manual_seed(4))
+    pad = torch.ones(1, t, dtype=torch.bool)
+    pad[0, :2] = False
+    x = x * pad[:, :, None]
+    with torch.no_grad():
+        layer.set_eviction(Eviction("oracle"), n)
+        got = layer(x, pad_mask=pad)[0]
+        q, k, v = layer._project(x)
+        q, k = layer.rotary(q, k, torch.arange(t))
+        visible = torch.zeros(1, 2, t, t, dtype=torch.bool)
+        for i in range(2, t):
+            for h in range(2):
+                keys = list(range(2, i + 1))  # real keys
+                w = sum(torch.softmax(torch.stack([q[0, i, hq] @ k[0, j, h] for j in keys]) / 8**0.5, 0)
+                        for hq in (2 * h, 2 * h + 1))  # fmt: skip
+                weight = dict(zip(keys, w.tolist()))
+                older = [j for j in keys if j < i - WINDOW]
+                older.sort(key=lambda j: (j >= 2 + SINKS, -weight[j], j))  # sinks first
+                for j in [*older[:n], *(j for j in keys if i - j <= WINDOW)]:
+                    visible[0, h, i, j] = True
+        want = layer.o_proj(dense_attention(q, k, v, visible).flatten(2))
+    torch.testing.assert_close(got[pad], want[pad], rtol=1e-5, atol=1e-5)
+
+
+def test_oracle_has_no_decode_cache() -> None:
+    layer = make_layer()
+    layer.set_eviction(Eviction("oracle"), 8)
+    state = layer.init_state(1, device=torch.device("cpu"), dtype=torch.float32)
+    with pytest.raises(ValueError, match="oracle policy reads every key"):
+        layer(torch.randn(1, 4, 32), state=state)
+
+
+def test_model_set_eviction_resizes_the_cache() -> None:
+    config = HybridConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        mixers=["gdn", "lte"],
+        gdn={"num_heads": 2},
+        lte={"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "window_size": 8, "buffer_size": 16, "sink_size": 2,
+             "conv_dilation": [1, 1, 1]},
+    )  # fmt: skip
+    model = HybridForCausalLM(config).eval()
+    base = model.allocate_cache(3).nbytes()
+    model.set_eviction("random", buffer_size=48, seed=1)
+    layer = model.model.layers[1].attn
+    assert layer.eviction == Eviction("random", seed=1, layer=1) and layer.buffer_size == 48
+    # 32 more slots per (row, kv head): key and value (8 fp32 each), score (fp32), valid (bool), position (int32).
+    assert model.allocate_cache(3).nbytes() - base == 3 * 2 * 32 * (2 * 8 * 4 + 4 + 1 + 4)
+    model.set_eviction()
+    assert model.allocate_cache(3).nbytes() == base and layer.eviction == Eviction(layer=1)
+    with pytest.raises(ValueError, match="must be >= sink_size"):
+        model.set_eviction("window", buffer_size=1)
+    with pytest.raises(ValueError, match="eviction policy must be one of"):
+        model.set_eviction("h2o")
+    with pytest.raises(ValueError, match="no LTE layer"):
+        HybridForCausalLM(HybridConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, gdn={"num_heads": 2}))\
+            .set_eviction("window")  # fmt: skip
+
+
+def test_visible_keys_by_hand() -> None:
+    """Window 1, buffer 3, one sink: sinks first, then high scores, ties to the earlier key, never a pad or a
+    non-positive score."""
+    raw = torch.tensor([9.0, 0.5, 0.2, -1.0, 0.5, 0.7, 0.5, 0.1, 0.3])[None, :, None]
+    pad = torch.tensor([[False, True, True, True, True, True, True, True, True]])
+    visible = visible_keys(raw, pad, window=1, buffer_size=3, sink_size=1)[0, 0]
+    assert visible[8].nonzero().flatten().tolist() == [1, 4, 5, 7, 8]  # sink 1, 0.7 at 5, 0.5 at 4 (not 6), band
+    assert visible[4].nonzero().flatten().tolist() == [1, 2, 3, 4]  # older: sink 1, 0.2 at 2; band 3..4
+    assert visible[0].nonzero().flatten().tolist() == []  # a pad sees nothing but pads
+
+
+def test_model_decode_equals_its_full_forward_under_each_policy() -> None:
+    """Through `set_eviction` on a 2-LTE-layer model: prefill + decode logits equal the full forward's."""
+    config = HybridConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=3,
+        mixers=["lte", "gdn", "lte"],
+        gdn={"num_heads": 2},
+        lte={"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "window_size": 4, "buffer_size": 16, "sink_size": 2,
+             "conv_size": [3], "conv_dilation": [1], "router_bias_init": 0.0, "dropout_prob": 0.0},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = HybridForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :4] = 0
+    for policy in ("learned", "window", "random", "key_norm"):
+        model.set_eviction(policy, buffer_size=6, seed=2)
+        with torch.no_grad():
+            full = model(ids, attention_mask=mask).logits
+            out = model(ids[:, :12], attention_mask=mask[:, :12], use_cache=True)
+            steps = [out.logits]
+            for i in range(12, 40):
+                steps.append(model(ids[:, i : i + 1], cache=out.cache).logits)
+        real = mask.bool()
+        torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-4, atol=1e-4, msg=policy)
