@@ -185,13 +185,26 @@ class LTEControllerConfig:
     l1_lambda_init: float = _field(1e-9, _real(ge=0))
     l1_lambda_min: float = _field(1e-9, _real(ge=0))
     l1_lambda_max: float = _field(1.0, _real(ge=0))  # 0 turns the L1 term off
-    l1_alpha: float = _field(1.5, _real(gt=0))  # lambda *= l1_alpha when too many tokens are kept
-    l1_alpha_neg: float = _field(2.0, _real(gt=0))  # lambda /= l1_alpha_neg when too few are
+    # lambda *= l1_alpha when too many tokens are kept and /= l1_alpha_neg when too few: a factor below 1 would
+    # steer the wrong way
+    l1_alpha: float = _field(1.5, _real(ge=1))
+    l1_alpha_neg: float = _field(2.0, _real(ge=1))
     l1_warmup_steps: int = _field(0, _int(0))
     l1_lambda_initial_steps: int = _field(0, _int(0))
     l1_lambda_update_steps: int = _field(32, _int(1))
     l1_lambda_shared: str = _field("head", _one_of("head", "layer", "all"))
     l1_lambda_tolerate: tuple[float, float] = _field((0.95, 1.0), _band)
+
+    def __post_init__(self) -> None:
+        if self.l1_lambda_min > self.l1_lambda_max:
+            raise ValueError(
+                f"lte.l1_lambda_min ({self.l1_lambda_min}) must be <= lte.l1_lambda_max ({self.l1_lambda_max})"
+            )
+
+    @classmethod
+    def from_section(cls, lte: Mapping[str, Any]) -> LTEControllerConfig:
+        """The settings from an `lte` section, every field checked as `HybridConfig` checks it (`ValueError`)."""
+        return _view(cls, complete_section("lte", lte))
 
 
 # The classes stored in each section of config.json.
@@ -242,7 +255,7 @@ HF_CONFIG_KEYS = frozenset(
 SUBCONFIG_OF = {"gdn": "gdn", "attn": "attn", "swa": "attn", "nsa": "nsa", "lte": "lte"}
 
 
-def _complete(name: str, given: Mapping[str, Any] | None) -> dict[str, Any]:
+def complete_section(name: str, given: Mapping[str, Any] | None) -> dict[str, Any]:
     """Section `name` as stored: a fresh dict with defaults filled in and every field's type and range checked."""
     fields = FIELDS[name]
     if given is not None and not isinstance(given, Mapping):
@@ -362,10 +375,10 @@ class HybridConfig(PretrainedConfig):
             # SwiGLU width 2/3 * ratio * d, rounded up to a multiple of 256 (2816 at d=1024, 5632 at d=2048).
             self.intermediate_size = 256 * math.ceil(hidden_size * hidden_ratio * 2 / 3 / 256)
         self.mixers = list(mixers) if mixers is not None else _mixers_from(num_hidden_layers, mixer_layers or {})
-        self.gdn = _complete("gdn", gdn)
-        self.attn = _complete("attn", attn)
-        self.nsa = _complete("nsa", nsa)
-        self.lte = _complete("lte", lte)
+        self.gdn = complete_section("gdn", gdn)
+        self.attn = complete_section("attn", attn)
+        self.nsa = complete_section("nsa", nsa)
+        self.lte = complete_section("lte", lte)
         self._validate()
         self._fill_derived()
 
@@ -404,11 +417,7 @@ class HybridConfig(PretrainedConfig):
             token = getattr(self, name)
             if token is not None and token >= self.vocab_size:
                 raise ValueError(f"{name} ({token}) must be < vocab_size ({self.vocab_size}): it indexes the embedding")
-        lte = self.lte
-        if lte["l1_lambda_min"] > lte["l1_lambda_max"]:
-            raise ValueError(
-                f"lte.l1_lambda_min ({lte['l1_lambda_min']}) must be <= lte.l1_lambda_max ({lte['l1_lambda_max']})"
-            )
+        _view(LTEControllerConfig, self.lte)  # its __post_init__ checks l1_lambda_min <= l1_lambda_max
         used = {SUBCONFIG_OF[t] for t in self.mixers}
         for kind in sorted(used):
             self._validate_heads(kind)

@@ -18,7 +18,6 @@ saved with the weights; the per-step accumulator is empty between steps, where c
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hlsa.config import LTEControllerConfig
 from hlsa.errors import UsageError
 
 
@@ -50,63 +50,32 @@ class SparsitySettings:
 
     @classmethod
     def from_lte(cls, lte: Mapping[str, Any]) -> SparsitySettings:
-        """Read and check the constants: a NaN, a bool or a factor below 1 would steer lambda silently wrong."""
-        problems = [
-            f"lte.{key} = {lte[key]!r} is invalid: it must be {words}"
-            for key, (ok, words) in _LTE_CHECKS.items()
-            if not (_is_number(lte[key]) and ok(lte[key]))
-        ]
-        tol = lte["l1_lambda_tolerate"]
-        if not (isinstance(tol, Sequence) and len(tol) == 2 and all(map(_is_number, tol)) and 0 < tol[0] <= tol[1]):
-            problems.append(f"lte.l1_lambda_tolerate = {tol!r} is invalid: it must be [lo, hi] with 0 < lo <= hi")
-        if lte["l1_lambda_shared"] not in ("all", "layer", "head"):
-            problems.append(f"lte.l1_lambda_shared = {lte['l1_lambda_shared']!r} is invalid: it must be all|layer|head")
-        if not problems and lte["l1_lambda_min"] > lte["l1_lambda_max"]:
-            problems.append("lte.l1_lambda_min must be <= lte.l1_lambda_max")
-        if problems:
-            raise UsageError("; ".join(problems))
+        """Read the constants, checked by the config's own rules (`LTEControllerConfig`): a NaN, a bool or a
+        factor below 1 would steer lambda silently wrong."""
+        try:
+            c = LTEControllerConfig.from_section(lte)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         return cls(
             buffer_size=int(lte["buffer_size"]),
-            update_steps=int(lte["l1_lambda_update_steps"]),
-            initial_steps=int(lte["l1_lambda_initial_steps"]),
-            warmup_steps=int(lte["l1_warmup_steps"]),
-            freeze_steps=int(lte["routing_freeze_steps"]),
-            lambda_init=float(lte["l1_lambda_init"]),
-            lambda_min=float(lte["l1_lambda_min"]),
-            lambda_max=float(lte["l1_lambda_max"]),
-            alpha=float(lte["l1_alpha"]),
-            alpha_neg=float(lte["l1_alpha_neg"]),
-            tol_lo=float(tol[0]),
-            tol_hi=float(tol[1]),
-            shared=str(lte["l1_lambda_shared"]),
+            update_steps=c.l1_lambda_update_steps,
+            initial_steps=c.l1_lambda_initial_steps,
+            warmup_steps=c.l1_warmup_steps,
+            freeze_steps=c.routing_freeze_steps,
+            lambda_init=float(c.l1_lambda_init),
+            lambda_min=float(c.l1_lambda_min),
+            lambda_max=float(c.l1_lambda_max),
+            alpha=float(c.l1_alpha),
+            alpha_neg=float(c.l1_alpha_neg),
+            tol_lo=float(c.l1_lambda_tolerate[0]),
+            tol_hi=float(c.l1_lambda_tolerate[1]),
+            shared=c.l1_lambda_shared,
             drop=stats_drop(lte["conv_size"], lte["conv_dilation"]),
         )
 
     @property
     def ema_alpha(self) -> float:
         return 2.0 / (1 + self.update_steps // 2)
-
-
-def _is_number(v: Any) -> bool:
-    """A finite int or float, and not a bool (`true` where a count belongs is a mistake)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# lte key -> (accepts(value), the accepted range in words); every value must also be a finite number (`_is_number`).
-_LTE_CHECKS: dict[str, tuple[Any, str]] = {
-    "buffer_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    "l1_lambda_update_steps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    "l1_lambda_initial_steps": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    "l1_warmup_steps": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    "routing_freeze_steps": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    "l1_lambda_init": (lambda v: v >= 0, "a finite number >= 0"),
-    "l1_lambda_min": (lambda v: v >= 0, "a finite number >= 0"),
-    "l1_lambda_max": (lambda v: v >= 0, "a finite number >= 0 (0 keeps the penalty off)"),
-    # lambda is multiplied by alpha when too many tokens are kept and divided by alpha_neg when too few: a factor
-    # below 1 would steer the wrong way
-    "l1_alpha": (lambda v: v >= 1, "a finite number >= 1"),
-    "l1_alpha_neg": (lambda v: v >= 1, "a finite number >= 1"),
-}
 
 
 def stats_drop(conv_size: Sequence[int], conv_dilation: Sequence[int]) -> int:
