@@ -36,13 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     p.add_argument(
         "--top-k", type=int, default=None, help="sample among the k likeliest tokens (needs --temperature > 0)"
     )
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1] (needs --temperature > 0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.set_defaults(func=run)
 
 

@@ -70,7 +70,7 @@ def test_inspect_command(tiny_lte_dir: Path, tmp_path: Path, capsys: pytest.Capt
 
 
 def test_inspect_marks_a_custom_needle(tiny_lte_dir: Path, tmp_path: Path) -> None:
-    from hlsa.eval.common import load_model, load_tokenizer
+    from hlsa.loading import load_model, load_tokenizer
     from hlsa.eval.inspect import inspect_prompt, render
 
     model, tok = load_model(tiny_lte_dir, device=torch.device("cpu")), load_tokenizer(tiny_lte_dir, None)

@@ -130,9 +130,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         check_output_path(args.json)
     if args.prompt_file:
         check_readable_file(Path(args.prompt_file), "the prompt")
+    tokenizer = load_tokenizer(args.model, args.tokenizer)
     if "lte" not in read_config(args.model).mixers:
         raise UsageError(f"model {args.model} has no LTE layer: eviction pictures need layer type 'lte'")
-    tokenizer = load_tokenizer(args.model, args.tokenizer)
     prompt, needle = _inspect_prompt(args, tokenizer)
     model = _load(args)
     result = inspect.inspect_prompt(model, tokenizer, prompt, needle=needle)
