@@ -54,7 +54,8 @@ SHIPPED = sorted((Path(__file__).resolve().parents[1] / "checkpoints" / "demo").
 @pytest.mark.parametrize("ckpt", SHIPPED, ids=lambda p: p.name)
 def test_generate_runs_on_every_shipped_checkpoint(ckpt, capsys):
     """The demo models carry their MQAR tokenizer: a key seen with its value is answered in task symbols."""
-    assert main(["generate", str(ckpt), "--prompt", "k5 v9 f1 f2 f3 k5", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    argv = ["generate", str(ckpt), "--prompt", "k5 v9 f1 f2 f3 k5", "--max-new-tokens", "3", "--device", "cpu"]
+    assert main(argv) == 0
     out = capsys.readouterr().out.split()
     assert out[:6] == ["k5", "v9", "f1", "f2", "f3", "k5"] and len(out) == 9
     assert all(re.fullmatch(r"[kvf]\d+", word) for word in out)

@@ -228,6 +228,10 @@ def load_tokenizer(model_dir: str | Path, tokenizer: str | None = None) -> Any:
 
     from hlsa.tokenizer import byte_tokenizer
 
+    # The config first: it is checked before anything else reads it (AutoTokenizer does), and its vocab_size
+    # bounds the tokenizer. No config.json: a tokenizer-only MODEL (`hlsa eval niah --export-lm-eval`).
+    has_config = (Path(model_dir) / CONFIG_FILE).exists()
+    vocab_size = read_config(model_dir).vocab_size if has_config else None
     path = Path(tokenizer or model_dir)
     if tokenizer == "byte":
         tok, source = byte_tokenizer(), "hlsa's byte tokenizer"
@@ -237,7 +241,7 @@ def load_tokenizer(model_dir: str | Path, tokenizer: str | None = None) -> Any:
                 check_readable_file(path / name, "the tokenizer")
         try:
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, TypeError) as e:
             raise UsageError(f"tokenizer {path}: cannot be loaded ({e})") from None
         source = f"the tokenizer of {path}"
     elif tokenizer is not None:
@@ -248,9 +252,6 @@ def load_tokenizer(model_dir: str | Path, tokenizer: str | None = None) -> Any:
         )
     else:
         tok, source = byte_tokenizer(), "hlsa's byte tokenizer (the checkpoint has none)"
-    # Checked from config.json rather than the loaded model so that it fails before the weights are read.
-    config = Path(model_dir) / CONFIG_FILE
-    vocab_size = read_config(model_dir).vocab_size if config.exists() else None
     if vocab_size is not None and len(tok) > vocab_size:
         raise UsageError(
             f"{source} has {len(tok)} tokens but model {model_dir} has vocab_size {vocab_size}; "

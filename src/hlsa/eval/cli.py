@@ -67,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--text-field", default="text", help="document field of .jsonl / dataset records")
     p.add_argument("--split", default="test", help="dataset split (Hugging Face datasets only)")
     p.add_argument("--dataset-config", default=None, help="dataset configuration name (Hugging Face datasets only)")
-    p.add_argument("--block-size", type=int, default=28672, help="tokens kept per document (the authors' evaluation uses 28672)")
+    p.add_argument("--block-size", type=int, default=28672, help="tokens kept per document (the authors' value)")
     p.add_argument("--bucket-size", type=int, default=2048, help="positions per perplexity bucket")
     p.add_argument("--max-documents", type=int, default=None, help="stop after this many (default: all)")
     p.add_argument("--min-tokens", type=int, default=2, help="skip shorter documents")
