@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from hlsa.loading import (
     load_tokenizer,
     pick_device,
     read_config,
+    tokenize,
 )
 
 PICTURE_SUFFIXES = (".png", ".svg", ".pdf")
@@ -106,12 +108,18 @@ def run_ppl(args: argparse.Namespace) -> int:
     if args.out:
         check_output_path(args.out)
     tokenizer = load_tokenizer(args.model, args.tokenizer)
+
+    def documents() -> Iterator[str]:
+        return ppl.iter_documents(
+            args.data, text_field=args.text_field, split=args.split, dataset_config=args.dataset_config
+        )
+
+    if Path(args.data).exists():  # local documents are read and tokenized once before the model loads
+        for text in documents():
+            tokenize(tokenizer, text)
     model = _load(args)
-    docs = ppl.iter_documents(
-        args.data, text_field=args.text_field, split=args.split, dataset_config=args.dataset_config
-    )
     result = ppl.perplexity_by_position(
-        model, tokenizer, docs, block_size=args.block_size, bucket_size=args.bucket_size,
+        model, tokenizer, documents(), block_size=args.block_size, bucket_size=args.bucket_size,
         max_documents=args.max_documents, min_tokens=args.min_tokens,
     )  # fmt: skip
     result = {"model": str(args.model), "data": args.data, **result}
