@@ -107,6 +107,7 @@ def run_ppl(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-documents must be >= 1, got {args.max_documents}")
     if args.out:
         check_output_path(args.out)
+    read_config(args.model)  # a bad model path is reported before the documents are read
     tokenizer = load_tokenizer(args.model, args.tokenizer)
 
     def documents() -> Iterator[str]:
