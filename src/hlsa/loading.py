@@ -173,7 +173,7 @@ def load_model(
     torch_type = torch_dtype(dtype) if dtype is not None else "auto"
     check_weights(model_dir)
     # transformers prints a progress bar and its own load report; the report is replaced by the check below.
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
@@ -182,7 +182,8 @@ def load_model(
         )
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
     problems = _loading_problems(info)
     if problems:
         text = f"the weights in {model_dir} do not match its config.json: " + "; ".join(problems)
