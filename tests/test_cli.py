@@ -54,15 +54,17 @@ def test_help_of_every_command_imports_neither_torch_nor_transformers() -> None:
     ],
 )
 def test_import_hlsa_registers_the_auto_classes(first_import: str) -> None:
+    """Every shipped checkpoint loads through transformers' Auto classes alone."""
     out = python(
         f"{first_import}\n"
+        "from pathlib import Path\n"
         "from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer\n"
-        f"path = {str(SHIPPED / 'gdn_lte')!r}\n"
-        "model = AutoModelForCausalLM.from_pretrained(path)\n"
-        "tok = AutoTokenizer.from_pretrained(path)\n"
-        "print(type(AutoConfig.from_pretrained(path)).__name__, type(model).__name__, len(tok))\n"
+        f"for path in sorted(Path({str(SHIPPED)!r}).iterdir()):\n"
+        "    model = AutoModelForCausalLM.from_pretrained(path)\n"
+        "    tok = AutoTokenizer.from_pretrained(path)\n"
+        "    print(type(AutoConfig.from_pretrained(path)).__name__, type(model).__name__, len(tok))\n"
     )
-    assert out.split() == ["HybridConfig", "HybridForCausalLM", "256"]
+    assert out.splitlines() == ["HybridConfig HybridForCausalLM 256"] * 5
 
 
 def test_version_is_the_packages() -> None:
