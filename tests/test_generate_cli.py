@@ -1,6 +1,10 @@
 """`hlsa generate` streams a greedy continuation from a saved checkpoint with a local tokenizer."""
 
+import io
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,6 +48,64 @@ def test_generate_rejects_a_directory_without_checkpoint(tmp_path, capsys):
     usage_error(capsys, ["generate", str(tmp_path), "--prompt", "x"], "not a checkpoint directory")
 
 
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "checkpoints" / "demo").iterdir())
+
+
+@pytest.mark.parametrize("ckpt", SHIPPED, ids=lambda p: p.name)
+def test_generate_runs_on_every_shipped_checkpoint(ckpt, capsys):
+    """The demo models carry their MQAR tokenizer: a key seen with its value is answered in task symbols."""
+    argv = ["generate", str(ckpt), "--prompt", "k5 v9 f1 f2 f3 k5", "--max-new-tokens", "3", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.split()
+    assert out[:6] == ["k5", "v9", "f1", "f2", "f3", "k5"] and len(out) == 9
+    assert all(re.fullmatch(r"[kvf]\d+", word) for word in out)
+
+
+def test_generate_refuses_words_outside_a_task_vocabulary(capsys):
+    usage_error(capsys, ["generate", str(SHIPPED[0]), "--prompt", "hello k1"], r"outside the tokenizer's vocabulary")
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("bogus", r"device 'bogus' is not a device name; use cpu, cuda or cuda:N"),
+        ("meta", r"device 'meta': hlsa runs models on cpu or cuda"),
+        pytest.param(
+            "cuda",
+            r"no CUDA device is visible on this machine; use --device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
+def test_generate_refuses_a_device_this_machine_lacks(checkpoint, capsys, device, message):
+    _, root = checkpoint
+    usage_error(capsys, ["generate", str(root / "ckpt"), "--prompt", "hi", "--device", device], message)
+
+
+def test_generate_refuses_a_prompt_that_is_not_utf8(checkpoint, capsys, monkeypatch):
+    _, root = checkpoint
+    # Undecodable command-line bytes reach Python as lone surrogates (PEP 383).
+    usage_error(capsys, ["generate", str(root / "ckpt"), "--prompt", b"caf\xe9".decode("utf-8", "surrogateescape"),
+                         "--device", "cpu"], r"--prompt is not UTF-8 text")  # fmt: skip
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ok \xff\xfe bytes")))
+    usage_error(capsys, ["generate", str(root / "ckpt"), "--prompt", "-", "--device", "cpu"],
+                r"standard input is not UTF-8 text \(byte 3")  # fmt: skip
+
+
+def test_generate_reads_the_prompt_from_stdin(checkpoint, capsys, monkeypatch):
+    _, root = checkpoint
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("héllo".encode())))
+    assert main(["generate", str(root / "ckpt"), "--prompt", "-", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("héllo")
+
+
+def test_generate_help_lists_defaults():
+    out = subprocess.run(
+        [sys.executable, "-m", "hlsa.cli", "generate", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "(default: 64)" in out and "--allow-partial-weights" in out
+
+
 def test_generate_accepts_the_byte_tokenizer_by_name(checkpoint, capsys):
     _, root = checkpoint
     argv = ["generate", str(root / "ckpt"), "--tokenizer", "byte", "--prompt", "hello", "--max-new-tokens", "3"]
@@ -61,8 +123,10 @@ def test_generate_samples_with_valid_flags(checkpoint, capsys):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--temperature", "-1"], r"--temperature must be >= 0"),
-        (["--temperature", "nan"], r"--temperature must be >= 0"),
+        (["--temperature", "-1"], r"--temperature must be a finite number >= 0"),
+        (["--temperature", "nan"], r"--temperature must be a finite number >= 0"),
+        (["--temperature", "inf"], r"--temperature must be a finite number >= 0"),
+        (["--max-new-tokens", "0"], r"--max-new-tokens must be >= 1"),
         (["--temperature", "0.7", "--top-k", "0"], r"--top-k must be >= 1"),
         (["--temperature", "0.7", "--top-p", "0"], r"--top-p must be in \(0, 1\]"),
         (["--temperature", "0.7", "--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),

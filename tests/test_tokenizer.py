@@ -68,3 +68,33 @@ def test_save_and_auto_load_offline(tmp_path) -> None:  # noqa: ANN001
     assert loaded.model_max_length == 4096
     # lm-eval passes add_bos_token=True as a loading argument.
     assert AutoTokenizer.from_pretrained(tmp_path, add_bos_token=True)("a")["input_ids"] == [BOS_ID, 97]
+
+
+def test_task_tokenizer_round_trips_mqar_and_passkey(tmp_path) -> None:  # noqa: ANN001
+    from hlsa.tokenizer import task_symbols, task_tokenizer
+    from hlsa.train.tasks import MQAR, Passkey
+
+    for task in (MQAR(seq_len=64, vocab=256, num_pairs=4, num_queries=4), Passkey(seq_len=40, vocab=100)):
+        tok = task_tokenizer(task)
+        assert len(tok) == task.vocab and len(set(task_symbols(task))) == task.vocab
+        ids = task.example(3, 0).input_ids.tolist()
+        text = tok.decode(ids)
+        assert tok(text)["input_ids"] == ids and tok.decode(tok(text)["input_ids"]) == text
+        tok.save_pretrained(tmp_path / type(task).__name__)
+        loaded = AutoTokenizer.from_pretrained(tmp_path / type(task).__name__, local_files_only=True)
+        assert loaded(text)["input_ids"] == ids
+    assert task_symbols(MQAR(seq_len=64))[:2] + task_symbols(MQAR(seq_len=64))[64:65] == ["k0", "k1", "v0"]
+    assert task_symbols(Passkey(seq_len=40))[9:13] == ["9", "KEY", "QUERY", "f0"]
+    with pytest.raises(Exception, match="Missing \\[UNK\\]"):  # no silent substitute for an unknown word
+        task_tokenizer(MQAR(seq_len=64))("k1 hello")
+
+
+def test_shipped_demo_checkpoints_carry_the_recipes_task_tokenizer() -> None:
+    from pathlib import Path
+
+    from hlsa.demo import DEFAULT_RECIPE, load_recipe, recipe_task
+    from hlsa.tokenizer import task_tokenizer
+
+    expected = task_tokenizer(recipe_task(load_recipe(DEFAULT_RECIPE))).get_vocab()
+    for ckpt in sorted((Path(__file__).resolve().parents[1] / "checkpoints" / "demo").iterdir()):
+        assert AutoTokenizer.from_pretrained(ckpt, local_files_only=True).get_vocab() == expected, ckpt

@@ -5,18 +5,20 @@ recipe's `[demo]` table) are trained by `hlsa train` on multi-query associative 
 with the committed recipe `configs/train/demo.toml`. The demo evaluates the shipped checkpoints
 (`checkpoints/demo/<arch>/`, made by `hlsa demo --train`) on fresh sequences and prints recall accuracy bucketed by
 query distance (in units of the window W of the SWA/LTE layers) next to the decode-cache size, then saves a PNG.
-The evaluation runs on the CPU, offline.
+The evaluation runs on the CPU, offline. Its table and picture go to `runs/demo/` unless `--out` says otherwise.
+
+The checkpoints carry the task's tokenizer (`hlsa.tokenizer.task_tokenizer`: keys `k0..`, values `v0..`, filler
+`f0..`), so `hlsa generate` and `hlsa eval ppl|inspect` run on them too.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from hlsa.errors import UsageError
 
@@ -141,6 +143,7 @@ def train_arch(name: str, recipe: dict[str, Any], out_dir: Path, run_dir: Path, 
     """`hlsa train --options <recipe> --config <out_dir>/config.json --out <run_dir> --resume`, exported to `out_dir`
     with its log. Checkpoints stay in `run_dir`, so an interrupted `hlsa demo --train` continues where it stopped."""
     from hlsa.config import HybridConfig
+    from hlsa.tokenizer import task_tokenizer
     from hlsa.train.options import build_options
     from hlsa.train.trainer import Trainer
 
@@ -156,18 +159,21 @@ def train_arch(name: str, recipe: dict[str, Any], out_dir: Path, run_dir: Path, 
     }
     Trainer(build_options(recipe, overrides)).run()
     shutil.copy(run_dir / "log.jsonl", out_dir / "train_log.jsonl")
+    task_tokenizer(recipe_task(recipe)).save_pretrained(str(out_dir))  # `hlsa generate` / `hlsa eval` read it
 
 
-@torch.no_grad()
 def evaluate(model: Any, task: Any, examples: int, window: int, batch: int = 32) -> dict[str, Any]:
     """Recall accuracy per query-distance bucket of `window` (eval mode, full forward: LTE applies its top-N buffer
     rule)."""
+    import torch
+
     ranges = buckets(window)
     hits = torch.zeros(len(ranges))
     counts = torch.zeros(len(ranges))
     for first in range(0, examples, batch):
         rows = [task.example(EVAL_SEED, i) for i in range(first, min(first + batch, examples))]
-        logits = model(input_ids=torch.stack([r.input_ids for r in rows])).logits
+        with torch.no_grad():
+            logits = model(input_ids=torch.stack([r.input_ids for r in rows])).logits
         for b, r in enumerate(rows):
             pred = logits[b, r.answer_pos - 1].argmax(-1)
             ok = (pred == r.labels[r.answer_pos]).float()
@@ -183,15 +189,17 @@ def evaluate(model: Any, task: Any, examples: int, window: int, batch: int = 32)
     }
 
 
-@torch.no_grad()
 def cache_bytes(model: Any, length: int) -> int:
     """Decode-cache bytes after prefilling `length` tokens (one sequence)."""
+    import torch
+
     ids = torch.randint(0, model.config.vocab_size, (1, length))
-    return int(model(input_ids=ids, use_cache=True).cache.nbytes())
+    with torch.no_grad():
+        return int(model(input_ids=ids, use_cache=True).cache.nbytes())
 
 
 def render(results: dict[str, dict[str, Any]], seq_len: int) -> str:
-    """The markdown table printed by the demo and saved to docs/demo/results.md."""
+    """The markdown table printed by the demo and saved as results.md."""
     caches = [f"cache@{seq_len}", f"cache@{4 * seq_len}"]
     head = ["arch", "params", *[f"recall {b}" for b in BUCKET_NAMES], "overall", *caches]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -229,14 +237,21 @@ def main(
     retrain: bool = False,
     checkpoints: str = "checkpoints/demo",
     runs: str = "runs/demo",
-    out: str = "docs/demo",
+    out: str = "runs/demo",
     recipe: str | None = None,
     archs: list[str] | None = None,
     examples: int = 256,
     threads: int = 2,
 ) -> int:
-    from hlsa.model import HybridForCausalLM
+    import torch
 
+    from hlsa.loading import check_output_path, load_model
+
+    if examples < 1 or threads < 1:
+        raise UsageError(f"--examples and --threads must be >= 1 (got {examples}, {threads})")
+    out_dir = Path(out)
+    for name in ("results.md", "results.json", "recall.png"):  # before the work, not after it
+        check_output_path(out_dir / name)
     torch.set_num_threads(threads)
     spec = load_recipe(Path(recipe) if recipe else DEFAULT_RECIPE)
     configs = arch_configs(spec.get("demo"))
@@ -256,7 +271,7 @@ def main(
                 raise UsageError(f"no demo checkpoint in {ckpt}; run `hlsa demo --train --archs {name}`")
             print(f"[demo] skipping {name}: no checkpoint in {ckpt} (hlsa demo --train --archs {name})", flush=True)
             continue
-        model = HybridForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+        model = load_model(ckpt, dtype="float32")
         r = evaluate(model, task, examples, window)
         r["params"] = sum(p.numel() for p in model.parameters())
         r["cache_bytes"] = cache_bytes(model, task.seq_len)
@@ -270,10 +285,54 @@ def main(
         )
     table = render(results, task.seq_len)
     print(table)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(table + "\n")
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, out_dir / "recall.png", window)
     print(f"[demo] wrote {out_dir}/results.md, results.json, recall.png", file=sys.stderr)
     return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `demo` subcommand."""
+    from hlsa.cli import HelpFormatter
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="recall by distance: GDN vs GDN+SWA vs GDN+LTE vs GDN+NSA vs Transformer (evaluated on the CPU)",
+        formatter_class=HelpFormatter,
+    )
+    demo.add_argument(
+        "--train",
+        action="store_true",
+        help="retrain the demo checkpoints first (minutes per model on a GPU, ~45 min on a CPU; resumes from --runs)",
+    )
+    demo.add_argument("--checkpoints", default="checkpoints/demo", help="where the demo checkpoints live")
+    demo.add_argument("--runs", default="runs/demo", help="training checkpoints of --train (resumed if present)")
+    demo.add_argument("--out", default="runs/demo", help="where the table (results.md, results.json) and recall.png go")
+    demo.add_argument("--recipe", default=None, help="training options of the demo (default: configs/train/demo.toml)")
+    demo.add_argument("--archs", default="", help="comma-separated subset of the demo architectures (default: all)")
+    demo.add_argument("--examples", type=int, default=256, help="evaluation sequences per architecture")
+    demo.add_argument("--threads", type=int, default=2, help="torch threads")
+    demo.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`hlsa demo`; a training run stopped by SIGTERM / Ctrl-C exits with the status `hlsa train` uses."""
+    from hlsa.train.cli import INTERRUPTED
+    from hlsa.train.trainer import TrainingInterruptedError
+
+    archs = [a for a in args.archs.split(",") if a]
+    try:
+        return main(
+            retrain=args.train,
+            checkpoints=args.checkpoints,
+            runs=args.runs,
+            out=args.out,
+            recipe=args.recipe,
+            archs=archs or None,
+            examples=args.examples,
+            threads=args.threads,
+        )
+    except TrainingInterruptedError as e:  # the shipped checkpoint is untouched; --train resumes from --runs
+        print(f"hlsa demo: {e}", file=sys.stderr)
+        return INTERRUPTED

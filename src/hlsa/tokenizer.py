@@ -1,4 +1,6 @@
-"""A byte-level tokenizer that needs no download: ids 0..255 are the UTF-8 bytes, then three special tokens.
+"""Tokenizers that need no download: a byte-level one for text, and one per synthetic task's vocabulary.
+
+The byte tokenizer: ids 0..255 are the UTF-8 bytes, then three special tokens.
 
 It is a plain `transformers.PreTrainedTokenizerFast` built with the `tokenizers` library, so `save_pretrained` and
 `AutoTokenizer.from_pretrained(dir)` work offline and lm-eval can load it next to a checkpoint.
@@ -11,7 +13,12 @@ characters back to bytes, which makes `decode(encode(text)) == text` for any Uni
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from hlsa.train.tasks import MQAR, Passkey
 
 NUM_BYTES = 256
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<bos>", "<eos>"
@@ -80,3 +87,36 @@ def _byte_to_char_table() -> list[str]:
             table.append(chr(NUM_BYTES + shifted))
             shifted += 1
     return table
+
+
+def task_symbols(task: MQAR | Passkey) -> list[str]:
+    """One readable symbol per token id of a synthetic task (`hlsa.train.tasks`), in id order.
+
+    MQAR: keys `k0 k1 ...`, values `v0 v1 ...`, filler `f0 f1 ...` (each numbered within its group). Passkey: the
+    digits `0`-`9`, then `KEY` (the marker before the code), `QUERY` (the marker before its recall), filler `f0 ...`.
+    """
+    from hlsa.train.tasks import MQAR, Passkey
+
+    if isinstance(task, MQAR):  # ids: keys [0, q), values [q, 2q), filler [2q, vocab), q = vocab // 4
+        q = task.vocab // 4
+        groups = [("k", q), ("v", q), ("f", task.vocab - 2 * q)]
+        return [f"{prefix}{i}" for prefix, count in groups for i in range(count)]
+    if isinstance(task, Passkey):  # ids: digits [0, 10), marker 10, query 11, filler [12, vocab)
+        return [str(d) for d in range(10)] + ["KEY", "QUERY"] + [f"f{i}" for i in range(task.vocab - 12)]
+    raise TypeError(f"no symbols for task {type(task).__name__}; expected MQAR or Passkey")
+
+
+def task_tokenizer(task: MQAR | Passkey) -> PreTrainedTokenizerFast:
+    """A tokenizer of a synthetic task's own vocabulary: id `i` is the word `task_symbols(task)[i]`.
+
+    Text is those symbols separated by whitespace; `decode` joins them with single spaces, so `encode(decode(ids))
+    == ids` and `decode(encode(text)) == text` for text in that form. There are no special tokens (the models use
+    every id of the task, `len(tokenizer) == task.vocab`) and no unknown token: a word outside the vocabulary is an
+    error when encoding, never a silent substitute.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    symbols = task_symbols(task)
+    backend = Tokenizer(models.WordLevel(vocab={s: i for i, s in enumerate(symbols)}, unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False)

@@ -70,8 +70,8 @@ def test_inspect_command(tiny_lte_dir: Path, tmp_path: Path, capsys: pytest.Capt
 
 
 def test_inspect_marks_a_custom_needle(tiny_lte_dir: Path, tmp_path: Path) -> None:
-    from hlsa.eval.common import load_model, load_tokenizer
     from hlsa.eval.inspect import inspect_prompt, render
+    from hlsa.loading import load_model, load_tokenizer
 
     model, tok = load_model(tiny_lte_dir, device=torch.device("cpu")), load_tokenizer(tiny_lte_dir, None)
     prompt = "Remember: the code is 4417. " + "Filler text goes here. " * 6 + "What is the code?"

@@ -38,8 +38,8 @@ def test_niah_command(tiny_swa_dir: Path, tmp_path: Path, capsys: pytest.Capture
 
 def test_batched_generation_equals_single(tiny_lte_dir: Path) -> None:
     """Left-padded batches through LTE prefill + decode (short prompts: window 8 and buffer 6 still evict)."""
-    from hlsa.eval.common import load_model, load_tokenizer
     from hlsa.eval.niah import generate_predictions
+    from hlsa.loading import load_model, load_tokenizer
 
     model, tok = load_model(tiny_lte_dir, device=torch.device("cpu")), load_tokenizer(tiny_lte_dir, None)
     prompts = ["The code is 4417. " * k + "What is the code?" for k in (1, 3, 4, 6)] + ["Hi"]
@@ -91,4 +91,4 @@ def test_a_bad_checkpoint_path_is_one_line(tmp_path, capsys) -> None:
 
     assert main(["eval", "ppl", str(tmp_path / "missing"), "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("hlsa: error: model ") and "no config.json" in err and "Traceback" not in err
+    assert err.startswith("hlsa: error: model ") and "no such directory" in err and "Traceback" not in err

@@ -20,7 +20,7 @@ def _doc(seed: int, sentences: int = 12) -> str:
 
 
 def _load(path: Path):  # noqa: ANN202
-    from hlsa.eval.common import load_model, load_tokenizer
+    from hlsa.loading import load_model, load_tokenizer
 
     return load_model(path, device=torch.device("cpu")), load_tokenizer(path, None)
 

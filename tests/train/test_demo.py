@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from hlsa import demo
 
@@ -28,6 +29,17 @@ def test_demo_evaluates_and_writes_its_outputs(tmp_path: Path, capsys: pytest.Ca
         demo.main(checkpoints=str(tmp_path / "ckpt"), out=str(out), archs=["mamba"])
 
 
+def test_demo_writes_under_runs_and_checks_its_output_first(tmp_path: Path, monkeypatch, capsys) -> None:
+    from hlsa.cli import build_parser, main
+
+    args = build_parser().parse_args(["demo"])
+    assert args.out == "runs/demo" and args.func is demo.run  # registered by hlsa.demo, not into docs/
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(demo, "load_recipe", lambda path: pytest.fail("the demo started before checking --out"))
+    assert main(["demo", "--out", str(tmp_path / "file" / "out")]) == 2
+    assert "cannot create its directory" in capsys.readouterr().err
+
+
 def test_demo_training_resumes_from_its_run_directory(tmp_path: Path) -> None:
     recipe = demo.load_recipe(demo.DEFAULT_RECIPE)
     recipe["data"].update(seq_len=48, batch_size=2, num_pairs=6, num_queries=4)
@@ -39,6 +51,7 @@ def test_demo_training_resumes_from_its_run_directory(tmp_path: Path) -> None:
     demo.train_arch("gdn_swa", recipe, out, run, threads=1)
     first = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert first == [1, 2] and (out / "model.safetensors").is_file()
+    assert len(AutoTokenizer.from_pretrained(out, local_files_only=True)) == 256  # the task's tokenizer, for the CLI
     recipe["train"].update(steps=3)  # a longer run continues from step 2 instead of starting over
     demo.train_arch("gdn_swa", recipe, out, run, threads=1)
     second = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from hlsa.errors import UsageError
+from hlsa.loading import tokenize
 
 EVICTED, WINDOW, RETAINED, SINK = 0, 1, 2, 3
 STATE_NAMES = ("evicted", "window", "retained", "sink")
@@ -104,7 +105,7 @@ def inspect_prompt(model: Any, tokenizer: Any, prompt: str, *, needle: tuple[int
     config = model.config
     if "lte" not in config.mixers:
         raise UsageError("model has no LTE layer: eviction pictures need layer type 'lte'")
-    enc = tokenizer(prompt, return_offsets_mapping=True)
+    enc = tokenize(tokenizer, prompt, return_offsets_mapping=True)
     ids = torch.tensor([enc["input_ids"]], device=next(model.parameters()).device)
     routing = model(input_ids=ids).routing
     lte = config.lte

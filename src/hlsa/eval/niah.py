@@ -30,12 +30,13 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from hlsa.errors import UsageError
 from hlsa.eval.haystack import NEEDLE, haystack_units, join_units, random_key, random_value
+
+if TYPE_CHECKING:  # torch loads when a model runs: `hlsa eval --help` lists TASKS without it
+    import torch
 
 TASKS: dict[str, dict[str, Any]] = {
     "niah_single_1": {"haystack": "noise", "values": "numbers"},
@@ -238,7 +239,6 @@ def string_match_all(prediction: str, references: list[str]) -> float:
     return sum(ref.lower() in pred for ref in references) / len(references)
 
 
-@torch.no_grad()
 def generate_predictions(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -255,6 +255,7 @@ def generate_predictions(
     """
     if batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+    import torch
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -267,13 +268,14 @@ def generate_predictions(
         for b in tqdm(starts, desc="niah generate", unit="batch", disable=not progress):
             idx = order[b : b + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
-            gen = model.generate(
-                input_ids=enc["input_ids"],
-                attention_mask=enc["attention_mask"],
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            with torch.no_grad():
+                gen = model.generate(
+                    input_ids=enc["input_ids"],
+                    attention_mask=enc["attention_mask"],
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             new = gen[:, enc["input_ids"].shape[1] :]
             for i, row in zip(idx, new):
                 out[i] = tokenizer.decode(row, skip_special_tokens=True)

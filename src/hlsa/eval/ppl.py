@@ -1,4 +1,4 @@
-"""Perplexity by token position over long documents (the authors' PG19 evaluation, SPEC 7).
+"""Perplexity by token position over long documents (the authors' PG19 evaluation).
 
 Each document is tokenized, cut to `block_size` tokens, and scored in one forward pass without cache (eval mode, so
 LTE layers apply their inference rule). The negative log-likelihood of the token at position `p` (predicted from
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from hlsa.errors import UsageError
+from hlsa.loading import check_readable_file, tokenize
 
 
 def iter_documents(
@@ -33,17 +34,18 @@ def iter_documents(
         if not files:
             raise UsageError(f"data {source}: directory holds no .txt files")
         for f in files:
-            yield f.read_text(encoding="utf-8")
+            yield _read_text(f)
     elif path.suffix == ".txt" and path.is_file():
-        yield path.read_text(encoding="utf-8")
+        yield _read_text(path)
     elif path.suffix == ".jsonl" and path.is_file():
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if text_field not in record:
-                        raise UsageError(f"data {source}:{n}: no field {text_field!r} (set --text-field)")
-                    yield record[text_field]
+        check_readable_file(path, "documents")
+        try:
+            with path.open(encoding="utf-8") as f:  # streamed: a JSONL corpus may not fit in memory
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        yield _jsonl_text(line, f"data {source}:{n}", text_field)
+        except UnicodeDecodeError as e:
+            raise UsageError(f"data {source}: not UTF-8 text ({e.reason}); convert it to UTF-8") from None
     elif path.exists() or path.suffix in (".txt", ".jsonl", ".json"):
         raise UsageError(f"data {source}: expected an existing .txt file, .jsonl file or directory of .txt files")
     else:
@@ -51,6 +53,28 @@ def iter_documents(
 
         for record in datasets.load_dataset(source, dataset_config, split=split, streaming=True):
             yield record[text_field]
+
+
+def _read_text(path: Path) -> str:
+    check_readable_file(path, "documents")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"data {path}: not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8") from None
+
+
+def _jsonl_text(line: str, where: str, text_field: str) -> str:
+    """The document of one JSONL line; `where` (file:line) names it in errors."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+    if not isinstance(record, dict) or text_field not in record:
+        raise UsageError(f"{where}: no field {text_field!r} in this record (set --text-field)")
+    if not isinstance(record[text_field], str):
+        kind = type(record[text_field]).__name__
+        raise UsageError(f"{where}: field {text_field!r} is {kind}, not text; fix or remove the line")
+    return record[text_field]
 
 
 @torch.no_grad()
@@ -101,7 +125,7 @@ def perplexity_by_position(
     for text in tqdm(documents, total=max_documents, desc="ppl", unit="doc", disable=not progress):
         if max_documents is not None and used >= max_documents:
             break
-        ids = torch.tensor(tokenizer(text)["input_ids"][:block_size], dtype=torch.long)
+        ids = torch.tensor(tokenize(tokenizer, text)["input_ids"][:block_size], dtype=torch.long)
         if ids.shape[0] < max(min_tokens, 2):
             skipped += 1
             continue

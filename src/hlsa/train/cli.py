@@ -1,5 +1,4 @@
-"""`hlsa train` and `hlsa demo` (registered by `hlsa.cli`). Only argparse at import time; torch loads when a
-command runs.
+"""`hlsa train` (registered by `hlsa.cli`). Only argparse at import time; torch loads when a command runs.
 
 Every training option is a flag named `--<section>.<name>` (`--optim.lr 1e-3`, `--data.seq_len 512`), taking
 precedence over `--options FILE` (TOML or YAML with the same sections), which takes precedence over the defaults.
@@ -28,7 +27,7 @@ SHORTCUTS = {
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `train` and `demo` subcommands."""
+    """Add the `train` subcommand."""
     from hlsa.train.options import option_fields
 
     train = subparsers.add_parser(
@@ -52,23 +51,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help=f"(default: {default!r})",
         )
     train.set_defaults(func=run_train)
-
-    demo = subparsers.add_parser(
-        "demo", help="recall by distance: GDN vs GDN+SWA vs GDN+LTE vs GDN+NSA vs Transformer (evaluated on the CPU)"
-    )
-    demo.add_argument(
-        "--train",
-        action="store_true",
-        help="retrain the demo checkpoints first (minutes per model on a GPU, ~45 min on a CPU; resumes from --runs)",
-    )
-    demo.add_argument("--checkpoints", default="checkpoints/demo", help="where the demo checkpoints live")
-    demo.add_argument("--runs", default="runs/demo", help="training checkpoints of --train (resumed if present)")
-    demo.add_argument("--out", default="docs/demo", help="where the table (markdown, JSON) and the PNG go")
-    demo.add_argument("--recipe", default="", help="training options of the demo (default configs/train/demo.toml)")
-    demo.add_argument("--archs", default="", help="comma-separated subset of the demo architectures")
-    demo.add_argument("--examples", type=int, default=256, help="evaluation sequences per architecture")
-    demo.add_argument("--threads", type=int, default=2, help="torch threads")
-    demo.set_defaults(func=run_demo)
 
 
 def collect_overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -105,26 +87,3 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"hlsa train: {e}", file=sys.stderr)
         return INTERRUPTED
     return 0
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    import sys
-
-    from hlsa.demo import main as demo_main
-    from hlsa.train.trainer import TrainingInterruptedError
-
-    archs = [a for a in args.archs.split(",") if a]
-    try:
-        return demo_main(
-            retrain=args.train,
-            checkpoints=args.checkpoints,
-            runs=args.runs,
-            out=args.out,
-            recipe=args.recipe or None,
-            archs=archs or None,
-            examples=args.examples,
-            threads=args.threads,
-        )
-    except TrainingInterruptedError as e:  # the shipped checkpoint is untouched; --train resumes from --runs
-        print(f"hlsa demo: {e}", file=sys.stderr)
-        return INTERRUPTED
