@@ -143,7 +143,6 @@ def train_arch(name: str, recipe: dict[str, Any], out_dir: Path, run_dir: Path, 
     """`hlsa train --options <recipe> --config <out_dir>/config.json --out <run_dir> --resume`, exported to `out_dir`
     with its log. Checkpoints stay in `run_dir`, so an interrupted `hlsa demo --train` continues where it stopped."""
     from hlsa.config import HybridConfig
-    from hlsa.tokenizer import task_tokenizer
     from hlsa.train.options import build_options
     from hlsa.train.trainer import Trainer
 
@@ -159,7 +158,6 @@ def train_arch(name: str, recipe: dict[str, Any], out_dir: Path, run_dir: Path, 
     }
     Trainer(build_options(recipe, overrides)).run()
     shutil.copy(run_dir / "log.jsonl", out_dir / "train_log.jsonl")
-    task_tokenizer(recipe_task(recipe)).save_pretrained(str(out_dir))  # `hlsa generate` / `hlsa eval` read it
 
 
 def evaluate(model: Any, task: Any, examples: int, window: int, batch: int = 32) -> dict[str, Any]:

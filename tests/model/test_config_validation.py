@@ -70,7 +70,7 @@ def test_every_load_path_validates(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"hidden_size must be an integer >= 1 \(got 32.0\)"):
         HybridConfig.from_pretrained(tmp_path, hidden_size=32.0)
-    with pytest.raises(ValueError, match=r"lte.l1_alpha must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"lte.l1_alpha must be a finite number >= 1"):
         HybridConfig.from_pretrained(tmp_path, lte={**saved["lte"], "l1_alpha": math.inf})
     assert HybridConfig.from_pretrained(tmp_path, norm_eps=1e-5).norm_eps == 1e-5
 
@@ -102,9 +102,9 @@ def test_every_load_path_validates(tmp_path: Path) -> None:
         ({"lte": {**TINY["lte"], "rope_theta": 0}}, r"^lte.rope_theta must be a finite number > 0"),
         ({"lte": {**TINY["lte"], "rope_theta": -math.inf}}, r"^lte.rope_theta must be a finite number > 0"),
         ({"lte": {**TINY["lte"], "router_bias_init": math.nan}}, r"^lte.router_bias_init must be a finite number"),
-        ({"lte": {**TINY["lte"], "l1_alpha": math.nan}}, r"^lte.l1_alpha must be a finite number > 0"),
+        ({"lte": {**TINY["lte"], "l1_alpha": math.nan}}, r"^lte.l1_alpha must be a finite number >= 1"),
         ({"lte": {**TINY["lte"], "l1_lambda_max": -1.0}}, r"^lte.l1_lambda_max must be a finite number >= 0"),
-        ({"lte": {**TINY["lte"], "l1_alpha_neg": 0}}, r"^lte.l1_alpha_neg must be a finite number > 0"),
+        ({"lte": {**TINY["lte"], "l1_alpha_neg": 0.5}}, r"^lte.l1_alpha_neg must be a finite number >= 1"),
         ({"lte": {**TINY["lte"], "l1_lambda_update_steps": 0}}, r"^lte.l1_lambda_update_steps must be an integer >= 1"),
         ({"lte": {**TINY["lte"], "l1_lambda_init": -1e-9}}, r"^lte.l1_lambda_init must be a finite number >= 0"),
         ({"lte": {**TINY["lte"], "l1_lambda_min": 2.0}}, r"^lte.l1_lambda_min \(2.0\) must be <= lte.l1_lambda_max"),

@@ -1,4 +1,4 @@
-"""Options files, command-line overrides and the `hlsa train` / `hlsa demo` parsers."""
+"""Options files, command-line overrides and the `hlsa train` parser."""
 
 from __future__ import annotations
 
@@ -179,11 +179,6 @@ def test_hlsa_reports_bad_options_without_traceback(
     monkeypatch.setattr(trainer, "load_config", broken)
     with pytest.raises(ValueError, match="a bug"):
         main([*argv, "--config", "any.json", "--train.steps", "1", "--optim.warmup_steps", "0"])
-
-
-def test_demo_parser() -> None:
-    args = parser().parse_args(["demo", "--archs", "gdn,transformer", "--examples", "8"])
-    assert args.func.__name__ == "run_demo" and args.examples == 8 and args.train is False
 
 
 def test_types_are_checked_for_options_built_in_code() -> None:

@@ -260,9 +260,10 @@ def test_warmup_runs_full_attention_then_routes(tmp_path: Path) -> None:
 
 
 def test_text_runs_save_their_tokenizer(tmp_path: Path) -> None:
-    """Step directories and the export carry the training tokenizer, which puts <bos> first as training did, so
-    `hlsa generate` / `hlsa eval` do not fall back to another one."""
-    from hlsa.eval.common import load_tokenizer
+    """Step directories and the export carry the training tokenizer (text: the one that puts <bos> first as
+    training did; synthetic tasks: the task's symbols), so `hlsa generate` / `hlsa eval` do not fall back to
+    another one."""
+    from hlsa.loading import load_tokenizer
 
     (tmp_path / "a.txt").write_text("some text to pack. " * 20)
     export = tmp_path / "hf"
@@ -280,7 +281,9 @@ def test_text_runs_save_their_tokenizer(tmp_path: Path) -> None:
         options(tiny_config(tmp_path), tmp_path / "mqar", **{"train.steps": 1, "optim.warmup_steps": 0})
     )
     synthetic.run()
-    assert not (tmp_path / "mqar" / "step-00000001" / "tokenizer.json").exists()  # task ids have no tokenizer
+    # A synthetic task's checkpoint carries a tokenizer of the task's own symbols (keys k0.., values v0..).
+    tok = load_tokenizer(tmp_path / "mqar" / "step-00000001", None)
+    assert tok.decode(tok("k3 v7")["input_ids"]) == "k3 v7" and len(tok) <= synthetic.model.config.vocab_size
 
 
 def test_a_killed_run_loses_no_log_row(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""`hlsa eval {niah,ppl,inspect}` and `hlsa convert`: argument parsing only; the work lives in the sibling modules.
+"""`hlsa eval {niah,ppl,inspect,arena}` and `hlsa convert`: argument parsing only; the work lives in the sibling
+modules.
 
 Module-level imports stay light (no torch, no transformers) so that `hlsa --help` answers at once.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from hlsa.cli import HelpFormatter
+from hlsa.eval.arena import add_arena_parser
 from hlsa.eval.niah import TASKS
 from hlsa.generate import add_model_arguments
 
@@ -21,12 +23,13 @@ def _floats(text: str) -> list[float]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `eval` (with `niah`, `ppl`, `inspect`) and `convert` to the `hlsa` command."""
+    """Add `eval` (with `niah`, `ppl`, `inspect`, `arena`) and `convert` to the `hlsa` command."""
     ev = subparsers.add_parser(
         "eval",
         help="evaluate a checkpoint (needle tests, perplexity, eviction pictures)",
         description="Evaluate a checkpoint: niah (needle tests, text models), ppl (perplexity by position), inspect "
-        "(LTE eviction pictures). lm-evaluation-harness runs through `python -m hlsa.eval.harness`.",
+        "(LTE eviction pictures), arena (eviction policies at equal cache bytes). lm-evaluation-harness runs "
+        "through `python -m hlsa.eval.harness`.",
     )
     sub = ev.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
 
@@ -92,6 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="lte_eviction.png", help="picture path (.png, .svg or .pdf)")
     p.add_argument("--json", default=None, help="also write kept counts to this JSON file")
     p.set_defaults(func=_run_inspect)
+    add_arena_parser(sub)
 
     p = subparsers.add_parser("convert", help="convert a checkpoint of the authors' code into an hlsa checkpoint")
     p.add_argument("src", help="directory with config.json + model.safetensors or pytorch_model.bin (authors' format)")

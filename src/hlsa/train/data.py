@@ -332,8 +332,8 @@ def make_encoder(tok: Any) -> Callable[[str], list[int]]:
 
 
 def build_stream(opts: Any, *, seed: int, rank: int = 0, world: int = 1) -> tuple[TaskStream | PackedText, int, Any]:
-    """The training stream for `opts` (a `DataOptions`), the vocabulary size it needs, and its tokenizer (None for
-    synthetic tasks, whose token ids are the task's own)."""
+    """The training stream for `opts` (a `DataOptions`), the vocabulary size it needs, and its tokenizer (for a
+    synthetic task, one whose words are the task's own symbols: `hlsa.tokenizer.task_tokenizer`)."""
     src = opts.source.strip()
     if not src:
         raise UsageError("data.source is empty; pass --data PATH, a hub dataset name, or synthetic:mqar")
@@ -346,7 +346,10 @@ def build_stream(opts: Any, *, seed: int, rank: int = 0, world: int = 1) -> tupl
             num_queries=opts.num_queries,
             digits=opts.passkey_digits,
         )
-        return TaskStream(task, seed=seed, batch_size=opts.batch_size, rank=rank, world=world), opts.task_vocab, None
+        from hlsa.tokenizer import task_tokenizer
+
+        stream = TaskStream(task, seed=seed, batch_size=opts.batch_size, rank=rank, world=world)
+        return stream, opts.task_vocab, task_tokenizer(task)
     files = local_files(src)
     if files is not None:
 

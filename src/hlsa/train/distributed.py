@@ -36,12 +36,12 @@ def init_world(device: str) -> World:
 
 
 def pick_device(requested: str, world: World) -> torch.device:
-    """`auto` = this rank's GPU when CUDA exists, else the CPU (`requested` is one of `options.DEVICES`, checked by
-    `Options.validate`)."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+    """`auto` = this rank's GPU when CUDA exists, else the CPU (`requested` is one of `options.DEVICES`, checked
+    against the machine by `hlsa.loading.pick_device`)."""
+    from hlsa.loading import pick_device as machine_device
+
+    if machine_device(requested).type == "cpu":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("train.device = cuda but no CUDA device is visible; use train.device = cpu")
     torch.cuda.set_device(world.local_rank)
     return torch.device("cuda", world.local_rank)
 

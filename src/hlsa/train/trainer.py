@@ -256,11 +256,10 @@ class Trainer:
                 f"model vocab_size ({config.vocab_size}) is smaller than the data's vocabulary ({vocab}); "
                 "raise vocab_size in the model config or use a smaller tokenizer / data.task_vocab"
             )
-        if Path(path).is_dir():  # a saved model: start from its weights (fine-tuning)
-            try:
-                return HybridForCausalLM.from_pretrained(path, dtype=torch.float32)
-            except (OSError, ValueError) as e:  # a missing, truncated or unreadable weights file
-                raise UsageError(f"model.config: cannot load the model in {path}: {e}") from None
+        if Path(path).is_dir():  # a saved model: start from its weights (fine-tuning), every tensor accounted for
+            from hlsa.loading import load_model
+
+            return load_model(path, dtype="float32").train()
         return HybridForCausalLM(config)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
