@@ -27,7 +27,7 @@ def compile_options(plan: Plan, cache: HybridCache) -> contextlib.AbstractContex
     """The settings a compiled `decode_step` is built under (they apply when a call compiles): Inductor freezing
     (`plan.freeze`) and combo kernels (`plan.combo_kernels`), and the cache's host-side token counters marked dynamic
     from the first compile. Without that,
-    dynamo specialises the first compile on `seen` and recompiles with it symbolic at the next step: two compiles
+    dynamo bakes the first compile's `seen` in and recompiles with it symbolic at the next step: two compiles
     per model and batch, ~1 min each with freezing."""
     counters = ["L['cache'].seen", *(f"L['cache'].states[{i}].seen" for i in range(len(cache.states)))]
     stack = contextlib.ExitStack()
