@@ -15,12 +15,11 @@ import argparse
 import functools
 import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchlib import load_file, machine, result_path, write_result
+from benchlib import add_output_args, load_file, machine, result_path, write_result
 from hlsa.ops.sparse_attention import sparse_attention, sparse_attention_ref
 
 INT32_MAX = 2**31 - 1
@@ -329,8 +328,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="folder of the JSON/PNG (default benchmarks/results)")
-    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    add_output_args(parser)
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--flex-max-t", type=int, default=4096)

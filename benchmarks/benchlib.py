@@ -6,6 +6,7 @@ whose `machine` entry names the commit, the GPU, the library versions and the ex
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -25,6 +26,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 LIBRARIES = ("triton", "transformers", "fla")
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """`--out DIR` (where the results file goes) and `--commit SHA` (what it records), the same in every benchmark."""
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder of the results file (default benchmarks/results)"
+    )
+    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
 
 
 def gpu_slug() -> str:

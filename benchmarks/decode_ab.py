@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import machine, result_path, write_result
+from benchlib import add_output_args, machine, result_path, write_result
 
 POINTS = 3  # timed points per process: the first compiles, the others reuse its graph
 
@@ -68,8 +68,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=2, help="processes per tree, alternating A, B, ..., A, B, ...")
     parser.add_argument("--smoke", action="store_true", help="tiny configs on the CPU (tests)")
-    parser.add_argument("--out", type=Path, default=None, help="folder of the JSON (default benchmarks/results)")
-    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    add_output_args(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

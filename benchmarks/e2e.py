@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import copy_bandwidth, machine, result_path, write_result
+from benchlib import add_output_args, copy_bandwidth, machine, result_path, write_result
 from e2e_models import ARCHS, Plan, build_model, make_plan, memory_table, model_info, roofline_tokens_per_s
 from e2e_timing import decode_point, prefill_point, reset_memory
 
@@ -211,9 +211,8 @@ def main() -> None:
     mode.add_argument("--smoke", action="store_true", help="CPU, tiny configs, a few tokens (tests)")
     mode.add_argument("--plot-only", type=Path, metavar="JSON", help="draw the figures of an existing JSON")
     mode.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="join runs split with --archs, then plot")
-    parser.add_argument("--out", type=Path, default=None, help="folder of JSON and PNGs (default benchmarks/results)")
+    add_output_args(parser)
     parser.add_argument("--budget-s", type=float, default=None, help="skip points once this many seconds have passed")
-    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     parser.add_argument(
         "--no-compile", action="store_true", help="graph-capture decode steps without torch.compile (default: compile)"
     )

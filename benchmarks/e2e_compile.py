@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 import e2e
 import e2e_models
-from benchlib import machine, result_path, write_result
+from benchlib import add_output_args, machine, result_path, write_result
 from e2e_timing import decode_point
 
 ORDER = ((False, 1), (False, 64), (True, 1), (True, 16), (True, 64), (False, 1), (False, 64))  # (compiled, batch)
@@ -29,8 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="gdn_lte", choices=e2e_models.ARCHS)
     parser.add_argument("--context", type=int, default=64 * e2e_models.K)
-    parser.add_argument("--out", type=Path, default=None, help="folder of the JSON (default benchmarks/results)")
-    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    add_output_args(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: the comparison is about CUDA graphs")

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from pathlib import Path
 
 import torch
 
-from benchlib import copy_bandwidth, machine, result_path, time_graph, write_result
+from benchlib import add_output_args, copy_bandwidth, machine, result_path, time_graph, write_result
 from hlsa.ops.gated_delta_decode import gated_delta_decode_ref, projection_width
 from hlsa.ops.triton.gated_delta_decode import gated_delta_decode_triton
 
@@ -79,8 +78,7 @@ def bench_shape(name: str, B: int, H: int, K: int, bandwidth: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="folder of the JSON (default benchmarks/results)")
-    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    add_output_args(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")

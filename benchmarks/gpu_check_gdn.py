@@ -20,12 +20,11 @@ forward and forward + backward. TFLOP/s use the chunk algorithm's count per toke
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchlib import machine, result_path, write_result
+from benchlib import add_output_args, machine, result_path, write_result
 from hlsa.layers.gdn import GatedDeltaNet
 from hlsa.ops.gated_delta import (
     CHUNK_SIZE,
@@ -187,8 +186,7 @@ def print_table(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="folder of the JSON (default benchmarks/results)")
-    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    add_output_args(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check_gdn.py needs a CUDA device and fla-core")

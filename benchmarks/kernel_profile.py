@@ -29,7 +29,7 @@ import e2e
 import e2e_models
 import e2e_timing
 import train as train_bench  # the LTE routers' operating point
-from benchlib import machine, result_path, write_result
+from benchlib import add_output_args, machine, result_path, write_result
 from hlsa.config import HybridConfig
 
 TOP = 25
@@ -169,8 +169,7 @@ def main() -> None:
     )
     parser.add_argument("--compile", action="store_true", help="profile the torch.compiled decode step (GPU)")
     parser.add_argument("--graph", action="store_true", help="profile replays of the decode step's CUDA graph (GPU)")
-    parser.add_argument("--out", type=Path, default=None, help="folder of the JSON (default benchmarks/results)")
-    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    add_output_args(parser)
     args = parser.parse_args()
     if args.smoke:
         plan = e2e_models.Plan(mode="smoke", config_dir=e2e_models.REPO / "configs" / "tiny", suffix="", device="cpu",

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import traceback
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchlib import copy_bandwidth, machine, result_path, time_graph, write_result
+from benchlib import add_output_args, copy_bandwidth, machine, result_path, time_graph, write_result
 from hlsa.ops.linear import linear
 from hlsa.ops.triton.linear import Tiles, linear_partials_triton, pick_tiles
 
@@ -86,8 +85,7 @@ def bench_shape(name: str, M: int, N: int, K: int, sweep: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="folder of the JSON (default benchmarks/results)")
-    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    add_output_args(parser)
     parser.add_argument("--sweep", action="store_true", help="also time a grid of tile configurations per shape")
     args = parser.parse_args()
     path = result_path("linear", args.out)

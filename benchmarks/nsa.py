@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchlib import machine, result_path, write_result
+from benchlib import add_output_args, machine, result_path, write_result
 
 HQ, HKV, D, BS, S, W = 32, 2, 64, 64, 16, 511
 CONTEXTS = (4096, 8192, 16384, 32768, 65536, 131072)
@@ -210,8 +210,7 @@ def plot(path: str) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="folder of the JSON (default benchmarks/results)")
-    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    add_output_args(parser)
     parser.add_argument("--plot", help="draw the PNG next to this JSON instead of running")
     args = parser.parse_args()
     plot(args.plot) if args.plot else main_gpu(args.out, args.commit)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import copy_bandwidth, load_file, machine, result_path, time_graph, write_result
+from benchlib import add_output_args, copy_bandwidth, load_file, machine, result_path, time_graph, write_result
 from hlsa.ops.router_step import ring_channels, router_step_logits_ref, step_ring_bytes
 from hlsa.ops.triton import router_step as this_kernel
 
@@ -92,8 +92,7 @@ def bench_batch(B: int, kernels: dict[str, object], bandwidth: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="folder of the JSON (default benchmarks/results)")
-    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    add_output_args(parser)
     parser.add_argument("--kernel", type=Path, default=None, help="another version of the kernel file, timed beside")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from benchlib import machine, result_path, write_result
+from benchlib import add_output_args, machine, result_path, write_result
 from hlsa.ops.gated_delta import allow_fla_gated_backward_on_hopper
 
 ATTN = {"num_heads": 16, "num_kv_heads": 16, "head_dim": 64}
@@ -204,8 +204,7 @@ def main() -> None:
         default=512,
         help="tokens per sequence each LTE head keeps while timed (the controller's target), or 'init' (as built)",
     )
-    p.add_argument("--out", type=Path, default=None, help="folder of the JSON (default benchmarks/results)")
-    p.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    add_output_args(p)
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/train.py needs a CUDA GPU")
