@@ -147,8 +147,11 @@ def test_directives_are_parsed(tmp_path: Path) -> None:
         extract_blocks(doc, root=tmp_path)
 
 
-@pytest.mark.xdist_group("docs_commands")  # one worker runs them in order: a block may use an earlier block's files
-@pytest.mark.parametrize("block", BLOCKS, ids=[block.name for block in BLOCKS])
+# The blocks of one file go to one worker, in order (a block may use an earlier block's files); files run in parallel.
+@pytest.mark.parametrize(
+    "block",
+    [pytest.param(block, id=block.name, marks=pytest.mark.xdist_group(f"docs:{block.doc.name}")) for block in BLOCKS],
+)
 def test_doc_block_runs(block: Block, scratch: dict[Path, Path]) -> None:
     if block.skip:
         pytest.skip(f"{block.name}: {SKIP_REASONS[block.skip]}")
