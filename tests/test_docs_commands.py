@@ -1,8 +1,8 @@
 """Every shell command block of README.md and docs/*.md runs, in a scratch copy of the repository.
 
 A block is a fenced code block whose info string is `bash`, `sh` or `console` (of a `console` block, the lines that
-start with `$ ` are the commands; the others are output, not checked). The blocks of one file run in order, in one
-copy of the repository, so a block may use what an earlier block of the same file wrote. Each block runs with
+start with `$ ` are the commands; the others are output, not checked). One test per file runs its blocks in order, in
+one copy of the repository, so a block may use what an earlier block of the same file wrote. Each block runs with
 `bash -e -o pipefail`, with this Python's scripts (`hlsa`, `python3`) first on PATH and the Hugging Face libraries
 offline.
 
@@ -100,23 +100,6 @@ def extract_blocks(doc: Path, root: Path = REPO) -> list[Block]:
     return blocks
 
 
-BLOCKS = [block for doc in DOCS for block in extract_blocks(doc)]
-
-
-@pytest.fixture(scope="module")
-def scratch(tmp_path_factory: pytest.TempPathFactory) -> dict[Path, Path]:
-    """One copy of the repository per documentation file, made on first use."""
-
-    class Copies(dict):
-        def __missing__(self, doc: Path) -> Path:
-            target = tmp_path_factory.mktemp(doc.stem) / "repo"
-            shutil.copytree(REPO, target, ignore=NOT_COPIED, symlinks=True)
-            self[doc] = target
-            return target
-
-    return Copies()
-
-
 def _environment() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -126,11 +109,13 @@ def _environment() -> dict[str, str]:
 
 
 def test_blocks_are_found() -> None:
-    """The extraction sees the documentation's command blocks (a broken fence pattern would silently pass)."""
-    names = {block.name for block in BLOCKS}
+    """The extraction sees the documentation's command blocks (a broken fence pattern would silently pass), and
+    every directive is valid (extract_blocks raises otherwise)."""
+    blocks = [block for doc in DOCS for block in extract_blocks(doc)]
+    names = {block.name for block in blocks}
     assert any(name.startswith("README.md:") for name in names)
     assert any(name.startswith("docs/training.md:") for name in names)
-    assert any(block.skip is None for block in BLOCKS)
+    assert any(block.skip is None for block in blocks)
 
 
 def test_directives_are_parsed(tmp_path: Path) -> None:
@@ -147,19 +132,26 @@ def test_directives_are_parsed(tmp_path: Path) -> None:
         extract_blocks(doc, root=tmp_path)
 
 
-# The blocks of one file go to one worker, in order (a block may use an earlier block's files); files run in parallel.
-@pytest.mark.parametrize(
-    "block",
-    [pytest.param(block, id=block.name, marks=pytest.mark.xdist_group(f"docs:{block.doc.name}")) for block in BLOCKS],
-)
-def test_doc_block_runs(block: Block, scratch: dict[Path, Path]) -> None:
-    if block.skip:
-        pytest.skip(f"{block.name}: {SKIP_REASONS[block.skip]}")
-    proc = subprocess.run(
-        ["bash", "-e", "-o", "pipefail", "-c", block.script()],
-        cwd=scratch[block.doc], env=_environment(), capture_output=True, text=True, timeout=TIMEOUT_S,
-    )  # fmt: skip
-    assert proc.returncode == 0, (
-        f"{block.name} failed (status {proc.returncode}):\n{block.script()}\n--- stdout\n{proc.stdout[-3000:]}"
-        f"\n--- stderr\n{proc.stderr[-3000:]}"
-    )
+@pytest.mark.parametrize("doc", DOCS, ids=[str(doc.relative_to(REPO)) for doc in DOCS])
+def test_doc_blocks_run(doc: Path, tmp_path: Path) -> None:
+    """The file's blocks in order, in one copy of the repository (a block may use an earlier block's files); every
+    failing block is reported, with the end of its output."""
+    blocks = extract_blocks(doc)
+    skipped = [f"{block.name} ({SKIP_REASONS[block.skip]})" for block in blocks if block.skip]
+    print("skipped:", ", ".join(skipped) or "none")
+    if all(block.skip for block in blocks):
+        pytest.skip(f"no block to run in {doc.name}")
+    work = tmp_path / "repo"
+    shutil.copytree(REPO, work, ignore=NOT_COPIED, symlinks=True)
+    failures = []
+    for block in (block for block in blocks if not block.skip):
+        proc = subprocess.run(
+            ["bash", "-e", "-o", "pipefail", "-c", block.script()],
+            cwd=work, env=_environment(), capture_output=True, text=True, timeout=TIMEOUT_S,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            failures.append(
+                f"{block.name} failed (status {proc.returncode}):\n{block.script()}\n--- stdout\n{proc.stdout[-2000:]}"
+                f"\n--- stderr\n{proc.stderr[-2000:]}"
+            )
+    assert not failures, "\n\n".join(failures)
