@@ -1,7 +1,7 @@
 """Sparse attention with columns (LTE training pattern) on one GPU: correctness first, then timings against peers.
 
-Usage (GPU machine): `PYTHONPATH=src python benchmarks/attention.py --out DIR [--quick] [--no-flex]`
-Writes `attention_h200.json` and `attention_h200.png` in DIR and prints a table.
+Usage (GPU machine): `PYTHONPATH=src python3 benchmarks/attention.py [--out DIR] [--quick] [--no-flex]`
+Writes `attention-<gpu>.json` and `attention-<gpu>.png` in DIR (default benchmarks/results) and prints a table.
 
 Pattern per (b, kv head): causal band of W + 1 = 769 keys, 4 sinks and 512 selected columns at random positions
 (`column_end = INT32_MAX`), no padding. Peers from the same run: FlexAttention (compiled, same mask), SDPA full causal
@@ -15,13 +15,11 @@ import argparse
 import functools
 import json
 import math
-import os
-import platform
-import subprocess
 
 import torch
 import torch.nn.functional as F
 
+from benchlib import add_output_args, load_file, machine, result_path, write_result
 from hlsa.ops.sparse_attention import sparse_attention, sparse_attention_ref
 
 INT32_MAX = 2**31 - 1
@@ -265,14 +263,10 @@ def baseline_kernels(path: str) -> list[dict]:
     from `git show COMMIT:src/hlsa/ops/triton/sparse_attention.py`), loaded as its own module, against the current
     one on the same inputs in the same process: median ms of each `forward` (prologue excluded) and `backward_dq`,
     and the largest differences of their outputs. The old file must still import against today's package (`rows`,
-    `sparse_attention_bwd`) and have today's `forward` / `backward_dq` signatures (true from d8c1def on)."""
-    import importlib.util
-
+    `sparse_attention_bwd`) and have today's `forward` / `backward_dq` signatures."""
     import hlsa.ops.triton.sparse_attention as current
 
-    spec = importlib.util.spec_from_file_location("baseline_sparse_attention", path)
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
+    base = load_file(path)
     rows = []
     for T, HKV, D in ((4096, 4, 64), (16384, 4, 64), (4096, 16, 128)):
         q, k, v, ce = make_inputs(65536 // T, T, 16, HKV, D, torch.bfloat16, requires_grad=False)
@@ -296,26 +290,7 @@ def baseline_kernels(path: str) -> list[dict]:
     return rows
 
 
-def machine() -> dict:
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    commit = commit if len(commit) == 40 else ""  # the device copy of the tree may carry no usable history
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "commit": commit or "unknown (uncommitted tree)",
-        "dtype": "bfloat16",
-    }
-
-
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{machine()}")
     head = f"{'T':>6} {'HKV':>3} {'D':>4} | {'ours fwd':>8} {'f+b':>7} {'TF/s f':>6} {'TF/s fb':>7} | "
     print(head + f"{'sdpa f':>7} {'f+b':>7} | {'dense f':>7} {'f+b':>7} | {'flex f':>7} {'f+b':>7}")
     for r in rows:
@@ -353,7 +328,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    add_output_args(parser)
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--flex-max-t", type=int, default=4096)
@@ -369,11 +344,12 @@ def main() -> None:
     ab = baseline_kernels(args.baseline) if args.baseline else []
     rows = run_benchmarks(args)
     print_table(rows)
-    result = {"machine": machine(), "checks": checks, "window": WINDOW, "columns": N_COLUMNS, "sinks": N_SINKS}
-    result["rows"], result["sweep"], result["kernels"], result["baseline"] = rows, tuning, per_kernel, ab
-    with open(os.path.join(args.out, "attention_h200.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    plot(rows, os.path.join(args.out, "attention_h200.png"))
+    result = {"machine": machine(args.commit), "dtype": "bfloat16", "checks": checks, "window": WINDOW}
+    result |= {"columns": N_COLUMNS, "sinks": N_SINKS, "rows": rows, "sweep": tuning, "kernels": per_kernel}
+    result["baseline"] = ab
+    path = write_result(result_path("attention", args.out), result)
+    print(result["machine"])
+    plot(rows, path.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """Decode-time ops on one GPU: decode attention (LTE, SWA and full caches) and the fused LTE eviction.
 
-Prints a table and writes `decode_<tag>.json` (+ `.png` when matplotlib is present) to `--out`. Times are CUDA-graph
+Prints a table and writes `decode-<gpu>.json` (+ `.png` when matplotlib is present) to `--out`. Times are CUDA-graph
 replays (launch gaps removed), median of several replays, with the inputs rotated over enough copies to exceed the
 L2 cache. Bandwidth counts the bytes a decode step must read or write: K and V of the valid slots, q and the output
 (the 1-byte-per-slot validity mask is reported apart). The peer is a device-to-device `copy_` measured in the same
 run (bytes read + written) and `scaled_dot_product_attention` on the same cache.
 
-    python benchmarks/decode.py --out benchmarks/results [--sweep]
+    python3 benchmarks/decode.py [--out DIR] [--sweep]
 """
 
 from __future__ import annotations
@@ -14,17 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import statistics
-import subprocess
-import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchlib import add_output_args, copy_bandwidth, machine, result_path, time_graph, write_result
 from hlsa.ops.decode_attention import decode_attention, decode_attention_ref
 from hlsa.ops.lte_evict import lte_evict, lte_evict_ref
 
@@ -33,52 +29,6 @@ START = 10_000  # position of the first decoded token in the LTE eviction checks
 HQ, DTYPE = 16, torch.bfloat16
 L2_ROTATE_BYTES = 256 * 2**20  # rotate inputs until one pass covers this much (H200 L2 is 60 MB)
 MAX_CACHE_BYTES = 16 * 2**30
-
-
-def time_graph(calls: list[Callable[[], object]], replays: int = 7) -> float:
-    """Median microseconds per call of a CUDA graph that runs `calls` once each, in order."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (and Triton compilation) outside the capture
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    del graph
-    return statistics.median(times)
-
-
-def copy_bandwidth() -> dict:
-    """GB/s of a 2 GiB device-to-device `copy_`, counting bytes read plus bytes written, eager and graph-replayed."""
-    src = torch.randn(2**30, device="cuda", dtype=DTYPE)
-    dst = torch.empty_like(src)
-    moved = 2 * src.numel() * src.element_size()
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    eager = moved / statistics.median(times) / 1e3
-    graph = moved / time_graph([lambda: dst.copy_(src)] * 4) / 1e3
-    return {"eager": eager, "graph": graph, "peer": max(eager, graph)}
 
 
 def make_cache(B: int, HKV: int, S: int, D: int, copies: int) -> list[tuple[torch.Tensor, ...]]:
@@ -283,25 +233,6 @@ def evict_rows() -> list[dict]:
     return rows
 
 
-def machine() -> dict:
-    props = torch.cuda.get_device_properties(0)
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("HLSA_COMMIT", "unknown")
-    return {
-        "gpu": props.name,
-        "sms": props.multi_processor_count,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": commit,
-        "dtype": str(DTYPE),
-        "date": time.strftime("%Y-%m-%d"),
-    }
-
-
 def decode_rows(copy_gbs: float) -> list[dict]:
     rows = []
     shapes = [("lte", RING + BUFFER), ("swa", RING)] + [(f"full{s // 1024}k", s) for s in (4096, 16384, 131072)]
@@ -352,8 +283,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--tag", default="h200")
+    add_output_args(parser)
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configs and split counts")
     parser.add_argument(
         "--sweep-shapes",
@@ -390,9 +320,8 @@ def main() -> None:
     if args.plot_only is not None:
         plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
         return
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / f"decode_{args.tag}.json"
-    result = {"machine": machine()}
+    json_path = result_path("decode", args.out)
+    result = {"machine": machine(args.commit), "dtype": str(DTYPE)}
     print("machine:", result["machine"])
     result["copy"] = copy_bandwidth()
     result["copy_gbs"] = result["copy"]["peer"]
@@ -417,7 +346,7 @@ def main() -> None:
             print(f"{name} failed:\n{result[name]['error']}")
         if name.startswith("check"):
             print(f"{name}: {result[name]}")
-        json_path.write_text(json.dumps(result, indent=1))  # written after each section: a timeout keeps the rest
+        write_result(json_path, result)  # written after each section: a timeout keeps the rest
     try:
         if isinstance(result.get("decode"), list):
             plot(result, json_path.with_suffix(".png"))

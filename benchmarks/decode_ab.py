@@ -1,16 +1,17 @@
-"""Decode-step A/B between two source trees, on one machine and in one call (issue 7).
+"""Decode-step A/B between two source trees, on one machine and in one call.
 
 The GDN+LTE batch-64 step moves by ~1% between processes and the roofline, with the bandwidth each process measures,
-by ~2% between calls of the GPU machine (docs/efficiency.md, session 13): more than most single changes save. This
-script times the decode step of each tree (`e2e.decode_point`: compiled and graph-replayed on the GPU) in processes
-of its own, alternating the trees, so that all see the same machine; it prints every process's ms per step and each
-tree's median against the first tree's (the base).
+by ~2% between machine starts (docs/efficiency.md): more than most single changes save. This script times the decode
+step of each tree (`e2e_timing.decode_point`: compiled and graph-replayed on the GPU) in processes of its own,
+alternating the trees, so that all see the same machine; it prints every process's ms per step and each tree's median
+against the first tree's (the base).
 
     git archive REV src benchmarks configs | tar -x -C /tmp/base       # a tree: src/, benchmarks/ and configs/
     python3 benchmarks/decode_ab.py /tmp/base . [/tmp/other ...] [--arch gdn_lte] [--batch 64] [--context 4096]
         [--rounds 2]
 
-`--smoke`: the tiny configs on the CPU, eager (tests). `--out FILE` also writes the JSON.
+`--smoke`: the tiny configs on the CPU, eager (tests). Writes `decode_ab-<gpu>.json` to `--out DIR` (default
+benchmarks/results).
 """
 
 from __future__ import annotations
@@ -25,19 +26,22 @@ from pathlib import Path
 
 import torch
 
+from benchlib import add_output_args, machine, result_path, write_result
+
 POINTS = 3  # timed points per process: the first compiles, the others reuse its graph
 
 
 def worker(args: argparse.Namespace) -> None:
     """In a tree's root: time its step `POINTS` times and print `{"ms": [...]}` as the last line."""
-    sys.path.insert(0, str(Path("benchmarks").resolve()))  # the tree's sibling benchmark, ahead of this file's own
-    import e2e
+    sys.path.insert(0, str(Path("benchmarks").resolve()))  # the tree's own benchmark modules, ahead of this file's
+    import e2e_models
+    import e2e_timing
 
-    plan = e2e.make_plan(argparse.Namespace(smoke=args.smoke, quick=not args.smoke, budget_s=None))
-    model = e2e.build_model(args.arch, plan)
+    plan = e2e_models.make_plan(argparse.Namespace(smoke=args.smoke, quick=not args.smoke, budget_s=None))
+    model = e2e_models.build_model(args.arch, plan)
     with torch.no_grad():
         rows = [
-            e2e.decode_point(model, args.arch, args.batch, args.context, plan, fresh_compile=i == 0)
+            e2e_timing.decode_point(model, args.arch, args.batch, args.context, plan, fresh_compile=i == 0)
             for i in range(POINTS)
         ]
     if any(row["status"] != "ok" for row in rows):
@@ -64,7 +68,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=2, help="processes per tree, alternating A, B, ..., A, B, ...")
     parser.add_argument("--smoke", action="store_true", help="tiny configs on the CPU (tests)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
+    add_output_args(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -74,8 +78,8 @@ def main() -> None:
         parser.error("give two or more trees, the base first")
     trees = [tree.resolve() for tree in args.trees]
     for tree in trees:
-        if not (tree / "src" / "hlsa").is_dir() or not (tree / "benchmarks" / "e2e.py").is_file():
-            parser.error(f"{tree} is not a source tree: it needs src/hlsa and benchmarks/e2e.py")
+        if not (tree / "src" / "hlsa").is_dir() or not (tree / "benchmarks" / "e2e_timing.py").is_file():
+            parser.error(f"{tree} is not a source tree: it needs src/hlsa and benchmarks/e2e_timing.py")
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1; got {args.rounds}")
     names = [chr(ord("A") + i) for i in range(len(trees))]
@@ -94,17 +98,17 @@ def main() -> None:
         + ", ".join(f"{name} - A = {d:+.1f} us" for name, d in diff_us.items())
         + " per step"
     )
-    if args.out is not None:
-        result = {
-            "trees": {name: str(tree) for name, tree in zip(names, trees)},
-            "arch": args.arch,
-            "batch": args.batch,
-            "context": args.context,
-            "ms_per_step": ms,
-            "median_ms": median,
-            "minus_a_us": diff_us,
-        }
-        args.out.write_text(json.dumps(result, indent=1))
+    result = {
+        "machine": machine(args.commit),
+        "trees": {name: str(tree) for name, tree in zip(names, trees)},
+        "arch": args.arch,
+        "batch": args.batch,
+        "context": args.context,
+        "ms_per_step": ms,
+        "median_ms": median,
+        "minus_a_us": diff_us,
+    }
+    print(f"wrote {write_result(result_path('decode_ab', args.out), result)}")
 
 
 if __name__ == "__main__":

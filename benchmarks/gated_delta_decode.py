@@ -1,29 +1,24 @@
 """The GDN decode op on one GPU: `hlsa.ops.gated_delta_decode`'s two kernels against the bandwidth floor.
 
-They do a GDN layer's decode token up to its output norm (docs/efficiency.md, session 11). Their bytes are the fp32
+They do a GDN layer's decode token up to its output norm (docs/efficiency.md). Their bytes are the fp32
 state, read and written (33.5 MB per 0.4B layer at batch 64), plus the projection's partial sums and the conv cache
 (4.6 MB more); the floor is those bytes over the copy bandwidth measured in the same run. Each point is a CUDA graph
 over enough layer copies to exceed the L2 cache, so the state streams from HBM as in a real step. The last copy is
 checked against the reference first (output, state and conv cache); a mismatch stops the run.
 
-    python benchmarks/gated_delta_decode.py --out benchmarks/results
+    python3 benchmarks/gated_delta_decode.py [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import sys
-from pathlib import Path
 
 import torch
 
+from benchlib import add_output_args, copy_bandwidth, machine, result_path, time_graph, write_result
 from hlsa.ops.gated_delta_decode import gated_delta_decode_ref, projection_width
 from hlsa.ops.triton.gated_delta_decode import gated_delta_decode_triton
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import copy_bandwidth, machine, time_graph  # noqa: E402  (the sibling benchmark's timing harness)
 
 DTYPE = torch.bfloat16
 L2_ROTATE_BYTES = 256 * 2**20
@@ -83,15 +78,14 @@ def bench_shape(name: str, B: int, H: int, K: int, bandwidth: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    add_output_args(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     bandwidth = copy_bandwidth()["peer"] * 1e9
     rows = [bench_shape(name, B, H, K, bandwidth) for (name, H, K), B in itertools.product(SHAPES, BATCHES)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "gated_delta_decode_h200.json"
-    path.write_text(json.dumps({"machine": machine(), "copy_gbs": bandwidth / 1e9, "rows": rows}, indent=1))
+    result = {"machine": machine(args.commit), "dtype": str(DTYPE), "copy_gbs": bandwidth / 1e9, "rows": rows}
+    path = write_result(result_path("gated_delta_decode", args.out), result)
     print(f"wrote {path}")
 
 

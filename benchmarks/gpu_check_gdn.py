@@ -1,15 +1,15 @@
 """Gated delta rule on one GPU: fla-core's kernels against our reference, then timings against our PyTorch path.
 
-Usage (GPU machine with fla-core): `PYTHONPATH=src python benchmarks/gpu_check_gdn.py`
-Writes `gdn_h200.json` in `$OUT` when set, else in `benchmarks/results/`, and prints a table. Runs in about a minute
-(most of it is Triton compiling and autotuning fla's kernels).
+Usage (GPU machine with fla-core): `PYTHONPATH=src python3 benchmarks/gpu_check_gdn.py [--out DIR]`
+Writes `gpu_check_gdn-<gpu>.json` in DIR (default benchmarks/results) and prints a table. Runs in about a
+minute (most of it is Triton compiling and autotuning fla's kernels).
 
 Checks, at B=2, T=512, H=4, K=V=D in {64, 128}, inputs in fp32 and bf16 (`g` and the state in fp32):
 * truth: `gated_delta_rule_ref` (step by step) in fp64 on CPU copies of the same inputs (it is slow on a GPU);
 * fla chunk kernel (outputs, final state and the gradients of q, k, v, g, beta, h0), fla fused recurrent kernel
   (forward only: it has no backward), our chunked PyTorch path on the GPU (forward and gradients);
 * the layer (0.4B GDN dims): fla dispatch vs the torch backend, and prefill + decode (fused recurrent) vs full.
-On Hopper, fla refuses its gated chunk backward under Triton < 3.7.1 (fla issue #640: wrong results in
+On Hopper, fla refuses its gated chunk backward under Triton < 3.7.1 (fla reported wrong results in
 `chunk_bwd_dqkwg` on some builds); we bypass the guard and let the gradient checks above tell whether it is right here.
 
 Timing: 32K tokens (B=8, T=4096), H=8, K=V=128 (the 0.4B GDN layer), bf16 inputs: fla chunk vs our chunked path,
@@ -19,14 +19,12 @@ forward and forward + backward. TFLOP/s use the chunk algorithm's count per toke
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import subprocess
+import argparse
 
 import torch
 import torch.nn.functional as F
 
+from benchlib import add_output_args, machine, result_path, write_result
 from hlsa.layers.gdn import GatedDeltaNet
 from hlsa.ops.gated_delta import (
     CHUNK_SIZE,
@@ -170,25 +168,6 @@ def time_paths(*, B: int = 8, T: int = 4096, H: int = 8, D: int = 128) -> list[d
     return rows
 
 
-def machine(guard_bypassed: bool) -> dict:
-    import fla
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "fla": getattr(fla, "__version__", "unknown"),
-        "python": platform.python_version(),
-        "commit": commit or "unknown (uncommitted tree)",
-        "hopper_guard_bypassed": guard_bypassed,
-    }
-
-
 def print_table(result: dict) -> None:
     print(f"\n{result['machine']}")
     names = ("o", "ht", *GRAD_NAMES)
@@ -206,17 +185,18 @@ def print_table(result: dict) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_output_args(parser)
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check_gdn.py needs a CUDA device and fla-core")
     torch.manual_seed(0)
     guard_bypassed = allow_fla_gated_backward_on_hopper()
     checks = [row for D in (64, 128) for dtype in (torch.float32, torch.bfloat16) for row in check_op(D, dtype)]
-    result = {"machine": machine(guard_bypassed), "checks": checks, "layer": check_layer(), "timing": time_paths()}
+    result = {"machine": machine(args.commit), "hopper_guard_bypassed": guard_bypassed, "checks": checks}
+    result |= {"layer": check_layer(), "timing": time_paths()}
     print_table(result)
-    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "gdn_h200.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(result_path("gpu_check_gdn", args.out), result)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,21 @@
-"""Where the time goes: kernel tables of decode steps and training steps (issues 7 and 9).
+"""Where the time goes: kernel tables of decode steps and training steps.
 
-`e2e.py` found decode bound by a fixed per-layer cost (6.3 ms per step at batch 1 and 10 ms at batch 64 for the 0.4B
-GDN+LTE) and `train.py` found GDN+LTE training 22% slower than GDN+SWA; this script names the kernels behind both.
+`e2e.py` times decode steps and `train.py` training steps; this script names the kernels behind their times.
 Per architecture it profiles (`torch.profiler`) a few eager decode steps of the 0.4B model on a synthetic cache
-(`e2e.synthetic_cache`) and a few real trainer steps (`Trainer.train_step`, bf16 autocast, synthetic MQAR rows),
+(`e2e_models.synthetic_cache`) and a few real trainer steps (`Trainer.train_step`, bf16 autocast, synthetic MQAR rows),
 and reports per phase: kernels per step, device time per step, and the kernels (CPU: aten operations) with the most
 total time, with their counts; for decode also the kernels of one step in launch order (`sequence`). Eager or
 `--compile`d steps run launch by launch, so the host-side launch cost shows up too (wall time per step next to device
-time); `--graph` profiles replays of the step captured in a CUDA graph, as `e2e.py` times it (session 13 found the
-profile of launched steps and the replayed step disagreeing about what removing kernels saves).
+time); `--graph` profiles replays of the step captured in a CUDA graph, as `e2e.py` times it (the profile of launched
+steps can disagree with the replayed step about what removing kernels saves).
 
-    PYTHONPATH=src python benchmarks/kernel_profile.py --out DIR          # GPU: gdn_lte and gdn_swa, ~2 min
-    PYTHONPATH=src python benchmarks/kernel_profile.py --smoke --out DIR  # CPU, tiny configs, seconds (tests)
+    PYTHONPATH=src python3 benchmarks/kernel_profile.py [--out DIR]          # GPU: gdn_lte and gdn_swa, ~2 min
+    PYTHONPATH=src python3 benchmarks/kernel_profile.py --smoke --out DIR    # CPU, tiny configs, seconds (tests)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -28,11 +25,12 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+import e2e
+import e2e_models
+import e2e_timing
+import train as train_bench  # the LTE routers' operating point
+from benchlib import add_output_args, machine, result_path, write_result
 from hlsa.config import HybridConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import e2e  # noqa: E402  (the sibling benchmark: model building and synthetic caches)
-import train as train_bench  # noqa: E402  (the sibling benchmark: the LTE routers' operating point)
 
 TOP = 25
 
@@ -94,20 +92,20 @@ def step_sequence(fn, cuda: bool) -> list[list]:
 
 @torch.no_grad()
 def decode_profile(
-    arch: str, plan: e2e.Plan, batch: int, context: int, steps: int, compiled: bool = False, graph: bool = False
+    arch: str, plan: e2e_models.Plan, batch: int, context: int, steps: int, compiled: bool = False, graph: bool = False
 ) -> dict:
     """Kernels of eager decode steps, or with `compiled` of the `torch.compile`d step that `e2e.py` times; with
     `graph` of replays of that step captured in a CUDA graph, as `e2e.py` times it (without, host launch gaps show in
     the wall time, and the kernels run one launch at a time)."""
-    model = e2e.build_model(arch, plan)
-    cache = e2e.synthetic_cache(model, batch, context)
+    model = e2e_models.build_model(arch, plan)
+    cache = e2e_models.synthetic_cache(model, batch, context)
     token = torch.randint(0, model.config.vocab_size, (batch, 1), device=plan.device)
-    step, seen = e2e.prepare_step(model, cache, token, plan, graph=graph, compiled=compiled)
-    with e2e.compile_options(plan, cache):  # the settings the compiled step was built under: no recompile
+    step, seen = e2e_timing.prepare_step(model, cache, token, plan, graph=graph, compiled=compiled)
+    with e2e_timing.compile_options(plan, cache):  # the settings the compiled step was built under: no recompile
         table, wall_ms = profiled(step, steps, plan.device == "cuda")
         sequence = step_sequence(step, plan.device == "cuda")
     if graph:
-        e2e._set_seen(cache, seen + steps + 1)
+        e2e_timing.set_seen(cache, seen + steps + 1)
     busy, idle = sum(row[1] for row in sequence), sum(row[2] for row in sequence)
     return {
         "batch": batch,
@@ -124,7 +122,7 @@ def decode_profile(
 
 
 def train_profile(
-    arch: str, plan: e2e.Plan, batch: int, seq_len: int, steps: int, workdir: Path, lte_kept: int | None = None
+    arch: str, plan: e2e_models.Plan, batch: int, seq_len: int, steps: int, workdir: Path, lte_kept: int | None = None
 ) -> dict:
     config = workdir / f"{arch}.json"
     HybridConfig.from_json_file(str(plan.config_dir / f"{arch}{plan.suffix}.json")).to_json_file(str(config))
@@ -171,11 +169,10 @@ def main() -> None:
     )
     parser.add_argument("--compile", action="store_true", help="profile the torch.compiled decode step (GPU)")
     parser.add_argument("--graph", action="store_true", help="profile replays of the decode step's CUDA graph (GPU)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    add_output_args(parser)
     args = parser.parse_args()
     if args.smoke:
-        plan = e2e.Plan(mode="smoke", config_dir=e2e.REPO / "configs" / "tiny", suffix="", device="cpu",
+        plan = e2e_models.Plan(mode="smoke", config_dir=e2e_models.REPO / "configs" / "tiny", suffix="", device="cpu",
                         dtype=torch.float32, decode_archs=(), contexts=(), prefill_archs=(), prefill_lengths=(),
                         budget_s=0.0)  # fmt: skip
         args.batch, args.context, args.train_batch, args.seq_len, args.lte_kept = 2, 48, 2, 32, 8
@@ -183,12 +180,12 @@ def main() -> None:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: use --smoke for the CPU check")
-        plan = e2e.Plan(
+        plan = e2e_models.Plan(
             mode="profile", decode_archs=(), contexts=(), prefill_archs=(), prefill_lengths=(), budget_s=0.0
         )
     if args.graph and plan.device != "cuda":
         raise SystemExit("--graph captures CUDA graphs: it needs a GPU (not --smoke)")
-    results = {"environment": e2e.environment(plan, args.commit), "archs": {}}
+    results = {"machine": machine(args.commit), "environment": e2e.environment(plan), "archs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         phases = args.phases.split(",")
         for arch in args.archs.split(","):
@@ -205,9 +202,7 @@ def main() -> None:
                 show(arch, f"train {args.train_batch}x{args.seq_len}", mine["train"])
             if plan.device == "cuda":
                 torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ("profile_smoke.json" if args.smoke else "profile_h200.json")
-    path.write_text(json.dumps(results, indent=1))
+    path = write_result(result_path("kernel_profile", args.out), results)
     print(f"\nwrote {path}")
 
 

@@ -7,26 +7,21 @@ Triton time is the kernel alone: in the model, torch.compile folds the sum of it
 elementwise kernel that follows every projection (`sum_us` is that sum as a separate kernel, for reference).
 `--sweep` also times a grid of tile configurations per shape and reports the best.
 
-    python benchmarks/linear.py --out benchmarks/results [--sweep]
+    python3 benchmarks/linear.py [--out DIR] [--sweep]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import sys
 import traceback
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchlib import add_output_args, copy_bandwidth, machine, result_path, time_graph, write_result
 from hlsa.ops.linear import linear
 from hlsa.ops.triton.linear import Tiles, linear_partials_triton, pick_tiles
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import copy_bandwidth, machine, time_graph  # noqa: E402  (the sibling benchmark's timing harness)
 
 DTYPE = torch.bfloat16
 L2_ROTATE_BYTES = 256 * 2**20
@@ -90,13 +85,11 @@ def bench_shape(name: str, M: int, N: int, K: int, sweep: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--tag", default="h200")
+    add_output_args(parser)
     parser.add_argument("--sweep", action="store_true", help="also time a grid of tile configurations per shape")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"linear_{args.tag}.json"
-    result = {"machine": machine(), "copy": copy_bandwidth(), "rows": []}  # machine's dtype: bf16, as DTYPE here
+    path = result_path("linear", args.out)
+    result = {"machine": machine(args.commit), "dtype": str(DTYPE), "copy": copy_bandwidth(), "rows": []}
     print("machine:", result["machine"], "copy GB/s:", result["copy"])
     for (name, N, K), M in itertools.product(SHAPES, BATCHES):
         try:
@@ -104,7 +97,7 @@ def main() -> None:
         except Exception:  # one shape's failure keeps the others' numbers; the traceback goes into the JSON
             result["rows"].append({"shape": name, "M": M, "error": traceback.format_exc()})
             print(result["rows"][-1]["error"])
-        path.write_text(json.dumps(result, indent=1))
+        write_result(path, result)
 
 
 if __name__ == "__main__":

@@ -8,19 +8,22 @@ Decode peers, same run, bf16, HQ=32, HKV=2, D=64, block 64, S=16, W=511 (the aut
 Bandwidth counts the bytes each method must read once: ours the compressed cache + S blocks + the window, full and
 fla the whole cache (fla must pool it). Times are medians of `do_bench` (L2 flushed) over CUDA-graph replays.
 
-Usage: `python benchmarks/nsa.py --out DIR` on the GPU; `python benchmarks/nsa.py --plot FILE.json` draws the PNG.
+Usage: `python3 benchmarks/nsa.py [--out DIR]` on the GPU writes `nsa-<gpu>.json` (default folder
+benchmarks/results); `python3 benchmarks/nsa.py --plot FILE.json` draws the PNG beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import traceback
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from benchlib import add_output_args, machine, result_path, write_result
 
 HQ, HKV, D, BS, S, W = 32, 2, 64, 64, 16, 511
 CONTEXTS = (4096, 8192, 16384, 32768, 65536, 131072)
@@ -164,24 +167,12 @@ def format_row(row: dict) -> str:
     return " | ".join(cells)
 
 
-def main_gpu(out_dir: str) -> None:
-    import triton
-
-    try:
-        import fla
-
-        fla_version = fla.__version__
-    except ImportError:
-        fla_version = None
-    result = dict(
-        machine=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        fla=fla_version,
-        commit=os.environ.get("HLSA_COMMIT"),
-        shapes=dict(HQ=HQ, HKV=HKV, D=D, block_size=BS, block_counts=S, window=W, dtype="bfloat16"),
-    )
-    print(f"# {result['machine']} torch {result['torch']} triton {result['triton']} fla {fla_version}", flush=True)
+def main_gpu(out: Path | None, commit: str | None) -> None:
+    result = {
+        "machine": machine(commit),
+        "shapes": dict(HQ=HQ, HKV=HKV, D=D, block_size=BS, block_counts=S, window=W, dtype="bfloat16"),
+    }
+    print(f"# {result['machine']}", flush=True)
     for key, fn in (
         ("training_fp32", lambda: check_training(torch.float32)),
         ("training_bf16", lambda: check_training(torch.bfloat16)),
@@ -193,8 +184,7 @@ def main_gpu(out_dir: str) -> None:
             result[key] = {"error": traceback.format_exc()[-1500:]}
         print(key, json.dumps(result[key]), flush=True)
     result["decode"] = bench_decode()
-    with open(os.path.join(out_dir, "nsa_h200.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(result_path("nsa", out), result)
 
 
 def plot(path: str) -> None:
@@ -213,14 +203,14 @@ def plot(path: str) -> None:
             ax.plot(*zip(*pts), marker="o", label=name) if pts else None
         ax.set(xscale="log", yscale="log", xlabel="context", ylabel="tokens/s", title=f"NSA decode, batch {B}")
         ax.legend()
-    fig.suptitle(f"{result['machine']}: bf16 HQ=32 HKV=2 D=64 block 64 S=16 W=511")
+    fig.suptitle(f"{result['machine']['gpu']}: bf16 HQ=32 HKV=2 D=64 block 64 S=16 W=511")
     fig.tight_layout()
     fig.savefig(path.replace(".json", ".png"), dpi=110)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".", help="folder for nsa_h200.json")
+    add_output_args(parser)
     parser.add_argument("--plot", help="draw the PNG next to this JSON instead of running")
     args = parser.parse_args()
-    plot(args.plot) if args.plot else main_gpu(args.out)
+    plot(args.plot) if args.plot else main_gpu(args.out, args.commit)

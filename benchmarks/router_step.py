@@ -3,33 +3,27 @@
 The shape is a GDN+LTE 0.4B LTE layer (16 KV heads, head dim 64, the paper's three (3, 2) convs, a ring of 13
 slots, bf16) at batch 1, 16 and 64. The bytes are the CNN's weights, the ring's older taps (read), every conv's
 fresh input (written), the new token's k and v, validity and the logits; the floor is those bytes over the copy
-bandwidth measured in the same run, though the kernel is latency-bound far above it (docs/efficiency.md, session
-12). Each point is a CUDA graph over enough layer copies to exceed the L2 cache, as in a decode step, where the
-other layers' traffic evicts the router's weights. The peer is the op's PyTorch reference in the same graph. The
+bandwidth measured in the same run, though the kernel is latency-bound far above it (docs/efficiency.md). Each
+point is a CUDA graph over enough layer copies to exceed the L2 cache, as in a decode step, where the other layers'
+traffic evicts the router's weights. The peer is the op's PyTorch reference in the same graph. The
 last copy is checked against the reference first (logits and ring); a mismatch stops the run.
 
 `--kernel FILE` times another version of `hlsa/ops/triton/router_step.py` beside this tree's (e.g. one taken with
 `git show REV:src/hlsa/ops/triton/router_step.py > /tmp/old.py`), for A/B runs in one process.
 
-    python benchmarks/router_step.py --out benchmarks/results [--kernel /tmp/old.py]
+    python3 benchmarks/router_step.py [--out DIR] [--kernel /tmp/old.py]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
+from benchlib import add_output_args, copy_bandwidth, load_file, machine, result_path, time_graph, write_result
 from hlsa.ops.router_step import ring_channels, router_step_logits_ref, step_ring_bytes
 from hlsa.ops.triton import router_step as this_kernel
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import copy_bandwidth, machine, time_graph  # noqa: E402  (the sibling benchmark's timing harness)
 
 DTYPE = torch.bfloat16
 L2_ROTATE_BYTES = 256 * 2**20
@@ -71,14 +65,7 @@ def _bytes(step: dict) -> int:
     return weights + B * (ring + HKV * (2 * D + 1) * size)  # + the new token's k and v, and the logits
 
 
-def _load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"router_step_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def bench_batch(B: int, kernels: dict[str, ModuleType], bandwidth: float) -> dict:
+def bench_batch(B: int, kernels: dict[str, object], bandwidth: float) -> dict:
     steps = [_step(B) for _ in range(max(2, -(-L2_ROTATE_BYTES // _bytes(_step(B)))))]
     moved = _bytes(steps[0])
     row = {"B": B, "bytes": moved, "floor_us": moved / bandwidth * 1e6}
@@ -105,20 +92,19 @@ def bench_batch(B: int, kernels: dict[str, ModuleType], bandwidth: float) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    add_output_args(parser)
     parser.add_argument("--kernel", type=Path, default=None, help="another version of the kernel file, timed beside")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     kernels = {"kernel": this_kernel}
     if args.kernel is not None:
-        kernels["other"] = _load(args.kernel)
+        kernels["other"] = load_file(args.kernel)
     bandwidth = copy_bandwidth()["peer"] * 1e9
     rows = [bench_batch(B, kernels, bandwidth) for B in BATCHES]
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "router_step_h200.json"
-    meta = {"machine": machine(), "copy_gbs": bandwidth / 1e9, "other_kernel": str(args.kernel), "rows": rows}
-    path.write_text(json.dumps(meta, indent=1))
+    meta = {"machine": machine(args.commit), "dtype": str(DTYPE), "copy_gbs": bandwidth / 1e9,
+            "other_kernel": str(args.kernel), "rows": rows}  # fmt: skip
+    path = write_result(result_path("router_step", args.out), meta)
     print(f"wrote {path}")
 
 

@@ -2,19 +2,19 @@
 
 Runs the real trainer step (`hlsa.train.trainer.Trainer.train_step`: bf16 autocast, LTE L1 + controller, clip,
 AdamW) on synthetic 4096-token sequences, warms up, synchronises, then times. Prints a table headed by a machine
-line and writes `benchmarks/results/train_h200.json` (shapes, dtype, versions, commit).
+line and writes `train-<gpu>.json` to `--out DIR` (default benchmarks/results; shapes, dtype, versions, commit).
 
-    PYTHONPATH=src python benchmarks/train.py                # all three, micro-batch 8 x 4096
-    PYTHONPATH=src python benchmarks/train.py --archs lte --batch 4 --steps 5
+    PYTHONPATH=src python3 benchmarks/train.py                # all three, micro-batch 8 x 4096
+    PYTHONPATH=src python3 benchmarks/train.py --archs lte --batch 4 --steps 5
 
-GDN+LTE is timed at the operating point of the authors' recipe: the sparsity controller (SPEC 4) holds each LTE
+GDN+LTE is timed at the operating point of the authors' recipe: the sparsity controller (docs/design.md) holds each LTE
 head at about `buffer_size` = 512 kept tokens of the 4096, so `--lte-kept 512` (the default) first shifts every
 router's logit bias, per head, so that 512 tokens per sequence score positive on a calibration batch, then trains
 and reports the kept count it measured. At initialisation (`--lte-kept init`) the authors' +0.5 bias keeps nearly
 every token: LTE is then full causal attention through the sparse kernel, which is what the first few hundred
 steps of a run cost until the controller's lambda has grown.
 
-The model configs follow SPEC section 6 (d=1024, 24 layers, GDN 8x128 on even layers, 16/16 heads of D=64 on odd
+The model configs are the authors' 0.4B ones (d=1024, 24 layers, GDN 8x128 on even layers, 16/16 heads of D=64 on odd
 layers, vocab 32000, tied embeddings); the authors' SWA window 1024 is W=1023 in our convention.
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from benchlib import add_output_args, machine, result_path, write_result
 from hlsa.ops.gated_delta import allow_fla_gated_backward_on_hopper
 
 ATTN = {"num_heads": 16, "num_kv_heads": 16, "head_dim": 64}
@@ -191,20 +191,6 @@ def bench(
     }
 
 
-def versions() -> dict:
-    out = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    for name in ("triton", "fla", "transformers"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = None
-    try:
-        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        out["commit"] = None
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", default="lte,swa,attn", help="comma-separated subset of lte,swa,attn")
@@ -218,16 +204,16 @@ def main() -> None:
         default=512,
         help="tokens per sequence each LTE head keeps while timed (the controller's target), or 'init' (as built)",
     )
-    p.add_argument("--out", default="benchmarks/results/train_h200.json")
+    add_output_args(p)
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/train.py needs a CUDA GPU")
     info = {
-        **versions(),
+        **machine(args.commit),
         "dtype": "bf16 autocast, fp32 weights, AdamW",
         "fla_guard_bypassed": allow_fla_gated_backward_on_hopper(),
     }
-    print(f"# {info['gpu']} | torch {info['torch']} | triton {info['triton']} | fla {info['fla']}")
+    print(f"# {info}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs.split(","):
@@ -261,10 +247,7 @@ def main() -> None:
             f"{r['arch']:<18}{r['params'] / 1e6:>9.1f}M{r['batch']:>7}{r['step_ms']:>10.1f}"
             f"{r['tokens_per_s']:>12.0f}{r['peak_mem_gib']:>10.1f}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "results": rows}, indent=1) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result(result_path('train', args.out), {'machine': info, 'results': rows})}")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ SCRIPT = REPO / "benchmarks" / "decode_ab.py"
 
 
 def test_smoke_ab_of_a_tree_against_itself(tmp_path: Path) -> None:
-    out = tmp_path / "ab.json"
+    out = tmp_path / "ab"
     command = [sys.executable, str(SCRIPT), str(REPO), str(REPO), str(REPO), "--smoke", "--batch", "2", "--context",
                "32", "--rounds", "1", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    (path,) = out.glob("decode_ab-*.json")  # one file, named after the machine's GPU
+    result = json.loads(path.read_text())
+    assert result["machine"]["command"].startswith("python3 ")
     assert set(result["ms_per_step"]) == {"A", "B", "C"}
     for times in result["ms_per_step"].values():
         assert len(times) == 3 and all(t > 0 for t in times)

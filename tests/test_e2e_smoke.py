@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,14 +17,16 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "e2e.py"
 GRAPH_SAFE = {"gdn", "gdn_swa", "gdn_lte", "gdn_attn", "transformer"}
+sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark modules import each other as siblings
+
+import e2e  # noqa: E402
+import e2e_models  # noqa: E402
+import e2e_timing  # noqa: E402
+from benchlib import gpu_slug  # noqa: E402
 
 
-def _load_e2e():
-    spec = importlib.util.spec_from_file_location("e2e_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+def _results(out: Path) -> Path:
+    return out / f"e2e-{gpu_slug()}.json"
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +36,13 @@ def smoke_json(tmp_path_factory: pytest.TempPathFactory) -> dict:
         [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / "e2e_h200.json").read_text())
+    return json.loads(_results(out).read_text())
 
 
 def test_smoke_json_has_every_section(smoke_json: dict) -> None:
-    env = smoke_json["environment"]
-    assert {"versions", "git_commit", "device", "dtype", "plan"} <= set(env)
-    assert env["versions"]["torch"] and env["plan"]["mode"] == "smoke"
+    env, machine = smoke_json["environment"], smoke_json["machine"]
+    assert {"versions", "commit", "gpu", "command"} <= set(machine) and {"dtype", "plan"} <= set(env)
+    assert machine["versions"]["torch"] and "--smoke" in machine["command"] and env["plan"]["mode"] == "smoke"
     assert smoke_json["copy_bandwidth_bytes_per_s"] > 0
     assert set(smoke_json["models"]) == {"gdn", "gdn_swa", "gdn_attn", "gdn_lte", "gdn_nsa", "transformer", "nsa"}
     for arch, info in smoke_json["models"].items():
@@ -70,14 +72,15 @@ def test_memory_table_growth(smoke_json: dict) -> None:
 def test_memory_table_gives_each_measured_points_roofline(smoke_json: dict) -> None:
     """The meta-device shapes (memory table) give the roofline that each decode point computed from its real model and
     cache, so target 2's bound on the Transformer, which is computed from the shapes alone, uses the same arithmetic."""
-    e2e = _load_e2e()
     shapes = {(r["arch"], r["context"]): r for r in smoke_json["memory"]}
     bandwidth = smoke_json["copy_bandwidth_bytes_per_s"]
     for row in smoke_json["decode"]:
         shape = shapes[(row["arch"], row["context"])]
         assert shape["weight_bytes"] == smoke_json["models"][row["arch"]]["weight_bytes"]
         assert shape["step_bytes_per_seq"] == row["step_bytes_per_seq"], row
-        best = e2e.roofline_tokens_per_s(shape["weight_bytes"], shape["step_bytes_per_seq"], row["batch"], bandwidth)
+        best = e2e_models.roofline_tokens_per_s(
+            shape["weight_bytes"], shape["step_bytes_per_seq"], row["batch"], bandwidth
+        )
         assert best == pytest.approx(row["roofline_tokens_per_s"], rel=1e-12)
     (bound,) = [t for t in smoke_json["targets"] if "the transformer's roofline" in t["target"]]
     lte = [r for r in smoke_json["decode"] if (r["arch"], r["batch"], r["context"]) == ("gdn_lte", 2, 64)]
@@ -95,15 +98,14 @@ def _shapes(cache) -> list[dict]:
 @pytest.mark.parametrize("arch", ["gdn_swa", "gdn_lte", "transformer"])
 def test_synthetic_cache_matches_a_real_prefill(arch: str) -> None:
     """Same tensors (shapes, dtypes), same counters and the same valid slots as a real prefill of C tokens."""
-    e2e = _load_e2e()
-    plan = e2e.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
+    plan = e2e_models.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
     torch.manual_seed(0)
-    model = e2e.build_model(arch, plan)
+    model = e2e_models.build_model(arch, plan)
     context = 512  # a multiple of the full-attention allocation unit, so that both hold exactly C slots
     with torch.no_grad():
         real = model.allocate_cache(1)
         model(torch.randint(0, model.config.vocab_size, (1, context)), cache=real, logits_to_keep=1)
-        fake = e2e.synthetic_cache(model, 1, context, headroom=0)
+        fake = e2e_models.synthetic_cache(model, 1, context, headroom=0)
         assert _shapes(fake) == _shapes(real)
         assert fake.seen == real.seen == context
         for block, f, r in zip(model.model.layers, fake.states, real.states):
@@ -120,11 +122,10 @@ def test_synthetic_cache_matches_a_real_prefill(arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ["gdn_lte", "gdn_nsa", "transformer"])
 def test_decode_on_synthetic_cache_advances(arch: str) -> None:
-    e2e = _load_e2e()
-    plan = e2e.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
-    model = e2e.build_model(arch, plan)
+    plan = e2e_models.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
+    model = e2e_models.build_model(arch, plan)
     with torch.no_grad():
-        cache = e2e.synthetic_cache(model, 2, 100)
+        cache = e2e_models.synthetic_cache(model, 2, 100)
         logits = model(torch.zeros(2, 1, dtype=torch.long), cache=cache).logits
     assert logits.shape == (2, 1, model.config.vocab_size) and bool(torch.isfinite(logits).all())
     assert cache.seen == 101 and all(state.seen == 101 for state in cache.states)
@@ -134,10 +135,9 @@ def test_cublas_projections_put_every_projection_on_f_linear() -> None:
     """`--cublas-projections` (the peer of the decode GEMM kernel): every Linear of the model gets backend "torch"."""
     from hlsa.layers.linear import Linear
 
-    e2e = _load_e2e()
-    plan = e2e.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
+    plan = e2e_models.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
     for projections, want in (("auto", None), ("torch", "torch")):
-        model = e2e.build_model("gdn_lte", e2e.replace(plan, projections=projections))
+        model = e2e_models.build_model("gdn_lte", replace(plan, projections=projections))
         linears = [m for m in model.modules() if isinstance(m, Linear)]
         assert linears and all(m.backend == want for m in linears)
 
@@ -149,20 +149,19 @@ def test_compiled_decode_step_compiles_once(arch: str) -> None:
     backend keeps it cheap; freezing only applies to Inductor."""
     from torch._dynamo.utils import counters
 
-    e2e = _load_e2e()
-    plan = e2e.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
-    model = e2e.build_model(arch, plan)
+    plan = e2e_models.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
+    model = e2e_models.build_model(arch, plan)
     torch._dynamo.reset()
     counters.clear()
-    step = torch.compile(e2e.decode_step, backend="eager", fullgraph=True)
+    step = torch.compile(e2e_timing.decode_step, backend="eager", fullgraph=True)
     with torch.no_grad():
-        eager_cache = e2e.synthetic_cache(model, 2, 40)
+        eager_cache = e2e_models.synthetic_cache(model, 2, 40)
         compiled_cache = copy.deepcopy(eager_cache)  # random contents: the same ones in both
         token = torch.zeros(2, 1, dtype=torch.long)
-        with e2e.compile_options(plan, compiled_cache):
+        with e2e_timing.compile_options(plan, compiled_cache):
             for _ in range(4):
                 got = step(model, token, compiled_cache)
-                torch.testing.assert_close(got, e2e.decode_step(model, token, eager_cache), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(got, e2e_timing.decode_step(model, token, eager_cache), rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
     assert compiled_cache.seen == eager_cache.seen == 44
 
@@ -173,22 +172,24 @@ def test_timed_step_matches_the_eager_step_on_cuda() -> None:
     """The step e2e.py times (compiled with freezing and combo kernels, the Triton projections, replayed from a CUDA
     graph) advances a tiny GDN+LTE bf16 cache as the eager step does: the same evictions and buffer, close keys,
     scores and GDN states, and close logits from the two caches afterwards."""
-    e2e = _load_e2e()
-    smoke = e2e.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
-    plan = e2e.replace(smoke, device="cuda", dtype=torch.bfloat16, compile=True, freeze=True, combo_kernels=True)
-    model = e2e.build_model("gdn_lte", plan)
+    smoke = e2e_models.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
+    plan = replace(smoke, device="cuda", dtype=torch.bfloat16, compile=True, freeze=True, combo_kernels=True)
+    model = e2e_models.build_model("gdn_lte", plan)
     torch.manual_seed(0)
     with torch.no_grad():
-        cache = e2e.synthetic_cache(model, 8, 100)
+        cache = e2e_models.synthetic_cache(model, 8, 100)
         eager = copy.deepcopy(cache)
         token = torch.randint(0, model.config.vocab_size, (8, 1), device="cuda")
-        step, seen = e2e.prepare_step(model, cache, token, plan, graph=True, compiled=True)
+        step, seen = e2e_timing.prepare_step(model, cache, token, plan, graph=True, compiled=True)
         for _ in range(12):  # past the window (8 + 1) and the router margin: tokens leave the ring, are scored
             step()
-        e2e._set_seen(cache, seen + 12)
+        e2e_timing.set_seen(cache, seen + 12)
         while eager.seen < cache.seen:
-            e2e.decode_step(model, token, eager)
-        got, want = e2e.decode_step(model, token, cache).float(), e2e.decode_step(model, token, eager).float()
+            e2e_timing.decode_step(model, token, eager)
+        got, want = (
+            e2e_timing.decode_step(model, token, cache).float(),
+            e2e_timing.decode_step(model, token, eager).float(),
+        )
     assert (got - want).norm() <= 0.03 * want.norm()
     for graphed, reference in zip(cache.states, eager.states):
         if hasattr(reference, "buffer_len"):  # LTE
@@ -205,7 +206,6 @@ def test_timed_step_matches_the_eager_step_on_cuda() -> None:
 
 def test_bracketed_arch_times_its_short_context_again(smoke_json: dict) -> None:
     """gdn_lte's first context is timed before and after the longer ones of each batch; targets use the mean."""
-    e2e = _load_e2e()
     for batch in (1, 2, 3):
         order = [r["context"] for r in smoke_json["decode"] if r["arch"] == "gdn_lte" and r["batch"] == batch]
         assert order == [32, 64, 128, 32]
@@ -218,8 +218,7 @@ def test_every_point_records_its_order_and_the_gpu_state(smoke_json: dict) -> No
     rows = smoke_json["decode"] + smoke_json["prefill"]
     assert sorted(r["order"] for r in rows) == list(range(len(rows)))
     assert all(r["gpu"] is None for r in smoke_json["decode"])
-    e2e = _load_e2e()
-    state = e2e.parse_gpu_state("1980, 3201, 152.38, 41, 0x0000000000000004")
+    state = e2e_timing.parse_gpu_state("1980, 3201, 152.38, 41, 0x0000000000000004")
     assert state == {
         "clocks.sm": 1980.0,
         "clocks.mem": 3201.0,
@@ -227,9 +226,9 @@ def test_every_point_records_its_order_and_the_gpu_state(smoke_json: dict) -> No
         "temperature.gpu": 41.0,
         "clocks_event_reasons.active": "0x0000000000000004",
     }
-    assert e2e.parse_gpu_state("1980, [N/A], 152.38, 41, 0x0")["clocks.mem"] is None
+    assert e2e_timing.parse_gpu_state("1980, [N/A], 152.38, 41, 0x0")["clocks.mem"] is None
     with pytest.raises(ValueError, match="5 fields"):
-        e2e.parse_gpu_state("1980, 3201")
+        e2e_timing.parse_gpu_state("1980, 3201")
 
 
 def test_merge_of_a_split_run_is_the_whole_run(smoke_json: dict, tmp_path) -> None:
@@ -250,7 +249,7 @@ def test_merge_of_a_split_run_is_the_whole_run(smoke_json: dict, tmp_path) -> No
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    merged = json.loads((out / "e2e_h200.json").read_text())
+    merged = json.loads(_results(out).read_text())
     assert merged["models"].keys() == smoke_json["models"].keys()
     key = lambda r: (r["arch"], r.get("batch"), r.get("context"), r.get("length"), r["order"])  # noqa: E731
     for kind in ("decode", "prefill"):
@@ -258,7 +257,8 @@ def test_merge_of_a_split_run_is_the_whole_run(smoke_json: dict, tmp_path) -> No
         assert {r["run"] for r in merged[kind]} == {0, 1}
     assert [t["verdict"] for t in merged["targets"]] == [t["verdict"] for t in smoke_json["targets"]]
     assert [t["value"] for t in merged["targets"]] == [t["value"] for t in smoke_json["targets"]]
-    assert (out / "e2e_decode.png").exists() and (out / "e2e_memory.png").exists()  # matplotlib: a dev dependency
+    png = _results(out).with_suffix(".png")
+    assert png.exists() and png.with_name(f"{png.stem}-memory.png").exists()  # matplotlib: a dev dependency
 
 
 @pytest.mark.parametrize("batches", ["0,2", "two", ","])
@@ -268,4 +268,4 @@ def test_bad_batches_are_refused(batches: str, tmp_path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode != 0 and "--batches: expected comma-separated positive integers" in proc.stderr
-    assert not (tmp_path / "e2e_h200.json").exists()
+    assert not _results(tmp_path).exists()

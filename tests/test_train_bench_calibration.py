@@ -3,7 +3,7 @@ head keeps the asked number of tokens, from the authors' start (+0.5: nearly all
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +13,8 @@ from hlsa.config import HybridConfig
 from hlsa.layers.lte import LTEAttention
 from hlsa.model import HybridForCausalLM
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "train.py"
-spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-bench_train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench_train)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # benchmarks import as siblings
+import train as bench_train  # noqa: E402
 
 
 @pytest.mark.parametrize(("bias", "kept"), [(0.5, 20), (-1.0, 37)])

@@ -1,0 +1,154 @@
+"""What every benchmark shares: the machine description, the device copy bandwidth, timing, and result files.
+
+A benchmark writes one JSON per GPU kind, `benchmarks/results/<benchmark>-<gpu slug>.json` (a rerun overwrites it),
+whose `machine` entry names the commit, the GPU, the library versions and the exact command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import runpy
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+LIBRARIES = ("triton", "transformers", "fla")
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """`--out DIR` (where the results file goes) and `--commit SHA` (what it records), the same in every benchmark."""
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder of the results file (default benchmarks/results)"
+    )
+    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+
+
+def gpu_slug() -> str:
+    """Short lower-case name of the GPU ("h200", "h100", "a100"), or "cpu" without CUDA."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    found = re.search(r"\b([a-z]+\d+[a-z]*)\b", name.replace("nvidia", ""))
+    return found.group(1) if found else re.sub(r"[^a-z0-9]+", "_", name).strip("_")
+
+
+def result_path(benchmark: str, out: Path | None = None, suffix: str = ".json") -> Path:
+    """`out/<benchmark>-<gpu slug><suffix>`, `out` defaulting to benchmarks/results."""
+    return Path(out or RESULTS) / f"{benchmark}-{gpu_slug()}{suffix}"
+
+
+def git_commit(commit: str | None = None) -> str:
+    """The commit to record: `commit` if given, else HLSA_COMMIT, else `git rev-parse HEAD` of the repository (a GPU
+    machine may get a copy of the tree without .git, so pass `--commit` or set HLSA_COMMIT there)."""
+    commit = commit or os.environ.get("HLSA_COMMIT")
+    if commit:
+        return commit
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git checkout; pass --commit or set HLSA_COMMIT)"
+    return head.stdout.strip()
+
+
+def machine(commit: str | None = None) -> dict:
+    """The GPU (or CPU), library versions, commit and the exact command of this run."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in LIBRARIES:
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # absent or broken: recorded, not fatal
+            versions[name] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        device = {"gpu": props.name, "sms": props.multi_processor_count}
+    else:
+        device = {"gpu": None, "cpu": platform.processor() or platform.machine()}
+    return {
+        **device,
+        "versions": versions,
+        "commit": git_commit(commit),
+        "command": shlex.join(["python3", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write_result(path: Path, result: dict) -> Path:
+    """Write `result` as indented JSON (folders created); returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, cuda: bool) -> float:
+    """Median seconds of `fn()` over `repeats` calls: CUDA events on the GPU, perf_counter on the CPU."""
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            end.record()
+            end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 if cuda else time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_graph(calls: list[Callable[[], object]], replays: int = 7) -> float:
+    """Median microseconds per call of a CUDA graph that runs `calls` once each, in order (launch gaps removed)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (and Triton compilation) outside the capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str = "cuda", nbytes: int = 2**31) -> dict:
+    """GB/s of a device-to-device `copy_` of `nbytes`, counting bytes read plus bytes written: `eager` (median of 5
+    after a warm-up copy), on CUDA also `graph` (CUDA-graph replayed); `peer` is the higher of the two, the bound a
+    memory-bound kernel is compared with."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = src.clone()  # also the warm-up copy
+    moved = 2 * nbytes
+    out = {"eager": moved / median_seconds(lambda: dst.copy_(src), 5, device == "cuda") / 1e9}
+    if device == "cuda":
+        out["graph"] = moved / time_graph([lambda: dst.copy_(src)] * 4) / 1e3
+    out["peer"] = max(out.values())
+    return out
+
+
+def load_file(path: Path) -> SimpleNamespace:
+    """The globals of a Python file run as a module (another version of a kernel file, for A/B runs in one process:
+    e.g. `git show REV:src/hlsa/ops/triton/router_step.py > /tmp/old.py`)."""
+    return SimpleNamespace(**runpy.run_path(str(path), run_name=f"ab_{Path(path).stem}"))

@@ -1,0 +1,205 @@
+"""Timing of one decode or prefill point for benchmarks/e2e.py: the decode step (eager, compiled, replayed from a
+CUDA graph), its median time, and the GPU's clocks and temperature after each point."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import subprocess
+from collections.abc import Callable
+
+import torch
+import torch._dynamo
+
+from benchlib import median_seconds
+from e2e_models import HEADROOM, Plan, graph_blocker, step_bytes_per_seq, synthetic_cache
+from hlsa.cache import HybridCache
+from hlsa.model import HybridForCausalLM
+
+
+def set_seen(cache: HybridCache, seen: int) -> None:  # all layers consumed the same tokens
+    cache.seen = seen
+    for state in cache.states:
+        state.seen = seen
+
+
+def compile_options(plan: Plan, cache: HybridCache) -> contextlib.AbstractContextManager:
+    """The settings a compiled `decode_step` is built under (they apply when a call compiles): Inductor freezing
+    (`plan.freeze`) and combo kernels (`plan.combo_kernels`), and the cache's host-side token counters marked dynamic
+    from the first compile. Without that,
+    dynamo bakes the first compile's `seen` in and recompiles with it symbolic at the next step: two compiles
+    per model and batch, ~1 min each with freezing."""
+    counters = ["L['cache'].seen", *(f"L['cache'].states[{i}].seen" for i in range(len(cache.states)))]
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._inductor.config.patch(freezing=plan.freeze, combo_kernels=plan.combo_kernels))
+    stack.enter_context(torch.compiler.config.patch(dynamic_sources=",".join(counters)))
+    return stack
+
+
+def prepare_step(
+    model: HybridForCausalLM,
+    cache: HybridCache,
+    token: torch.Tensor,
+    plan: Plan,
+    *,
+    graph: bool,
+    compiled: bool,
+    fresh_compile: bool = True,
+) -> tuple[Callable[[], object], int]:
+    """The decode step ready to run: `(step, seen)`, where `step()` advances the cache by one token (an eager call,
+    or the replay of a CUDA graph that holds one step) and `seen` is the host-side count of tokens the cache holds.
+
+    With `compiled` the step is `torch.compile`d first (the replays then run Inductor's fused kernels), under
+    `compile_options`: the host-side token counters are symbolic from the first compile, so the warm-up leaves one
+    reusable graph (`tests/test_e2e_smoke.py` checks this on the CPU), which later points of the same model and
+    batch reuse (`fresh_compile=False`; caches of other contexts have the same shapes). A fresh compile drops
+    all earlier ones: dynamo gives up (runs eagerly) after 8 recompiles of a frame, and every model and batch
+    adds some.
+
+    Capturing runs the Python code (which increments the host-side `seen` counters) but no kernels, and a replay
+    moves the device `position` tensors but no Python counter: the counters are restored after the capture, and a
+    caller that replays `n` times sets them to `seen + n` (`set_seen`) to keep the cache consistent.
+    """
+    if compiled and fresh_compile:
+        torch._dynamo.reset()
+    forward = torch.compile(decode_step) if compiled else decode_step
+    with compile_options(plan, cache):
+        for _ in range(3 if compiled else 2):  # warm-up outside any capture: compiles and autotunes every kernel
+            forward(model, token, cache)
+        step, before = functools.partial(forward, model, token, cache), cache.seen
+        if graph:
+            torch.cuda.synchronize()
+            cuda_graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(cuda_graph):
+                    forward(model, token, cache)
+            finally:
+                set_seen(cache, before)
+            step = cuda_graph.replay
+            step()  # the first replay uploads the graph: keep it out of any timing
+            before += 1
+    return step, before
+
+
+def time_decode(model: HybridForCausalLM, cache: HybridCache, token: torch.Tensor, plan: Plan, **how: bool) -> float:
+    """Median seconds per decode step over `plan.repeats` runs of `plan.steps` steps: eager calls, or replays of a
+    CUDA graph that holds one step (`prepare_step`, which takes `how`: graph, compiled, fresh_compile)."""
+    step, before = prepare_step(model, cache, token, plan, **how)
+
+    def run() -> None:
+        for _ in range(plan.steps):
+            step()
+
+    seconds = median_seconds(run, plan.repeats, plan.device == "cuda") / plan.steps
+    set_seen(cache, before + plan.steps * plan.repeats)
+    return seconds
+
+
+# What nvidia-smi reports with each decode point, to find what slows a long run's later steps (docs/efficiency.md):
+# clocks (MHz), power (W), temperature (C) and the active clock-event (throttle) reasons, a hex bitmask.
+GPU_FIELDS = ("clocks.sm", "clocks.mem", "power.draw", "temperature.gpu", "clocks_event_reasons.active")
+
+
+def parse_gpu_state(line: str) -> dict[str, float | str | None]:
+    """One `nvidia-smi --query-gpu=<GPU_FIELDS> --format=csv,noheader,nounits` line -> `{field: value}`."""
+    values = [v.strip() for v in line.split(",")]
+    if len(values) != len(GPU_FIELDS):
+        raise ValueError(f"nvidia-smi gave {len(values)} values for {len(GPU_FIELDS)} fields: {line!r}")
+
+    def value(v: str) -> float | str | None:
+        if v.startswith("[") or v == "":  # [N/A], [Not Supported]
+            return None
+        try:
+            return v if v.startswith("0x") else float(v)
+        except ValueError:
+            return v
+
+    return {name: value(v) for name, v in zip(GPU_FIELDS, values, strict=True)}
+
+
+def gpu_state(plan: Plan) -> dict[str, float | str | None] | None:
+    """The GPU's state right after a timed point (the first GPU nvidia-smi lists: e2e runs on one); None off CUDA,
+    without nvidia-smi, or if it fails (a measurement must not depend on it)."""
+    if plan.device != "cuda":
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={','.join(GPU_FIELDS)}", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+        return parse_gpu_state(out.stdout.splitlines()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def decode_step(model: HybridForCausalLM, token: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+    return model(token, cache=cache).logits
+
+
+def decode_point(
+    model: HybridForCausalLM, arch: str, batch: int, context: int, plan: Plan, fresh_compile: bool = True
+) -> dict:
+    """One decode measurement at (batch, context); OOM is recorded, not raised. `fresh_compile`: see `prepare_step`."""
+    row = {"arch": arch, "batch": batch, "context": context}
+    # Warm-up (3), capture (1), upload (1) and timed steps must fit in a growing cache's spare slots: see graph_blocker.
+    if 5 + plan.steps * plan.repeats > HEADROOM:
+        raise ValueError(f"{plan.steps} x {plan.repeats} timed steps exceed the {HEADROOM} spare cache slots")
+    reset_memory(plan)
+    try:
+        cache = synthetic_cache(model, batch, context)
+        token = torch.randint(0, model.config.vocab_size, (batch, 1), device=plan.device)
+        row["mode"] = "graph" if plan.device == "cuda" and graph_blocker(model) is None else "eager"
+        row["compiled"] = plan.compile and row["mode"] == "graph"  # only graph-safe steps are compiled
+        row["frozen"] = row["compiled"] and plan.freeze
+        row["combo_kernels"] = row["compiled"] and plan.combo_kernels
+        row["projections"] = plan.projections
+        try:
+            step = time_decode(
+                model, cache, token, plan, graph=row["mode"] == "graph", compiled=row["compiled"],
+                fresh_compile=fresh_compile,
+            )  # fmt: skip
+        except Exception as err:  # a failed compile or capture is reported, then the point is timed without it
+            if row["mode"] == "eager" or isinstance(err, torch.OutOfMemoryError):
+                raise
+            if row["compiled"]:
+                row.update(compiled=False, compile_error=f"{type(err).__name__}: {str(err)[:300]}")
+            else:
+                row.update(mode="eager", graph_error=f"{type(err).__name__}: {str(err)[:300]}")
+            cache = synthetic_cache(model, batch, context)
+            step = time_decode(model, cache, token, plan, graph=row["mode"] == "graph", compiled=False)
+    except torch.OutOfMemoryError:
+        return {**row, "status": "oom"}
+    per_seq = step_bytes_per_seq(model, cache, context, batch)  # before the cache is freed
+    return {**row, "status": "ok", "latency_ms": step * 1e3, "tokens_per_s": batch / step, "gpu": gpu_state(plan),
+            "step_bytes_per_seq": per_seq,
+            "cache_bytes_per_seq": cache.nbytes() // batch, "peak_memory_bytes": peak_memory(plan)}  # fmt: skip
+
+
+def prefill_point(model: HybridForCausalLM, arch: str, length: int, plan: Plan) -> dict:
+    """Batch-1 prefill of `length` random tokens into an empty cache (one warm-up, then the median of repeats)."""
+    row = {"arch": arch, "length": length}
+    reset_memory(plan)
+    caches = []
+
+    def run() -> None:
+        caches[:] = [model.allocate_cache(1)]
+        model(ids, cache=caches[0], logits_to_keep=1)
+
+    try:
+        ids = torch.randint(0, model.config.vocab_size, (1, length), device=plan.device)
+        run()
+        seconds = median_seconds(run, plan.prefill_repeats, plan.device == "cuda")
+    except torch.OutOfMemoryError:
+        return {**row, "status": "oom"}
+    return {**row, "status": "ok", "seconds": seconds, "tokens_per_s": length / seconds,
+            "cache_bytes": caches[0].nbytes(), "peak_memory_bytes": peak_memory(plan)}  # fmt: skip
+
+
+def reset_memory(plan: Plan) -> None:
+    if plan.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(plan: Plan) -> int | None:
+    return torch.cuda.max_memory_allocated() if plan.device == "cuda" else None
