@@ -494,6 +494,16 @@ def print_table(rows: list[dict], shapes: dict, suggestion: dict) -> None:
         print(f"  {key}: {tuple(cfg)}")
 
 
+def require_gpu() -> None:
+    if not torch.cuda.is_available():
+        sys.exit(
+            "attention_tiles.py needs a CUDA GPU (it compiles and times Triton kernels for Hopper); on a CPU, "
+            "tests/test_attention_tiles_smoke.py checks the explicit tile configs under TRITON_INTERPRET=1"
+        )
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("attention_tiles.py times compiled kernels: unset TRITON_INTERPRET")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_output_args(parser)
@@ -507,13 +517,7 @@ def main() -> None:
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--compile-worker", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit(
-            "attention_tiles.py needs a CUDA GPU (it compiles and times Triton kernels for Hopper); on a CPU, "
-            "tests/test_attention_tiles_smoke.py checks the explicit tile configs under TRITON_INTERPRET=1"
-        )
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("attention_tiles.py times compiled kernels: unset TRITON_INTERPRET")
+    require_gpu()
     if args.compile_worker:
         compile_worker([(kernel, D, tuple(cfg)) for kernel, D, cfg in json.loads(args.compile_worker)])
         return

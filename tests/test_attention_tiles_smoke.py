@@ -132,3 +132,68 @@ def test_explicit_configs_match_default_and_reference(tiles) -> None:
             assert torch.isfinite(a).all(), (name, configs)
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{name} {configs} vs default")
             torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4, msg=f"{name} {configs} vs reference")
+
+
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="tiny shapes for the interpreter")
+def test_main_flow_with_cpu_stand_ins(tiles, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+    """The whole `main` on tiny CPU shapes under the interpreter: the GPU-only pieces (compile pool, do_bench, SDPA
+    and FlexAttention peers, device properties) replaced by stand-ins, the kernel checks real. One candidate fails
+    its compile, one is wrong (a stand-in kernel call that returns garbage for it) and must not be picked."""
+    import json
+
+    monkeypatch.setattr(tiles, "require_gpu", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"name": "cpu"})())
+    monkeypatch.setattr(tiles, "machine", lambda commit: {"gpu": "stand-in"})
+    monkeypatch.setattr(tiles, "result_path", lambda name, out: tmp_path / f"{name}-test.json")
+    monkeypatch.setattr(tiles, "HQ", 4)
+    monkeypatch.setattr(tiles, "HKV", 1)
+    monkeypatch.setattr(tiles, "TOKENS", 96)
+    monkeypatch.setattr(tiles, "CHECK_T", 40)
+    monkeypatch.setattr(tiles, "WINDOW", 5)
+
+    def make_inputs(B, T, HQ, HKV, D, dtype, *, requires_grad=True):
+        q, k, v, ce, _ = _case(B, T, HQ, HKV, D, 5, 0)
+        return q, k, v, ce
+
+    monkeypatch.setattr(tiles, "make_inputs", make_inputs)
+    good, broken, failing = (32, 16, 2, 1), (16, 32, 1, 2, True), (32, 32, 2, 1)
+    monkeypatch.setattr(tiles, "CANDIDATES", {k: [good, broken, failing] for k in tiles.KERNELS})
+    timings = {good: 0.5, broken: 0.1}  # the broken config would win if it were not checked
+    monkeypatch.setattr(tiles, "bench_ms", lambda fn: timings.get(fn.args[-1], 1.0))  # kernel calls end in cfg
+    call = tiles.Case.call
+
+    def wrong_for_broken(self, kernel, cfg):
+        out = call(self, kernel, cfg)
+        return tuple(x * 1.5 for x in out) if tuple(cfg) == broken and kernel == "dq" else out
+
+    monkeypatch.setattr(tiles.Case, "call", wrong_for_broken)
+    monkeypatch.setattr(
+        tiles, "compile_all", lambda jobs, w, timeout_s: {j: "ok" if j[2] != failing else "E" for j in jobs}
+    )
+    monkeypatch.setattr(tiles, "time_pair", lambda fn, leaves: {"fwd_ms": 2.0, "fwdbwd_ms": 7.0})
+    monkeypatch.setattr(tiles, "peers", lambda *a, **k: {"sdpa_causal_flash": {"fwd_ms": 3.0, "fwdbwd_ms": 9.0}})
+    monkeypatch.setattr(tiles, "sdpa_expanded", lambda case: {"fwd_ms": 3.0, "fwdbwd_ms": 9.0})
+    monkeypatch.setattr(
+        tiles, "sdpa_gqa", lambda case: {"backends": {"FLASH_ATTENTION": "ok"}, "fwd_ms": 3.0, "fwdbwd_ms": 9.0}
+    )
+    monkeypatch.setattr(tiles, "flex_times", lambda *a: {"fwd_ms": 30.0, "fwdbwd_ms": 90.0})
+    argv = ["attention_tiles.py", "--dims", "32", "--lengths", "32,48", "--budget-s", "100000", "--workers", "1"]
+    monkeypatch.setattr(sys, "argv", argv + ["--flex-dims", "32", "--flex-max-t", "32"])
+    tiles.main()
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "attention_tiles-test.json").read_text())
+    rows = result["rows"]
+    assert {(r["kernel"], r["T"]) for r in rows} == {(k, T) for k in tiles.KERNELS for T in (32, 48)}
+    by = {(r["kernel"], r["T"], r["name"]): r for r in rows}
+    for kernel in tiles.KERNELS:
+        assert by[(kernel, 32, "32x32x2x1")]["compile"] == "E" and "ms" not in by[(kernel, 32, "32x32x2x1")]
+        assert by[(kernel, 32, "16x16x1x1")]["default"] and by[(kernel, 32, "16x16x1x1")]["ok"]
+        assert by[(kernel, 32, "32x16x2x1")]["ok"], by[(kernel, 32, "32x16x2x1")]
+    assert not by[("dq", 32, "16x32x1x2ws")]["ok"]  # wrong outputs: found by both checks
+    assert by[("dq", 32, "16x32x1x2ws")]["ref_rel_err"] > 0.1
+    assert by[("fwd", 32, "16x32x1x2ws")]["ok"]  # warp_specialize is a no-op under the interpreter
+    assert result["suggested"]["dq D32"] == [32, 16, 2, 1]
+    assert result["suggested"]["fwd D32"] == [16, 32, 1, 2, True]
+    assert result["shapes"][0]["peers"]["flex_compiled"]["fwd_ms"] == 30.0
+    assert "launch_config entries" in out and "dq D32: (32, 16, 2, 1)" in out
