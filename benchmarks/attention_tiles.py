@@ -50,6 +50,7 @@ TOKENS = 65536
 # benchmark's T, so that Triton's integer specialization (divisibility by 16) reuses the kernels compiled for them.
 CHECK_T = 2992
 KERNELS = ("fwd", "dq", "dkdv")
+WORKER_T = 1024  # the compile workers' length: a multiple of 16 like the benchmark's (same Triton specialization)
 SMEM_DEFAULT = 227 * 1024  # H100 / H200 opt-in shared memory per block
 
 # (BM, BN, num_warps, num_stages[, warp_specialize]); the forward and dq pack G = 4 heads into BM rows (BM / 4
@@ -207,9 +208,9 @@ def compile_worker(jobs: list[tuple[str, int, tuple]]) -> None:
     inputs = {}
     for kernel, D, cfg in jobs:
         if D not in inputs:
-            q, k, v, ce = make_inputs(1, 1024, HQ, HKV, D, torch.bfloat16, requires_grad=False)
+            q, k, v, ce = make_inputs(1, WORKER_T, HQ, HKV, D, torch.bfloat16, requires_grad=False)
             cols, ccount = kernels.column_prologue_ref(ce, None, WINDOW)  # torch: leaves compiling to the jobs
-            lse = torch.randn(1, HQ, 1024, device="cuda")
+            lse = torch.randn(1, HQ, WORKER_T, device=q.device)
             inputs[D] = (q, k, v, (ce, q, cols, ccount, WINDOW, D**-0.5, True), lse, torch.randn_like(lse))
         q, k, v, pattern, lse, delta = inputs[D]
         t0 = time.perf_counter()

@@ -197,3 +197,29 @@ def test_main_flow_with_cpu_stand_ins(tiles, monkeypatch: pytest.MonkeyPatch, tm
     assert result["suggested"]["fwd D32"] == [16, 32, 1, 2, True]
     assert result["shapes"][0]["peers"]["flex_compiled"]["fwd_ms"] == 30.0
     assert "launch_config entries" in out and "dq D32: (32, 16, 2, 1)" in out
+
+
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="tiny shapes for the interpreter")
+def test_compile_worker_reports_each_job(tiles, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The worker runs each job once and prints one JSON line per job; an error stays with its job."""
+    import json
+
+    monkeypatch.setattr(tiles, "WORKER_T", 40)
+    monkeypatch.setattr(tiles, "WINDOW", 5)
+    monkeypatch.setattr(tiles, "HQ", 4)
+    monkeypatch.setattr(tiles, "HKV", 1)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(
+        tiles, "make_inputs", lambda B, T, HQ, HKV, D, dtype, requires_grad: _case(B, T, HQ, HKV, D, 5, 0)[:4]
+    )
+    jobs = [
+        ("fwd", 32, (16, 16, 1, 1)),
+        ("dq", 32, (16, 32, 1, 1, True)),
+        ("dkdv", 32, (16, 16, 1)),
+        ("dkdv", 32, (16, 32, 1, 1)),
+    ]
+    tiles.compile_worker(jobs)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["kernel"], tuple(r["config"])) for r in lines] == [(k, c) for k, _, c in jobs]
+    assert [r["status"] for r in lines[:2] + lines[3:]] == ["ok"] * 3
+    assert lines[2]["status"].startswith("ValueError: tile config")
