@@ -47,11 +47,15 @@ from benchlib import add_output_args, machine, result_path, write_result
 HQ, HKV = 16, 4
 TOKENS = 65536
 # The small shape of the reference check: not a multiple of any tile of 32 or more, but a multiple of 16 like the
-# benchmark's T, so that Triton's integer specialization (divisibility by 16) reuses the kernels compiled for them.
+# benchmark's T: Triton compiles one kernel per divisibility by 16 of its integer arguments, so the check reuses them.
 CHECK_T = 2992
 KERNELS = ("fwd", "dq", "dkdv")
-WORKER_T = 1024  # the compile workers' length: a multiple of 16 like the benchmark's (same Triton specialization)
-SMEM_DEFAULT = 227 * 1024  # H100 / H200 opt-in shared memory per block
+WORKER_T = 1024  # the compile workers' length: a multiple of 16 like the benchmark's (the same compiled kernels)
+SMEM_DEFAULT = 227 * 1024
+TARGETS = {
+    64: (330, 250),
+    128: (400, 300),
+}  # effective TFLOP/s aimed at: forward, forward + backward  # H100 / H200 opt-in shared memory per block
 
 # (BM, BN, num_warps, num_stages[, warp_specialize]); the forward and dq pack G = 4 heads into BM rows (BM / 4
 # positions); dk/dv: BM queries per tile, BN keys per program. The default config is added first where missing.
@@ -59,12 +63,12 @@ CANDIDATES = {
     "fwd": [
         (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (128, 64, 4, 2),
         (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (256, 64, 8, 2), (256, 32, 8, 3), (128, 128, 4, 2),
-        (128, 64, 4, 3, True), (128, 32, 4, 3, True),
+        (128, 64, 4, 3, True), (128, 32, 4, 3, True), (128, 64, 8, 3, True),
     ],
     "dq": [
         (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 2),
         (64, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2), (256, 32, 8, 2), (256, 64, 8, 2), (64, 128, 4, 2),
-        (128, 64, 4, 3, True), (128, 32, 4, 3, True),
+        (128, 64, 4, 3, True), (128, 32, 4, 3, True), (128, 64, 8, 3, True),
     ],
     "dkdv": [
         (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3),
@@ -471,20 +475,27 @@ def print_table(rows: list[dict], shapes: dict, suggestion: dict) -> None:
 
             x = f"{d['ms'] / b['ms']:5.2f}" if d and b else f"{'-':>5}"
             print(f"{kernel:6} {D:>4} {T:>6} | {cell(d)} | {cell(b)} {x} | {n_ok}/{n_timed}/{n_bad}")
-    print("fwd+bwd (prologue + fwd + dq + dkdv), eff. TFLOP/s default -> best; autograd op with defaults; peers:")
+    print("Effective TFLOP/s (ms), default -> best configs; f+b = prologue + fwd + dq + dkdv; op = the autograd op")
+    print("with the default configs, fwd / f+b; peers fwd / f+b (SDPA per causal pair):")
+    nan = float("nan")
     for s in summary(rows, shapes):
         info = shapes[(s["D"], s["T"])]
-        ours = info.get("ours", {})
-        line = f"  D{s['D']:<4} T{s['T']:<6} fwd {s.get('default_fwd_tflops', float('nan')):4.0f} -> "
-        line += (
-            f"{s.get('best_fwd_tflops', float('nan')):4.0f}   f+b {s.get('default_fwdbwd_tflops', float('nan')):4.0f}"
-        )
-        line += f" -> {s.get('best_fwdbwd_tflops', float('nan')):4.0f}   op {ours.get('fwd_tflops', float('nan')):4.0f}"
-        line += f"/{ours.get('fwdbwd_tflops', float('nan')):4.0f}"
-        for peer in ("sdpa_causal_flash_expanded", "sdpa_causal_gqa", "flex_compiled"):
+        ours, target = info.get("ours", {}), TARGETS.get(s["D"], (nan, nan))
+        fwd = [(s.get(f"{w}_fwd") or {}).get("ms", nan) for w in ("default", "best")]
+        fb = [s.get(f"{w}_fwdbwd_sum_ms", nan) for w in ("default", "best")]
+        line = f"  D{s['D']:<3} T{s['T']:<5} fwd {s.get('default_fwd_tflops', nan):3.0f} ({fwd[0]:.3f}) -> "
+        line += f"{s.get('best_fwd_tflops', nan):3.0f} ({fwd[1]:.3f}) [target {target[0]}] | f+b "
+        line += f"{s.get('default_fwdbwd_tflops', nan):3.0f} ({fb[0]:.3f}) -> {s.get('best_fwdbwd_tflops', nan):3.0f} "
+        line += f"({fb[1]:.3f}) [target {target[1]}] | op {ours.get('fwd_tflops', nan):3.0f}/"
+        line += f"{ours.get('fwdbwd_tflops', nan):3.0f}"
+        for peer, label in (
+            ("sdpa_causal_flash_expanded", "sdpa"),
+            ("sdpa_causal_gqa", "sdpa-gqa"),
+            ("flex_compiled", "flex"),
+        ):
             t = info.get("peers", {}).get(peer, {})
             if "fwd_tflops" in t:
-                line += f"   {peer} {t['fwd_tflops']:4.0f}/{t['fwdbwd_tflops']:4.0f}"
+                line += f" | {label} {t['fwd_tflops']:3.0f}/{t['fwdbwd_tflops']:3.0f}"
         print(line)
     gqa = [i.get("peers", {}).get("sdpa_causal_gqa", {}).get("backends") for i in shapes.values()]
     gqa = [g for g in gqa if g]
@@ -493,6 +504,10 @@ def print_table(rows: list[dict], shapes: dict, suggestion: dict) -> None:
     print("launch_config entries (least summed ms over the T's):")
     for key, cfg in suggestion.items():
         print(f"  {key}: {tuple(cfg)}")
+    if all(f"{k} D{D}" in suggestion for k in KERNELS for D in (64, 128)):
+        print("  as the table of launch_config (hlsa/ops/triton/sparse_attention.py):")
+        for k in KERNELS:
+            print(f'        "{k}": {tuple(suggestion[f"{k} D64"])} if D <= 64 else {tuple(suggestion[f"{k} D128"])},')
 
 
 def require_gpu() -> None:

@@ -233,8 +233,9 @@ def _dq_kernel(
     _store_program_rows(dq, b_dq, p_row, m_row, D, BD)
 
 
-def launch_config(kernel: str, D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages) for `kernel` in {"fwd", "dq", "dkdv"}; small tiles under the interpreter.
+def launch_config(kernel: str, D: int, dtype: torch.dtype) -> tuple:
+    """(BM, BN, num_warps, num_stages[, warp_specialize]) for `kernel` in {"fwd", "dq", "dkdv"}; small tiles under
+    the interpreter.
 
     The launchers (`forward`, `backward_dq`, `dkdv`) take an explicit `config` instead; benchmarks/attention_tiles.py
     sweeps them and prints this table's entries."""
