@@ -248,10 +248,13 @@ def compile_all(jobs: list[tuple[str, int, tuple]], workers: int, timeout_s: flo
             del pending[:per_process]
             return batch
 
+    def broken() -> bool:  # every process so far died before finishing one job: the pool itself fails
+        return sum(s.startswith("crashed") for s in status.values()) >= 3 and "ok" not in status.values()
+
     def run_batch() -> None:
-        while (batch := take()) and time.monotonic() < deadline:
-            spec = json.dumps([[kernel, D, list(cfg)] for kernel, D, cfg in batch])
-            cmd = [sys.executable, __file__, "--compile-worker", spec]
+        while not broken() and (batch := take()) and time.monotonic() < deadline:
+            job_list = json.dumps([[kernel, D, list(cfg)] for kernel, D, cfg in batch])
+            cmd = [sys.executable, __file__, "--compile-worker", job_list]
             try:
                 limit = min(deadline - time.monotonic(), 60 + 30 * len(batch))  # a compiler that hangs loses its batch
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(limit, 1))
@@ -277,7 +280,7 @@ def compile_all(jobs: list[tuple[str, int, tuple]], workers: int, timeout_s: flo
         for future in [pool.submit(run_batch) for _ in range(workers)]:
             future.result()
     for job in jobs:
-        status.setdefault(job, "not compiled (budget)")
+        status.setdefault(job, "not compiled (budget, or every worker failed)")
     return status
 
 
@@ -558,9 +561,15 @@ def main() -> None:
     result["compile"] = [{"kernel": k, "D": D, "config": list(c), "status": s} for (k, D, c), s in compiled.items()]
     n_ok = sum(1 for s in compiled.values() if s == "ok")
     print(f"compiled {n_ok}/{len(jobs)} candidates in {result['compile_s']:.0f} s with {args.workers} workers")
-    for (k, D, c), s in compiled.items():
-        if s != "ok":
-            print(f"  not compiled: {k} D{D} {cfg_name(c)}: {s[:160]}")
+    if n_ok == 0:  # the worker processes failed as such: compile in this process instead (errors still per config)
+        print("  no worker compiled anything: each candidate compiles in this process when first called", flush=True)
+        result["compile_fallback"] = True
+        compiled = {}
+    failed = [(k, D, c, s) for (k, D, c), s in compiled.items() if s != "ok"]
+    for k, D, c, s in failed[:25]:
+        print(f"  not compiled: {k} D{D} {cfg_name(c)}: {s[:160]}")
+    if len(failed) > 25:
+        print(f"  ... and {len(failed) - 25} more (the results file lists them)")
     rows: list[dict] = []
     shapes: dict = {}
     result["rows"], result["shapes"] = rows, []
@@ -584,20 +593,22 @@ def main() -> None:
             info = shapes.setdefault((D, T), {"B": case.B, "pairs": case.pairs})
             info["ours"] = ours_totals(case)
             info["peers"] = peer_rows(case, flex=False)
-            for kernel in KERNELS:
+            for j, kernel in enumerate(KERNELS):
+                # Each kernel gets an equal share of this shape's time (a slow compile of one cannot starve the next).
+                k_stop = budget.left() - (budget.left() - stop_at) / (len(KERNELS) - j)
                 cfgs = configs[kernel, D]
                 if n > 0:  # the default and the fastest checked configs of the first T
                     first = [r for r in rows if (r["kernel"], r["D"], r["T"]) == (kernel, D, Ts[0]) and r.get("ok")]
                     top = [tuple(r["config"]) for r in sorted(first, key=lambda r: r["ms"])[: args.top]]
                     cfgs = [tuple(case.default[kernel])] + [c for c in top if c != tuple(case.default[kernel])]
-                rows.extend(sweep_kernel(case, kernel, cfgs, compiled, budget, stop_at, ref_case))
+                rows.extend(sweep_kernel(case, kernel, cfgs, compiled, budget, k_stop, ref_case))
             del case, ref_case
             torch.cuda.empty_cache()
             save()
     print_table(rows, shapes, result["suggested"])  # printed again at the end with FlexAttention
     if not args.no_flex:
         for D in [int(x) for x in args.flex_dims.split(",")]:
-            for T in [t for t in Ts if t <= args.flex_max_t]:
+            for T in [t for t in Ts if t <= args.flex_max_t and (D, t) in shapes]:
                 if budget.left() < 90:  # FlexAttention compiles its forward and backward first (about a minute)
                     shapes[(D, T)]["peers"]["flex_compiled"] = {"error": "skipped: budget"}
                     continue
