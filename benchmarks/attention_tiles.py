@@ -15,7 +15,7 @@ random columns per kv head):
 3. peers on the same inputs: SDPA causal on K/V expanded to all heads (flash backend; expanded before timing, and
    attention.py's `sdpa_causal_flash`, which expands inside the timed call), SDPA causal with `enable_gqa=True`
    (which backends accept it is recorded, then the default choice is timed), FlexAttention with the same mask
-   (compiled; at T <= --flex-max-t and D in --flex-dims, if the budget leaves 90 s).
+   (compiled; at T <= --flex-max-t and D in --flex-dims, if the budget allows); all after the sweeps.
 Effective TFLOP/s count attended pairs (attention.py's `attended_pairs`; causal pairs for SDPA): 4 * D FLOPs per
 pair forward, 3.5x that forward + backward. Forward + backward of ours is timed as the autograd op with the default
 configs, and as the sum of the kernels (prologue + forward + dq + dk/dv) with the default and the best configs.
@@ -581,18 +581,19 @@ def main() -> None:
         write_result(path, result)
 
     later = len(Ds) * (len(Ts) - 1)  # shapes that only retime the top configs (~20 s each)
-    reserve = 20.0 * later + (90.0 if not args.no_flex else 0.0)
+    # Kept back for the later shapes, the op and SDPA peers (~10 s a shape) and FlexAttention.
+    # FlexAttention (about a minute to compile) only if the compile left enough: the sweep comes first.
+    flex = not args.no_flex and budget.left() > 200
+    reserve = 20.0 * later + 10.0 * len(Ds) * len(Ts) + (90.0 if flex else 0.0)
     for n, T in enumerate(Ts):
         for i, D in enumerate(Ds):
             if n == 0:  # an equal share of what is left (after the reserve) for each shape of the first T
                 stop_at = budget.left() - (budget.left() - reserve) / (len(Ds) - i)
             else:
-                stop_at = reserve - 20.0 * (n - 1) * len(Ds) - 20.0 * (i + 1)
+                stop_at = reserve - 20.0 * ((n - 1) * len(Ds) + i + 1)
             ref_case = Case(1, CHECK_T, D, reference=True) if n == 0 else None
             case = Case(TOKENS // T, T, D)
             info = shapes.setdefault((D, T), {"B": case.B, "pairs": case.pairs})
-            info["ours"] = ours_totals(case)
-            info["peers"] = peer_rows(case, flex=False)
             for j, kernel in enumerate(KERNELS):
                 # Each kernel gets an equal share of this shape's time (a slow compile of one cannot starve the next).
                 k_stop = budget.left() - (budget.left() - stop_at) / (len(KERNELS) - j)
@@ -605,8 +606,19 @@ def main() -> None:
             del case, ref_case
             torch.cuda.empty_cache()
             save()
+    # The op and the peers after every sweep: a peer that fails badly (an SDPA backend forced onto GQA) cannot cost
+    # the sweep.
+    for (D, T), info in shapes.items():
+        case = Case(TOKENS // T, T, D)
+        info["ours"] = ours_totals(case)
+        info["peers"] = peer_rows(case, flex=False)
+        del case
+        torch.cuda.empty_cache()
+        save()
     print_table(rows, shapes, result["suggested"])  # printed again at the end with FlexAttention
-    if not args.no_flex:
+    if not flex and not args.no_flex:
+        print("FlexAttention skipped: the compile left too little of the budget")
+    if flex:
         for D in [int(x) for x in args.flex_dims.split(",")]:
             for T in [t for t in Ts if t <= args.flex_max_t and (D, t) in shapes]:
                 if budget.left() < 90:  # FlexAttention compiles its forward and backward first (about a minute)
