@@ -23,7 +23,7 @@ import triton.language as tl
 
 from hlsa.ops.triton import interpreted
 from hlsa.ops.triton.rows import block_rows, load_rows, rows_descriptor, use_tma
-from hlsa.ops.triton.sparse_attention_bwd import dkdv, n_columns_before
+from hlsa.ops.triton.sparse_attention_bwd import dkdv, n_columns_before, tile_config
 
 LOG2E = 1.4426950408889634
 
@@ -156,7 +156,7 @@ def _fwd_kernel(
     q, k, v, o, lse, ce, km, cols, ccount, scale, T, W, k_desc, v_desc, q_desc,
     HQ: tl.constexpr, HKV: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    ROWS_TMA: tl.constexpr,
+    ROWS_TMA: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
     i_b, i_hk, i_bk, t0, o_m, m_row, p_row, p_lse, p_k, p_v, km_b = _program_rows(k, v, km, T, HQ, HKV, GP, D, BM)
     b_q = _load_program_rows(q, q_desc, p_row, m_row, i_b, i_hk, t0, T, D, BD, BM, ROWS_TMA)
@@ -174,7 +174,7 @@ def _fwd_kernel(
             p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, True, USE_KM, TMA
         )
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
-    for n0 in range(a, d, BN):
+    for n0 in tl.range(a, d, BN, warp_specialize=WS):
         vis, b_k, b_v = _band_tile(
             p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, False, USE_KM, TMA
         )
@@ -196,7 +196,7 @@ def _dq_kernel(
     q, k, v, o, do, dq, lse, delta, ce, km, cols, ccount, scale, T, W, k_desc, v_desc, q_desc, o_desc, do_desc,
     HQ: tl.constexpr, HKV: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    ROWS_TMA: tl.constexpr,
+    ROWS_TMA: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
     i_b, i_hk, i_bk, t0, o_m, m_row, p_row, p_lse, p_k, p_v, km_b = _program_rows(k, v, km, T, HQ, HKV, GP, D, BM)
     b_q = _load_program_rows(q, q_desc, p_row, m_row, i_b, i_hk, t0, T, D, BD, BM, ROWS_TMA)
@@ -218,7 +218,7 @@ def _dq_kernel(
             p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, True, USE_KM, TMA
         )
         b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, True, PREC)
-    for n0 in range(a, d, BN):
+    for n0 in tl.range(a, d, BN, warp_specialize=WS):
         vis, b_k, b_v = _band_tile(
             p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, False, USE_KM, TMA
         )
@@ -233,8 +233,12 @@ def _dq_kernel(
     _store_program_rows(dq, b_dq, p_row, m_row, D, BD)
 
 
-def launch_config(kernel: str, D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages) for `kernel` in {"fwd", "dq", "dkdv"}; small tiles under the interpreter."""
+def launch_config(kernel: str, D: int, dtype: torch.dtype) -> tuple:
+    """(BM, BN, num_warps, num_stages[, warp_specialize]) for `kernel` in {"fwd", "dq", "dkdv"}; small tiles under
+    the interpreter.
+
+    The launchers (`forward`, `backward_dq`, `dkdv`) take an explicit `config` instead; benchmarks/attention_tiles.py
+    sweeps them and prints this table's entries."""
     if interpreted():
         return 16, 16, 1, 1
     if dtype == torch.float32 and D > 64:
@@ -320,12 +324,15 @@ Tensor = torch.Tensor
 
 def forward(
     q: Tensor, k: Tensor, v: Tensor, ce: Tensor, km: Tensor, cols: Tensor, ccount: Tensor,
-    window_eff: int, scale: float, use_cols: bool,
+    window_eff: int, scale: float, use_cols: bool, config: tuple | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Launch the forward kernel -> (o [B, T, HQ, D], lse [B, HQ, T] fp32)."""
+    """Launch the forward kernel -> (o [B, T, HQ, D], lse [B, HQ, T] fp32).
+
+    `config`: (BM, BN, num_warps, num_stages[, warp_specialize]) instead of `launch_config("fwd", ...)` (for tile
+    sweeps; see `tile_config`)."""
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
-    BM, BN, warps, stages = launch_config("fwd", D, q.dtype)
+    BM, BN, warps, stages, ws = tile_config(config or launch_config("fwd", D, q.dtype))
     GP = triton.next_power_of_2(HQ // HKV)
     BM = max(BM, GP)  # rows per program: BM // GP positions of each of the group's query heads
     o = torch.empty_like(q)
@@ -337,18 +344,21 @@ def forward(
         q, k, v, o, lse, ce, km, cols, ccount, scale * LOG2E, T, window_eff, *descs,
         rows_descriptor(q, BM) if rows_tma else None,
         HQ=HQ, HKV=HKV, GP=GP, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN, USE_COLS=use_cols,
-        USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, num_warps=warps, num_stages=stages,
+        USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, WS=ws, num_warps=warps,
+        num_stages=stages,
     )  # fmt: skip
     return o, lse
 
 
 def backward_dq(
     q: Tensor, k: Tensor, v: Tensor, o: Tensor, do: Tensor, lse: Tensor, ce: Tensor, km: Tensor, cols: Tensor,
-    ccount: Tensor, window_eff: int, scale: float, use_cols: bool,
+    ccount: Tensor, window_eff: int, scale: float, use_cols: bool, config: tuple | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Launch the dq kernel -> dq [B, T, HQ, D] and delta = rowsum(o * do) [B, HQ, T] fp32 (for `dkdv`)."""
+    """Launch the dq kernel -> dq [B, T, HQ, D] and delta = rowsum(o * do) [B, HQ, T] fp32 (for `dkdv`).
+
+    `config` as in `forward` (default `launch_config("dq", ...)`)."""
     B, T, HQ, D = q.shape
-    BM, BN, warps, stages = launch_config("dq", D, q.dtype)
+    BM, BN, warps, stages, ws = tile_config(config or launch_config("dq", D, q.dtype))
     dq = torch.empty_like(q)
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     HKV = k.shape[2]
@@ -361,7 +371,8 @@ def backward_dq(
     _dq_kernel[(triton.cdiv(T, BM // GP), B * HKV)](
         q, k, v, o, do, dq, lse, delta, ce, km, cols, ccount, scale * LOG2E, T, window_eff, *descs, *row_descs,
         HQ=HQ, HKV=HKV, GP=GP, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN, USE_COLS=use_cols,
-        USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, num_warps=warps, num_stages=stages,
+        USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, WS=ws, num_warps=warps,
+        num_stages=stages,
     )  # fmt: skip
     return dq, delta
 

@@ -22,6 +22,18 @@ from hlsa.ops.triton.rows import block_rows, rows_descriptor, use_tma
 LOG2E = 1.4426950408889634
 
 
+def tile_config(config: tuple) -> tuple[int, int, int, int, bool]:
+    """(BM, BN, num_warps, num_stages, warp_specialize) from a 4-tuple (warp_specialize False) or a 5-tuple.
+
+    warp_specialize asks Triton to split the band's mask-free interior loop of the forward and dq kernels into
+    producer and consumer warps (`tl.range(..., warp_specialize=True)`); dk/dv ignore it. Off by default: whether
+    Triton's Hopper backend compiles it for these kernels, and whether it pays, is for a GPU sweep to show."""
+    if len(config) not in (4, 5):
+        raise ValueError(f"tile config must be (BM, BN, num_warps, num_stages[, warp_specialize]); got {config}")
+    BM, BN, warps, stages = (int(x) for x in config[:4])
+    return BM, BN, warps, stages, bool(config[4]) if len(config) == 5 else False
+
+
 @triton.jit
 def n_columns_before(ccount, i_bk, j, T):
     """How many columns of (b, kv head) `i_bk` sit at positions `< j` (j clamped to [0, T]); shared with the forward
@@ -199,16 +211,16 @@ def dkdv(
     scale: float,
     use_cols: bool,
     *,
-    config: tuple[int, int, int, int],
+    config: tuple,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dk, dv `[B, T, HKV, D]` from q, do `[B, T, HQ, D]`, lse, delta `[B, HQ, T]` fp32 and the column prologue.
 
     `km is q` means no key mask and `use_cols=False` means no columns (placeholders are never read).
-    `config` = (BM, BN, num_warps, num_stages).
+    `config` = (BM, BN, num_warps, num_stages[, warp_specialize]) (`tile_config`; warp_specialize is ignored here).
     """
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
-    BM, BN, warps, stages = config
+    BM, BN, warps, stages, _ = tile_config(config)
     BD = triton.next_power_of_2(D)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     dk, dv = torch.empty_like(k), torch.empty_like(v)

@@ -1,0 +1,225 @@
+"""CPU checks of benchmarks/attention_tiles.py: it refuses to run without a GPU, its candidate filter and compile pool
+record failures per candidate, and the explicit tile configs it sweeps give the default's outputs (interpreted)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hlsa.ops.sparse_attention import sparse_attention_ref
+from hlsa.ops.triton.sparse_attention import backward_dq, column_prologue, forward, launch_config
+from hlsa.ops.triton.sparse_attention_bwd import dkdv, tile_config
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "attention_tiles.py"
+INT32_MAX = 2**31 - 1
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO / 'benchmarks'}"}
+
+
+@pytest.fixture
+def tiles(monkeypatch: pytest.MonkeyPatch):
+    """The benchmark script as a module (its folder on sys.path for `attention` and `benchlib`)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import attention_tiles
+
+    return attention_tiles
+
+
+@cpu_only
+def test_refuses_without_a_gpu() -> None:
+    env = {k: v for k, v in _env().items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0
+    assert "needs a CUDA GPU" in proc.stderr
+
+
+@cpu_only
+def test_compile_pool_records_each_failed_candidate(tiles) -> None:
+    """A worker process that dies (here: no GPU) costs the job it was on; the rest of its list is handed out again."""
+    jobs = [("fwd", 64, (128, 32, 4, 3)), ("dkdv", 128, (64, 64, 4, 2, False))]
+    status = tiles.compile_all(jobs, workers=1, timeout_s=600)
+    assert set(status) == set(jobs)
+    for s in status.values():
+        assert s.startswith("crashed (exit 1)") and "needs a CUDA GPU" in s, s
+
+
+def test_candidates_fit_the_shared_memory(tiles) -> None:
+    for kernel in tiles.KERNELS:
+        for D in (64, 128):
+            keep, skipped = tiles.candidates(kernel, D, 227 * 1024)
+            assert keep[0] == tuple(launch_config(kernel, D, torch.bfloat16)) or os.environ.get("TRITON_INTERPRET")
+            assert len(set(keep)) == len(keep)
+            assert all(tiles.smem_estimate(kernel, c, D) <= 227 * 1024 for c in keep[1:])
+            assert all(s["smem_estimate"] > 227 * 1024 for s in skipped)
+    # The D = 128 forward with 128-key tiles and 3 stages would ask for more than 227 KiB.
+    assert tiles.smem_estimate("fwd", (128, 128, 8, 3), 128) > 227 * 1024
+
+
+def test_summary_and_suggestion(tiles, capsys: pytest.CaptureFixture) -> None:
+    """The table and the suggested launch_config entries from hand-made rows."""
+    rows = []
+    for T, scale in ((4096, 1.0), (16384, 1.2)):
+        for kernel in tiles.KERNELS:
+            for cfg, ms, default in (((128, 32, 4, 3), 1.0, True), ((128, 64, 4, 3), 0.8, False)):
+                rows.append({"kernel": kernel, "D": 64, "T": T, "config": list(cfg), "name": tiles.cfg_name(cfg),
+                             "ok": True, "ms": ms * scale, "default": default, "tflops": 100.0 / ms})  # fmt: skip
+            rows.append({"kernel": kernel, "D": 64, "T": T, "config": [64, 64, 4, 3, True], "ok": False, "ms": 0.1})
+    shapes = {(64, T): {"pairs": 10**9, "ours": {"prologue_ms": 0.01}} for T in (4096, 16384)}
+    (s, _) = tiles.summary(rows, shapes)
+    assert s["best_fwd"]["config"] == [128, 64, 4, 3] and s["default_fwd"]["config"] == [128, 32, 4, 3]
+    assert abs(s["best_fwdbwd_sum_ms"] - 2.41) < 1e-9
+    suggestion = tiles.suggest(rows, [64], [4096, 16384])
+    assert suggestion == {f"{k} D64": [128, 64, 4, 3] for k in tiles.KERNELS}  # the failed 0.1 ms row is not taken
+    tiles.print_table(rows, shapes, suggestion)
+    out = capsys.readouterr().out
+    assert "128x64x4x3" in out and "fwd D64: (128, 64, 4, 3)" in out
+
+
+def test_tile_config() -> None:
+    assert tile_config((64, 32, 4, 2)) == (64, 32, 4, 2, False)
+    assert tile_config((64, 32, 4, 2, True)) == (64, 32, 4, 2, True)
+    with pytest.raises(ValueError, match="tile config"):
+        tile_config((64, 32, 4))
+
+
+def _case(B, T, HQ, HKV, D, window, pad):
+    q, k, v = (torch.randn(B, T, h, D) for h in (HQ, HKV, HKV))
+    picks = torch.rand(B, HKV, T).argsort(dim=-1)[..., :5]
+    ce = torch.zeros(B, HKV, T, dtype=torch.int32).scatter_(2, picks, INT32_MAX).permute(0, 2, 1).contiguous()
+    km = torch.ones(B, T, dtype=torch.bool)
+    km[0, :pad] = False
+    return q, k, v, ce, km
+
+
+def _run(q, k, v, ce, km, window, do, configs):
+    """o, dq, dk, dv through the three launchers with explicit configs (None: launch_config)."""
+    cols, ccount = column_prologue(ce, km, window)
+    pattern = (ce, km, cols, ccount, window, q.shape[-1] ** -0.5, True)
+    o, lse = forward(q, k, v, *pattern, config=configs["fwd"])
+    dq, delta = backward_dq(q, k, v, o, do, lse, *pattern, config=configs["dq"])
+    D = q.shape[-1]
+    dk, dv = dkdv(q, k, v, do, lse, delta, *pattern, config=configs["dkdv"] or launch_config("dkdv", D, q.dtype))
+    return o, dq, dk, dv
+
+
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="tiny shapes for the interpreter")
+def test_explicit_configs_match_default_and_reference(tiles) -> None:
+    """Explicit (BM, BN, warps, stages[, warp_specialize]) per kernel: same outputs as the default tiles (16 x 16
+    under the interpreter) and as the reference, on a length no tile divides, left padding and G = 4 (so a forward
+    / dq program packs 32 // 4 = 8 positions of 4 heads)."""
+    B, T, HQ, HKV, D, window, pad = 2, 45, 4, 1, 32, 5, 4
+    q, k, v, ce, km = _case(B, T, HQ, HKV, D, window, pad)
+    do = torch.randn_like(q)
+    default = _run(q, k, v, ce, km, window, do, {"fwd": None, "dq": None, "dkdv": None})
+    up = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o_ref = sparse_attention_ref(*up, window=window, column_end=ce, key_mask=km)
+    ref = (o_ref, *torch.autograd.grad(o_ref, up, do))
+    explicit = {"fwd": (32, 16, 2, 1), "dq": (16, 32, 1, 2, True), "dkdv": (32, 16, 2, 1)}
+    other = {"fwd": (16, 32, 1, 2, True), "dq": (32, 16, 2, 1), "dkdv": (16, 32, 1, 2)}
+    for configs in (explicit, other):
+        with tiles.poisoned():  # the script's NaN-filled torch.empty: unwritten outputs show
+            out = _run(q, k, v, ce, km, window, do, configs)
+        for name, a, b, r in zip(("o", "dq", "dk", "dv"), out, default, ref):
+            assert torch.isfinite(a).all(), (name, configs)
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{name} {configs} vs default")
+            torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4, msg=f"{name} {configs} vs reference")
+
+
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="tiny shapes for the interpreter")
+def test_main_flow_with_cpu_stand_ins(tiles, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+    """The whole `main` on tiny CPU shapes under the interpreter: the GPU-only pieces (compile pool, do_bench, SDPA
+    and FlexAttention peers, device properties) replaced by stand-ins, the kernel checks real. One candidate fails
+    its compile, one is wrong (a stand-in kernel call that returns garbage for it) and must not be picked."""
+    import json
+
+    monkeypatch.setattr(tiles, "require_gpu", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"name": "cpu"})())
+    monkeypatch.setattr(tiles, "machine", lambda commit: {"gpu": "stand-in"})
+    monkeypatch.setattr(tiles, "result_path", lambda name, out: tmp_path / f"{name}-test.json")
+    monkeypatch.setattr(tiles, "HQ", 4)
+    monkeypatch.setattr(tiles, "HKV", 1)
+    monkeypatch.setattr(tiles, "TOKENS", 96)
+    monkeypatch.setattr(tiles, "CHECK_T", 40)
+    monkeypatch.setattr(tiles, "WINDOW", 5)
+
+    def make_inputs(B, T, HQ, HKV, D, dtype, *, requires_grad=True):
+        q, k, v, ce, _ = _case(B, T, HQ, HKV, D, 5, 0)
+        return q, k, v, ce
+
+    monkeypatch.setattr(tiles, "make_inputs", make_inputs)
+    good, broken, failing = (32, 16, 2, 1), (16, 32, 1, 2, True), (32, 32, 2, 1)
+    monkeypatch.setattr(tiles, "CANDIDATES", {k: [good, broken, failing] for k in tiles.KERNELS})
+    timings = {good: 0.5, broken: 0.1}  # the broken config would win if it were not checked
+    monkeypatch.setattr(tiles, "bench_ms", lambda fn: timings.get(fn.args[-1], 1.0))  # kernel calls end in cfg
+    call = tiles.Case.call
+
+    def wrong_for_broken(self, kernel, cfg):
+        out = call(self, kernel, cfg)
+        return tuple(x * 1.5 for x in out) if tuple(cfg) == broken and kernel == "dq" else out
+
+    monkeypatch.setattr(tiles.Case, "call", wrong_for_broken)
+    monkeypatch.setattr(
+        tiles, "compile_all", lambda jobs, w, timeout_s: {j: "ok" if j[2] != failing else "E" for j in jobs}
+    )
+    monkeypatch.setattr(tiles, "time_pair", lambda fn, leaves: {"fwd_ms": 2.0, "fwdbwd_ms": 7.0})
+    monkeypatch.setattr(tiles, "peers", lambda *a, **k: {"sdpa_causal_flash": {"fwd_ms": 3.0, "fwdbwd_ms": 9.0}})
+    monkeypatch.setattr(tiles, "sdpa_expanded", lambda case: {"fwd_ms": 3.0, "fwdbwd_ms": 9.0})
+    monkeypatch.setattr(
+        tiles, "sdpa_gqa", lambda case: {"backends": {"FLASH_ATTENTION": "ok"}, "fwd_ms": 3.0, "fwdbwd_ms": 9.0}
+    )
+    monkeypatch.setattr(tiles, "flex_times", lambda *a: {"fwd_ms": 30.0, "fwdbwd_ms": 90.0})
+    argv = ["attention_tiles.py", "--dims", "32", "--lengths", "32,48", "--budget-s", "100000", "--workers", "1"]
+    monkeypatch.setattr(sys, "argv", argv + ["--flex-dims", "32", "--flex-max-t", "32"])
+    tiles.main()
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "attention_tiles-test.json").read_text())
+    rows = result["rows"]
+    assert {(r["kernel"], r["T"]) for r in rows} == {(k, T) for k in tiles.KERNELS for T in (32, 48)}
+    by = {(r["kernel"], r["T"], r["name"]): r for r in rows}
+    for kernel in tiles.KERNELS:
+        assert by[(kernel, 32, "32x32x2x1")]["compile"] == "E" and "ms" not in by[(kernel, 32, "32x32x2x1")]
+        assert by[(kernel, 32, "16x16x1x1")]["default"] and by[(kernel, 32, "16x16x1x1")]["ok"]
+        assert by[(kernel, 32, "32x16x2x1")]["ok"], by[(kernel, 32, "32x16x2x1")]
+    assert not by[("dq", 32, "16x32x1x2ws")]["ok"]  # wrong outputs: found by both checks
+    assert by[("dq", 32, "16x32x1x2ws")]["ref_rel_err"] > 0.1
+    assert by[("fwd", 32, "16x32x1x2ws")]["ok"]  # warp_specialize is a no-op under the interpreter
+    assert result["suggested"]["dq D32"] == [32, 16, 2, 1]
+    assert result["suggested"]["fwd D32"] == [16, 32, 1, 2, True]
+    assert result["shapes"][0]["peers"]["flex_compiled"]["fwd_ms"] == 30.0
+    assert "launch_config entries" in out and "dq D32: (32, 16, 2, 1)" in out
+
+
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="tiny shapes for the interpreter")
+def test_compile_worker_reports_each_job(tiles, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The worker runs each job once and prints one JSON line per job; an error stays with its job."""
+    import json
+
+    monkeypatch.setattr(tiles, "WORKER_T", 40)
+    monkeypatch.setattr(tiles, "WINDOW", 5)
+    monkeypatch.setattr(tiles, "HQ", 4)
+    monkeypatch.setattr(tiles, "HKV", 1)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(
+        tiles, "make_inputs", lambda B, T, HQ, HKV, D, dtype, requires_grad: _case(B, T, HQ, HKV, D, 5, 0)[:4]
+    )
+    jobs = [
+        ("fwd", 32, (16, 16, 1, 1)),
+        ("dq", 32, (16, 32, 1, 1, True)),
+        ("dkdv", 32, (16, 16, 1)),
+        ("dkdv", 32, (16, 32, 1, 1)),
+    ]
+    tiles.compile_worker(jobs)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["kernel"], tuple(r["config"])) for r in lines] == [(k, c) for k, _, c in jobs]
+    assert [r["status"] for r in lines[:2] + lines[3:]] == ["ok"] * 3
+    assert lines[2]["status"].startswith("ValueError: tile config")
