@@ -151,7 +151,8 @@ def documents(root: Path, package: str) -> Iterator[tuple[str, str]]:
 def _licenses(copyright_text: str) -> list[str]:
     """The license short names (`BSD-3-Clause`, `GPL-2+ or Artistic`) of a machine-readable (DEP-5) copyright
     file, in order, each once; empty for a free-form file (Python's), whose full text the manifest keeps anyway."""
-    names = re.findall(r"^License:[ \t]*([\w.+-]+(?:[ \t]+(?:or|and|with)[ \t]+[\w.+-]+)*)[ \t]*$", copyright_text, re.M)
+    name = r"[\w.+-]+(?:[ \t]+(?:or|and|with)[ \t]+[\w.+-]+)*"
+    names = re.findall(rf"^License:[ \t]*({name})[ \t]*$", copyright_text, re.M)
     return list(dict.fromkeys(names))
 
 
@@ -199,7 +200,8 @@ def fetch_debs(packages: list[str], debs: Path) -> list[Path]:
 
 
 def _deb_field(deb: Path, field: str) -> str:
-    return subprocess.run(["dpkg-deb", "-f", str(deb), field], check=True, capture_output=True, text=True).stdout.strip()
+    done = subprocess.run(["dpkg-deb", "-f", str(deb), field], check=True, capture_output=True, text=True)
+    return done.stdout.strip()
 
 
 def build_corpus(
@@ -229,7 +231,7 @@ def build_corpus(
              "sha256": _sha256(deb)}
         )  # fmt: skip
     splits = {"train": {"documents": 0, "chars": 0}, "validation": {"documents": 0, "chars": 0}}
-    with (out / "train.jsonl").open("w", encoding="utf-8") as tr, (out / "validation.jsonl").open("w", encoding="utf-8") as va:  # fmt: skip
+    with (out / "train.jsonl").open("w", encoding="utf-8") as tr, (out / "validation.jsonl").open("w") as va:
         for package in packages:
             counts: dict[str, int] = {"documents": 0, "chars": 0}
             for doc_id, text in documents(roots[package], package):
