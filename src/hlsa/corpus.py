@@ -231,7 +231,8 @@ def build_corpus(
              "sha256": _sha256(deb)}
         )  # fmt: skip
     splits = {"train": {"documents": 0, "chars": 0}, "validation": {"documents": 0, "chars": 0}}
-    with (out / "train.jsonl").open("w", encoding="utf-8") as tr, (out / "validation.jsonl").open("w") as va:
+    train, valid = out / "train.jsonl", out / "validation.jsonl"
+    with train.open("w", encoding="utf-8") as tr, valid.open("w", encoding="utf-8") as va:
         for package in packages:
             counts: dict[str, int] = {"documents": 0, "chars": 0}
             for doc_id, text in documents(roots[package], package):
