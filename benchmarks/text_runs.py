@@ -3,9 +3,10 @@
 Every run is `hlsa train` with the shared recipe (`configs/train/text-2k.toml`) and one model config of
 `configs/text/`, one process each, all started at once. At `--time-limit` seconds the runs still going get SIGTERM,
 which makes `hlsa train` checkpoint the current step and exit; a run that finished wrote its export. Then the
-results are packed into a few files (a lent machine returns at most 8): one tar per architecture holding each run's
-model (its export, or its latest checkpoint without the optimizer state), tokenizer, `log.jsonl` and console log,
-plus `summary.json` (per run: steps done, last loss, exit status, wall time; the commit, versions and device).
+results are packed into a few files (a lent machine returns at most 8, of 16 MiB each): one `.tar.gz` per
+architecture holding each run's model (its export, or its latest checkpoint without the optimizer state; bf16
+weights except for the runs of `--fp32-runs`), tokenizer, `log.jsonl` and console log, plus `summary.json` (per run:
+steps done, last loss, exit status, wall time; the commit, versions and device).
 
 The corpus travels as one compressed file (`pack-inputs`; the corpus is not in git), unpacked by `train` before
 the runs start:
@@ -158,26 +159,30 @@ def read_log(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _weights(src: Path, dst: Path, bf16: bool) -> None:
-    """`model.safetensors`, floating tensors cast to bf16 when `bf16` (halves a run's share of the 64 MiB)."""
+    """`model.safetensors` without the tied output matrix that checkpoints repeat (`from_pretrained` ties it again),
+    floating tensors cast to bf16 when `bf16` (halves a run's share of the 64 MiB that comes back)."""
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(src)
+    if json.loads((src.parent / "config.json").read_text()).get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)
     if bf16:
         tensors = {k: v.bfloat16() if v.is_floating_point() else v for k, v in tensors.items()}
     save_file(tensors, dst, metadata={"format": "pt"})
 
 
 def pack(
-    runs: list[Run], out: Path, dest: Path, info: dict[str, dict[str, Any]], fp32_seeds: set[int], commit: str
+    runs: list[Run], out: Path, dest: Path, info: dict[str, dict[str, Any]], fp32: set[str], commit: str
 ) -> list[Path]:
-    """One tar per architecture (`<arch>.tar`) and `summary.json` in `dest`."""
+    """One gzipped tar per architecture (`<arch>.tar.gz`) and `summary.json` in `dest`; the weights of the runs
+    named in `fp32` stay in fp32, the others are cast to bf16."""
     import tempfile
 
     dest.mkdir(parents=True, exist_ok=True)
     files = []
     for arch in dict.fromkeys(r.arch for r in runs):
-        tar_path = dest / f"{arch}.tar"
-        with tarfile.open(tar_path, "w") as tar, tempfile.TemporaryDirectory() as tmp:
+        tar_path = dest / f"{arch}.tar.gz"
+        with tarfile.open(tar_path, "w:gz") as tar, tempfile.TemporaryDirectory() as tmp:
             for run in (r for r in runs if r.arch == arch):
                 run_dir, src = out / run.name, model_dir(out / run.name)
                 for f in ("log.jsonl", "train.log"):
@@ -187,7 +192,7 @@ def pack(
                     continue
                 for f in sorted(src.iterdir()):
                     if f.name == "model.safetensors":
-                        bf16 = run.seed not in fp32_seeds
+                        bf16 = run.name not in fp32
                         _weights(f, Path(tmp) / f.name, bf16)
                         tar.add(Path(tmp) / f.name, arcname=f"{run.name}/model/{f.name}")
                         info[run.name]["weights"] = "bf16" if bf16 else "fp32"
@@ -239,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--time-limit", type=float, default=480, help="seconds before the runs still going are stopped")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override: train.steps=3")
     tr.add_argument("--pack", default=None, help="write <arch>.tar files and summary.json here (at most 8 files)")
-    tr.add_argument("--fp32-seeds", default="0", help="seeds whose weights are packed in fp32 (others in bf16)")
+    tr.add_argument(
+        "--fp32-runs", default="gdn_lte:0", help="ARCH:SEED,... whose weights are packed in fp32 (others in bf16)"
+    )
     tr.add_argument("--commit", default=None, help="the commit to record (default: git HEAD here)")
     args = p.parse_args(argv)
     if args.cmd == "pack-inputs":
@@ -252,9 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, i in info.items():
         print(f"{name}: exit {i['exit_status']} after {i['wall_s']} s")
     if args.pack:
-        seeds = {int(s) for s in args.fp32_seeds.split(",") if s.strip()}
-        for f in pack(runs, out, Path(args.pack), info, seeds, args.commit or git_commit()):
+        fp32 = {r.name for r in parse_runs(args.fp32_runs)}
+        files = pack(runs, out, Path(args.pack), info, fp32, args.commit or git_commit())
+        for f in files:
             print(f"{f} {f.stat().st_size / 2**20:.1f} MiB")
+        if max(f.stat().st_size for f in files) > 16 * 2**20 or sum(f.stat().st_size for f in files) > 60 * 2**20:
+            print("warning: over the 16 MiB a file / 64 MiB in all that a lent machine returns", file=sys.stderr)
     return 0
 
 
