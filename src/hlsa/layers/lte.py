@@ -24,7 +24,7 @@ import torch
 
 from hlsa.layers.attention import ProjectedAttention
 from hlsa.layers.eviction import Eviction, oracle_attention
-from hlsa.layers.lte_router import LTERouter, select, sink_mask, value_gain
+from hlsa.layers.lte_router import LTERouter, router_dtype, select, sink_mask, value_gain
 from hlsa.layers.slots import fill_ring
 from hlsa.ops.decode_attention import decode_attention
 from hlsa.ops.linear import linear
@@ -50,7 +50,7 @@ class LTEState:
     valid: torch.Tensor  # bool [B, HKV, W+1+N]
     buffer_len: torch.Tensor  # int32 [B, HKV]
     token_pos: torch.Tensor  # int32 [B, HKV, W+1+N], position of the token in each slot (ties evict the latest)
-    router_x: torch.Tensor  # [B, HKV, 2m+1, C] ring of the router CNN's inputs per conv (LTERouter.ring_inputs)
+    router_x: torch.Tensor  # [B, HKV, 2m+1, C] in router_dtype: each conv's recent inputs (LTERouter.ring_inputs)
     router_valid: torch.Tensor  # bool [B, 2m+1]: False before the sequence start and at pads (same for all heads)
     offset: torch.Tensor  # int64 [B] left-padding length of each row (sinks start after it)
     position: torch.Tensor  # int64 [], next token's position
@@ -183,7 +183,8 @@ class LTEAttention(ProjectedAttention):
             valid=torch.zeros(b, h, slots, device=device, dtype=torch.bool),
             buffer_len=torch.zeros(b, h, device=device, dtype=torch.int32),
             token_pos=torch.full((b, h, slots), -1, device=device, dtype=torch.int32),
-            router_x=torch.zeros(b, h, ctx, self.router.ring_channels, device=device, dtype=dtype),
+            # float32 for a bf16 model: the router scores in full precision (hlsa.layers.lte_router)
+            router_x=torch.zeros(b, h, ctx, self.router.ring_channels, device=device, dtype=router_dtype(dtype)),
             router_valid=torch.zeros(b, ctx, device=device, dtype=torch.bool),
             offset=torch.zeros(b, device=device, dtype=torch.long),
             position=torch.zeros((), device=device, dtype=torch.long),

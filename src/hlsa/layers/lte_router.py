@@ -5,6 +5,12 @@ per conv `(k_i, d_i)`: dropout, a dilated conv that halves the channels ('same' 
 SiLU; then a 1x1 projection to one logit per head. The score is `sigmoid(logit) - 0.5` (or `relu(logit)`); a token
 is selected (kept beyond the window) when its score is positive, and the first `sink_size` real tokens always are.
 
+The router runs in float32 (float64 for a float64 model) whatever the model's dtype (its input is upcast, autocast is
+off inside it, and the decode ring is float32): in bf16, `sigmoid(x) - 0.5` is exactly 0 for `|x|` below about 8e-3,
+so slightly positive scores drop out of the selection, and the scores left are so coarse (8 mantissa bits) that the
+top-N ranking of the inference rule is decided by ties. The CNN is small next to the attention it steers, so float32
+costs little.
+
 Every conv output is multiplied by the padding mask, so a pad behaves exactly like the zero padding beyond the
 sequence ends. That makes streaming scoring exact: the score of token `j` depends only on the router inputs of
 tokens `[j - margin, j + margin]`, and each conv output only on its `2 r + 1` inputs, so a decode step
@@ -243,10 +249,10 @@ class LTERouter(nn.Module):
             pad_mask: bool `[B, T]`, False at (left) pads, or None. Pads' scores are meaningless: use `select`.
 
         Returns:
-            score `[B, T, HKV]` in the input dtype, differentiable (selection is `score > 0`).
+            score `[B, T, HKV]` in `router_dtype` (float32 for a bf16 model), differentiable (selection is `score > 0`).
         """
         self._check_sequence(k, v, pad_mask)
-        x = torch.cat([k, v], dim=-1)  # [B, T, HKV, 2D]
+        x = _upcast(torch.cat([k, v], dim=-1))  # [B, T, HKV, 2D]
         if not self.routing_grad:
             x = x.detach()
         return self._score(self._logits(x, pad_mask))
@@ -258,10 +264,12 @@ class LTERouter(nn.Module):
 
     def ring_inputs(self, k: torch.Tensor, v: torch.Tensor, *, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """What the decode ring holds for each position: every conv's input, concatenated, `[B, T, HKV, C_ring]`
-        (the masked router input `[k || v]`, then each conv's output but the last's). Inputs as in `forward`."""
+        in `router_dtype` (the masked router input `[k || v]`, then each conv's output but the last's). Inputs as in
+        `forward`."""
         self._check_sequence(k, v, pad_mask)
-        x = self._head_major(torch.cat([k, v], dim=-1), pad_mask)
-        return torch.cat(self.conv_stack.conv_inputs(x, pad_mask), dim=-1).permute(1, 2, 0, 3)
+        x = self._head_major(_upcast(torch.cat([k, v], dim=-1)), pad_mask)
+        with _no_autocast(x):
+            return torch.cat(self.conv_stack.conv_inputs(x, pad_mask), dim=-1).permute(1, 2, 0, 3)
 
     def score_step(
         self,
@@ -281,14 +289,14 @@ class LTERouter(nn.Module):
 
         Args:
             kv: `[B, HKV, 2D]` the new token's router input, each head's pre-RoPE key and value `[k || v]` (a decode
-                token is real, never a pad).
-            x_ring: `[B, HKV, R, ring_channels]`, `R >= 2 * margin + 1`, updated in place.
+                token is real, never a pad), in any float dtype (upcast).
+            x_ring: `[B, HKV, R, ring_channels]` in `router_dtype(kv.dtype)`, `R >= 2 * margin + 1`, updated in place.
             valid: bool `[B, R]`, per slot, updated in place (the new token's slot is marked valid).
             position: 0-d int64 tensor, the new token's position.
             backend: of `hlsa.ops.router_step_logits` ("torch", "triton", or None: Triton on CUDA).
 
         Returns:
-            score `[B, HKV]` of token `position - margin` (meaningless while that is negative).
+            score `[B, HKV]` in `router_dtype` of token `position - margin` (meaningless while that is negative).
         """
         B, R = valid.shape[0], x_ring.shape[2] if x_ring.dim() == 4 else 0
         expected = (B, self.num_kv_heads, R, self.ring_channels)
@@ -301,6 +309,7 @@ class LTERouter(nn.Module):
                 f"x_ring must have shape [B, HKV, R, ring_channels] = {list(expected)} with R >= 2 * margin + 1 = "
                 f"{self.receptive_field}; got {list(x_ring.shape)}"
             )
+        kv = _upcast(kv)
         layers = self.conv_stack.decode_layers(kv.dtype)
         return self._score(router_step_logits(kv, x_ring, valid, position, layers, backend=backend))
 
@@ -317,11 +326,26 @@ class LTERouter(nn.Module):
         return x if mask is None else x * mask[None, :, :, None].to(x.dtype)
 
     def _logits(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """`x [B, L, HKV, 2D]`, `mask [B, L] | None` -> logits `[B, L, HKV]`."""
-        return self.conv_stack(self._head_major(x, mask), mask).permute(1, 2, 0)
+        """`x [B, L, HKV, 2D]` (upcast), `mask [B, L] | None` -> logits `[B, L, HKV]` in `x`'s dtype."""
+        with _no_autocast(x):
+            return self.conv_stack(self._head_major(x, mask), mask).permute(1, 2, 0)
 
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) - 0.5 if self.routing_method == "sigmoid" else F.relu(logits)
+
+
+def router_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the router computes in for a model in `dtype`: float32, or float64 for a float64 model."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x.to(router_dtype(x.dtype))
+
+
+def _no_autocast(x: torch.Tensor) -> torch.autocast:
+    """Autocast off on `x`'s device: under bf16 autocast (the trainer's GPU default) the convs would run in bf16."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def sink_mask(pad_mask: torch.Tensor, sink_size: int) -> torch.Tensor:

@@ -1,0 +1,222 @@
+"""Evaluate the real-text runs (benchmarks/text_runs.py) on the held-out split: perplexity by token position, needle
+and passkey retrieval at 1K-8K tokens, and decode-cache bytes per sequence, for every run and seed.
+
+Each run is a model directory (`from_pretrained`, with its tokenizer): `RUNS` holds `<arch>-s<seed>/model` (the
+unpacked tars of `text_runs.py train --pack`) or `<arch>-s<seed>/export` (a run folder). Everything goes through the
+library's evaluation code: `hlsa.eval.ppl.perplexity_by_position` (64-token buckets, summed into the coarse ones
+below), `hlsa.eval.niah` (RULER's `niah_single_1`, a number in repeated noise: the passkey test; and
+`niah_single_2`, a number in an essay), and `hlsa.demo.cache_bytes` (the cache after a prefill). The results JSON
+(`benchmarks/results/text-<where>.json`) records the commit, machine, versions and command; per architecture it
+gives the mean, min and max over seeds, and a PNG beside it plots them.
+
+    PYTHONPATH=src python benchmarks/text_eval.py --runs runs/text-h100 --corpus runs/corpus --where h100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FINE = 64  # tokens per perplexity bucket as computed; the reported buckets are sums of these
+EDGES = (0, 64, 256, 1024, 2048, 4096, 8192)  # reported perplexity buckets: [EDGES[i], EDGES[i + 1])
+LENGTHS = (1024, 2048, 4096, 8192)
+TASKS = {"passkey": "niah_single_1", "needle": "niah_single_2"}
+
+
+def find_runs(root: Path) -> dict[str, Path]:
+    """`{<arch>-s<seed>: model dir}` under `root` (`<name>/model` from a pack, or `<name>/export` from a run)."""
+    runs = {}
+    for d in sorted(p for p in root.iterdir() if re.fullmatch(r"[a-z_]+-s\d+", p.name)):
+        for sub in ("model", "export"):
+            if (d / sub / "config.json").is_file():
+                runs[d.name] = d / sub
+                break
+    if not runs:
+        raise SystemExit(f"{root}: no <arch>-s<seed>/model or /export folders")
+    return runs
+
+
+def coarse_buckets(fine: list[dict[str, Any]], edges: tuple[int, ...] = EDGES) -> list[dict[str, Any]]:
+    """Token-weighted sums of `perplexity_by_position`'s fine buckets into `[edges[i], edges[i + 1])` (empty ones
+    left out): `{start, end, tokens, nll, ppl}`."""
+    out = []
+    for lo, hi in zip(edges, edges[1:]):
+        inside = [b for b in fine if lo <= b["start"] and b["end"] <= hi]
+        tokens = sum(b["tokens"] for b in inside)
+        if tokens:
+            nll = sum(b["nll"] * b["tokens"] for b in inside) / tokens
+            out.append({"start": lo, "end": hi, "tokens": tokens, "nll": nll, "ppl": math.exp(nll)})
+    return out
+
+
+def evaluate_run(
+    model_dir: Path, validation: Path, *, device: str, ppl_docs: int, block: int, lengths: tuple[int, ...],
+    samples: int, depths: tuple[float, ...], batch_size: int,
+) -> dict[str, Any]:  # fmt: skip
+    from hlsa.demo import cache_bytes
+    from hlsa.eval import niah
+    from hlsa.eval.common import load_model, load_tokenizer
+    from hlsa.eval.ppl import iter_documents, perplexity_by_position
+
+    model = load_model(model_dir, device=torch.device(device), dtype="float32")
+    tok = load_tokenizer(model_dir, None)
+    t0 = time.perf_counter()
+    ppl = perplexity_by_position(
+        model, tok, iter_documents(str(validation)), block_size=block, bucket_size=FINE, max_documents=ppl_docs,
+        min_tokens=FINE, progress=False,
+    )  # fmt: skip
+    result: dict[str, Any] = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "ppl": {"buckets": coarse_buckets(ppl["buckets"]), "overall": ppl["overall"], "documents": ppl["documents"]},
+        "seconds": {"ppl": round(time.perf_counter() - t0, 1)},
+    }
+    for name, task in TASKS.items():
+        t0 = time.perf_counter()
+        cells = niah.make_samples([task], tokenizer=tok, lengths=lengths, depths=depths, num_samples=samples,
+                                  tokens_to_generate=16, progress=False)  # fmt: skip
+        preds = niah.generate_predictions(model, tok, [s.prompt for s in cells], batch_size=batch_size,
+                                          max_new_tokens=16, progress=False)  # fmt: skip
+        records = niah.score_samples(cells, preds)
+        result[name] = {
+            str(n): sum(r["exact"] for r in records if r["max_length"] == n) / max(1, len(depths) * samples)
+            for n in lengths
+        }
+        result["seconds"][name] = round(time.perf_counter() - t0, 1)
+    result["cache_bytes"] = {str(n): cache_bytes(model.cpu(), n) for n in lengths}
+    return result
+
+
+def aggregate(per_run: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per architecture: mean, min and max over seeds of every number (perplexity per bucket, accuracy and cache
+    bytes per length)."""
+    by_arch: dict[str, list[dict[str, Any]]] = {}
+    for name, r in per_run.items():
+        by_arch.setdefault(name.rsplit("-s", 1)[0], []).append(r)
+
+    def stats(values: list[float]) -> dict[str, float]:
+        return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+    out = {}
+    for arch, rs in by_arch.items():
+        starts = sorted({b["start"] for r in rs for b in r["ppl"]["buckets"]})
+        ppl = {}
+        for s in starts:
+            vals = [b["ppl"] for r in rs for b in r["ppl"]["buckets"] if b["start"] == s]
+            if len(vals) == len(rs):  # a bucket every seed reached
+                ppl[str(s)] = stats(vals)
+        out[arch] = {
+            "seeds": len(rs),
+            "ppl": ppl,
+            "ppl_overall": stats([r["ppl"]["overall"]["ppl"] for r in rs]),
+            **{k: {n: stats([r[k][n] for r in rs]) for n in rs[0][k]} for k in (*TASKS, "cache_bytes")},
+        }
+    return out
+
+
+def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
+    """Perplexity by position, passkey and needle accuracy by length, cache bytes by length: mean and range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("ppl", "perplexity by token position", "position (bucket start)"),
+              ("passkey", "passkey accuracy", "length"), ("needle", "needle accuracy", "length"),
+              ("cache_bytes", "decode cache bytes / sequence", "length")]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (key, title, xlabel) in zip(axes, panels):
+        for arch, s in summary.items():
+            xs = sorted(s[key], key=int)
+            mean = [s[key][x]["mean"] for x in xs]
+            ax.plot([int(x) for x in xs], mean, marker="o", label=f"{arch} ({s['seeds']})")
+            ax.fill_between([int(x) for x in xs], [s[key][x]["min"] for x in xs], [s[key][x]["max"] for x in xs],
+                            alpha=0.2)  # fmt: skip
+        ax.set_xscale("symlog" if key == "ppl" else "log", base=2)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+    axes[0].set_yscale("log")
+    axes[-1].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _versions() -> dict[str, Any]:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
+           "cpu": platform.processor() or platform.machine()}  # fmt: skip
+    for mod in ("transformers", "tokenizers", "triton", "fla"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", required=True, help="folder of <arch>-s<seed>/model (or /export) folders")
+    p.add_argument("--corpus", default="runs/corpus", help="the corpus folder (its validation.jsonl is used)")
+    p.add_argument("--where", required=True, help="where the runs were trained, e.g. h100 or cpu (names the file)")
+    p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/text-<where>.json)")
+    p.add_argument("--only", default=None, help="evaluate only these runs (comma-separated names)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--ppl-docs", type=int, default=16, help="validation documents for the perplexity")
+    p.add_argument("--block", type=int, default=8192, help="tokens of each document scored (past training's 2048)")
+    p.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="passkey / needle / cache lengths")
+    p.add_argument("--samples", type=int, default=2, help="samples per length and depth")
+    p.add_argument("--depths", default="10,50,90", help="needle depths in percent")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts decoded at once")
+    args = p.parse_args(argv)
+    runs = find_runs(Path(args.runs))
+    if args.only:
+        runs = {k: v for k, v in runs.items() if k in args.only.split(",")}
+    trained = {}  # where and how long each run trained, from the pack's summary when there is one
+    summary_path = Path(args.runs) / "summary.json"
+    if summary_path.is_file():
+        s = json.loads(summary_path.read_text())
+        trained = {k: {**{f: v.get(f) for f in ("steps", "last_ce", "exit_status", "wall_s", "weights")},
+                       "device": s["machine"].get("device", "cpu"), "commit": s["machine"].get("commit")}
+                   for k, v in s["runs"].items()}  # fmt: skip
+    lengths = tuple(int(x) for x in args.lengths.split(","))
+    depths = tuple(float(x) for x in args.depths.split(","))
+    per_run = {}
+    for name, model_dir in runs.items():
+        t0 = time.perf_counter()
+        per_run[name] = evaluate_run(
+            model_dir, Path(args.corpus) / "validation.jsonl", device=args.device, ppl_docs=args.ppl_docs,
+            block=args.block, lengths=lengths, samples=args.samples, depths=depths, batch_size=args.batch_size,
+        )  # fmt: skip
+        per_run[name]["trained"] = trained.get(name, {})
+        r = per_run[name]
+        print(f"{name}: ppl {r['ppl']['overall']['ppl']:.2f}, passkey {r['passkey']}, needle {r['needle']}, "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+    summary = aggregate(per_run)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    out = Path(args.out or ROOT / f"benchmarks/results/text-{args.where}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(["text_eval.py", *argv]),
+        "commit": commit, "trained_on": args.where, "evaluated_on": _versions(), "device": args.device,
+        "settings": {"ppl_docs": args.ppl_docs, "block": args.block, "buckets": EDGES, "lengths": lengths,
+                     "samples": args.samples, "depths": depths, "tasks": TASKS},
+        "summary": summary, "runs": per_run,
+    }  # fmt: skip
+    out.write_text(json.dumps(payload, indent=1) + "\n")
+    plot(summary, out.with_suffix(".png"))
+    print(out, out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

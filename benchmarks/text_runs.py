@@ -1,0 +1,272 @@
+"""Train the real-text comparison (GDN, GDN+SWA, GDN+LTE, GDN+attention, Transformer) side by side on one device.
+
+Every run is `hlsa train` with the shared recipe (`configs/train/text-2k.toml`) and one model config of
+`configs/text/`, one process each, all started at once. At `--time-limit` seconds the runs still going get SIGTERM,
+which makes `hlsa train` checkpoint the current step and exit; a run that finished wrote its export. Then the
+results are packed into a few files (a lent machine returns at most 8, of 16 MiB each): one `.tar.gz` per
+architecture holding each run's model (its export, or its latest checkpoint without the optimizer state; bf16
+weights except for the runs of `--fp32-runs`), tokenizer, `log.jsonl` and console log, plus `summary.json` (per run:
+steps done, last loss, exit status, wall time; the commit, versions and device).
+
+The corpus travels as one compressed file (`pack-inputs`; the corpus is not in git), unpacked by `train` before
+the runs start:
+
+    PYTHONPATH=src python benchmarks/text_runs.py pack-inputs --corpus runs/corpus --out runs/text-inputs
+    PYTHONPATH=src python benchmarks/text_runs.py train --inputs runs/text-inputs --out runs/text \
+        --time-limit 480 --pack $OUT
+    # a smoke test of the whole path on the CPU
+    PYTHONPATH=src python benchmarks/text_runs.py train --inputs runs/text-inputs --out /tmp/t --runs gdn_lte:0 \
+        --device cpu --set train.steps=3 --pack /tmp/t/packed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "configs/train/text-2k.toml"
+ARCHS = ("gdn", "gdn_swa", "gdn_lte", "gdn_attn", "transformer")
+# The comparison: three seeds where the question lies (GDN+LTE against GDN+SWA), one for the references.
+DEFAULT_RUNS = ("gdn_lte:0", "gdn_swa:0", "gdn:0", "gdn_attn:0", "transformer:0", "gdn_lte:1", "gdn_swa:1",
+                "gdn_lte:2", "gdn_swa:2")  # fmt: skip
+CORPUS_FILES = ("train.jsonl", "validation.jsonl", "manifest.json", "tokenizer")
+INPUTS_NAME = "corpus.tar.xz"
+GRACE_S = 90  # after SIGTERM: the step in flight, then the checkpoint
+
+
+@dataclass
+class Run:
+    arch: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}-s{self.seed}"
+
+
+def parse_runs(spec: str) -> list[Run]:
+    """`all` or `arch:seed` items joined by ','."""
+    items = DEFAULT_RUNS if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    runs = []
+    for item in items:
+        arch, _, seed = item.partition(":")
+        if arch not in ARCHS or not seed.isdigit():
+            raise SystemExit(f"--runs: {item!r} is not ARCH:SEED with ARCH one of {ARCHS}")
+        runs.append(Run(arch, int(seed)))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+def pack_inputs(corpus: Path, out: Path) -> Path:
+    """`<out>/corpus.tar.xz`: the corpus splits, manifest and tokenizer (~60 MB of text in ~10 MB)."""
+    missing = [f for f in CORPUS_FILES if not (corpus / f).exists()]
+    if missing:
+        raise SystemExit(f"{corpus} lacks {missing}: build it first with `hlsa corpus --out {corpus}`")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / INPUTS_NAME
+    with tarfile.open(path.with_suffix(".tmp"), "w:xz", preset=6) as tar:
+        for f in CORPUS_FILES:
+            tar.add(corpus / f, arcname=f"corpus/{f}")
+    path.with_suffix(".tmp").rename(path)
+    return path
+
+
+def unpack_inputs(inputs: Path, out: Path) -> Path:
+    """The corpus folder under `out` (unpacked from `inputs/corpus.tar.xz` unless already there)."""
+    corpus = out / "corpus"
+    if not (corpus / "manifest.json").is_file():
+        with tarfile.open(inputs / INPUTS_NAME) as tar:
+            tar.extractall(out, filter="data")
+    return corpus
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def train_command(run: Run, run_dir: Path, corpus: Path, device: str, sets: list[str]) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "hlsa.cli", "train", "--options", RECIPE, "--config", f"configs/text/{run.arch}.json",
+        "--out", str(run_dir), "--checkpoint.export", str(run_dir / "export"), "--train.seed", str(run.seed),
+        "--train.device", device, "--data.source", str(corpus / "train.jsonl"),
+        "--data.tokenizer", str(corpus / "tokenizer"), "--log.progress", "false",
+    ]  # fmt: skip
+    for item in sets:
+        key, _, value = item.partition("=")
+        cmd += [f"--{key}", value]
+    if (run_dir / "latest").is_file():  # a run stopped by an earlier time limit continues exactly
+        cmd.append("--resume")
+    return cmd
+
+
+def train_all(runs: list[Run], out: Path, corpus: Path, *, device: str, sets: list[str], time_limit: float) -> dict:
+    """Start every run, SIGTERM the ones still going at `time_limit` seconds, wait for their checkpoints."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH", "")) if p)
+    env["TOKENIZERS_PARALLELISM"] = "false"  # nine processes of one thread each; rayon pools would oversubscribe
+    procs: dict[str, tuple[subprocess.Popen, Any, float]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    start = time.monotonic()
+    for run in runs:
+        run_dir = out / run.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = train_command(run, run_dir, corpus, device, sets)
+        log = (run_dir / "train.log").open("a")
+        procs[run.name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log, 0.0)
+        info[run.name] = {"arch": run.arch, "seed": run.seed, "command": cmd[1:]}
+    stopped = False
+    while any(p.poll() is None for p, _, _ in procs.values()):
+        elapsed = time.monotonic() - start
+        if not stopped and elapsed > time_limit:
+            for p, _, _ in procs.values():
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            stopped = True
+        if stopped and elapsed > time_limit + GRACE_S:
+            for p, _, _ in procs.values():
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(1)
+        for name, (p, log, t) in procs.items():
+            if p.poll() is not None and not t:
+                procs[name] = (p, log, time.monotonic() - start)
+    for name, (p, log, t) in procs.items():
+        log.close()
+        info[name].update(exit_status=p.returncode, wall_s=round(t or time.monotonic() - start, 1))
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------- packing
+def model_dir(run_dir: Path) -> Path | None:
+    """The run's export when it finished, else its latest checkpoint (both load with `from_pretrained`)."""
+    if (run_dir / "export" / "model.safetensors").is_file():
+        return run_dir / "export"
+    latest = run_dir / "latest"
+    return run_dir / latest.read_text().strip() if latest.is_file() else None
+
+
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _weights(src: Path, dst: Path, bf16: bool) -> None:
+    """`model.safetensors` without the tied output matrix that checkpoints repeat (`from_pretrained` ties it again),
+    floating tensors cast to bf16 when `bf16` (halves a run's share of the 64 MiB that comes back)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src)
+    if json.loads((src.parent / "config.json").read_text()).get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)
+    if bf16:
+        tensors = {k: v.bfloat16() if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(tensors, dst, metadata={"format": "pt"})
+
+
+def pack(
+    runs: list[Run], out: Path, dest: Path, info: dict[str, dict[str, Any]], fp32: set[str], commit: str
+) -> list[Path]:
+    """One gzipped tar per architecture (`<arch>.tar.gz`) and `summary.json` in `dest`; the weights of the runs
+    named in `fp32` stay in fp32, the others are cast to bf16."""
+    import tempfile
+
+    dest.mkdir(parents=True, exist_ok=True)
+    files = []
+    for arch in dict.fromkeys(r.arch for r in runs):
+        tar_path = dest / f"{arch}.tar.gz"
+        with tarfile.open(tar_path, "w:gz") as tar, tempfile.TemporaryDirectory() as tmp:
+            for run in (r for r in runs if r.arch == arch):
+                run_dir, src = out / run.name, model_dir(out / run.name)
+                for f in ("log.jsonl", "train.log"):
+                    if (run_dir / f).is_file():
+                        tar.add(run_dir / f, arcname=f"{run.name}/{f}")
+                if src is None:
+                    continue
+                for f in sorted(src.iterdir()):
+                    if f.name == "model.safetensors":
+                        bf16 = run.name not in fp32
+                        _weights(f, Path(tmp) / f.name, bf16)
+                        tar.add(Path(tmp) / f.name, arcname=f"{run.name}/model/{f.name}")
+                        info[run.name]["weights"] = "bf16" if bf16 else "fp32"
+                    elif f.suffix in (".json", ".txt", ".model") or f.name.startswith("tokenizer"):
+                        tar.add(f, arcname=f"{run.name}/model/{f.name}")
+                info[run.name]["model_from"] = src.name
+        files.append(tar_path)
+    for run in runs:
+        log = read_log(out / run.name)
+        last = log[-1] if log else {}
+        info[run.name].update(steps=last.get("step", 0), last_loss=last.get("loss"), last_ce=last.get("ce"))
+    summary = {"machine": _machine(commit), "runs": info}
+    (dest / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    files.append(dest / "summary.json")
+    return files
+
+
+def git_commit() -> str:
+    """HEAD of this checkout, or "" where the tree is a copy without `.git` (a lent machine's)."""
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def _machine(commit: str) -> dict[str, Any]:
+    import torch
+
+    out = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__, "commit": commit}
+    if torch.cuda.is_available():
+        out["device"] = torch.cuda.get_device_name()
+    for mod in ("triton", "fla", "transformers", "tokenizers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pi = sub.add_parser("pack-inputs", help="compress the corpus into one file to carry")
+    pi.add_argument("--corpus", default="runs/corpus")
+    pi.add_argument("--out", default="runs/text-inputs")
+    tr = sub.add_parser("train", help="train the runs side by side, stop them at the time limit, pack the results")
+    tr.add_argument("--inputs", default="runs/text-inputs", help="folder holding corpus.tar.xz (pack-inputs)")
+    tr.add_argument("--out", default="runs/text", help="run folders (resumed when they hold a checkpoint)")
+    tr.add_argument("--runs", default="all", help=f"'all' ({','.join(DEFAULT_RUNS)}) or ARCH:SEED,...")
+    tr.add_argument("--device", default="cuda", choices=["cuda", "cpu", "auto"])
+    tr.add_argument("--time-limit", type=float, default=480, help="seconds before the runs still going are stopped")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override: train.steps=3")
+    tr.add_argument("--pack", default=None, help="write <arch>.tar files and summary.json here (at most 8 files)")
+    tr.add_argument(
+        "--fp32-runs", default="gdn_lte:0", help="ARCH:SEED,... whose weights are packed in fp32 (others in bf16)"
+    )
+    tr.add_argument("--commit", default=None, help="the commit to record (default: git HEAD here)")
+    args = p.parse_args(argv)
+    if args.cmd == "pack-inputs":
+        print(pack_inputs(Path(args.corpus), Path(args.out)))
+        return 0
+    runs = parse_runs(args.runs)
+    out = Path(args.out).resolve()
+    corpus = unpack_inputs(Path(args.inputs), out)
+    info = train_all(runs, out, corpus, device=args.device, sets=args.set, time_limit=args.time_limit)
+    for name, i in info.items():
+        print(f"{name}: exit {i['exit_status']} after {i['wall_s']} s")
+    if args.pack:
+        fp32 = {r.name for r in parse_runs(args.fp32_runs)}
+        files = pack(runs, out, Path(args.pack), info, fp32, args.commit or git_commit())
+        for f in files:
+            print(f"{f} {f.stat().st_size / 2**20:.1f} MiB")
+        if max(f.stat().st_size for f in files) > 16 * 2**20 or sum(f.stat().st_size for f in files) > 60 * 2**20:
+            print("warning: over the 16 MiB a file / 64 MiB in all that a lent machine returns", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

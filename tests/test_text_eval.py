@@ -1,0 +1,58 @@
+"""benchmarks/text_eval.py: coarse perplexity buckets are token-weighted, seeds aggregate to mean/min/max, and a
+tiny run folder evaluates end to end into a results JSON and a plot."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import text_eval  # noqa: E402
+
+
+def test_coarse_buckets_weight_fine_buckets_by_tokens():
+    fine = [{"start": 0, "end": 64, "tokens": 10, "nll": 1.0}, {"start": 64, "end": 128, "tokens": 30, "nll": 2.0},
+            {"start": 128, "end": 192, "tokens": 20, "nll": 4.0}]  # fmt: skip
+    out = text_eval.coarse_buckets(fine, edges=(0, 64, 256, 1024))
+    assert [(b["start"], b["end"], b["tokens"]) for b in out] == [(0, 64, 10), (64, 256, 50)]
+    assert math.isclose(out[1]["nll"], (30 * 2.0 + 20 * 4.0) / 50) and math.isclose(out[1]["ppl"], math.exp(2.8))
+
+
+def test_aggregate_gives_mean_and_range_over_seeds():
+    def run(ppl, acc):
+        return {"ppl": {"buckets": [{"start": 0, "ppl": ppl}], "overall": {"ppl": ppl}},
+                "passkey": {"1024": acc}, "needle": {"1024": 0.0}, "cache_bytes": {"1024": 100}}  # fmt: skip
+
+    summary = text_eval.aggregate({"gdn_lte-s0": run(10.0, 1.0), "gdn_lte-s1": run(20.0, 0.0), "gdn-s0": run(5, 0.5)})
+    assert summary["gdn_lte"]["seeds"] == 2 and summary["gdn"]["seeds"] == 1
+    assert summary["gdn_lte"]["ppl"]["0"] == {"mean": 15.0, "min": 10.0, "max": 20.0}
+    assert summary["gdn_lte"]["passkey"]["1024"] == {"mean": 0.5, "min": 0.0, "max": 1.0}
+
+
+def test_tiny_runs_evaluate_end_to_end(tmp_path):
+    from hlsa import HybridConfig, HybridForCausalLM
+
+    root = Path(__file__).parents[1]
+    for arch in ("gdn_lte", "gdn_swa"):
+        torch.manual_seed(0)
+        model = HybridForCausalLM(HybridConfig.from_json_file(root / f"configs/tiny/{arch}.json"))
+        model.save_pretrained(tmp_path / "runs" / f"{arch}-s0" / "export")  # no tokenizer: the byte tokenizer
+    (tmp_path / "corpus").mkdir()
+    text = "The pass key is hidden in this text, which goes on and on. " * 30
+    (tmp_path / "corpus" / "validation.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    out = tmp_path / "text-test.json"
+    rc = text_eval.main(["--runs", str(tmp_path / "runs"), "--corpus", str(tmp_path / "corpus"), "--where", "test",
+                         "--out", str(out), "--ppl-docs", "1", "--block", "600", "--lengths", "1024,1536",
+                         "--samples", "1", "--depths", "50"])  # fmt: skip
+    assert rc == 0 and out.with_suffix(".png").is_file()
+    result = json.loads(out.read_text())
+    run = result["runs"]["gdn_lte-s0"]
+    assert [(b["start"], b["end"]) for b in run["ppl"]["buckets"]] == [(0, 64), (64, 256), (256, 1024)]
+    assert sum(b["tokens"] for b in run["ppl"]["buckets"]) == run["ppl"]["overall"]["tokens"]
+    assert set(run["passkey"]) == set(run["needle"]) == {"1024", "1536"}
+    # Both caches are constant in length; LTE's holds its buffer beside the same window.
+    swa = result["runs"]["gdn_swa-s0"]["cache_bytes"]
+    assert swa["1024"] == swa["1536"] and run["cache_bytes"]["1024"] == run["cache_bytes"]["1536"] > swa["1536"]
+    assert result["summary"]["gdn_lte"]["seeds"] == 1 and result["trained_on"] == "test"
