@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from hlsa.config import HybridConfig
-from hlsa.layers.eviction import Eviction, dense_attention, random_scores, visible_keys
+from hlsa.layers.eviction import (
+    Eviction,
+    dense_attention,
+    random_scores,
+    simulate_visible_keys,
+    visible_keys,
+)
 from hlsa.layers.lte import LTEAttention
 from hlsa.model import HybridForCausalLM
 
@@ -32,16 +38,21 @@ def make_layer(heads: int = 4, kv_heads: int = 2) -> LTEAttention:
 
 
 def definition(layer: LTEAttention, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """The policy's output from its brute-force visible set: dense attention over the keys `visible_keys` allows."""
+    """The policy's output from its brute-force visible set: dense attention over the keys `visible_keys` allows
+    (`simulate_visible_keys` for the policies that score from attention weights)."""
     t = x.shape[1]
     q, k, v = layer._project(x)
     raw = layer.eviction.scores(layer.router(k, v, pad_mask=pad), k, torch.arange(t))
-    visible = visible_keys(raw, pad, window=WINDOW, buffer_size=layer.buffer_size, sink_size=SINKS)
-    q, k = layer.rotary(q, k, torch.arange(t))
-    return layer.o_proj(dense_attention(q, k, v, visible).flatten(2))
+    q_rot, k_rot = layer.rotary(q, k, torch.arange(t))
+    sizes = dict(window=WINDOW, buffer_size=layer.buffer_size, sink_size=SINKS)
+    if layer.eviction.attention_scored:
+        visible = simulate_visible_keys(q_rot, k_rot, pad, policy=layer.eviction.policy, **sizes)
+    else:
+        visible = visible_keys(raw, pad, **sizes)
+    return layer.o_proj(dense_attention(q_rot, k_rot, v, visible).flatten(2))
 
 
-@pytest.mark.parametrize("policy", ["learned", "window", "random", "key_norm"])
+@pytest.mark.parametrize("policy", ["learned", "window", "random", "key_norm", "h2o", "tova"])
 @pytest.mark.parametrize("buffer", [SINKS, 4, 12])
 @pytest.mark.parametrize("prompt", [1, 9, 20])
 @pytest.mark.parametrize("heads", [2, 4], ids=["mha", "gqa"])
@@ -72,7 +83,7 @@ def test_policies_keep_different_tokens() -> None:
     x = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(2))
     outs = {}
     with torch.no_grad():
-        for policy in ("learned", "window", "random", "key_norm", "oracle"):
+        for policy in ("learned", "window", "random", "key_norm", "h2o", "tova", "oracle"):
             layer.set_eviction(Eviction(policy), 4)
             outs[policy] = layer(x)[0]
     names = list(outs)
@@ -179,7 +190,7 @@ def test_model_set_eviction_resizes_the_cache() -> None:
     with pytest.raises(ValueError, match="must be >= sink_size"):
         model.set_eviction("window", buffer_size=1)
     with pytest.raises(ValueError, match="eviction policy must be one of"):
-        model.set_eviction("h2o")
+        model.set_eviction("snapkv")
     with pytest.raises(ValueError, match="no LTE layer"):
         HybridForCausalLM(HybridConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, gdn={"num_heads": 2}))\
             .set_eviction("window")  # fmt: skip
@@ -212,7 +223,7 @@ def test_model_decode_equals_its_full_forward_under_each_policy() -> None:
     ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(5))
     mask = torch.ones(2, 40, dtype=torch.long)
     mask[1, :4] = 0
-    for policy in ("learned", "window", "random", "key_norm"):
+    for policy in ("learned", "window", "random", "key_norm", "h2o", "tova"):
         model.set_eviction(policy, buffer_size=6, seed=2)
         with torch.no_grad():
             full = model(ids, attention_mask=mask).logits
@@ -222,3 +233,21 @@ def test_model_decode_equals_its_full_forward_under_each_policy() -> None:
                 steps.append(model(ids[:, i : i + 1], cache=out.cache).logits)
         real = mask.bool()
         torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-4, atol=1e-4, msg=policy)
+
+
+def test_simulate_visible_keys_by_hand() -> None:
+    """Window 1, buffer 1, no sinks, head dim 1 (logit = q * k): key 0 takes the mass of the early queries, key 1
+    that of query 2. When key 1 leaves the window (step 3), h2o keeps key 0 (more mass so far), tova takes key 1
+    (query 2 gave it more weight)."""
+    q = torch.tensor([1.0, 1.0, -1.0, -1.0])[None, :, None, None]
+    k = torch.tensor([5.0, -5.0, 0.0, 0.0])[None, :, None, None]
+    sizes = dict(window=1, buffer_size=1, sink_size=0)
+    h2o = simulate_visible_keys(q, k, None, policy="h2o", **sizes)[0, 0]
+    tova = simulate_visible_keys(q, k, None, policy="tova", **sizes)[0, 0]
+    assert h2o[2].nonzero().flatten().tolist() == tova[2].nonzero().flatten().tolist() == [0, 1, 2]
+    assert h2o[3].nonzero().flatten().tolist() == [0, 2, 3]
+    assert tova[3].nonzero().flatten().tolist() == [1, 2, 3]
+    pad = torch.tensor([[False, True, True, True]])
+    sink = simulate_visible_keys(q, k, pad, policy="tova", window=1, buffer_size=1, sink_size=1)[0, 0]
+    assert sink[3].nonzero().flatten().tolist() == [1, 2, 3]  # the sink (key 1) is kept, the pad never seen
+    assert sink[0].nonzero().flatten().tolist() == []

@@ -23,12 +23,10 @@ from typing import NamedTuple
 import torch
 
 from hlsa.layers.attention import ProjectedAttention
-from hlsa.layers.eviction import Eviction, oracle_attention
-from hlsa.layers.lte_router import LTERouter, select, sink_mask, value_gain
+from hlsa.layers.eviction import Eviction, attend_sequentially, evict_step, fill_cache, oracle_attention, rank_scores
+from hlsa.layers.lte_router import LTERouter, select, value_gain
 from hlsa.layers.slots import fill_ring
-from hlsa.ops.decode_attention import decode_attention
 from hlsa.ops.linear import linear
-from hlsa.ops.lte_evict import lte_evict
 from hlsa.ops.lte_retention import lte_column_end
 from hlsa.ops.sparse_attention import sparse_attention
 
@@ -117,9 +115,7 @@ class LTEAttention(ProjectedAttention):
     # ------------------------------------------------------------------------------------------------------------
     def inference_scores(self, score: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         """Scores that rank keys at inference: sinks +inf (always kept), pads -inf (never kept). [B, T, HKV]."""
-        real = torch.ones(score.shape[:2], device=score.device, dtype=torch.bool) if pad_mask is None else pad_mask
-        ranked = score.detach().float().masked_fill(sink_mask(real, self.sink_size)[:, :, None], float("inf"))
-        return ranked.masked_fill(~real[:, :, None], float("-inf"))
+        return rank_scores(score, pad_mask, self.sink_size)
 
     def forward(
         self, x: torch.Tensor, *, pad_mask: torch.Tensor | None = None, state: LTEState | None = None
@@ -164,6 +160,12 @@ class LTEAttention(ProjectedAttention):
                 sink_size=self.sink_size,
                 pad_mask=pad_mask,
             )
+        elif self.eviction.attention_scored and not self.training:  # scores from attention: one step per token
+            slots = state if state is not None else self.init_state(b, device=x.device, dtype=k.dtype)
+            o = attend_sequentially(
+                slots, q, k, v, pad_mask, eviction=self.eviction, ring_size=self.window_size + 1,
+                sink_size=self.sink_size,
+            )  # fmt: skip
         else:
             o = sparse_attention(
                 q, k, v, window=self.window_size, column_end=column_end, key_mask=pad_mask, backend=self.backend
@@ -206,30 +208,8 @@ class LTEAttention(ProjectedAttention):
         # The router's scores of the last m tokens still lack right context: they are scored during decode (before
         # eviction). The training-free policies score a token from itself (no lag).
         ranked[:, max(0, t - self.eviction.score_lag(m)) :] = float("-inf")
-        real_h = real[:, :, None].expand(b, t, self.num_kv_heads)
-        # Ring: the last W+1 tokens.
-        fill_ring(state.k[:, :, :ring], k)
-        fill_ring(state.v[:, :, :ring], v)
-        fill_ring(state.score[:, :, :ring], ranked)
-        fill_ring(state.valid[:, :, :ring], real_h)
-        positions = torch.arange(t, device=k.device, dtype=torch.int32)
-        fill_ring(state.token_pos[:, :, :ring], positions[None, :, None].expand(b, t, self.num_kv_heads))
-        # Buffer: top-N positive scores among tokens older than the ring; stable sort keeps earlier keys on ties.
-        older = max(0, t - ring)
-        if older > 0 and self.buffer_size > 0:
-            cand = ranked[:, :older].transpose(1, 2)  # [B, HKV, older]
-            order = torch.sort(cand, dim=-1, descending=True, stable=True).indices[..., : self.buffer_size]
-            top = cand.gather(-1, order)
-            keep = top > 0
-            n = order.shape[-1]
-            idx = order[..., None].expand(-1, -1, -1, self.head_dim)
-            state.k[:, :, ring : ring + n] = k.transpose(1, 2).gather(2, idx)
-            state.v[:, :, ring : ring + n] = v.transpose(1, 2).to(state.v.dtype).gather(2, idx)
-            # Kept entries are a prefix (sorted descending, positives first).
-            state.score[:, :, ring : ring + n] = torch.where(keep, top, float("-inf"))
-            state.valid[:, :, ring : ring + n] = keep
-            state.token_pos[:, :, ring : ring + n] = order.to(torch.int32)
-            state.buffer_len.copy_(keep.sum(-1).to(torch.int32))
+        if not self.eviction.attention_scored:  # those filled the cache while attending
+            fill_cache(state, k, v, ranked, pad_mask, ring_size=ring)
         # Router rings: every conv's inputs at the last 2m+1 positions, for scoring the pending tokens during decode.
         # The CNN reruns on just those positions: the values it gets wrong there (the first ones lack left context,
         # the last ones right context) are never read, since a decode step reads a conv's inputs no older than
@@ -239,9 +219,6 @@ class LTEAttention(ProjectedAttention):
         inputs = self.router.ring_inputs(k_prerope[:, tail], v[:, tail], pad_mask=tail_mask)
         fill_ring(state.router_x, inputs, start=tail.start)
         fill_ring(state.router_valid[:, None], real[:, :, None])  # one slot row for all heads
-        state.offset.copy_((~real).sum(1) if pad_mask is not None else torch.zeros_like(state.offset))
-        state.seen = t
-        state.position.fill_(t)
 
     def _project_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, 1, d] -> q [B, 1, HQ, D] and kv [B, HKV, 2D], each kv head's pre-RoPE `[k || v]` (the router's input),
@@ -278,24 +255,10 @@ class LTEAttention(ProjectedAttention):
         # window. While j < 0 (the first m - t steps after a prompt of t < m tokens) j's slot, `pos + W + 1 - m > pos`,
         # is one no token has reached yet, and its score is written -inf (j < 0 <= offset), as it already was.
         q, k = self.rotary(q, k[:, None], pos.view(1))
-        lte_evict(
-            state.k,
-            state.v,
-            state.score,
-            state.valid,
-            state.buffer_len,
-            state.token_pos,
-            position=pos,
-            k_new=k[:, 0].to(state.k.dtype),
-            v_new=v.to(state.v.dtype),
-            ring_size=ring,
-            new_score=new_score,
-            score_lag=self.eviction.score_lag(m),
-            offset=state.offset,
-            sink_size=self.sink_size,
-            backend=self.backend,
-        )
-        o = decode_attention(q[:, 0], state.k, state.v, valid=state.valid, backend=self.backend)
+        o = evict_step(
+            state, q[:, 0], k[:, 0], v, new_score, eviction=self.eviction, ring_size=ring, sink_size=self.sink_size,
+            score_lag=self.eviction.score_lag(m), backend=self.backend,
+        )  # fmt: skip
         state.seen += 1
         state.position.add_(1)
         # Reported routing: the score of token j, the one scored at this step.
