@@ -188,3 +188,20 @@ def test_empty_cache_or_batch_raises(backend: str) -> None:
         q, k = torch.randn(B, 4, 8), torch.randn(B, 2, S, 8)
         with pytest.raises(ValueError, match="empty input"):
             decode_attention(q, k, k, valid=torch.ones(B, 2, S, dtype=torch.bool), backend=backend)
+
+
+def test_return_weights_are_each_groups_softmax_summed_over_its_query_heads() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 8, generator=gen), torch.randn(2, 2, 5, 8, generator=gen), torch.randn(2, 2, 5, 8)
+    valid = torch.rand(2, 2, 5, generator=gen) > 0.3
+    valid[0, 1] = False  # a kv head with no valid slot: no weight anywhere
+    o, weights = decode_attention(q, k, v, valid=valid, return_weights=True)
+    torch.testing.assert_close(o, decode_attention(q, k, v, valid=valid, backend="torch"))
+    for b in range(2):
+        for h in range(2):
+            want = torch.zeros(5)
+            for g in (2 * h, 2 * h + 1):
+                slots = valid[b, h].nonzero().flatten()
+                if len(slots):
+                    want[slots] += torch.softmax(k[b, h, slots] @ q[b, g] / 8**0.5, dim=0)
+            torch.testing.assert_close(weights[b, h], want)

@@ -43,6 +43,7 @@ policy but `learned`, which needs an LTE router.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,8 @@ from hlsa.layers.lte_router import sink_mask
 from hlsa.layers.slots import fill_ring
 from hlsa.ops.decode_attention import decode_attention
 from hlsa.ops.lte_evict import lte_evict
+from hlsa.ops.lte_retention import lte_column_end
+from hlsa.ops.sparse_attention import sparse_attention
 
 POLICIES = ("learned", "window", "random", "key_norm", "h2o", "tova", "oracle")
 # Policies whose scores come from the attention weights of the queries so far.
@@ -104,19 +107,18 @@ class Eviction:
         score a token starts with (0), to which `update` adds the attention it gets.
 
         Args:
-            router: `[B, T, HKV]` the router's scores (`learned`, and `oracle`, whose ranking is its own); None in a
-                layer without a router.
+            router: `[B, T, HKV]` the router's scores (`learned`); None in a layer without a router.
             k: `[B, T, HKV, D]` pre-RoPE keys of the same tokens (`key_norm`).
             positions: int64 `[T]` their positions, pads counted (`random`).
 
         Returns:
             float `[B, T, HKV]`.
         """
-        if self.policy in ("learned", "oracle"):
+        if self.policy == "learned":
             if router is None:
-                raise ValueError(f"eviction policy {self.policy!r} needs an LTE router; this layer has none")
+                raise ValueError("eviction policy 'learned' needs an LTE router; this layer has none")
             return router
-        if self.policy in ("window", *ATTENTION_SCORED):
+        if self.policy in ("window", "oracle", *ATTENTION_SCORED):  # the oracle ranks by its own weights
             return torch.zeros(k.shape[:3], device=k.device)
         if self.policy == "random":
             return random_scores(self.seed, self.layer, k.shape[2], positions)[None].expand(k.shape[:3])
@@ -419,3 +421,45 @@ def attend_sequentially(
     state.position.fill_(t)
     state.seen = t
     return torch.stack(outs, dim=1)
+
+
+def inference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    raw: torch.Tensor,
+    pad_mask: torch.Tensor | None,
+    *,
+    eviction: Eviction,
+    window: int,
+    buffer_size: int,
+    sink_size: int,
+    state: EvictionState | None,
+    empty_state: Callable[[], EvictionState],
+    score_lag: int = 0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention of a full forward or a prefill under the constant-cache rule of `eviction`, and with `state` (empty)
+    the cache it leaves for decoding; the one path of LTE layers at inference and of evicting attention layers.
+
+    `q [B, T, HQ, D]`, `k` (rotated), `v`: `[B, T, HKV, D]`; `raw [B, T, HKV]` the policy's raw scores
+    (`Eviction.scores`). The scores of the last `score_lag` tokens are not known yet (the router's margin): the cache
+    leaves them unranked for the decode steps to score. `empty_state()` makes a cache for the policies that attend
+    through one (`h2o`, `tova`) when no `state` is given. Returns `[B, T, HQ, D]`.
+    """
+    if eviction.policy == "oracle":
+        if state is not None:
+            raise ValueError("the oracle policy reads every key, so it has no cache; use a full forward")
+        return oracle_attention(q, k, v, window=window, buffer_size=buffer_size, sink_size=sink_size, pad_mask=pad_mask)
+    if eviction.attention_scored:  # scores from attention: one step per token
+        slots = state if state is not None else empty_state()
+        return attend_sequentially(
+            slots, q, k, v, pad_mask, eviction=eviction, ring_size=window + 1, sink_size=sink_size
+        )
+    ranked = rank_scores(raw, pad_mask, sink_size)
+    column_end = lte_column_end(ranked, window=window, buffer_size=buffer_size)
+    o = sparse_attention(q, k, v, window=window, column_end=column_end, key_mask=pad_mask, backend=backend)
+    if state is not None:
+        ranked[:, max(0, k.shape[1] - score_lag) :] = float("-inf")
+        fill_cache(state, k, v, ranked, pad_mask, ring_size=window + 1)
+    return o

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from hlsa.layers.attention import ProjectedAttention
-from hlsa.layers.eviction import Eviction, attend_sequentially, evict_step, fill_cache, oracle_attention, rank_scores
+from hlsa.layers.eviction import Eviction, evict_step, inference_attention, rank_scores
 from hlsa.layers.lte_router import LTERouter, select, value_gain
 from hlsa.layers.slots import fill_ring
 from hlsa.ops.linear import linear
@@ -123,8 +123,6 @@ class LTEAttention(ProjectedAttention):
         """x [B, T, d] -> (y [B, T, d], LTERouting). With `state`: prefill (empty state) or token-by-token decode."""
         if state is not None and self.training:
             raise ValueError("LTEAttention: the decode cache is for inference; call model.eval() before generating")
-        if state is not None and self.eviction.policy == "oracle":
-            raise ValueError("LTEAttention: the oracle policy reads every key, so it has no cache; use a full forward")
         if state is not None and state.seen > 0:
             outs = [self._decode(x[:, i : i + 1], state) for i in range(x.shape[1])]
             return torch.cat([y for y, _ in outs], dim=1), LTERouting(
@@ -138,40 +136,26 @@ class LTEAttention(ProjectedAttention):
             v = value_gain(v, score)  # forward: v unchanged; backward: d score = sum_d(dv * v) (SPEC 1.5)
         k_prerope = k
         q, k = self.rotary(q, k, torch.arange(t, device=x.device))
-        # What ranks keys for the buffer: the router in training, the eviction policy's score at inference.
-        rank = (
-            score
-            if self.training
-            else self.eviction.scores(score.detach(), k_prerope, torch.arange(t, device=x.device))
-        )
-        if self.training and (self.train_selection == "positive" or not self.routing_enabled):
-            visible = select(score, pad_mask, self.sink_size, enabled=self.routing_enabled)
-            column_end = torch.where(visible, INT32_MAX, 0).to(torch.int32)
-        else:  # inference, or training under the inference rule (train_selection "buffer")
-            ranked = self.inference_scores(rank, pad_mask)
-            column_end = lte_column_end(ranked, window=self.window_size, buffer_size=self.buffer_size)
-        if self.eviction.policy == "oracle" and not self.training:
-            o = oracle_attention(
-                q,
-                k,
-                v,
-                window=self.window_size,
-                buffer_size=self.buffer_size,
-                sink_size=self.sink_size,
-                pad_mask=pad_mask,
-            )
-        elif self.eviction.attention_scored and not self.training:  # scores from attention: one step per token
-            slots = state if state is not None else self.init_state(b, device=x.device, dtype=k.dtype)
-            o = attend_sequentially(
-                slots, q, k, v, pad_mask, eviction=self.eviction, ring_size=self.window_size + 1,
-                sink_size=self.sink_size,
+        if not self.training:  # the eviction policy's rule, which fills the cache of a prefill
+            raw = self.eviction.scores(score.detach(), k_prerope, torch.arange(t, device=x.device))
+            o = inference_attention(
+                q, k, v, raw, pad_mask, eviction=self.eviction, window=self.window_size,
+                buffer_size=self.buffer_size, sink_size=self.sink_size, state=state,
+                empty_state=lambda: self.init_state(b, device=x.device, dtype=k.dtype),
+                score_lag=self.eviction.score_lag(self.router.margin), backend=self.backend,
             )  # fmt: skip
+            if state is not None:
+                self._prefill_router(state, k_prerope, v, pad_mask)
         else:
+            if self.train_selection == "positive" or not self.routing_enabled:
+                visible = select(score, pad_mask, self.sink_size, enabled=self.routing_enabled)
+                column_end = torch.where(visible, INT32_MAX, 0).to(torch.int32)
+            else:  # training under the inference rule (train_selection "buffer")
+                ranked = self.inference_scores(score, pad_mask)
+                column_end = lte_column_end(ranked, window=self.window_size, buffer_size=self.buffer_size)
             o = sparse_attention(
                 q, k, v, window=self.window_size, column_end=column_end, key_mask=pad_mask, backend=self.backend
             )
-        if state is not None:
-            self._prefill(state, k_prerope, k, v, rank, pad_mask)
         return self.o_proj(o.flatten(2)), LTERouting(score, selected)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -191,25 +175,13 @@ class LTEAttention(ProjectedAttention):
             position=torch.zeros((), device=device, dtype=torch.long),
         )
 
-    def _prefill(
-        self,
-        state: LTEState,
-        k_prerope: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        score: torch.Tensor,
-        pad_mask: torch.Tensor | None,
+    def _prefill_router(
+        self, state: LTEState, k_prerope: torch.Tensor, v: torch.Tensor, pad_mask: torch.Tensor | None
     ) -> None:
-        """Fill the cache from a prompt: ring = last W+1 tokens, buffer = final top-N of older tokens (SPEC 2.2)."""
-        b, t = k.shape[:2]
-        ring, m = self.window_size + 1, self.router.margin
-        real = torch.ones(b, t, device=k.device, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
-        ranked = self.inference_scores(score, pad_mask)
-        # The router's scores of the last m tokens still lack right context: they are scored during decode (before
-        # eviction). The training-free policies score a token from itself (no lag).
-        ranked[:, max(0, t - self.eviction.score_lag(m)) :] = float("-inf")
-        if not self.eviction.attention_scored:  # those filled the cache while attending
-            fill_cache(state, k, v, ranked, pad_mask, ring_size=ring)
+        """After a prefill filled the slots (`inference_attention`; SPEC 2.2): the router's rings. The router's
+        scores of the last m tokens still lack right context: the decode steps score them (before eviction)."""
+        b, t = k_prerope.shape[:2]
+        real = torch.ones(b, t, device=v.device, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
         # Router rings: every conv's inputs at the last 2m+1 positions, for scoring the pending tokens during decode.
         # The CNN reruns on just those positions: the values it gets wrong there (the first ones lack left context,
         # the last ones right context) are never read, since a decode step reads a conv's inputs no older than
