@@ -193,6 +193,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         seed: int = 0,
         window: int | None = None,
         sink_size: int | None = None,
+        prompt_len: int | None = None,
     ) -> None:
         """Inference settings of the layers whose cache an eviction policy bounds, which size caches allocated
         afterwards (`hlsa.layers.eviction`; training always uses the router).
@@ -202,7 +203,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         and a model without LTE layers refuses it); under any other policy they keep sinks + a window + a buffer
         chosen by it, in LTE's constant cache: `window` (None: the LTE layers' W; required in a model without LTE
         layers), `sink_size` (None: the LTE layers', else 4) and `buffer_size` (None: the LTE layers' N, else
-        required). `seed` drives the `random` policy. `policy=None` restores every layer as trained."""
+        required). `seed` drives the `random` policy, `prompt_len` the prompt of a full forward under `snapkv`
+        (None: the whole input). `policy=None` restores every layer as trained."""
         blocks = list(enumerate(self.model.layers))
         lte = [(i, b.attn) for i, b in blocks if isinstance(b.attn, LTEAttention)]
         full = [(i, b.attn) for i, b in blocks if isinstance(b.attn, Attention) and b.attn.window_size is None]
@@ -214,7 +216,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         lte_config = self.config.lte if lte else {}
         n = lte_config.get("buffer_size") if buffer_size is None else buffer_size
         for i, layer in lte:
-            layer.set_eviction(Eviction(policy or "learned", seed=seed, layer=i), n)
+            layer.set_eviction(Eviction(policy or "learned", seed=seed, layer=i, prompt_len=prompt_len), n)
         if policy in (None, "learned"):
             for _, layer in full:
                 layer.set_eviction(None)
@@ -225,7 +227,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             raise ValueError("set_eviction: full-attention layers need a window and a buffer_size (no LTE layer "
                              "to take them from)")  # fmt: skip
         for i, layer in full:
-            layer.set_eviction(Eviction(policy, seed=seed, layer=i), window=window, buffer_size=n, sink_size=sink_size)
+            eviction = Eviction(policy, seed=seed, layer=i, prompt_len=prompt_len)
+            layer.set_eviction(eviction, window=window, buffer_size=n, sink_size=sink_size)
 
     def allocate_cache(self, batch_size: int) -> HybridCache:
         """Decode states for `batch_size` sequences, on the model's device and dtype."""

@@ -73,6 +73,8 @@ def test_arena_runs_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureF
     assert out.with_suffix(".png").stat().st_size > 1000
     with pytest.raises(UsageError, match="--policies"):
         arena.run_cli(parser.parse_args(["arena", str(tmp_path / "gdn_lte"), "--policies", "h3o"]))
+    with pytest.raises(UsageError, match="--policies"):  # no prompt to compress in the interleaved recall task
+        arena.run_cli(parser.parse_args(["arena", str(tmp_path / "gdn_lte"), "--policies", "snapkv"]))
     with pytest.raises(UsageError, match="--tasks"):
         arena.run_cli(parser.parse_args(["arena", str(tmp_path / "gdn_lte"), "--tasks", "ppl"]))
 

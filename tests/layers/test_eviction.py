@@ -13,6 +13,7 @@ from hlsa.layers.eviction import (
     dense_attention,
     random_scores,
     simulate_visible_keys,
+    snapkv_visible_keys,
     visible_keys,
 )
 from hlsa.layers.lte import LTEAttention
@@ -49,18 +50,20 @@ def definition(layer: LTEAttention, x: torch.Tensor, pad: torch.Tensor) -> torch
     sizes = dict(window=WINDOW, buffer_size=layer.buffer_size, sink_size=SINKS)
     if layer.eviction.attention_scored:
         visible = simulate_visible_keys(q_rot, k_rot, pad, policy=layer.eviction.policy, **sizes)
+    elif layer.eviction.policy == "snapkv":
+        visible = snapkv_visible_keys(q_rot, k_rot, pad, prompt=layer.eviction.prompt_len, **sizes)
     else:
         visible = visible_keys(raw, pad, **sizes)
     return layer.o_proj(dense_attention(q_rot, k_rot, v, visible).flatten(2))
 
 
-@pytest.mark.parametrize("policy", ["learned", "window", "random", "key_norm", "h2o", "tova"])
+@pytest.mark.parametrize("policy", ["learned", "window", "random", "key_norm", "h2o", "tova", "snapkv"])
 @pytest.mark.parametrize("buffer", [SINKS, 4, 12])
 @pytest.mark.parametrize("prompt", [1, 9, 20])
 @pytest.mark.parametrize("heads", [2, 4], ids=["mha", "gqa"])
 def test_prefill_and_decode_equal_the_definition(policy: str, buffer: int, prompt: int, heads: int) -> None:
     layer = make_layer(heads=heads)
-    layer.set_eviction(Eviction(policy, seed=3, layer=1), buffer)
+    layer.set_eviction(Eviction(policy, seed=3, layer=1, prompt_len=prompt), buffer)
     b, t = 3, 30
     x = torch.randn(b, t, 32, generator=torch.Generator().manual_seed(1))
     pad = torch.ones(b, t, dtype=torch.bool)
@@ -225,8 +228,8 @@ def test_model_decode_equals_its_full_forward_under_each_policy() -> None:
     ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(5))
     mask = torch.ones(2, 40, dtype=torch.long)
     mask[1, :4] = 0
-    for policy in ("learned", "window", "random", "key_norm", "h2o", "tova"):
-        model.set_eviction(policy, buffer_size=6, seed=2)
+    for policy in ("learned", "window", "random", "key_norm", "h2o", "tova", "snapkv"):
+        model.set_eviction(policy, buffer_size=6, seed=2, prompt_len=12)
         with torch.no_grad():
             full = model(ids, attention_mask=mask).logits
             out = model(ids[:, :12], attention_mask=mask[:, :12], use_cache=True)
@@ -269,12 +272,14 @@ def attention_definition(layer: Attention, x: torch.Tensor, pad: torch.Tensor) -
     sizes = dict(window=WINDOW, buffer_size=layer.buffer_size, sink_size=SINKS)
     if layer.eviction.attention_scored:
         visible = simulate_visible_keys(q, k, pad, policy=layer.eviction.policy, **sizes)
+    elif layer.eviction.policy == "snapkv":
+        visible = snapkv_visible_keys(q, k, pad, prompt=layer.eviction.prompt_len, **sizes)
     else:
         visible = visible_keys(raw, pad, **sizes)
     return layer.o_proj(dense_attention(q, k, v, visible).flatten(2))
 
 
-@pytest.mark.parametrize("policy", ["window", "random", "key_norm", "h2o", "tova"])
+@pytest.mark.parametrize("policy", ["window", "random", "key_norm", "h2o", "tova", "snapkv"])
 @pytest.mark.parametrize("buffer", [SINKS, 4, 12])
 @pytest.mark.parametrize("prompt", [1, 9, 20])
 @pytest.mark.parametrize("heads", [2, 4], ids=["mha", "gqa"])
@@ -282,7 +287,9 @@ def test_full_attention_layer_under_a_policy_equals_the_definition(
     policy: str, buffer: int, prompt: int, heads: int
 ) -> None:
     layer = make_attention(heads=heads)
-    layer.set_eviction(Eviction(policy, seed=3, layer=1), window=WINDOW, buffer_size=buffer, sink_size=SINKS)
+    layer.set_eviction(
+        Eviction(policy, seed=3, layer=1, prompt_len=prompt), window=WINDOW, buffer_size=buffer, sink_size=SINKS
+    )
     b, t = 3, 30
     x = torch.randn(b, t, 32, generator=torch.Generator().manual_seed(1))
     pad = torch.ones(b, t, dtype=torch.bool)
@@ -338,8 +345,8 @@ def test_transformer_under_each_policy_decodes_its_full_forward_in_constant_byte
         model.set_eviction("learned")
     with pytest.raises(ValueError, match="need a window"):
         model.set_eviction("h2o", buffer_size=6)
-    for policy in ("window", "random", "key_norm", "h2o", "tova"):
-        model.set_eviction(policy, buffer_size=6, seed=2, window=4, sink_size=2)
+    for policy in ("window", "random", "key_norm", "h2o", "tova", "snapkv"):
+        model.set_eviction(policy, buffer_size=6, seed=2, window=4, sink_size=2, prompt_len=12)
         with torch.no_grad():
             full = model(ids, attention_mask=mask).logits
             out = model(ids[:, :12], attention_mask=mask[:, :12], use_cache=True)
@@ -351,6 +358,6 @@ def test_transformer_under_each_policy_decodes_its_full_forward_in_constant_byte
         real = mask.bool()
         torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-4, atol=1e-4, msg=policy)
     layer = model.model.layers[2].attn
-    assert layer.eviction == Eviction("tova", seed=2, layer=2) and layer.buffer_size == 6
+    assert layer.eviction == Eviction("snapkv", seed=2, layer=2, prompt_len=12) and layer.buffer_size == 6
     model.set_eviction(None)
     assert model.model.layers[0].attn.eviction is None

@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Any
 
 TASKS = ("recall",)
-DEFAULT_POLICIES = "learned,window,random,key_norm,h2o,tova,oracle"
+# snapkv scores a prompt from its last queries and keeps nothing after it; the recall task interleaves pairs and
+# queries, so it has no prompt to compress, and the arena leaves snapkv out.
+ARENA_POLICIES = ("learned", "window", "random", "key_norm", "h2o", "tova", "oracle")
+DEFAULT_POLICIES = ",".join(ARENA_POLICIES)
 # Sinks of a full-attention layer under a policy (StreamingLLM's four); LTE layers keep their config's.
 ATTN_SINKS = 4
 
@@ -172,10 +175,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hlsa.layers.eviction import POLICIES
-
     palette = ("tab:blue", "tab:gray", "tab:green", "tab:orange", "tab:red", "tab:cyan", "tab:purple")
-    colours = dict(zip(POLICIES, palette, strict=True))
+    colours = dict(zip(ARENA_POLICIES, palette, strict=True))
     others = iter(("tab:brown", "tab:pink", "tab:olive", "black", "gold", "navy") * 10)
     # A policy's colour is the same in every checkpoint; the marker tells the checkpoints apart.
     names = list(dict.fromkeys(r["name"] for r in doc["results"]))
@@ -215,13 +216,11 @@ def run_cli(args: argparse.Namespace) -> int:
     """`hlsa eval arena`: run, print the table, write the JSON and the PNG."""
     import torch
 
-    from hlsa.layers.eviction import POLICIES
-
     _names(args.tasks, TASKS, "--tasks")
     torch.set_num_threads(args.threads)
     doc = run(
         args.checkpoints,
-        policies=_names(args.policies, POLICIES, "--policies"),
+        policies=_names(args.policies, ARENA_POLICIES, "--policies"),
         budgets=_budgets(args.budgets),
         examples=args.examples,
         recipe=args.recipe,

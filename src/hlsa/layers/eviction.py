@@ -17,6 +17,15 @@ policy only supplies that score; the cache layout, the retention rule and the ke
 * `tova`: the attention weight the latest query gave the token, summed over the G query heads of its kv head (the
   sum ranks as the average does); at each step the token leaving the window enters the buffer if its weight beats
   the buffer's smallest, which it then replaces;
+* `snapkv`: the attention the prompt's last `SNAPKV_OBSERVE` queries (its observation window) gave each prompt
+  token, summed over those queries and the G query heads of its kv head, then max-pooled over the
+  `SNAPKV_POOL` neighbouring positions (SnapKV keeps the neighbours of a hit); fixed after the prompt. As in SnapKV
+  the prompt itself is attended in full (a prefill holds every prompt key anyway), so its queries see every earlier
+  key; the cache it leaves, and every query after it, follow the rule. Tokens after the prompt score 0: they leave
+  with the window and the buffer keeps the prompt's selection (SnapKV keeps every generated token, which a constant
+  cache cannot). The prompt is a prefill's input; in a full forward, the first `Eviction.prompt_len` tokens (None:
+  all of them, hence full attention). The prefill recomputes the attention of its last queries densely, O(
+  SNAPKV_OBSERVE x T), as the sparse-attention kernels return no weights;
 * `oracle`: a reference, not a cache: each query attends to sinks + window + the N older keys to which its kv head's
   query heads give the most attention weight (summed over the G query heads of the group, from full causal attention
   over every real key). It needs every key, so it runs in a full forward only (`oracle_attention`); an LTE layer
@@ -47,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from hlsa.layers.lte_router import sink_mask
 from hlsa.layers.slots import fill_ring
@@ -55,9 +65,11 @@ from hlsa.ops.lte_evict import lte_evict
 from hlsa.ops.lte_retention import lte_column_end
 from hlsa.ops.sparse_attention import sparse_attention
 
-POLICIES = ("learned", "window", "random", "key_norm", "h2o", "tova", "oracle")
+POLICIES = ("learned", "window", "random", "key_norm", "h2o", "tova", "snapkv", "oracle")
 # Policies whose scores come from the attention weights of the queries so far.
 ATTENTION_SCORED = ("h2o", "tova")
+# snapkv: the observation window (the prompt's last queries) and the max-pooling kernel (odd).
+SNAPKV_OBSERVE, SNAPKV_POOL = 16, 5
 _MASK32 = 0xFFFFFFFF
 
 
@@ -82,12 +94,14 @@ def random_scores(seed: int, layer: int, num_kv_heads: int, positions: torch.Ten
 
 @dataclass(frozen=True)
 class Eviction:
-    """The eviction policy of one LTE layer at inference: `policy` (one of `POLICIES`), the `seed` of `random`, and
-    the index of the `layer` in its model (so that the random draws differ between layers)."""
+    """The eviction policy of one layer at inference: `policy` (one of `POLICIES`), the `seed` of `random`, the
+    index of the `layer` in its model (so that the random draws differ between layers), and the `prompt_len` of a
+    full forward under `snapkv` (None: the whole input)."""
 
     policy: str = "learned"
     seed: int = 0
     layer: int = 0
+    prompt_len: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -118,7 +132,9 @@ class Eviction:
             if router is None:
                 raise ValueError("eviction policy 'learned' needs an LTE router; this layer has none")
             return router
-        if self.policy in ("window", "oracle", *ATTENTION_SCORED):  # the oracle ranks by its own weights
+        # The oracle ranks by its own weights; snapkv's prompt scores come from the prompt's queries
+        # (`snapkv_scores`), and tokens after it score 0.
+        if self.policy in ("window", "oracle", "snapkv", *ATTENTION_SCORED):
             return torch.zeros(k.shape[:3], device=k.device)
         if self.policy == "random":
             return random_scores(self.seed, self.layer, k.shape[2], positions)[None].expand(k.shape[:3])
@@ -258,6 +274,68 @@ def simulate_visible_keys(
                     if score[j] != float("inf"):
                         score[j] = score[j] + w if policy == "h2o" else w
     return out.to(k.device)
+
+
+def snapkv_scores(q: torch.Tensor, k: torch.Tensor, pad_mask: torch.Tensor | None, prompt: int) -> torch.Tensor:
+    """`snapkv`'s raw scores, float32 `[B, T, HKV]`: for the first `prompt` tokens the pooled attention of the
+    prompt's last `SNAPKV_OBSERVE` queries (full causal attention over the real keys), 0 after them. `q [B, T, HQ,
+    D]`, `k [B, T, HKV, D]` rotated."""
+    b, t, hkv, d = k.shape
+    out = torch.zeros(b, t, hkv, device=k.device)
+    if prompt == 0:
+        return out
+    first = max(0, prompt - SNAPKV_OBSERVE)
+    groups = q.shape[2] // hkv
+    logits = torch.einsum("bihd,bjhd->bhij", q[:, first:prompt].float(), _gqa(k[:, :prompt].float(), groups))
+    i, j = torch.arange(first, prompt, device=k.device), torch.arange(prompt, device=k.device)
+    seen = (j[None, :] <= i[:, None])[None, None] & _real(pad_mask, b, t, k.device)[:, None, None, :prompt]
+    weights = torch.softmax((logits * d**-0.5).masked_fill(~seen, float("-inf")), dim=-1).nan_to_num(0.0)
+    mass = weights.unflatten(1, (hkv, groups)).sum((2, 3))  # [B, HKV, prompt]
+    pooled = F.max_pool1d(mass, SNAPKV_POOL, stride=1, padding=SNAPKV_POOL // 2)
+    out[:, :prompt] = pooled.transpose(1, 2)
+    return out
+
+
+def snapkv_visible_keys(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pad_mask: torch.Tensor | None,
+    *,
+    prompt: int,
+    window: int,
+    buffer_size: int,
+    sink_size: int,
+) -> torch.Tensor:
+    """Brute-force definition of `snapkv`, bool `[B, HKV, T, T]` (query, key): the prompt's queries see every real
+    key up to themselves; the later ones what `visible_keys` allows under the scores below, one Python loop per
+    (row, kv head, observing query, key), sharing nothing with `snapkv_scores`.
+
+    The score of prompt token `j`: the largest, over the prompt tokens `j'` with `|j' - j| <= SNAPKV_POOL // 2`, of
+    the softmax weight that the queries `prompt - SNAPKV_OBSERVE .. prompt - 1` gave `j'` (over their real keys, up
+    to themselves), summed over those queries and the query heads of the kv head; 0 for later tokens.
+    """
+    b, t, hkv, d = k.shape
+    groups = q.shape[2] // hkv
+    real = _real(pad_mask, b, t, k.device).tolist()
+    raw = torch.zeros(b, t, hkv)
+    for r in range(b):
+        for h in range(hkv):
+            mass = [0.0] * prompt
+            for i in range(max(0, prompt - SNAPKV_OBSERVE), prompt):
+                keys = [j for j in range(i + 1) if real[r][j]]
+                for g in range(h * groups, (h + 1) * groups):
+                    if keys:
+                        logits = torch.stack([q[r, i, g].float() @ k[r, j, h].float() for j in keys]) * d**-0.5
+                        for j, w in zip(keys, torch.softmax(logits, dim=0).tolist()):
+                            mass[j] += w
+            radius = SNAPKV_POOL // 2
+            for j in range(prompt):
+                raw[r, j, h] = max(mass[max(0, j - radius) : j + radius + 1])
+    visible = visible_keys(raw, pad_mask, window=window, buffer_size=buffer_size, sink_size=sink_size)
+    for r in range(b):
+        for i in range(prompt):
+            visible[r, :, i] = torch.tensor([real[r][j] and j <= i for j in range(t)])
+    return visible
 
 
 def rank_scores(raw: torch.Tensor, pad_mask: torch.Tensor | None, sink_size: int) -> torch.Tensor:
@@ -456,10 +534,20 @@ def inference_attention(
         return attend_sequentially(
             slots, q, k, v, pad_mask, eviction=eviction, ring_size=window + 1, sink_size=sink_size
         )
+    t = k.shape[1]
+    prompt = min(t, t if eviction.prompt_len is None else eviction.prompt_len)
+    if eviction.policy == "snapkv":  # scored from the rotated queries and keys, which `Eviction.scores` lacks
+        raw = snapkv_scores(q, k, pad_mask, prompt)
     ranked = rank_scores(raw, pad_mask, sink_size)
     column_end = lte_column_end(ranked, window=window, buffer_size=buffer_size)
     o = sparse_attention(q, k, v, window=window, column_end=column_end, key_mask=pad_mask, backend=backend)
+    if eviction.policy == "snapkv" and prompt > 0:  # the prompt is attended in full
+        prompt_mask = None if pad_mask is None else pad_mask[:, :prompt]
+        full = sparse_attention(
+            q[:, :prompt], k[:, :prompt], v[:, :prompt], window=None, key_mask=prompt_mask, backend=backend
+        )
+        o = torch.cat([full, o[:, prompt:]], dim=1)
     if state is not None:
-        ranked[:, max(0, k.shape[1] - score_lag) :] = float("-inf")
+        ranked[:, max(0, t - score_lag) :] = float("-inf")
         fill_cache(state, k, v, ranked, pad_mask, ring_size=window + 1)
     return o
