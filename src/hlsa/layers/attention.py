@@ -179,15 +179,16 @@ class Attention(ProjectedAttention):
     ) -> torch.Tensor:
         """`forward` under an eviction policy: the LTE layer's inference path, with the policy's scores alone."""
         assert self.eviction is not None
-        sizes = dict(ring_size=self.evict_window + 1, sink_size=self.sink_size)
         if state is not None and state.seen > 0:  # decode
             outs = []
             for i in range(x.shape[1]):
                 q, k, v = self._project(x[:, i : i + 1])
                 new_score = self.eviction.scores(None, k, state.position.view(1))[:, 0]
                 q, k = self.rotary(q, k, state.position.view(1))
-                o = evict_step(state, q[:, 0], k[:, 0], v[:, 0], new_score, eviction=self.eviction, **sizes,
-                               backend=self.backend)  # fmt: skip
+                o = evict_step(
+                    state, q[:, 0], k[:, 0], v[:, 0], new_score, eviction=self.eviction,
+                    ring_size=self.evict_window + 1, sink_size=self.sink_size, backend=self.backend,
+                )  # fmt: skip
                 outs.append(o[:, None])
                 state.seen += 1
                 state.position.add_(1)
