@@ -361,3 +361,23 @@ def test_transformer_under_each_policy_decodes_its_full_forward_in_constant_byte
     assert layer.eviction == Eviction("snapkv", seed=2, layer=2, prompt_len=12) and layer.buffer_size == 6
     model.set_eviction(None)
     assert model.model.layers[0].attn.eviction is None
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova"])
+def test_attention_scored_policies_through_the_triton_ops(policy: str) -> None:
+    """The decode steps on the Triton ops (interpreted on the CPU: evict, attend and return the weights) equal the
+    brute-force definition, as the torch ones do."""
+    torch.manual_seed(0)
+    layer = Attention(32, 4, 2, 8, backend="triton").eval()
+    layer.set_eviction(Eviction(policy), window=WINDOW, buffer_size=4, sink_size=SINKS)
+    b, t, prompt = 2, 20, 9
+    x = torch.randn(b, t, 32, generator=torch.Generator().manual_seed(1))
+    pad = torch.ones(b, t, dtype=torch.bool)
+    pad[1, :3] = False
+    x = x * pad[:, :, None]
+    with torch.no_grad():
+        want = attention_definition(layer, x, pad)
+        state = layer.init_state(b, device=torch.device("cpu"), dtype=torch.float32)
+        first, _ = layer(x[:, :prompt], pad_mask=pad[:, :prompt], state=state)
+        steps = [layer(x[:, i : i + 1], state=state)[0] for i in range(prompt, t)]
+    torch.testing.assert_close(torch.cat([first, *steps], dim=1)[pad], want[pad], rtol=1e-4, atol=1e-4)

@@ -205,3 +205,20 @@ def test_return_weights_are_each_groups_softmax_summed_over_its_query_heads() ->
                 if len(slots):
                     want[slots] += torch.softmax(k[b, h, slots] @ q[b, g] / 8**0.5, dim=0)
             torch.testing.assert_close(weights[b, h], want)
+
+
+@pytest.mark.parametrize("num_splits", [1, None], ids=["nosplit", "split"])
+@pytest.mark.parametrize(
+    "B,HQ,HKV,D,S", CASES[::2], ids=[f"B{c[0]}-G{c[1] // c[2]}-D{c[3]}-S{c[4]}" for c in CASES[::2]]
+)
+def test_triton_weights_match_the_reference(B: int, HQ: int, HKV: int, D: int, S: int, num_splits: int | None) -> None:
+    """The weights the Triton path returns (logits and log-sum-exp from the kernels) against the reference's."""
+    from hlsa.ops.triton.decode_attention import decode_attention_triton
+
+    q, k, v, valid = _inputs(B, HQ, HKV, S, D, torch.float32)
+    o, weights = decode_attention_triton(q, k, v, valid=valid, scale=0.3, num_splits=num_splits, return_weights=True)
+    ref_o, ref_weights = decode_attention_ref(q, k, v, valid=valid, scale=0.3, return_weights=True)
+    torch.testing.assert_close(o, ref_o, atol=2e-5, rtol=1e-5)
+    assert weights.shape == (B, HKV, S) and weights.dtype == torch.float32
+    torch.testing.assert_close(weights, ref_weights, atol=2e-5, rtol=1e-5)
+    assert (weights[~valid] == 0).all()

@@ -38,8 +38,8 @@ return_weights=True)`: no second pass over the cache, no host sync). A query's s
 earlier queries only. There is no parallel form of that recurrence, so a full forward or a prefill under these
 policies runs the decode step token by token (`attend_sequentially`: T steps of O(W + N) work each, instead of one
 sparse-attention call); their brute-force definition is a plain simulation of the cache (`simulate_visible_keys`).
-The torch decode attention computes the weights; the Triton kernel does not emit them, so these two policies run the
-torch decode attention on every device.
+Both decode-attention paths return the weights: the torch reference from its probabilities, the Triton kernel from
+the logits and log-sum-exp it writes beside its output (one more pass over `[B, HQ, S]` floats, none over K/V).
 
 Beside the policies, the brute-force definitions that tests check the cached path against: `visible_keys` (for each
 query, which keys the per-query top-N rule lets it see, one Python loop per query) and `dense_attention` (softmax
@@ -461,7 +461,7 @@ def evict_step(
         state.valid.index_copy_(2, slot, real[:, None, None].expand(-1, state.valid.shape[1], 1))
     if not eviction.attention_scored:
         return decode_attention(q, state.k, state.v, valid=state.valid, backend=backend)
-    o, weights = decode_attention(q, state.k, state.v, valid=state.valid, return_weights=True)
+    o, weights = decode_attention(q, state.k, state.v, valid=state.valid, backend=backend, return_weights=True)
     state.score.copy_(eviction.update(state.score, weights))
     return o
 

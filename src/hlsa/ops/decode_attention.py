@@ -91,17 +91,17 @@ def decode_attention(
         backend: "torch" (reference), "triton", or None (Triton for CUDA tensors, else the reference).
         return_weights: also return the softmax weights of each slot, float32 `[B, HKV, S]`, summed over the query
             heads of each kv head (0 on invalid slots), computed within the same attention (the eviction policies
-            `h2o` and `tova` score from them). The Triton kernel does not emit them, so this runs the reference on
-            every device, whatever `backend` says.
+            `h2o` and `tova` score from them; the Triton path writes the logits and log-sum-exp and normalises them
+            in a pass over `[B, HQ, S]` floats that reads no K/V).
 
     Returns:
         `[B, HQ, D]` in the dtype of q (a query whose kv-head has no valid slot gets zeros); with `return_weights`,
         the pair (output, weights).
     """
-    if return_weights or kernel_backend("decode_attention", backend, q) == "torch":
+    if kernel_backend("decode_attention", backend, q) == "torch":
         return decode_attention_ref(q, k_cache, v_cache, valid=valid, scale=scale, return_weights=return_weights)
     _check_inputs(q, k_cache, v_cache, valid)
     from hlsa.ops.triton.decode_attention import decode_attention_triton
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return decode_attention_triton(q, k_cache, v_cache, valid=valid, scale=scale)
+    return decode_attention_triton(q, k_cache, v_cache, valid=valid, scale=scale, return_weights=return_weights)
