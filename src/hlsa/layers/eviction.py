@@ -1,4 +1,4 @@
-"""Eviction policies of an LTE layer at inference: what decides which older tokens its N-slot buffer keeps.
+"""Eviction policies at inference: what decides which older tokens the N-slot buffer of a constant cache keeps.
 
 An LTE layer's constant-size cache (sinks + a ring of W+1 + an N-slot buffer) keeps, for each query and kv head, the
 top-N positive scores among keys older than the window (docs/design.md, "LTE retained set at inference"). The
@@ -24,12 +24,12 @@ policy only supplies that score; the cache layout, the retention rule and the ke
   key; the cache it leaves, and every query after it, follow the rule. Tokens after the prompt score 0: they leave
   with the window and the buffer keeps the prompt's selection (SnapKV keeps every generated token, which a constant
   cache cannot). The prompt is a prefill's input; in a full forward, the first `Eviction.prompt_len` tokens (None:
-  all of them, hence full attention). The prefill recomputes the attention of its last queries densely, O(
-  SNAPKV_OBSERVE x T), as the sparse-attention kernels return no weights;
+  all of them, hence full attention). The prefill recomputes the attention of its last queries densely
+  (O(SNAPKV_OBSERVE x T)), as the sparse-attention kernels return no weights;
 * `oracle`: a reference, not a cache: each query attends to sinks + window + the N older keys to which its kv head's
   query heads give the most attention weight (summed over the G query heads of the group, from full causal attention
-  over every real key). It needs every key, so it runs in a full forward only (`oracle_attention`); an LTE layer
-  refuses to build a decode cache under it.
+  over every real key). It needs every key, so it runs in a full forward only (`oracle_attention`); a layer refuses
+  to build a decode cache under it.
 
 `h2o` and `tova` score from attention weights, so their scores change at every step: the cache's float32 score per
 slot (counted in the cache bytes as for every policy) holds the accumulated mass or the latest weight, and each
@@ -42,8 +42,9 @@ Both decode-attention paths return the weights: the torch reference from its pro
 the logits and log-sum-exp it writes beside its output (one more pass over `[B, HQ, S]` floats, none over K/V).
 
 Beside the policies, the brute-force definitions that tests check the cached path against: `visible_keys` (for each
-query, which keys the per-query top-N rule lets it see, one Python loop per query) and `dense_attention` (softmax
-attention under an explicit visibility mask).
+query, which keys the per-query top-N rule lets it see, one Python loop per query), `simulate_visible_keys` and
+`snapkv_visible_keys` (the same for the policies scored from attention), and `dense_attention` (softmax attention
+under an explicit visibility mask).
 
 The same constant cache (`EvictionState`, the LTE slot layout updated by `hlsa.ops.lte_evict`) can replace the
 growing cache of a full-attention layer of any trained model at inference (`Attention.set_eviction`), under every
