@@ -178,7 +178,7 @@ class LTEAttention(ProjectedAttention):
     def _prefill_router(
         self, state: LTEState, k_prerope: torch.Tensor, v: torch.Tensor, pad_mask: torch.Tensor | None
     ) -> None:
-        """After a prefill filled the slots (`inference_attention`; SPEC 2.2): the router's rings. The router's
+        """After a prefill filled the slots (`inference_attention`): the router's rings. The router's
         scores of the last m tokens still lack right context: the decode steps score them (before eviction)."""
         b, t = k_prerope.shape[:2]
         real = torch.ones(b, t, device=v.device, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
