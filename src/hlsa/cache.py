@@ -1,8 +1,9 @@
 """`HybridCache`: the decode states of every layer of a model, allocated once per generation (gpt-fast style).
 
-Each mixer defines its own state dataclass (`GDNState`, `KVState`, `NSAState`, `LTEState`) of preallocated tensors that
-it updates in place. GDN, SWA and LTE states have a fixed size whatever the context length; full attention and NSA
-keep the whole history.
+Each mixer defines its own state dataclass (`GDNState`, `KVState`, `NSAState`, `LTEState`, `EvictionState`) of
+preallocated tensors that it updates in place. GDN, SWA and LTE states have a fixed size whatever the context length,
+and so does full attention under an eviction policy (`EvictionState`); otherwise full attention and NSA keep the whole
+history.
 """
 
 from __future__ import annotations

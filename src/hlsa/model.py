@@ -185,16 +185,50 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             if isinstance(layer.attn, LTEAttention):
                 layer.attn.routing_enabled = enabled
 
-    def set_eviction(self, policy: str = "learned", *, buffer_size: int | None = None, seed: int = 0) -> None:
-        """Inference settings of every LTE layer: the eviction `policy` that ranks keys for its buffer (one of
-        `hlsa.layers.eviction.POLICIES`; training always uses the router) and the buffer size N (None: the config's),
-        which sizes caches allocated afterwards. `seed` drives the `random` policy."""
-        lte = [(i, block.attn) for i, block in enumerate(self.model.layers) if isinstance(block.attn, LTEAttention)]
-        if not lte:
-            raise ValueError("set_eviction: this model has no LTE layer (eviction policies apply to LTE layers)")
-        n = self.config.lte["buffer_size"] if buffer_size is None else buffer_size
+    def set_eviction(
+        self,
+        policy: str | None = "learned",
+        *,
+        buffer_size: int | None = None,
+        seed: int = 0,
+        window: int | None = None,
+        sink_size: int | None = None,
+        prompt_len: int | None = None,
+    ) -> None:
+        """Inference settings of the layers whose cache an eviction policy bounds, which size caches allocated
+        afterwards (`hlsa.layers.eviction`; training always uses the router).
+
+        LTE layers rank keys for their buffer of N = `buffer_size` slots (None: the config's) by `policy`.
+        Full-attention layers keep every token under `learned` or None (as trained: `learned` needs an LTE router,
+        and a model without LTE layers refuses it); under any other policy they keep sinks + a window + a buffer
+        chosen by it, in LTE's constant cache: `window` (None: the LTE layers' W; required in a model without LTE
+        layers), `sink_size` (None: the LTE layers', else 4) and `buffer_size` (None: the LTE layers' N, else
+        required). `seed` drives the `random` policy, `prompt_len` the prompt of a full forward under `snapkv`
+        (None: the whole input). `policy=None` restores every layer as trained."""
+        blocks = list(enumerate(self.model.layers))
+        lte = [(i, b.attn) for i, b in blocks if isinstance(b.attn, LTEAttention)]
+        full = [(i, b.attn) for i, b in blocks if isinstance(b.attn, Attention) and b.attn.window_size is None]
+        if not lte and not full:
+            raise ValueError("set_eviction: this model has no LTE or full-attention layer (nothing to evict from)")
+        if policy == "learned" and not lte:
+            raise ValueError("set_eviction: policy 'learned' is an LTE router's, and this model has no LTE layer; "
+                             "choose a training-free policy, or None to restore the model as trained")  # fmt: skip
+        lte_config = self.config.lte if lte else {}
+        n = lte_config.get("buffer_size") if buffer_size is None else buffer_size
         for i, layer in lte:
-            layer.set_eviction(Eviction(policy, seed=seed, layer=i), n)
+            layer.set_eviction(Eviction(policy or "learned", seed=seed, layer=i, prompt_len=prompt_len), n)
+        if policy in (None, "learned"):
+            for _, layer in full:
+                layer.set_eviction(None)
+            return
+        window = lte_config.get("window_size") if window is None else window
+        sink_size = lte_config.get("sink_size", 4) if sink_size is None else sink_size
+        if full and (window is None or n is None):
+            raise ValueError("set_eviction: full-attention layers need a window and a buffer_size (no LTE layer "
+                             "to take them from)")  # fmt: skip
+        for i, layer in full:
+            eviction = Eviction(policy, seed=seed, layer=i, prompt_len=prompt_len)
+            layer.set_eviction(eviction, window=window, buffer_size=n, sink_size=sink_size)
 
     def allocate_cache(self, batch_size: int) -> HybridCache:
         """Decode states for `batch_size` sequences, on the model's device and dtype."""

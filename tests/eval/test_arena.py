@@ -21,6 +21,12 @@ def test_settings_put_the_window_policy_at_budget_zero_only() -> None:
     ]
     assert arena.settings(["random"], [0, 4]) == [("window", 0), ("random", 4)]
     assert arena.settings(["window", "oracle"], [16]) == [("window", 0), ("oracle", 16), ("oracle", None)]
+    # Without a router: no learned, and no ceiling (the model as trained is).
+    assert arena.settings(["learned", "h2o", "oracle"], [0, 8], router=False) == [
+        ("window", 0),
+        ("h2o", 8),
+        ("oracle", 8),
+    ]
 
 
 def test_arena_runs_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -44,20 +50,31 @@ def test_arena_runs_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureF
     assert args.func(args) == 0
     doc = json.loads(out.read_text())
     got = [(r["name"], r["policy"], r["budget"]) for r in doc["results"]]
-    lte = [("gdn_lte", p, b) for p, b in arena.settings(list(arena.DEFAULT_POLICIES.split(",")), [0, 4, 8])]
-    assert got == [*lte, ("transformer", "reference", None)]
-    rows = {(r["policy"], r["budget"]): r for r in doc["results"]}
+    policies = list(arena.DEFAULT_POLICIES.split(","))
+    lte = [("gdn_lte", p, b) for p, b in arena.settings(policies, [0, 4, 8])]
+    full = [("transformer", p, b) for p, b in arena.settings(policies, [0, 4, 8], router=False)]
+    assert got == [*lte, *full, ("transformer", "reference", None)]
+    assert ("transformer", "h2o", 8) in got and ("transformer", "learned", 8) not in got
+    rows = {(r["policy"], r["budget"]): r for r in doc["results"] if r["name"] == "gdn_lte"}
+    full_rows = {(r["policy"], r["budget"]): r for r in doc["results"] if r["name"] == "transformer"}
     sinks = configs["gdn_lte"]["lte"]["sink_size"]
     assert rows["learned", 8]["buffer_size"] == sinks + 8 and rows["learned", None]["buffer_size"] == 64
     # Bytes grow with the buffer and do not depend on the policy.
     assert rows["window", 0]["cache_bytes"] < rows["random", 4]["cache_bytes"] < rows["random", 8]["cache_bytes"]
     assert rows["oracle", 8]["cache_bytes"] == rows["key_norm", 8]["cache_bytes"]
+    # The transformer's constant caches: sinks + window + budget slots, below its full cache at the task's length.
+    assert full_rows["h2o", 8]["buffer_size"] == arena.ATTN_SINKS + 8
+    assert full_rows["window", 0]["cache_bytes"] < full_rows["tova", 8]["cache_bytes"]
+    assert full_rows["tova", 8]["cache_bytes"] == full_rows["oracle", 8]["cache_bytes"]
+    assert full_rows["tova", 8]["cache_bytes"] < full_rows["reference", None]["cache_bytes"]
     for r in doc["results"]:
         assert sum(r["queries"].values()) == 2 * 4 and 0 <= r["beyond_window"] <= 1
     assert "| gdn_lte | key_norm | 4 |" in capsys.readouterr().out
     assert out.with_suffix(".png").stat().st_size > 1000
     with pytest.raises(UsageError, match="--policies"):
-        arena.run_cli(parser.parse_args(["arena", str(tmp_path / "gdn_lte"), "--policies", "h2o"]))
+        arena.run_cli(parser.parse_args(["arena", str(tmp_path / "gdn_lte"), "--policies", "h3o"]))
+    with pytest.raises(UsageError, match="--policies"):  # no prompt to compress in the interleaved recall task
+        arena.run_cli(parser.parse_args(["arena", str(tmp_path / "gdn_lte"), "--policies", "snapkv"]))
     with pytest.raises(UsageError, match="--tasks"):
         arena.run_cli(parser.parse_args(["arena", str(tmp_path / "gdn_lte"), "--tasks", "ppl"]))
 

@@ -6,7 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from hlsa.config import HybridConfig
-from hlsa.layers.eviction import Eviction, dense_attention, random_scores, visible_keys
+from hlsa.layers.attention import Attention, KVState
+from hlsa.layers.eviction import (
+    Eviction,
+    EvictionState,
+    dense_attention,
+    random_scores,
+    simulate_visible_keys,
+    snapkv_visible_keys,
+    visible_keys,
+)
 from hlsa.layers.lte import LTEAttention
 from hlsa.model import HybridForCausalLM
 
@@ -32,22 +41,29 @@ def make_layer(heads: int = 4, kv_heads: int = 2) -> LTEAttention:
 
 
 def definition(layer: LTEAttention, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """The policy's output from its brute-force visible set: dense attention over the keys `visible_keys` allows."""
+    """The policy's output from its brute-force visible set: dense attention over the keys `visible_keys` allows
+    (`simulate_visible_keys` for the policies that score from attention weights)."""
     t = x.shape[1]
     q, k, v = layer._project(x)
     raw = layer.eviction.scores(layer.router(k, v, pad_mask=pad), k, torch.arange(t))
-    visible = visible_keys(raw, pad, window=WINDOW, buffer_size=layer.buffer_size, sink_size=SINKS)
-    q, k = layer.rotary(q, k, torch.arange(t))
-    return layer.o_proj(dense_attention(q, k, v, visible).flatten(2))
+    q_rot, k_rot = layer.rotary(q, k, torch.arange(t))
+    sizes = dict(window=WINDOW, buffer_size=layer.buffer_size, sink_size=SINKS)
+    if layer.eviction.attention_scored:
+        visible = simulate_visible_keys(q_rot, k_rot, pad, policy=layer.eviction.policy, **sizes)
+    elif layer.eviction.policy == "snapkv":
+        visible = snapkv_visible_keys(q_rot, k_rot, pad, prompt=layer.eviction.prompt_len, **sizes)
+    else:
+        visible = visible_keys(raw, pad, **sizes)
+    return layer.o_proj(dense_attention(q_rot, k_rot, v, visible).flatten(2))
 
 
-@pytest.mark.parametrize("policy", ["learned", "window", "random", "key_norm"])
+@pytest.mark.parametrize("policy", ["learned", "window", "random", "key_norm", "h2o", "tova", "snapkv"])
 @pytest.mark.parametrize("buffer", [SINKS, 4, 12])
 @pytest.mark.parametrize("prompt", [1, 9, 20])
 @pytest.mark.parametrize("heads", [2, 4], ids=["mha", "gqa"])
 def test_prefill_and_decode_equal_the_definition(policy: str, buffer: int, prompt: int, heads: int) -> None:
     layer = make_layer(heads=heads)
-    layer.set_eviction(Eviction(policy, seed=3, layer=1), buffer)
+    layer.set_eviction(Eviction(policy, seed=3, layer=1, prompt_len=prompt), buffer)
     b, t = 3, 30
     x = torch.randn(b, t, 32, generator=torch.Generator().manual_seed(1))
     pad = torch.ones(b, t, dtype=torch.bool)
@@ -72,7 +88,7 @@ def test_policies_keep_different_tokens() -> None:
     x = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(2))
     outs = {}
     with torch.no_grad():
-        for policy in ("learned", "window", "random", "key_norm", "oracle"):
+        for policy in ("learned", "window", "random", "key_norm", "h2o", "tova", "oracle"):
             layer.set_eviction(Eviction(policy), 4)
             outs[policy] = layer(x)[0]
     names = list(outs)
@@ -179,8 +195,8 @@ def test_model_set_eviction_resizes_the_cache() -> None:
     with pytest.raises(ValueError, match="must be >= sink_size"):
         model.set_eviction("window", buffer_size=1)
     with pytest.raises(ValueError, match="eviction policy must be one of"):
-        model.set_eviction("h2o")
-    with pytest.raises(ValueError, match="no LTE layer"):
+        model.set_eviction("h3o")
+    with pytest.raises(ValueError, match="no LTE or full-attention layer"):
         HybridForCausalLM(HybridConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, gdn={"num_heads": 2}))\
             .set_eviction("window")  # fmt: skip
 
@@ -212,8 +228,8 @@ def test_model_decode_equals_its_full_forward_under_each_policy() -> None:
     ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(5))
     mask = torch.ones(2, 40, dtype=torch.long)
     mask[1, :4] = 0
-    for policy in ("learned", "window", "random", "key_norm"):
-        model.set_eviction(policy, buffer_size=6, seed=2)
+    for policy in ("learned", "window", "random", "key_norm", "h2o", "tova", "snapkv"):
+        model.set_eviction(policy, buffer_size=6, seed=2, prompt_len=12)
         with torch.no_grad():
             full = model(ids, attention_mask=mask).logits
             out = model(ids[:, :12], attention_mask=mask[:, :12], use_cache=True)
@@ -222,3 +238,146 @@ def test_model_decode_equals_its_full_forward_under_each_policy() -> None:
                 steps.append(model(ids[:, i : i + 1], cache=out.cache).logits)
         real = mask.bool()
         torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-4, atol=1e-4, msg=policy)
+
+
+def test_simulate_visible_keys_by_hand() -> None:
+    """Window 1, buffer 1, no sinks, head dim 1 (logit = q * k): key 0 takes the mass of the early queries, key 1
+    that of query 2. When key 1 leaves the window (step 3), h2o keeps key 0 (more mass so far), tova takes key 1
+    (query 2 gave it more weight)."""
+    q = torch.tensor([1.0, 1.0, -1.0, -1.0])[None, :, None, None]
+    k = torch.tensor([5.0, -5.0, 0.0, 0.0])[None, :, None, None]
+    sizes = dict(window=1, buffer_size=1, sink_size=0)
+    h2o = simulate_visible_keys(q, k, None, policy="h2o", **sizes)[0, 0]
+    tova = simulate_visible_keys(q, k, None, policy="tova", **sizes)[0, 0]
+    assert h2o[2].nonzero().flatten().tolist() == tova[2].nonzero().flatten().tolist() == [0, 1, 2]
+    assert h2o[3].nonzero().flatten().tolist() == [0, 2, 3]
+    assert tova[3].nonzero().flatten().tolist() == [1, 2, 3]
+    pad = torch.tensor([[False, True, True, True]])
+    sink = simulate_visible_keys(q, k, pad, policy="tova", window=1, buffer_size=1, sink_size=1)[0, 0]
+    assert sink[3].nonzero().flatten().tolist() == [1, 2, 3]  # the sink (key 1) is kept, the pad never seen
+    assert sink[0].nonzero().flatten().tolist() == []
+
+
+def make_attention(heads: int = 4, kv_heads: int = 2) -> Attention:
+    torch.manual_seed(0)
+    return Attention(32, heads, kv_heads, 8).eval()
+
+
+def attention_definition(layer: Attention, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """A full-attention layer under a policy, from the brute-force visible set (as `definition`, without a router)."""
+    t = x.shape[1]
+    q, k, v = layer._project(x)
+    raw = layer.eviction.scores(None, k, torch.arange(t))
+    q, k = layer.rotary(q, k, torch.arange(t))
+    sizes = dict(window=WINDOW, buffer_size=layer.buffer_size, sink_size=SINKS)
+    if layer.eviction.attention_scored:
+        visible = simulate_visible_keys(q, k, pad, policy=layer.eviction.policy, **sizes)
+    elif layer.eviction.policy == "snapkv":
+        visible = snapkv_visible_keys(q, k, pad, prompt=layer.eviction.prompt_len, **sizes)
+    else:
+        visible = visible_keys(raw, pad, **sizes)
+    return layer.o_proj(dense_attention(q, k, v, visible).flatten(2))
+
+
+@pytest.mark.parametrize("policy", ["window", "random", "key_norm", "h2o", "tova", "snapkv"])
+@pytest.mark.parametrize("buffer", [SINKS, 4, 12])
+@pytest.mark.parametrize("prompt", [1, 9, 20])
+@pytest.mark.parametrize("heads", [2, 4], ids=["mha", "gqa"])
+def test_full_attention_layer_under_a_policy_equals_the_definition(
+    policy: str, buffer: int, prompt: int, heads: int
+) -> None:
+    layer = make_attention(heads=heads)
+    layer.set_eviction(
+        Eviction(policy, seed=3, layer=1, prompt_len=prompt), window=WINDOW, buffer_size=buffer, sink_size=SINKS
+    )
+    b, t = 3, 30
+    x = torch.randn(b, t, 32, generator=torch.Generator().manual_seed(1))
+    pad = torch.ones(b, t, dtype=torch.bool)
+    pad[1, : min(3, prompt - 1)] = False
+    pad[2, : min(7, prompt - 1)] = False
+    x = x * pad[:, :, None]
+    with torch.no_grad():
+        want = attention_definition(layer, x, pad)
+        full, _ = layer(x, pad_mask=pad)
+        state = layer.init_state(b, device=torch.device("cpu"), dtype=torch.float32)
+        assert isinstance(state, EvictionState) and state.k.shape[2] == WINDOW + 1 + buffer
+        first, _ = layer(x[:, :prompt], pad_mask=pad[:, :prompt], state=state)
+        steps = [layer(x[:, i : i + 1], state=state)[0] for i in range(prompt, t)]
+    cached = torch.cat([first, *steps], dim=1)
+    torch.testing.assert_close(full[pad], want[pad], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached[pad], want[pad], rtol=1e-4, atol=1e-4)
+
+
+def test_full_attention_layer_oracle_and_refusals() -> None:
+    layer = make_attention()
+    x = torch.randn(2, 30, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        dense = layer(x)[0]
+        layer.set_eviction(Eviction("oracle"), window=WINDOW, buffer_size=30, sink_size=SINKS)
+        torch.testing.assert_close(layer(x)[0], dense, rtol=1e-5, atol=1e-5)  # a buffer for every key: no eviction
+        layer.set_eviction(Eviction("oracle"), window=WINDOW, buffer_size=SINKS, sink_size=SINKS)
+        assert not torch.allclose(layer(x)[0], dense)
+    with pytest.raises(ValueError, match="oracle policy reads every key"):
+        layer(x, state=layer.init_state(2, device=torch.device("cpu"), dtype=torch.float32))
+    with pytest.raises(ValueError, match="needs an LTE router"):
+        layer.set_eviction(Eviction("learned"), window=WINDOW, buffer_size=4, sink_size=SINKS)
+    with pytest.raises(ValueError, match="sliding-window layer"):
+        Attention(32, 4, 2, 8, window_size=4).set_eviction(Eviction("h2o"), window=4, buffer_size=4)
+    layer.set_eviction(None)
+    assert isinstance(layer.init_state(1, device=torch.device("cpu"), dtype=torch.float32), KVState)
+
+
+def test_transformer_under_each_policy_decodes_its_full_forward_in_constant_bytes() -> None:
+    config = HybridConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=3,
+        mixers=["attn", "gdn", "attn"],
+        gdn={"num_heads": 2},
+        attn={"num_heads": 4, "num_kv_heads": 2, "head_dim": 8},
+    )
+    torch.manual_seed(0)
+    model = HybridForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :4] = 0
+    with pytest.raises(ValueError, match="no LTE layer"):
+        model.set_eviction("learned")
+    with pytest.raises(ValueError, match="need a window"):
+        model.set_eviction("h2o", buffer_size=6)
+    for policy in ("window", "random", "key_norm", "h2o", "tova", "snapkv"):
+        model.set_eviction(policy, buffer_size=6, seed=2, window=4, sink_size=2, prompt_len=12)
+        with torch.no_grad():
+            full = model(ids, attention_mask=mask).logits
+            out = model(ids[:, :12], attention_mask=mask[:, :12], use_cache=True)
+            before = out.cache.nbytes()
+            steps = [out.logits]
+            for i in range(12, 40):
+                steps.append(model(ids[:, i : i + 1], cache=out.cache).logits)
+        assert out.cache.nbytes() == before  # constant: 4 + 1 + 6 slots per (row, kv head)
+        real = mask.bool()
+        torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-4, atol=1e-4, msg=policy)
+    layer = model.model.layers[2].attn
+    assert layer.eviction == Eviction("snapkv", seed=2, layer=2, prompt_len=12) and layer.buffer_size == 6
+    model.set_eviction(None)
+    assert model.model.layers[0].attn.eviction is None
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova"])
+def test_attention_scored_policies_through_the_triton_ops(policy: str) -> None:
+    """The decode steps on the Triton ops (interpreted on the CPU: evict, attend and return the weights) equal the
+    brute-force definition, as the torch ones do."""
+    torch.manual_seed(0)
+    layer = Attention(32, 4, 2, 8, backend="triton").eval()
+    layer.set_eviction(Eviction(policy), window=WINDOW, buffer_size=4, sink_size=SINKS)
+    b, t, prompt = 2, 20, 9
+    x = torch.randn(b, t, 32, generator=torch.Generator().manual_seed(1))
+    pad = torch.ones(b, t, dtype=torch.bool)
+    pad[1, :3] = False
+    x = x * pad[:, :, None]
+    with torch.no_grad():
+        want = attention_definition(layer, x, pad)
+        state = layer.init_state(b, device=torch.device("cpu"), dtype=torch.float32)
+        first, _ = layer(x[:, :prompt], pad_mask=pad[:, :prompt], state=state)
+        steps = [layer(x[:, i : i + 1], state=state)[0] for i in range(prompt, t)]
+    torch.testing.assert_close(torch.cat([first, *steps], dim=1)[pad], want[pad], rtol=1e-4, atol=1e-4)

@@ -188,3 +188,37 @@ def test_empty_cache_or_batch_raises(backend: str) -> None:
         q, k = torch.randn(B, 4, 8), torch.randn(B, 2, S, 8)
         with pytest.raises(ValueError, match="empty input"):
             decode_attention(q, k, k, valid=torch.ones(B, 2, S, dtype=torch.bool), backend=backend)
+
+
+def test_return_weights_are_each_groups_softmax_summed_over_its_query_heads() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 8, generator=gen), torch.randn(2, 2, 5, 8, generator=gen), torch.randn(2, 2, 5, 8)
+    valid = torch.rand(2, 2, 5, generator=gen) > 0.3
+    valid[0, 1] = False  # a kv head with no valid slot: no weight anywhere
+    o, weights = decode_attention(q, k, v, valid=valid, return_weights=True)
+    torch.testing.assert_close(o, decode_attention(q, k, v, valid=valid, backend="torch"))
+    for b in range(2):
+        for h in range(2):
+            want = torch.zeros(5)
+            for g in (2 * h, 2 * h + 1):
+                slots = valid[b, h].nonzero().flatten()
+                if len(slots):
+                    want[slots] += torch.softmax(k[b, h, slots] @ q[b, g] / 8**0.5, dim=0)
+            torch.testing.assert_close(weights[b, h], want)
+
+
+@pytest.mark.parametrize("num_splits", [1, None], ids=["nosplit", "split"])
+@pytest.mark.parametrize(
+    "B,HQ,HKV,D,S", CASES[::2], ids=[f"B{c[0]}-G{c[1] // c[2]}-D{c[3]}-S{c[4]}" for c in CASES[::2]]
+)
+def test_triton_weights_match_the_reference(B: int, HQ: int, HKV: int, D: int, S: int, num_splits: int | None) -> None:
+    """The weights the Triton path returns (logits and log-sum-exp from the kernels) against the reference's."""
+    from hlsa.ops.triton.decode_attention import decode_attention_triton
+
+    q, k, v, valid = _inputs(B, HQ, HKV, S, D, torch.float32)
+    o, weights = decode_attention_triton(q, k, v, valid=valid, scale=0.3, num_splits=num_splits, return_weights=True)
+    ref_o, ref_weights = decode_attention_ref(q, k, v, valid=valid, scale=0.3, return_weights=True)
+    torch.testing.assert_close(o, ref_o, atol=2e-5, rtol=1e-5)
+    assert weights.shape == (B, HKV, S) and weights.dtype == torch.float32
+    torch.testing.assert_close(weights, ref_weights, atol=2e-5, rtol=1e-5)
+    assert (weights[~valid] == 0).all()

@@ -1,13 +1,16 @@
-"""`hlsa eval arena`: eviction policies of LTE layers against each other at equal cache bytes.
+"""`hlsa eval arena`: eviction policies against each other at equal cache bytes.
 
 Every LTE checkpoint is evaluated under each eviction policy (`hlsa.layers.eviction`) and buffer budget; a budget
 `b` is the number of buffer slots beyond the sinks (`buffer_size = sink_size + b`), so at budget 0 every policy is
 sinks + window: the `window` policy is evaluated there, and only there. Two within-model ceilings use a buffer that
 holds every token (`buffer_size = seq_len`): `learned` (the router keeps every token it scores positive) and `oracle`
-(then full causal attention in the LTE layers). A checkpoint without LTE layers (a Transformer, GDN+NSA, GDN+SWA,
-GDN) is evaluated once as it is, as a reference. Cache bytes are those of one sequence's decode cache after a
-prompt of the task's length (`HybridCache.nbytes()`); they depend on the buffer size, not on the policy (the oracle,
-which keeps every key, is placed at the bytes of the cache it is compared with).
+(then full causal attention in the LTE layers). A checkpoint with full-attention layers and no LTE layer (a
+Transformer, GDN+attention) is evaluated as it is (its full cache, the ceiling) and under every policy but
+`learned` (it has no router), its full-attention layers then keeping `ATTN_SINKS` sinks + the recipe's window +
+the buffer in LTE's constant cache. A checkpoint without either (GDN+NSA, GDN+SWA, GDN) is evaluated once as it
+is, as a reference. Cache bytes are those of one sequence's decode cache after a prompt of the task's length
+(`HybridCache.nbytes()`); they depend on the buffer size, not on the policy (the oracle, which keeps every key, is
+placed at the bytes of the cache it is compared with).
 
 Task: `recall`, the demo's multi-query associative recall, evaluated by `hlsa.demo.evaluate` (accuracy by query
 distance in units of the window). Writes a JSON file, a PNG of accuracy against cache bytes, and prints a table.
@@ -23,13 +26,18 @@ from pathlib import Path
 from typing import Any
 
 TASKS = ("recall",)
-DEFAULT_POLICIES = "learned,window,random,key_norm,oracle"
+# snapkv scores a prompt from its last queries and keeps nothing after it; the recall task interleaves pairs and
+# queries, so it has no prompt to compress, and the arena leaves snapkv out.
+ARENA_POLICIES = ("learned", "window", "random", "key_norm", "h2o", "tova", "oracle")
+DEFAULT_POLICIES = ",".join(ARENA_POLICIES)
+# Sinks of a full-attention layer under a policy (StreamingLLM's four); LTE layers keep their config's.
+ATTN_SINKS = 4
 
 
 def add_arena_parser(sub: argparse._SubParsersAction) -> None:
     """Add `arena` to the subcommands of `hlsa eval`."""
-    p = sub.add_parser("arena", help="eviction policies of LTE layers against each other at equal cache bytes")
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="hlsa checkpoint directories (LTE or references)")
+    p = sub.add_parser("arena", help="eviction policies against each other at equal cache bytes")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="hlsa checkpoint directories")
     p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated (default: {DEFAULT_POLICIES})")
     p.add_argument("--budgets", default="0,32,64,128,256", help="buffer slots beyond the sinks, comma-separated")
     p.add_argument("--tasks", default="recall", help=f"comma-separated, of {','.join(TASKS)}")
@@ -70,12 +78,20 @@ def beyond_window(result: dict[str, Any]) -> float:
     return sum(result["accuracy"][b] * result["queries"][b] for b in names) / max(queries, 1)
 
 
-def settings(policies: list[str], budgets: list[int]) -> list[tuple[str, int | None]]:
-    """(policy, budget) pairs of an LTE checkpoint. Budget 0 is the `window` policy alone: there every policy keeps
-    the sinks only, and `window` needs no other budget. Budget None is a ceiling (a buffer for every token)."""
+def settings(policies: list[str], budgets: list[int], *, router: bool = True) -> list[tuple[str, int | None]]:
+    """(policy, budget) pairs of a checkpoint with LTE layers (`router`) or full-attention ones. Budget 0 is the
+    `window` policy alone: there every policy keeps the sinks only, and `window` needs no other budget. Budget None
+    is a ceiling (a buffer for every token); without a router there is no `learned`, and the model as trained is
+    the ceiling."""
+    if not router:
+        policies = [p for p in policies if p != "learned"]
     window = [("window", 0)] if "window" in policies or 0 in budgets else []
     others = [(p, b) for b in budgets if b > 0 for p in policies if p != "window"]
-    return window + others + [(p, None) for p in ("learned", "oracle") if p in policies]
+    return window + others + ([(p, None) for p in ("learned", "oracle") if p in policies] if router else [])
+
+
+def _full_attention(model: Any) -> bool:
+    return "attn" in model.config.mixers
 
 
 def run(
@@ -103,21 +119,26 @@ def run(
             raise UsageError(f"{path}: not an hlsa checkpoint directory (no config.json)")
         model = HybridForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         models[path] = model
-        if model.config.lte_layers:
-            jobs += [(path, p, b) for p, b in settings(policies, budgets)]
-        else:
+        if model.config.lte_layers or _full_attention(model):
+            jobs += [(path, p, b) for p, b in settings(policies, budgets, router=bool(model.config.lte_layers))]
+        if not model.config.lte_layers:
             jobs.append((path, "reference", None))
     rows = []
     for path, policy, budget in tqdm(jobs, desc="arena", file=sys.stderr):
         model = models[path]
         row: dict[str, Any] = {"checkpoint": path, "name": Path(path).name, "policy": policy, "budget": budget}
-        if policy != "reference":
-            row["buffer_size"] = task.seq_len if budget is None else model.config.lte["sink_size"] + budget
-            # Bytes depend on N only, so the oracle, which has no cache of its own, is measured as `learned`.
-            model.set_eviction("learned", buffer_size=row["buffer_size"])
+        if policy == "reference" and _full_attention(model):
+            model.set_eviction(None)  # as trained: every token in the cache
+        elif policy != "reference":
+            lte = bool(model.config.lte_layers)
+            sinks = model.config.lte["sink_size"] if lte else ATTN_SINKS
+            row["buffer_size"] = task.seq_len if budget is None else sinks + budget
+            sizes = dict(buffer_size=row["buffer_size"], window=window, sink_size=sinks)
+            # Bytes depend on N only, so the oracle, which has no cache of its own, is measured as one that has.
+            model.set_eviction("learned" if lte else "window", **sizes)
         row["cache_bytes"] = demo.cache_bytes(model, task.seq_len)
         if policy != "reference":
-            model.set_eviction(policy, buffer_size=row["buffer_size"], seed=seed)
+            model.set_eviction(policy, seed=seed, **sizes)
         row.update(demo.evaluate(model, task, examples, window))
         row["beyond_window"] = beyond_window(row)
         rows.append(row)
@@ -147,16 +168,19 @@ def render(doc: dict[str, Any]) -> str:
 
 def plot(doc: dict[str, Any], path: Path) -> None:
     """Recall (all queries, and beyond the window) against cache KiB per sequence: a line per policy and LTE
-    checkpoint over the budgets, a star per ceiling (in its policy's colour), a square per reference."""
+    checkpoint over the budgets (a marker per checkpoint), a star per ceiling (in its policy's colour), a square per
+    reference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hlsa.layers.eviction import POLICIES
-
-    colours = dict(zip(POLICIES, ("tab:blue", "tab:gray", "tab:green", "tab:orange", "tab:purple")))
-    others = iter(("tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black") * 10)
+    palette = ("tab:blue", "tab:gray", "tab:green", "tab:orange", "tab:red", "tab:cyan", "tab:purple")
+    colours = dict(zip(ARENA_POLICIES, palette, strict=True))
+    others = iter(("tab:brown", "tab:pink", "tab:olive", "black", "gold", "navy") * 10)
+    # A policy's colour is the same in every checkpoint; the marker tells the checkpoints apart.
+    names = list(dict.fromkeys(r["name"] for r in doc["results"]))
+    markers = dict(zip(names, ("o", "^", "D", "v", "P", "X") * 10))
     colours.update({r["name"]: next(others) for r in doc["results"] if r["policy"] == "reference"})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), dpi=120, sharey=True)
     for ax, key, title in zip(axes, ("overall", "beyond_window"), ("all queries", "queries beyond the window")):
@@ -173,7 +197,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
             rs.sort(key=lambda r: r["cache_bytes"])
             style = "--" if rs[0]["policy"] == "oracle" else "-"
             xs, ys = [r["cache_bytes"] / 1024 for r in rs], [100 * r[key] for r in rs]
-            ax.plot(xs, ys, style, marker="o", color=colours[rs[0]["policy"]], label=label)
+            ax.plot(xs, ys, style, marker=markers[rs[0]["name"]], color=colours[rs[0]["policy"]], label=label)
         ax.set_xscale("log")
         ax.set_xlabel("decode cache per sequence (KiB)")
         ax.set_title(f"recall, {title}")
@@ -192,13 +216,11 @@ def run_cli(args: argparse.Namespace) -> int:
     """`hlsa eval arena`: run, print the table, write the JSON and the PNG."""
     import torch
 
-    from hlsa.layers.eviction import POLICIES
-
     _names(args.tasks, TASKS, "--tasks")
     torch.set_num_threads(args.threads)
     doc = run(
         args.checkpoints,
-        policies=_names(args.policies, POLICIES, "--policies"),
+        policies=_names(args.policies, ARENA_POLICIES, "--policies"),
         budgets=_budgets(args.budgets),
         examples=args.examples,
         recipe=args.recipe,

@@ -1,7 +1,9 @@
 """Softmax attention with RoPE and GQA: full causal (`window_size=None`) or sliding window (band of W+1 tokens).
 
 Caches: SWA keeps a ring of `W + 1` slots (constant memory); full attention keeps every token in a buffer that grows
-by doubling (the baseline whose memory grows with the context).
+by doubling (the baseline whose memory grows with the context), unless an eviction policy is set
+(`Attention.set_eviction`): then, at inference, it keeps sinks + a window + a buffer of N tokens chosen by the policy
+in the constant cache of an LTE layer (`hlsa.layers.eviction`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hlsa.layers.eviction import Eviction, EvictionState, evict_step, inference_attention
 from hlsa.layers.linear import Linear, fused_linear
 from hlsa.layers.rotary import RotaryEmbedding
 from hlsa.layers.slots import fill_ring, grow_slots, write_slot
@@ -86,13 +89,42 @@ class Attention(ProjectedAttention):
         if window_size is not None and window_size < 1:
             raise ValueError(f"window_size must be >= 1 or None for full attention (got {window_size})")
         self.window_size = window_size
+        self.set_eviction(None)
+
+    def set_eviction(
+        self, eviction: Eviction | None, *, window: int = 0, buffer_size: int = 0, sink_size: int = 0
+    ) -> None:
+        """Inference setting of a full-attention layer, which sizes the next `init_state`: None keeps every token
+        (as trained); an `Eviction` keeps, for each query and kv head, the first `sink_size` tokens, the band of the
+        last `window + 1` and `buffer_size - sink_size` older tokens chosen by its policy, with the rule, cache
+        (`EvictionState`) and bytes of an LTE layer of that window and buffer size. `learned` needs an LTE router, so
+        it is refused here."""
+        if eviction is not None:
+            if self.window_size is not None:
+                raise ValueError("set_eviction: a sliding-window layer's cache is constant already; eviction policies "
+                                 "apply to full-attention layers")  # fmt: skip
+            if eviction.policy == "learned":
+                raise ValueError(
+                    "eviction policy 'learned' needs an LTE router, which a full-attention layer does not have; use a "
+                    "training-free policy (window, random, key_norm, h2o, tova) or oracle"
+                )
+            if window < 0 or buffer_size < sink_size or sink_size < 0:
+                raise ValueError(
+                    f"set_eviction: need window >= 0 and buffer_size >= sink_size >= 0 (sinks live in the buffer); "
+                    f"got window={window}, buffer_size={buffer_size}, sink_size={sink_size}"
+                )
+        self.eviction = eviction
+        self.evict_window, self.buffer_size, self.sink_size = window, buffer_size, sink_size
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = self._project(x)
         q, k = self.rotary(q, k, positions)
         return q, k, v
 
-    def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> KVState:
+    def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> KVState | EvictionState:
+        if self.eviction is not None:
+            slots = self.evict_window + 1 + self.buffer_size
+            return EvictionState.empty(batch_size, self.num_kv_heads, slots, self.head_dim, device=device, dtype=dtype)
         # Full attention starts small and doubles; SWA allocates its whole ring once.
         slots = self.window_size + 1 if self.window_size is not None else 256
         shape = (batch_size, self.num_kv_heads, slots, self.head_dim)
@@ -107,6 +139,8 @@ class Attention(ProjectedAttention):
         self, x: torch.Tensor, *, pad_mask: torch.Tensor | None = None, state: KVState | None = None
     ) -> tuple[torch.Tensor, None]:
         """x [B, T, d] -> (y [B, T, d], None). With `state`, a prefill (empty state) or token-by-token continuation."""
+        if self.eviction is not None:
+            return self._forward_evicting(x, pad_mask, state), None
         if state is not None and state.seen > 0:
             ys = [self._decode(x[:, i : i + 1], state) for i in range(x.shape[1])]
             return torch.cat(ys, dim=1), None
@@ -139,6 +173,37 @@ class Attention(ProjectedAttention):
         state.seen += 1
         state.position.add_(1)
         return self.o_proj(o.flatten(1))[:, None]
+
+    def _forward_evicting(
+        self, x: torch.Tensor, pad_mask: torch.Tensor | None, state: EvictionState | None
+    ) -> torch.Tensor:
+        """`forward` under an eviction policy: the LTE layer's inference path, with the policy's scores alone."""
+        assert self.eviction is not None
+        if state is not None and state.seen > 0:  # decode
+            outs = []
+            for i in range(x.shape[1]):
+                q, k, v = self._project(x[:, i : i + 1])
+                new_score = self.eviction.scores(None, k, state.position.view(1))[:, 0]
+                q, k = self.rotary(q, k, state.position.view(1))
+                o = evict_step(
+                    state, q[:, 0], k[:, 0], v[:, 0], new_score, eviction=self.eviction,
+                    ring_size=self.evict_window + 1, sink_size=self.sink_size, backend=self.backend,
+                )  # fmt: skip
+                outs.append(o[:, None])
+                state.seen += 1
+                state.position.add_(1)
+            return self.o_proj(torch.cat(outs, dim=1).flatten(2))
+        b, t, _ = x.shape
+        positions = torch.arange(t, device=x.device)
+        q, k, v = self._project(x)
+        raw = self.eviction.scores(None, k, positions)
+        q, k = self.rotary(q, k, positions)
+        o = inference_attention(
+            q, k, v, raw, pad_mask, eviction=self.eviction, window=self.evict_window, buffer_size=self.buffer_size,
+            sink_size=self.sink_size, state=state, backend=self.backend,
+            empty_state=lambda: self.init_state(b, device=x.device, dtype=k.dtype),
+        )  # fmt: skip
+        return self.o_proj(o.flatten(2))
 
     @staticmethod
     def _grow(state: KVState, slots: int) -> None:

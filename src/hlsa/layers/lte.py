@@ -23,12 +23,10 @@ from typing import NamedTuple
 import torch
 
 from hlsa.layers.attention import ProjectedAttention
-from hlsa.layers.eviction import Eviction, oracle_attention
-from hlsa.layers.lte_router import LTERouter, router_dtype, select, sink_mask, value_gain
+from hlsa.layers.eviction import Eviction, evict_step, inference_attention, rank_scores
+from hlsa.layers.lte_router import LTERouter, router_dtype, select, value_gain
 from hlsa.layers.slots import fill_ring
-from hlsa.ops.decode_attention import decode_attention
 from hlsa.ops.linear import linear
-from hlsa.ops.lte_evict import lte_evict
 from hlsa.ops.lte_retention import lte_column_end
 from hlsa.ops.sparse_attention import sparse_attention
 
@@ -117,9 +115,7 @@ class LTEAttention(ProjectedAttention):
     # ------------------------------------------------------------------------------------------------------------
     def inference_scores(self, score: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         """Scores that rank keys at inference: sinks +inf (always kept), pads -inf (never kept). [B, T, HKV]."""
-        real = torch.ones(score.shape[:2], device=score.device, dtype=torch.bool) if pad_mask is None else pad_mask
-        ranked = score.detach().float().masked_fill(sink_mask(real, self.sink_size)[:, :, None], float("inf"))
-        return ranked.masked_fill(~real[:, :, None], float("-inf"))
+        return rank_scores(score, pad_mask, self.sink_size)
 
     def forward(
         self, x: torch.Tensor, *, pad_mask: torch.Tensor | None = None, state: LTEState | None = None
@@ -127,8 +123,6 @@ class LTEAttention(ProjectedAttention):
         """x [B, T, d] -> (y [B, T, d], LTERouting). With `state`: prefill (empty state) or token-by-token decode."""
         if state is not None and self.training:
             raise ValueError("LTEAttention: the decode cache is for inference; call model.eval() before generating")
-        if state is not None and self.eviction.policy == "oracle":
-            raise ValueError("LTEAttention: the oracle policy reads every key, so it has no cache; use a full forward")
         if state is not None and state.seen > 0:
             outs = [self._decode(x[:, i : i + 1], state) for i in range(x.shape[1])]
             return torch.cat([y for y, _ in outs], dim=1), LTERouting(
@@ -142,34 +136,26 @@ class LTEAttention(ProjectedAttention):
             v = value_gain(v, score)  # forward: v unchanged; backward: d score = sum_d(dv * v) (SPEC 1.5)
         k_prerope = k
         q, k = self.rotary(q, k, torch.arange(t, device=x.device))
-        # What ranks keys for the buffer: the router in training, the eviction policy's score at inference.
-        rank = (
-            score
-            if self.training
-            else self.eviction.scores(score.detach(), k_prerope, torch.arange(t, device=x.device))
-        )
-        if self.training and (self.train_selection == "positive" or not self.routing_enabled):
-            visible = select(score, pad_mask, self.sink_size, enabled=self.routing_enabled)
-            column_end = torch.where(visible, INT32_MAX, 0).to(torch.int32)
-        else:  # inference, or training under the inference rule (train_selection "buffer")
-            ranked = self.inference_scores(rank, pad_mask)
-            column_end = lte_column_end(ranked, window=self.window_size, buffer_size=self.buffer_size)
-        if self.eviction.policy == "oracle" and not self.training:
-            o = oracle_attention(
-                q,
-                k,
-                v,
-                window=self.window_size,
-                buffer_size=self.buffer_size,
-                sink_size=self.sink_size,
-                pad_mask=pad_mask,
-            )
+        if not self.training:  # the eviction policy's rule, which fills the cache of a prefill
+            raw = self.eviction.scores(score.detach(), k_prerope, torch.arange(t, device=x.device))
+            o = inference_attention(
+                q, k, v, raw, pad_mask, eviction=self.eviction, window=self.window_size,
+                buffer_size=self.buffer_size, sink_size=self.sink_size, state=state,
+                empty_state=lambda: self.init_state(b, device=x.device, dtype=k.dtype),
+                score_lag=self.eviction.score_lag(self.router.margin), backend=self.backend,
+            )  # fmt: skip
+            if state is not None:
+                self._prefill_router(state, k_prerope, v, pad_mask)
         else:
+            if self.train_selection == "positive" or not self.routing_enabled:
+                visible = select(score, pad_mask, self.sink_size, enabled=self.routing_enabled)
+                column_end = torch.where(visible, INT32_MAX, 0).to(torch.int32)
+            else:  # training under the inference rule (train_selection "buffer")
+                ranked = self.inference_scores(score, pad_mask)
+                column_end = lte_column_end(ranked, window=self.window_size, buffer_size=self.buffer_size)
             o = sparse_attention(
                 q, k, v, window=self.window_size, column_end=column_end, key_mask=pad_mask, backend=self.backend
             )
-        if state is not None:
-            self._prefill(state, k_prerope, k, v, rank, pad_mask)
         return self.o_proj(o.flatten(2)), LTERouting(score, selected)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -190,47 +176,13 @@ class LTEAttention(ProjectedAttention):
             position=torch.zeros((), device=device, dtype=torch.long),
         )
 
-    def _prefill(
-        self,
-        state: LTEState,
-        k_prerope: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        score: torch.Tensor,
-        pad_mask: torch.Tensor | None,
+    def _prefill_router(
+        self, state: LTEState, k_prerope: torch.Tensor, v: torch.Tensor, pad_mask: torch.Tensor | None
     ) -> None:
-        """Fill the cache from a prompt: ring = last W+1 tokens, buffer = final top-N of older tokens (SPEC 2.2)."""
-        b, t = k.shape[:2]
-        ring, m = self.window_size + 1, self.router.margin
-        real = torch.ones(b, t, device=k.device, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
-        ranked = self.inference_scores(score, pad_mask)
-        # The router's scores of the last m tokens still lack right context: they are scored during decode (before
-        # eviction). The training-free policies score a token from itself (no lag).
-        ranked[:, max(0, t - self.eviction.score_lag(m)) :] = float("-inf")
-        real_h = real[:, :, None].expand(b, t, self.num_kv_heads)
-        # Ring: the last W+1 tokens.
-        fill_ring(state.k[:, :, :ring], k)
-        fill_ring(state.v[:, :, :ring], v)
-        fill_ring(state.score[:, :, :ring], ranked)
-        fill_ring(state.valid[:, :, :ring], real_h)
-        positions = torch.arange(t, device=k.device, dtype=torch.int32)
-        fill_ring(state.token_pos[:, :, :ring], positions[None, :, None].expand(b, t, self.num_kv_heads))
-        # Buffer: top-N positive scores among tokens older than the ring; stable sort keeps earlier keys on ties.
-        older = max(0, t - ring)
-        if older > 0 and self.buffer_size > 0:
-            cand = ranked[:, :older].transpose(1, 2)  # [B, HKV, older]
-            order = torch.sort(cand, dim=-1, descending=True, stable=True).indices[..., : self.buffer_size]
-            top = cand.gather(-1, order)
-            keep = top > 0
-            n = order.shape[-1]
-            idx = order[..., None].expand(-1, -1, -1, self.head_dim)
-            state.k[:, :, ring : ring + n] = k.transpose(1, 2).gather(2, idx)
-            state.v[:, :, ring : ring + n] = v.transpose(1, 2).to(state.v.dtype).gather(2, idx)
-            # Kept entries are a prefix (sorted descending, positives first).
-            state.score[:, :, ring : ring + n] = torch.where(keep, top, float("-inf"))
-            state.valid[:, :, ring : ring + n] = keep
-            state.token_pos[:, :, ring : ring + n] = order.to(torch.int32)
-            state.buffer_len.copy_(keep.sum(-1).to(torch.int32))
+        """After a prefill filled the slots (`inference_attention`): the router's rings. The router's
+        scores of the last m tokens still lack right context: the decode steps score them (before eviction)."""
+        b, t = k_prerope.shape[:2]
+        real = torch.ones(b, t, device=v.device, dtype=torch.bool) if pad_mask is None else pad_mask.bool()
         # Router rings: every conv's inputs at the last 2m+1 positions, for scoring the pending tokens during decode.
         # The CNN reruns on just those positions: the values it gets wrong there (the first ones lack left context,
         # the last ones right context) are never read, since a decode step reads a conv's inputs no older than
@@ -240,9 +192,6 @@ class LTEAttention(ProjectedAttention):
         inputs = self.router.ring_inputs(k_prerope[:, tail], v[:, tail], pad_mask=tail_mask)
         fill_ring(state.router_x, inputs, start=tail.start)
         fill_ring(state.router_valid[:, None], real[:, :, None])  # one slot row for all heads
-        state.offset.copy_((~real).sum(1) if pad_mask is not None else torch.zeros_like(state.offset))
-        state.seen = t
-        state.position.fill_(t)
 
     def _project_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, 1, d] -> q [B, 1, HQ, D] and kv [B, HKV, 2D], each kv head's pre-RoPE `[k || v]` (the router's input),
@@ -279,24 +228,10 @@ class LTEAttention(ProjectedAttention):
         # window. While j < 0 (the first m - t steps after a prompt of t < m tokens) j's slot, `pos + W + 1 - m > pos`,
         # is one no token has reached yet, and its score is written -inf (j < 0 <= offset), as it already was.
         q, k = self.rotary(q, k[:, None], pos.view(1))
-        lte_evict(
-            state.k,
-            state.v,
-            state.score,
-            state.valid,
-            state.buffer_len,
-            state.token_pos,
-            position=pos,
-            k_new=k[:, 0].to(state.k.dtype),
-            v_new=v.to(state.v.dtype),
-            ring_size=ring,
-            new_score=new_score,
-            score_lag=self.eviction.score_lag(m),
-            offset=state.offset,
-            sink_size=self.sink_size,
-            backend=self.backend,
-        )
-        o = decode_attention(q[:, 0], state.k, state.v, valid=state.valid, backend=self.backend)
+        o = evict_step(
+            state, q[:, 0], k[:, 0], v, new_score, eviction=self.eviction, ring_size=ring, sink_size=self.sink_size,
+            score_lag=self.eviction.score_lag(m), backend=self.backend,
+        )  # fmt: skip
         state.seen += 1
         state.position.add_(1)
         # Reported routing: the score of token j, the one scored at this step.

@@ -50,7 +50,8 @@ def decode_attention_ref(
     *,
     valid: torch.Tensor,
     scale: float | None = None,
-) -> torch.Tensor:
+    return_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Readable reference: masked softmax over all valid slots, in the input dtype.
 
     Args and Returns as in `decode_attention`.
@@ -66,8 +67,8 @@ def decode_attention_ref(
     m = s.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min)
     e = torch.exp(s - m)
     p = e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
-    o = torch.einsum("bhgs,bhsd->bhgd", p, v_cache)  # [B, HKV, G, D]
-    return o.reshape(B, HQ, D)
+    o = torch.einsum("bhgs,bhsd->bhgd", p, v_cache).reshape(B, HQ, D)  # [B, HKV, G, D] -> [B, HQ, D]
+    return (o, p.float().sum(2)) if return_weights else o
 
 
 def decode_attention(
@@ -78,7 +79,8 @@ def decode_attention(
     valid: torch.Tensor,
     scale: float | None = None,
     backend: str | None = None,
-) -> torch.Tensor:
+    return_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query token per sequence over the valid slots of a KV cache (no host sync).
 
     Args:
@@ -87,14 +89,19 @@ def decode_attention(
         valid: bool `[B, HKV, S]`: slots that hold a token.
         scale: softmax scale, default `D ** -0.5`.
         backend: "torch" (reference), "triton", or None (Triton for CUDA tensors, else the reference).
+        return_weights: also return the softmax weights of each slot, float32 `[B, HKV, S]`, summed over the query
+            heads of each kv head (0 on invalid slots), computed within the same attention (the eviction policies
+            `h2o` and `tova` score from them; the Triton path writes the logits and log-sum-exp and normalises them
+            in a pass over `[B, HQ, S]` floats that reads no K/V).
 
     Returns:
-        `[B, HQ, D]` in the dtype of q; a query whose kv-head has no valid slot gets zeros.
+        `[B, HQ, D]` in the dtype of q (a query whose kv-head has no valid slot gets zeros); with `return_weights`,
+        the pair (output, weights).
     """
     if kernel_backend("decode_attention", backend, q) == "torch":
-        return decode_attention_ref(q, k_cache, v_cache, valid=valid, scale=scale)
+        return decode_attention_ref(q, k_cache, v_cache, valid=valid, scale=scale, return_weights=return_weights)
     _check_inputs(q, k_cache, v_cache, valid)
     from hlsa.ops.triton.decode_attention import decode_attention_triton
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return decode_attention_triton(q, k_cache, v_cache, valid=valid, scale=scale)
+    return decode_attention_triton(q, k_cache, v_cache, valid=valid, scale=scale, return_weights=return_weights)

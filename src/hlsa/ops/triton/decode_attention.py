@@ -6,6 +6,10 @@ and value is read from memory once for the whole group, and runs an online softm
 kernel merges the partial `(max, sum, acc)` triples. Nothing reads tensor values on the host, so a call can be
 captured in a CUDA graph.
 
+With `return_weights` (the eviction policies that score from attention weights), the first kernel also writes every
+slot's logit and the last kernel each query's log-sum-exp, and a small torch pass turns them into the softmax
+weights: it reads `[B, HQ, S]` floats, not the K/V cache.
+
 Legend: `B` batch, `HQ` query heads, `HKV` kv-heads, `G = HQ // HKV`, `S` slots, `D` head dim, `NS` splits.
 Scores are kept in the log2 domain (`qk_scale = scale * log2(e)`) so the kernel can use `exp2`.
 """
@@ -39,6 +43,8 @@ def decode_attention_fwd_kernel(
     m_part,
     l_part,
     acc_part,
+    s_out,
+    lse_out,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -63,6 +69,7 @@ def decode_attention_fwd_kernel(
     BD: tl.constexpr,
     IS_SPLIT: tl.constexpr,
     IEEE: tl.constexpr,
+    WEIGHTS: tl.constexpr,
 ):
     i_bh, i_split = tl.program_id(0), tl.program_id(1)
     # torch.compile (Inductor) passes Python floats as fp64 scalars; fp32 keeps the loop-carried softmax state fp32.
@@ -98,6 +105,9 @@ def decode_attention_fwd_kernel(
         else:
             b_s = tl.dot(b_q, tl.trans(b_k))
         b_s = tl.where(b_valid[None, :], b_s * qk_scale, float("-inf"))  # [BG, BS]
+        if WEIGHTS:  # logits [B * HQ, S] in the log2 domain, -inf on invalid slots
+            p_s = s_out + (i_bh * G + o_g[:, None]).to(tl.int64) * S + o_ss[None, :]
+            tl.store(p_s, b_s, mask=m_g[:, None] & (o_ss < s_end)[None, :])
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         # A row with no valid slot so far keeps max -inf; shifting by 0 instead avoids inf - inf = nan.
         b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
@@ -118,6 +128,8 @@ def decode_attention_fwd_kernel(
         tl.store(l_part + o_row, b_l, mask=m_g)
         tl.store(acc_part + o_row[:, None] * D + o_d[None, :], b_acc, mask=m_g[:, None] & m_d[None, :])
     else:
+        if WEIGHTS:  # log2-sum-exp2 per query head; l >= 1 with a valid slot (its max adds 1), else m = -inf
+            tl.store(lse_out + i_bh * G + o_g, b_m + tl.log2(tl.maximum(b_l, 1.0)), mask=m_g)
         b_o = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]  # no valid slot: acc is 0, so is the output
         p_o = o + i_b * stride_ob + (i_h * G + o_g[:, None]) * stride_oh + o_d[None, :]
         tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_g[:, None] & m_d[None, :])
@@ -129,6 +141,7 @@ def decode_attention_combine_kernel(
     l_part,
     acc_part,
     o,
+    lse_out,
     stride_ob,
     stride_oh,
     NS,
@@ -136,6 +149,7 @@ def decode_attention_combine_kernel(
     D: tl.constexpr,
     BNS: tl.constexpr,
     BD: tl.constexpr,
+    WEIGHTS: tl.constexpr,
 ):
     i_bq = tl.program_id(0)
     i_b, i_q = (i_bq // HQ).to(tl.int64), i_bq % HQ
@@ -151,6 +165,8 @@ def decode_attention_combine_kernel(
     b_w = tl.exp2(b_m - tl.where(b_max == float("-inf"), 0.0, b_max))  # empty splits weigh 0
     b_l_all = tl.sum(b_w * b_l, 0)
     b_o = tl.sum(b_w[:, None] * b_acc, 0) / tl.where(b_l_all > 0, b_l_all, 1.0)
+    if WEIGHTS:
+        tl.store(lse_out + i_bq, b_max + tl.log2(tl.maximum(b_l_all, 1.0)))  # as in the unsplit kernel
     tl.store(o + i_b * stride_ob + i_q * stride_oh + o_d, b_o.to(o.dtype.element_ty), mask=m_d)
 
 
@@ -219,16 +235,18 @@ def decode_attention_triton(
     scale: float,
     num_splits: int | None = None,
     config: tuple[int, int, int] | None = None,
-) -> torch.Tensor:
+    return_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Launch the decode kernels; inputs are validated by `hlsa.ops.decode_attention.decode_attention`.
 
     Args:
         q: `[B, HQ, D]`; k_cache, v_cache: `[B, HKV, S, D]`; valid: bool `[B, HKV, S]`; scale: softmax scale.
         num_splits: slot splits per (b, kv-head), or None for the occupancy heuristic (tests force 1 or more).
         config: `(BS, num_warps, num_stages)` or None for the fixed per-dtype config (benchmarks sweep it).
+        return_weights: also return the softmax weights, float32 `[B, HKV, S]` summed over each kv head's queries.
 
     Returns:
-        `[B, HQ, D]` in the dtype of q.
+        `[B, HQ, D]` in the dtype of q; with `return_weights`, the pair (output, weights).
     """
     B, HQ, D = q.shape
     HKV, S = k_cache.shape[1], k_cache.shape[2]
@@ -257,6 +275,11 @@ def decode_attention_triton(
         acc_part = torch.empty(B * HQ, NS, D, device=q.device, dtype=torch.float32)
     else:
         m_part = l_part = acc_part = o  # unused by the no-split specialisation
+    if return_weights:
+        s_out = torch.empty(B * HQ, S, device=q.device, dtype=torch.float32)
+        lse_out = torch.empty(B * HQ, device=q.device, dtype=torch.float32)
+    else:
+        s_out = lse_out = o  # unused without weights
     BD = triton.next_power_of_2(D)
     decode_attention_fwd_kernel[(B * HKV, NS)](
         q,
@@ -267,6 +290,8 @@ def decode_attention_triton(
         m_part,
         l_part,
         acc_part,
+        s_out,
+        lse_out,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -291,6 +316,7 @@ def decode_attention_triton(
         BD=BD,
         IS_SPLIT=NS > 1,
         IEEE=q.dtype == torch.float32,
+        WEIGHTS=return_weights,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -300,6 +326,7 @@ def decode_attention_triton(
             l_part,
             acc_part,
             o,
+            lse_out,
             o.stride(0),
             o.stride(1),
             NS=NS,
@@ -307,6 +334,11 @@ def decode_attention_triton(
             D=D,
             BNS=triton.next_power_of_2(NS),
             BD=BD,
+            WEIGHTS=return_weights,
             num_warps=4 if BD >= 128 else 2,
         )
-    return o
+    if not return_weights:
+        return o
+    # Rows with no valid slot have logits and lse all -inf: exp2 of their nan difference is set to 0.
+    weights = torch.exp2(s_out - lse_out[:, None]).nan_to_num(0.0)
+    return o, weights.view(B, HKV, G, S).sum(2)
