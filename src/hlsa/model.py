@@ -102,7 +102,8 @@ class HybridPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """SPEC 6: Linear/Conv1d/Embedding ~ N(0, initializer_range); output projections rescaled by the depth.
+        """The authors' initialisation: Linear/Conv1d/Embedding ~ N(0, initializer_range); output projections
+        rescaled by the depth.
 
         Modules are visited children first, so the router's and GDN's own inits (run on the parent) win over the
         generic Linear/Conv1d rule applied to their children.
@@ -137,7 +138,8 @@ class HybridModel(HybridPreTrainedModel):
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
-        # The sparsity controller's state (SPEC 4) travels with the weights, as in the authors' checkpoints.
+        # The sparsity controller's state (docs/design.md, "The L1 sparsity controller") travels with the weights, as
+        # in the authors' checkpoints.
         n_lte, heads = len(config.lte_layers), config.lte["num_kv_heads"]
         shape = {"head": (n_lte, heads), "layer": (n_lte,), "all": ()}[config.lte["l1_lambda_shared"]]
         self.register_buffer("l1_lambda", torch.zeros(shape) if n_lte else None)
@@ -180,7 +182,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def set_routing_enabled(self, enabled: bool) -> None:
-        """Warm-up switch (SPEC 4): with routing disabled, LTE layers attend to every earlier token in training."""
+        """Warm-up switch (`l1_warmup_steps`): with routing disabled, LTE layers attend to every earlier token in
+        training."""
         for layer in self.model.layers:
             if isinstance(layer.attn, LTEAttention):
                 layer.attn.routing_enabled = enabled

@@ -23,8 +23,8 @@ def _exact_fp32_convs():
 
 @pytest.fixture
 def fla_hopper_backward(monkeypatch):
-    """fla refuses its gated chunk backward on Hopper with Triton < 3.7.1 (fla #640); the guard is bypassed for
-    the duration of a test, and the gradients are checked against the CPU reference there."""
+    """fla refuses its gated chunk backward on Hopper with Triton < 3.7.1 (a bug in fla's Hopper check); the guard
+    is bypassed for the duration of a test, and the gradients are checked against the CPU reference there."""
     chunk_o = pytest.importorskip("fla.ops.common.chunk_o")
     monkeypatch.setattr(chunk_o, "TRITON_ABOVE_3_7_1", True, raising=False)
 

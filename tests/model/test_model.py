@@ -10,7 +10,7 @@ from hlsa import HybridConfig, HybridForCausalLM
 
 from .conftest import CONFIGS_DIR, tiny_config, tiny_model
 
-# Analytic parameter counts of the 0.4B configs (SPEC.md section 6).
+# Analytic parameter counts of the 0.4B configs.
 PARAMS_04B = {
     "gdn": 366.96e6,
     "gdn_swa": 354.03e6,
@@ -97,9 +97,10 @@ def test_bad_input_messages(call, message):
         call(tiny_model("gdn_lte"))
 
 
-def test_init_follows_spec():
-    """SPEC 6: N(0, initializer_range) for projections and embeddings; o_proj/down_proj kaiming-uniform(a=sqrt 5)
-    divided by sqrt(2 * layers); router convs kaiming-normal with a +0.5 output bias; norms at one."""
+def test_init_follows_authors():
+    """The authors' initialisation: N(0, initializer_range) for projections and embeddings; o_proj/down_proj
+    kaiming-uniform(a=sqrt 5) divided by sqrt(2 * layers); router convs kaiming-normal with a +0.5 output bias; norms
+    at one."""
     torch.manual_seed(0)
     model = HybridForCausalLM(tiny_config("gdn_lte", initializer_range=0.006, tie_word_embeddings=False))
     layers = model.config.num_hidden_layers

@@ -175,8 +175,8 @@ def test_bad_options_raise():
 @pytest.mark.parametrize("T", [1, 63, 130], ids=lambda t: f"T{t}")
 def test_fla_matches_reference_on_gpu(T, monkeypatch):
     pytest.importorskip("fla")
-    # fla refuses its gated chunk backward on Hopper under Triton < 3.7.1 (fla issue #640); run it anyway, for this
-    # test only, and let the gradient comparison below judge it.
+    # fla refuses its gated chunk backward on Hopper under Triton < 3.7.1 (a bug in fla's Hopper check); run it
+    # anyway, for this test only, and let the gradient comparison below judge it.
     monkeypatch.setattr("fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1", True)
     B, H, K, V = 2, 2, 64, 64
     inputs = make_inputs(B, T, H, K, V, device="cuda")

@@ -17,7 +17,7 @@ def _attend(qv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: f
 
 
 def _oracle(q, k, v, gates, key_mask, *, BS, S, W, scale):
-    """Per-query loops straight from SPEC 5: pool, score, force {0, IC-1, IC}, rank (ties: later block), attend."""
+    """Per-query loops straight from docs/nsa.md: pool, score, force {0, IC-1, IC}, rank (ties: later block), attend."""
     B, T, HQ, _ = q.shape
     HKV = k.shape[2]
     G = HQ // HKV

@@ -1,4 +1,4 @@
-"""Learnable Token Eviction attention (SPEC.md sections 1-2): sinks + a window of W+1 + a buffer of N router-chosen
+"""Learnable Token Eviction attention (docs/design.md): sinks + a window of W+1 + a buffer of N router-chosen
 older tokens per kv head.
 
 Training (`self.training`): every positively scored key is a column visible to all later queries ("Lambda plus
@@ -6,7 +6,7 @@ columns"), with no buffer cap, and the router learns through the straight-throug
 `train_selection="buffer"` training uses the inference rule below instead, so the router must rank tokens (only the
 top N count) rather than set a threshold.
 Inference (eval, with or without cache): a query at `t` sees sinks, the band `t-W..t`, and the top-N positive scores
-among keys older than `t - W` (docs/design.md). The authors cap the buffer once for the last query only (SPEC 1.6);
+among keys older than `t - W` (docs/design.md). The authors cap the buffer once for the last query only;
 we apply the rule per query, which is exactly what the constant-memory decode cache reproduces.
 
 Decode cache per layer: `W+1` ring slots + `N` buffer slots of post-RoPE keys, their scores, and a small ring of the
@@ -86,7 +86,8 @@ class LTEAttention(ProjectedAttention):
         if train_selection not in ("positive", "buffer"):
             raise ValueError(f"train_selection must be 'positive' or 'buffer'; got {train_selection!r}")
         self.train_selection = train_selection
-        # Warm-up (SPEC 4): with routing disabled, training attends to every earlier token (full causal).
+        # Warm-up (docs/design.md, "The L1 sparsity controller"): with routing disabled, training attends to every
+        # earlier token (full causal).
         self.routing_enabled = True
         self.router = LTERouter(
             num_kv_heads,
@@ -130,10 +131,10 @@ class LTEAttention(ProjectedAttention):
             )
         b, t, _ = x.shape
         q, k, v = self._project(x)
-        score = self.router(k, v, pad_mask=pad_mask)  # [B, T, HKV], pre-RoPE keys (SPEC 1.2)
+        score = self.router(k, v, pad_mask=pad_mask)  # [B, T, HKV], pre-RoPE keys (docs/design.md, "The LTE router")
         selected = select(score, pad_mask, self.sink_size)
         if torch.is_grad_enabled():
-            v = value_gain(v, score)  # forward: v unchanged; backward: d score = sum_d(dv * v) (SPEC 1.5)
+            v = value_gain(v, score)  # forward: v unchanged; backward: d score = sum_d(dv * v)
         k_prerope = k
         q, k = self.rotary(q, k, torch.arange(t, device=x.device))
         if not self.training:  # the eviction policy's rule, which fills the cache of a prefill
@@ -196,7 +197,7 @@ class LTEAttention(ProjectedAttention):
     def _project_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, 1, d] -> q [B, 1, HQ, D] and kv [B, HKV, 2D], each kv head's pre-RoPE `[k || v]` (the router's input),
         as one GEMM whose k and v rows are interleaved per head: compiled, kv is then one tensor that the router and
-        the eviction read, where separate k and v cost a kernel each (docs/efficiency.md, session 14)."""
+        the eviction read, where separate k and v cost a kernel each (docs/efficiency.md, "How the step is built")."""
         hkv, d = self.num_kv_heads, self.head_dim
 
         def interleave(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # [HKV*D, ...] twice -> [HKV*2D, ...]

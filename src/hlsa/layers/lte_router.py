@@ -1,4 +1,4 @@
-"""The LTE router: a small per-KV-head CNN over time that scores tokens for eviction (SPEC 1.2, 1.3, 1.5).
+"""The LTE router: a small per-KV-head CNN over time that scores tokens for eviction (docs/design.md, "The LTE router").
 
 Each KV head's pre-RoPE key and value, `x = [k || v]` (`[B, T, HKV, 2D]`), goes through a non-causal 1-D CNN:
 per conv `(k_i, d_i)`: dropout, a dilated conv that halves the channels ('same' zero padding), the padding mask,
@@ -374,7 +374,7 @@ def select(score: torch.Tensor, pad_mask: torch.Tensor | None, sink_size: int, *
 
 
 class _ValueGain(torch.autograd.Function):
-    """Straight-through gradient of a per-token value gain `v * alpha` at `alpha = 1` (SPEC 1.5)."""
+    """Straight-through gradient of a per-token value gain `v * alpha` at `alpha = 1` (docs/design.md)."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, v: torch.Tensor, score: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Native Sparse Attention mixer (SPEC 5) with an incremental decode cache.
+"""Native Sparse Attention mixer (docs/nsa.md) with an incremental decode cache.
 
 The cache keeps the FULL key/value history (O(T) memory: `2 * B * HKV * T * D` elements, plus `1 / block_size` of
 that for the compressed cache), as the authors' layer does; it is preallocated in chunks and doubles when full, so a

@@ -248,7 +248,8 @@ def _gated_delta_rule_fla(
 
 
 def allow_fla_gated_backward_on_hopper() -> bool:
-    """Let fla's gated chunk backward run on Hopper under Triton < 3.7.1, which fla refuses (fla issue #640).
+    """Let fla's gated chunk backward run on Hopper under Triton < 3.7.1, which fla refuses: a bug in fla's
+    Hopper check.
 
     The guard is fla's own module attribute; this flips it for the process. hlsa's GPU tests
     (tests/model/test_gpu.py, tests/ops/test_gated_delta.py) check the resulting gradients against our reference

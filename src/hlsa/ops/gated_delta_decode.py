@@ -13,9 +13,9 @@ Per sequence and head (`hlsa.layers.gdn` computes the same for a whole sequence)
 
 Why one op: unfused, the step between two GEMMs was 9 kernels per layer at decode (the conv, two L2 norms, three
 for the gates and casts, the delta step, two for the gated norm), each a few us of fixed latency on a few hundred KB
-(docs/efficiency.md, session 11). On CUDA, two Triton kernels (`hlsa/ops/triton/gated_delta_decode.py`) take the
-projection's partial sums (`hlsa.ops.linear.linear_partials`; Inductor cannot fuse a sum into a user kernel) and do
-everything up to the delta step's output. The output norm is PyTorch on both paths: compiled, Inductor fuses it with
+(docs/efficiency.md). On CUDA, two Triton kernels (`hlsa/ops/triton/gated_delta_decode.py`) take the projection's
+partial sums (`hlsa.ops.linear.linear_partials`; Inductor cannot fuse a sum into a user kernel) and do everything up
+to the delta step's output. The output norm is PyTorch on both paths: compiled, Inductor fuses it with
 the sum of the gate's partials.
 
 `proj` columns, in order: q `[H*K]`, k `[H*K]`, v `[H*V]`, then with a gate: gate `[H*V]`; then a `[H]`, b `[H]`.

@@ -1,5 +1,5 @@
 """LTE decode-time eviction: move the token leaving the ring into the retained buffer if it earns a place, then
-write the new token into its ring slot (docs/design.md, "Decode-time ops"; SPEC.md section 2.3, step 2).
+write the new token into its ring slot (docs/design.md, "Decode-time ops").
 
 Cache layout per kv-head: slots `[0, ring_size)` are a ring (`ring_size = W + 1`), slots `[ring_size, S)` a compact
 buffer of `N = S - ring_size` retained tokens whose valid prefix has length `buffer_len`. The new token at `position`
@@ -7,14 +7,14 @@ goes to ring slot `position % ring_size`, which holds the token leaving the wind
 `pos_cache` records the position of the token in every slot, so that a full buffer can replace the LATEST of the
 tokens tied at its minimum score: the buffer then holds exactly the per-query top-N set of docs/design.md ("LTE
 retained set at inference": the top-N positive scores, ties broken in favour of the earlier token). Slots are
-reused, so slot order says nothing about token age; only the positions do. Unlike the authors' torch swap (SPEC
-2.4: a batch-global branch), every (b, kv-head) decides on its own, and nothing syncs with the host.
+reused, so slot order says nothing about token age; only the positions do. Unlike the authors' torch swap (a
+batch-global branch), every (b, kv-head) decides on its own, and nothing syncs with the host.
 
 With `new_score`, the step also records the router's score of token `j = position - score_lag`, the token whose
 right context of `score_lag` tokens has just completed, in its ring slot, after the eviction (for `score_lag = 0`
 token j is the new token, whose slot the eviction has just taken over). The score is ranked as inference ranks it:
 `+inf` for the row's first `sink_size` tokens after its left padding (`offset`), `-inf` for pads and for `j < 0`.
-One op, not a scatter after it: at decode each is a launch of a few microseconds (docs/efficiency.md, session 14).
+One op, not a scatter after it: at decode each is a launch of a few microseconds (docs/efficiency.md).
 
 Shape legend: `B` batch, `HKV` kv-heads, `S` slots, `D` head dim, `N` buffer slots.
 """

@@ -1,6 +1,6 @@
 """Native Sparse Attention (NSA): compressed, selected and sliding-window branches with per-head gates.
 
-Semantics (SPEC section 5, docs/nsa.md), for a query at real position `t` (positions count from the first real
+Semantics (docs/nsa.md, "What hlsa computes"), for a query at real position `t` (positions count from the first real
 token of its row, so block boundaries start there; left pads are never attended and pad queries output zeros):
 * compression: `k_cmp, v_cmp` = mean of `k, v` over each complete block of `block_size` tokens; the query attends
   compressed block `c` iff `c < (t + 1) // block_size`;

@@ -89,8 +89,8 @@ class TrainOptions:
     max_consecutive_skips: int = 20
     threads: int = 0  # torch.set_num_threads on CPU; 0 = leave torch's default
     log_every: int = 10
-    # fla refuses its gated chunk backward (GDN) on Hopper GPUs under Triton < 3.7.1 (fla issue #640); true lets it
-    # run (our GPU tests check its gradients against the reference there). Ignored without CUDA.
+    # fla refuses its gated chunk backward (GDN) on Hopper GPUs under Triton < 3.7.1 (a bug in fla's Hopper check);
+    # true lets it run (our GPU tests check its gradients against the reference there). Ignored without CUDA.
     fla_hopper_bypass: bool = False
 
 

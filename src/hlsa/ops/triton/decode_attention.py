@@ -174,11 +174,11 @@ def _pick_num_splits(n_programs: int, n_blocks: int, resident: int) -> int:
     """Splits per (b, kv-head) for `n_programs = B * HKV` programs of `n_blocks` blocks, `resident` at a time.
 
     Programs that fill every resident place stream at the bandwidth unsplit: splitting only adds partials and a
-    combine launch (H200, LTE cache at D=64, benchmarks/results/decode_attention_sweep_session13_h200.json: B=64,
-    HKV=16 with (32, 2, 4) tiles, 85.8 us unsplit, 92.0 in 3 splits, which the cost model below picks; B=128, HKV=4
-    with (128, 4, 2), 47.1 unsplit, 51.7 in the model's 2). Otherwise, a cost model in block iterations: waves x
+    combine launch (measured on the H200, LTE cache at D=64: B=64, HKV=16 with (32, 2, 4) tiles, 85.8 us unsplit,
+    92.0 in 3 splits, which the cost model below picks; B=128, HKV=4 with (128, 4, 2), 47.1 unsplit, 51.7 in the
+    model's 2). Otherwise, a cost model in block iterations: waves x
     blocks per program, plus one for the combine launch, over the powers of two up to the first that fills 4 waves.
-    Powers of two because the session-13 sweep timed 3 splits, which the model then picked for 256 programs on 396
+    Powers of two because a sweep on the H200 timed 3 splits, which the model then picked for 256 programs on 396
     places, slower than 2 and 4 in every case (Transformer cache B=16, HKV=16, S=64K: 1,107 us against 963 and 962;
     LTE caches B=16 / HKV=16 and B=64 / HKV=4: 30.0 and 31.0 us against 28.4-29.4).
     H200 sweep (B=64, HKV=4, LTE cache): 256 programs on 264 places run best unsplit, where splitting in 2 doubles the
@@ -209,13 +209,13 @@ def _pick_config(D: int, dtype: torch.dtype, n_programs: int, sms: int) -> tuple
     per case (autotune cannot run under the interpreter or in a capture).
 
     32 KB of K+V per stage was best or within noise of the best on the H200 sweeps
-    (benchmarks/results/decode_h200.json, "sweep"; decode_lte04b_h200.json). At D=128, 3 stages (e.g. B=64,
-    HKV=16: 165 us against 179 with 2); at D=64 (BS=128), 2 stages on all three batch-64 caches swept (B=64,
-    HKV=16, S=1285, the GDN+LTE 0.4B step: 86.5 us, 92% of copy bandwidth, against 92.5 with 3). When 16-bit
+    (benchmarks/results/decode-h200.json, "sweep"). At D=128, 3 stages (e.g. B=64, HKV=16: 165 us against 179 with
+    2); at D=64 (BS=128), 2 stages on all three batch-64 caches swept (B=64, HKV=16, S=1285, the GDN+LTE 0.4B step:
+    86.5 us, 92% of copy bandwidth, against 92.5 with 3). When 16-bit
     programs at D <= 64 fill every place of four 8 KB stages of 2 warps (six per multiprocessor), those do better,
     unsplit: on the 0.4B step's cache 85.8 us against 87.6 (92% of the 4.2 TB/s read bandwidth measured in the same
-    run), 55.4 against 57.8 for an SWA ring of 769 slots, 164.9 against 167.9 at B=128
-    (decode_attention_sweep_session13_h200.json); in the compiled step 90.3 us per layer against 92.5.
+    run), 55.4 against 57.8 for an SWA ring of 769 slots, 164.9 against 167.9 at B=128;
+    in the compiled step 90.3 us per layer against 92.5.
     """
     if interpreted():
         return 16, 1, 1

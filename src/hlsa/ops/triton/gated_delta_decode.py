@@ -4,14 +4,14 @@ its caches updated in place.
 `gdn_step_inputs_kernel`, one program per (sequence, head): adds the projection's partial sums for the head's
 columns, runs the short conv over the cached inputs (then shifts the cache by one), normalises q and k and forms the
 gates. Every load is issued up front (the partial sums are unrolled), so a program waits on memory about once.
-Unfused, the same work was six Inductor kernels per layer at batch 64 (~10 us, session 10's profile).
+Unfused, the same work was six Inductor kernels per layer at batch 64 (~10 us in a profile on the H200).
 
 `gated_delta_step_kernel`, one program per (sequence, head, block of `BV` value columns): the delta step on the
 fp32 state, read once and written back to the same place. fla's fused recurrent kernel returns a fresh state, which
 a static decode cache must copy back: at batch 64 that copy moves as many bytes as the step (33.5 MB per 0.4B layer,
 read and written). Small blocks put every program of a layer on the GPU at once; the step runs at the bandwidth.
 
-Session 11 measured single-kernel versions first (one program per head doing both): the state of a head does not fit
+Single-kernel versions were measured first (one program per head doing both): the state of a head does not fit
 a program at full occupancy, and the per-head chain of dependent loads left them at 2-3x the state's bandwidth floor
 (docs/efficiency.md).
 

@@ -2,9 +2,9 @@
 
 At decode the rows are the batch (one token each): a layer's GEMMs read megabytes of weights to multiply a few
 dozen rows. cuBLAS's kernels for the 0.4B models' projections at batch 64 read the weights at 11-45% of the H200's
-copy bandwidth (`benchmarks/results/linear_h200.json`, docs/efficiency.md session 10); the smaller the weight, the
-further below. Here every program streams its own `BN x (K / S)` slab of the weight: `ceil(N / BN) * S` programs
-cover the GPU even for N = 1024.
+copy bandwidth (`benchmarks/results/linear-h200.json`, docs/efficiency.md); the smaller the weight, the further
+below. Here every program streams its own `BN x (K / S)` slab of the weight: `ceil(N / BN) * S` programs cover the
+GPU even for N = 1024.
 
 The dot is computed swapped, `w_tile @ x_tile^T` (`[BN, BM]`), so that the weight tile is the MMA's wide side and
 M can be as small as 16. Split `s` writes its partial sum to `partials[s]` in fp32; the caller sums them (under
@@ -59,7 +59,7 @@ def pick_tiles(N: int, K: int, sms: int) -> Tiles:
     until the programs fill every SM once; an N wide enough for two waves of 64-row tiles (the LM head) takes 128-row
     tiles, unsplit.
 
-    Chosen from `benchmarks/linear.py --sweep` on the H200 at the 0.4B shapes (benchmarks/results/linear_h200.json):
+    Chosen from `benchmarks/linear.py --sweep` on the H200 at the 0.4B shapes (benchmarks/results/linear-h200.json):
     within 2% of the best configuration swept at batch 64, within 7% at batches 1 and 16."""
     if interpreted():
         return Tiles(BN=32, BK=32, splits=2 if K > 32 else 1, num_warps=1, num_stages=1)

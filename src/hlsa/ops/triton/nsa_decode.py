@@ -1,6 +1,6 @@
 """Triton decode step of Native Sparse Attention: one launch, one program per (row, kv head).
 
-A program holds the G query heads of its kv group (they share the selection, SPEC 5) and runs, in order:
+A program holds the G query heads of its kv group (they share the selection) and runs, in order:
 1. two passes over the compressed cache: the log-sum-exp, then the compressed output and the per-block importance
    `p_c = sum_g softmax_g(c)`, written to an L2-resident scratch row (one float per block);
 2. the top-S choice with the forced blocks {0, IC-1, IC}: each block becomes one int64 key

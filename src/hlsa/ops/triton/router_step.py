@@ -7,13 +7,12 @@ fresh input, which the previous layer has just computed and which stays in regis
 another's stores. The fresh inputs are stored to the ring after the last layer.
 
 The work is tiny (~2 MB of weights and ring per step at batch 64), so the time is latency. Measured alone on the
-H200 (batch 64, 16 heads, the default CNN, us per launch in a CUDA graph, ~1.1 of it the launch;
-benchmarks/results/router_step_variants_session12_h200.json): 10.3 with 16-wide channel blocks and int64 slot
-arithmetic; 6.0 with channel blocks of at least 32 (a 16-wide `tl.dot` output splits into 4-column slices over 4
-warps, below the MMA's 8) and the slots computed in int32 (int64 `%` is a long software sequence). Issuing every
-layer's loads before the first dot was slower (14-31: the weights held in registers spill); 2 or 8 warps and 32 rows
-per program were no better (64 rows, where Triton switches to Hopper's warpgroup MMA, faulted with an illegal address
-in Triton 3.6 and was not pursued).
+H200 (batch 64, 16 heads, the default CNN, us per launch in a CUDA graph, ~1.1 of it the launch): 10.3 with 16-wide
+channel blocks and int64 slot arithmetic; 6.0 with channel blocks of at least 32 (a 16-wide `tl.dot` output splits
+into 4-column slices over 4 warps, below the MMA's 8) and the slots computed in int32 (int64 `%` is a long software
+sequence). Issuing every layer's loads before the first dot was slower (14-31: the weights held in registers spill);
+2 or 8 warps and 32 rows per program were no better (64 rows, where Triton switches to Hopper's warpgroup MMA,
+faulted with an illegal address in Triton 3.6 and was not pursued).
 
 The arguments are flat (one weight, bias and a few constants per conv, up to `MAX_CONVS`) rather than tuples, which
 torch.compile's capture of user-defined Triton kernels does not take.

@@ -33,8 +33,8 @@ def _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, APPLY_MASK: tl.constexpr
     """One online-softmax step over a `[BM, BN]` tile (base-2 logits `scale * q.k`).
 
     The running max moves, and `acc`, `l_i` are rescaled, at every tile. FlashAttention-4's conditional rescaling
-    (only when a row's max grows by more than 2^8) was tried and measured slower on the H200 (session 7: forward
-    +10% at D=64, +15% at D=128): the block-wide branch costs more than the `[BM, D]` multiply it skips.
+    (only when a row's max grows by more than 2^8) was tried and measured slower on the H200 (forward +10%
+    at D=64, +15% at D=128; docs/kernels.md): the block-wide branch costs more than the `[BM, D]` multiply it skips.
     """
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     if APPLY_MASK:
