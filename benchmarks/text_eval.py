@@ -66,7 +66,7 @@ def evaluate_run(
 ) -> dict[str, Any]:  # fmt: skip
     from hlsa.demo import cache_bytes
     from hlsa.eval import niah
-    from hlsa.eval.common import load_model, load_tokenizer
+    from hlsa.loading import load_model, load_tokenizer
     from hlsa.eval.ppl import iter_documents, perplexity_by_position
 
     model = load_model(model_dir, device=torch.device(device), dtype="float32")

@@ -36,9 +36,13 @@ ATTN_SINKS = 4
 
 def add_arena_parser(sub: argparse._SubParsersAction) -> None:
     """Add `arena` to the subcommands of `hlsa eval`."""
-    p = sub.add_parser("arena", help="eviction policies against each other at equal cache bytes")
+    from hlsa.cli import HelpFormatter
+
+    p = sub.add_parser(
+        "arena", help="eviction policies against each other at equal cache bytes", formatter_class=HelpFormatter
+    )
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="hlsa checkpoint directories")
-    p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated (default: {DEFAULT_POLICIES})")
+    p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated, of {','.join(ARENA_POLICIES)}")
     p.add_argument("--budgets", default="0,32,64,128,256", help="buffer slots beyond the sinks, comma-separated")
     p.add_argument("--tasks", default="recall", help=f"comma-separated, of {','.join(TASKS)}")
     p.add_argument("--examples", type=int, default=128, help="sequences per setting")
@@ -104,20 +108,16 @@ def run(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Evaluate every setting of every checkpoint on the recall task; returns the JSON document."""
-    import torch
     from tqdm import tqdm
 
     from hlsa import demo
-    from hlsa.errors import UsageError
-    from hlsa.model import HybridForCausalLM
+    from hlsa.loading import load_model
 
     recipe_options = demo.load_recipe(Path(recipe) if recipe else demo.DEFAULT_RECIPE)
     task, window = demo.recipe_task(recipe_options), demo.recipe_window(recipe_options)
     models, jobs = {}, []
     for path in checkpoints:
-        if not (Path(path) / "config.json").is_file():
-            raise UsageError(f"{path}: not an hlsa checkpoint directory (no config.json)")
-        model = HybridForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = load_model(path, dtype="float32")  # checked: config, every weight, nothing left random
         models[path] = model
         if model.config.lte_layers or _full_attention(model):
             jobs += [(path, p, b) for p, b in settings(policies, budgets, router=bool(model.config.lte_layers))]
@@ -143,7 +143,30 @@ def run(
         row["beyond_window"] = beyond_window(row)
         rows.append(row)
     task_info = {"name": "recall", "seq_len": task.seq_len, "num_pairs": task.num_pairs, "queries": task.num_queries}
-    return {"task": task_info, "window": window, "examples": examples, "seed": seed, "results": rows}
+    return {
+        "task": task_info,
+        "window": window,
+        "examples": examples,
+        "seed": seed,
+        "environment": _environment(),
+        "results": rows,
+    }
+
+
+def _environment() -> dict[str, Any]:
+    """Where the numbers come from: the command, hlsa's and torch's versions, the machine."""
+    import platform
+
+    import torch
+
+    import hlsa
+
+    return {
+        "command": " ".join(["hlsa", *sys.argv[1:]]) if Path(sys.argv[0]).name == "hlsa" else " ".join(sys.argv),
+        "hlsa": hlsa.__version__,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads",
+    }
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -216,7 +239,13 @@ def run_cli(args: argparse.Namespace) -> int:
     """`hlsa eval arena`: run, print the table, write the JSON and the PNG."""
     import torch
 
+    from hlsa.errors import UsageError
+    from hlsa.loading import check_output_path
+
     _names(args.tasks, TASKS, "--tasks")
+    if args.examples < 1 or args.threads < 1:
+        raise UsageError("--examples and --threads must be >= 1")
+    out = check_output_path(args.out, suffixes=(".json",))  # before the work, not after it
     torch.set_num_threads(args.threads)
     doc = run(
         args.checkpoints,
@@ -227,8 +256,6 @@ def run_cli(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(render(doc))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     plot(doc, out.with_suffix(".png"))
     print(f"[arena] wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
