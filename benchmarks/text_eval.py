@@ -66,8 +66,8 @@ def evaluate_run(
 ) -> dict[str, Any]:  # fmt: skip
     from hlsa.demo import cache_bytes
     from hlsa.eval import niah
-    from hlsa.loading import load_model, load_tokenizer
     from hlsa.eval.ppl import iter_documents, perplexity_by_position
+    from hlsa.loading import load_model, load_tokenizer
 
     model = load_model(model_dir, device=torch.device(device), dtype="float32")
     tok = load_tokenizer(model_dir, None)
