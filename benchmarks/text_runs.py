@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--out", default="runs/text", help="run folders (resumed when they hold a checkpoint)")
     tr.add_argument("--runs", default="all", help=f"'all' ({','.join(DEFAULT_RUNS)}) or ARCH:SEED,...")
     tr.add_argument("--device", default="cuda", choices=["cuda", "cpu", "auto"])
-    tr.add_argument("--time-limit", type=float, default=480, help="seconds before the runs still going are stopped")
+    tr.add_argument("--time-limit", type=float, default=420, help="seconds before the runs still going are stopped")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override: train.steps=3")
     tr.add_argument("--pack", default=None, help="write <arch>.tar files and summary.json here (at most 8 files)")
     tr.add_argument(
