@@ -5,9 +5,10 @@ Each run is a model directory (`from_pretrained`, with its tokenizer): `RUNS` ho
 unpacked tars of `text_runs.py train --pack`) or `<arch>-s<seed>/export` (a run folder). Everything goes through the
 library's evaluation code: `hlsa.eval.ppl.perplexity_by_position` (64-token buckets, summed into the coarse ones
 below), `hlsa.eval.niah` (RULER's `niah_single_1`, a number in repeated noise: the passkey test; and
-`niah_single_2`, a number in an essay), and `hlsa.demo.cache_bytes` (the cache after a prefill). The results JSON
-(`benchmarks/results/text-<where>.json`) records the commit, machine, versions and command; per architecture it
-gives the mean, min and max over seeds, and a PNG beside it plots them.
+`niah_single_2`, a number in an essay), `hlsa.demo.cache_bytes` (the cache after a prefill) and, for GDN+LTE,
+`hlsa.eval.inspect` (what each head keeps of a passkey prompt of the shortest length, the needle marked). The results
+JSON (`benchmarks/results/text-<where>.json`) records the commit, machine, versions and command; per architecture it
+gives the mean, min and max over seeds, and a PNG beside it plots them (eviction pictures: `...-inspect-<run>.png`).
 
     PYTHONPATH=src python benchmarks/text_eval.py --runs runs/text-h100 --corpus runs/corpus --where h100
 """
@@ -62,10 +63,11 @@ def coarse_buckets(fine: list[dict[str, Any]], edges: tuple[int, ...] = EDGES) -
 
 def evaluate_run(
     model_dir: Path, validation: Path, *, device: str, ppl_docs: int, block: int, lengths: tuple[int, ...],
-    samples: int, depths: tuple[float, ...], batch_size: int,
+    samples: int, depths: tuple[float, ...], batch_size: int, picture: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
+    """One run's numbers; `picture`: where to draw the eviction picture of a passkey prompt (LTE models only)."""
     from hlsa.demo import cache_bytes
-    from hlsa.eval import niah
+    from hlsa.eval import inspect, niah
     from hlsa.eval.ppl import iter_documents, perplexity_by_position
     from hlsa.loading import load_model, load_tokenizer
 
@@ -93,6 +95,11 @@ def evaluate_run(
             for n in lengths
         }
         result["seconds"][name] = round(time.perf_counter() - t0, 1)
+        if name == "passkey" and picture is not None and "lte" in model.config.mixers:
+            sample = cells[len(depths) // 2 * samples]  # the shortest length, the middle depth
+            ins = inspect.inspect_prompt(model, tok, sample.prompt, needle=(sample.needle_start, sample.needle_end))
+            inspect.render(ins, str(picture), title=f"{model_dir.parent.name}: passkey at {sample.max_length} tokens")
+            result["kept_at_end"] = ins.kept
     result["cache_bytes"] = {str(n): cache_bytes(model.cpu(), n) for n in lengths}
     return result
 
@@ -188,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         trained = {k: {**{f: v.get(f) for f in ("steps", "last_ce", "exit_status", "wall_s", "weights")},
                        "device": s["machine"].get("device", "cpu"), "commit": s["machine"].get("commit")}
                    for k, v in s["runs"].items()}  # fmt: skip
+    out = Path(args.out or ROOT / f"benchmarks/results/text-{args.where}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     lengths = tuple(int(x) for x in args.lengths.split(","))
     depths = tuple(float(x) for x in args.depths.split(","))
     per_run = {}
@@ -196,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         per_run[name] = evaluate_run(
             model_dir, Path(args.corpus) / "validation.jsonl", device=args.device, ppl_docs=args.ppl_docs,
             block=args.block, lengths=lengths, samples=args.samples, depths=depths, batch_size=args.batch_size,
+            picture=out.with_name(f"{out.stem}-inspect-{name}.png"),
         )  # fmt: skip
         per_run[name]["trained"] = trained.get(name, {})
         r = per_run[name]
@@ -203,8 +213,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
     summary = aggregate(per_run)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    out = Path(args.out or ROOT / f"benchmarks/results/text-{args.where}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(["text_eval.py", *argv]),
         "commit": commit, "trained_on": args.where, "evaluated_on": _versions(), "device": args.device,

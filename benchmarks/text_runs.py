@@ -13,7 +13,7 @@ the runs start:
 
     PYTHONPATH=src python benchmarks/text_runs.py pack-inputs --corpus runs/corpus --out runs/text-inputs
     PYTHONPATH=src python benchmarks/text_runs.py train --inputs runs/text-inputs --out runs/text \
-        --time-limit 480 --pack $OUT
+        --time-limit 420 --pack $OUT --commit SHA
     # a smoke test of the whole path on the CPU
     PYTHONPATH=src python benchmarks/text_runs.py train --inputs runs/text-inputs --out /tmp/t --runs gdn_lte:0 \
         --device cpu --set train.steps=3 --pack /tmp/t/packed
@@ -42,7 +42,7 @@ DEFAULT_RUNS = ("gdn_lte:0", "gdn_swa:0", "gdn:0", "gdn_attn:0", "transformer:0"
                 "gdn_lte:2", "gdn_swa:2")  # fmt: skip
 CORPUS_FILES = ("train.jsonl", "validation.jsonl", "manifest.json", "tokenizer")
 INPUTS_NAME = "corpus.tar.xz"
-GRACE_S = 90  # after SIGTERM: the step in flight, then the checkpoint
+GRACE_S = 45  # after SIGTERM: the step in flight (well under a second on a GPU), then the checkpoint
 
 
 @dataclass
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--out", default="runs/text", help="run folders (resumed when they hold a checkpoint)")
     tr.add_argument("--runs", default="all", help=f"'all' ({','.join(DEFAULT_RUNS)}) or ARCH:SEED,...")
     tr.add_argument("--device", default="cuda", choices=["cuda", "cpu", "auto"])
-    tr.add_argument("--time-limit", type=float, default=480, help="seconds before the runs still going are stopped")
+    tr.add_argument("--time-limit", type=float, default=420, help="seconds before the runs still going are stopped")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override: train.steps=3")
     tr.add_argument("--pack", default=None, help="write <arch>.tar files and summary.json here (at most 8 files)")
     tr.add_argument(

@@ -56,3 +56,7 @@ def test_tiny_runs_evaluate_end_to_end(tmp_path):
     swa = result["runs"]["gdn_swa-s0"]["cache_bytes"]
     assert swa["1024"] == swa["1536"] and run["cache_bytes"]["1024"] == run["cache_bytes"]["1536"] > swa["1536"]
     assert result["summary"]["gdn_lte"]["seeds"] == 1 and result["trained_on"] == "test"
+    # The eviction picture is drawn for the LTE model only, with what each head keeps at the end of the prompt.
+    assert (tmp_path / "text-test-inspect-gdn_lte-s0.png").is_file()
+    assert not (tmp_path / "text-test-inspect-gdn_swa-s0.png").exists()
+    assert len(run["kept_at_end"]) == 2 and "kept_at_end" not in result["runs"]["gdn_swa-s0"]

@@ -313,3 +313,32 @@ def test_relu_routing_needs_a_positive_bias() -> None:
     assert HybridConfig(**base).lte["router_bias_init"] == 0.5  # the authors' default
     with pytest.raises(ValueError, match="router_bias_init must be > 0 with routing_method 'relu'"):
         HybridConfig(**{**base, "lte": {**base["lte"], "routing_method": "relu", "router_bias_init": -1.0}})
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "bf16-autocast"])
+def test_bf16_inputs_are_scored_in_fp32(autocast):
+    """bf16 keys and values (and bf16 weights) are scored as their exact float32 values are by a float32 router, also
+    under bf16 autocast (the trainer's GPU mode), in a whole sequence and in streaming decode."""
+    torch.manual_seed(0)
+    half = _router(2, 8).to(torch.bfloat16)
+    full = _router(2, 8)
+    full.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    k, v = (torch.randn(2, 30, 2, 8).bfloat16() for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = half(k, v)
+    want = full(k.float(), v.float())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0.0, atol=1e-6)
+
+    assert half.ring_inputs(k, v).dtype == torch.float32
+    p = 20
+    x_ring = torch.zeros(2, 2, 2 * half.margin + 1, half.ring_channels)
+    valid = torch.zeros(2, 2 * half.margin + 1, dtype=torch.bool)
+    want = full(k[:, :p].float(), v[:, :p].float())
+    for pos in range(p):
+        kv = torch.cat([k[:, pos], v[:, pos]], dim=-1)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            score = half.score_step(kv, x_ring, valid, torch.tensor(pos))
+        assert score.dtype == torch.float32
+        if pos >= half.margin:  # token pos - margin now has its full right context
+            torch.testing.assert_close(score, want[:, pos - half.margin], rtol=0.0, atol=1e-5)

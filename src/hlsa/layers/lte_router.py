@@ -310,8 +310,9 @@ class LTERouter(nn.Module):
                 f"{self.receptive_field}; got {list(x_ring.shape)}"
             )
         kv = _upcast(kv)
-        layers = self.conv_stack.decode_layers(kv.dtype)
-        return self._score(router_step_logits(kv, x_ring, valid, position, layers, backend=backend))
+        with _no_autocast(kv):
+            layers = self.conv_stack.decode_layers(kv.dtype)
+            return self._score(router_step_logits(kv, x_ring, valid, position, layers, backend=backend))
 
     def _check_sequence(self, k: torch.Tensor, v: torch.Tensor, pad_mask: torch.Tensor | None) -> None:
         expected = (*k.shape[:2], self.num_kv_heads, self.head_dim)
