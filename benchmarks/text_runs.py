@@ -3,10 +3,10 @@
 Every run is `hlsa train` with the shared recipe (`configs/train/text-2k.toml`) and one model config of
 `configs/text/`, one process each, all started at once. At `--time-limit` seconds the runs still going get SIGTERM,
 which makes `hlsa train` checkpoint the current step and exit; a run that finished wrote its export. Then the
-results are packed into a few files (a lent machine returns at most 8, of 16 MiB each): one `.tar.gz` per
-architecture holding each run's model (its export, or its latest checkpoint without the optimizer state; bf16
-weights except for the runs of `--fp32-runs`), tokenizer, `log.jsonl` and console log, plus `summary.json` (per run:
-steps done, last loss, exit status, wall time; the commit, versions and device).
+results are packed into a few files (at most 8, of 16 MiB each, small enough to travel back from a remote GPU
+machine): one `.tar.gz` per architecture holding each run's model (its export, or its latest checkpoint without the
+optimizer state; bf16 weights except for the runs of `--fp32-runs`), tokenizer, `log.jsonl` and console log, plus
+`summary.json` (per run: steps done, last loss, exit status, wall time; the commit, versions and device).
 
 The corpus travels as one compressed file (`pack-inputs`; the corpus is not in git), unpacked by `train` before
 the runs start:
@@ -211,7 +211,7 @@ def pack(
 
 
 def git_commit() -> str:
-    """HEAD of this checkout, or "" where the tree is a copy without `.git` (a lent machine's)."""
+    """HEAD of this checkout, or "" where the tree is a copy without `.git` (as on a remote machine)."""
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         for f in files:
             print(f"{f} {f.stat().st_size / 2**20:.1f} MiB")
         if max(f.stat().st_size for f in files) > 16 * 2**20 or sum(f.stat().st_size for f in files) > 60 * 2**20:
-            print("warning: over the 16 MiB a file / 64 MiB in all that a lent machine returns", file=sys.stderr)
+            print("warning: over 16 MiB a file or 64 MiB in all: too large to send back", file=sys.stderr)
     return 0
 
 

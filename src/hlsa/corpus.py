@@ -43,7 +43,7 @@ PACKAGES = (
     "python3-django",
     "postgresql-doc-15",
 )
-SPECIALS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
 
 # Pages that are indexes or search forms, not prose; folders of sources, images and assets.
 _SKIP_PAGES = re.compile(r"(^|/)(genindex[^/]*|py-modindex|search|bookindex)\.html$")
@@ -283,7 +283,7 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = list(SPECIALS.values())
+    specials = list(SPECIAL_TOKENS.values())
     if vocab_size < 256 + len(specials):
         raise UsageError(f"--vocab must be at least {256 + len(specials)} (the 256 bytes and the special tokens)")
     tok = Tokenizer(models.BPE())
@@ -296,11 +296,11 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    bos = SPECIALS["bos_token"]
+    bos = SPECIAL_TOKENS["bos_token"]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 
 # ---------------------------------------------------------------------------------------------------- command line

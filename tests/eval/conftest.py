@@ -29,13 +29,13 @@ def _save_tiny(name: str, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_lte_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """GDN + LTE (window 8, buffer 6, 2 sinks; LTE layers 1 and 3)."""
     return _save_tiny("gdn_lte", tmp_path_factory.mktemp("tiny_lte"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_swa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """GDN + SWA (window 8; SWA layers 1 and 3)."""
     return _save_tiny("gdn_swa", tmp_path_factory.mktemp("tiny_swa"))

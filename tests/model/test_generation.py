@@ -1,4 +1,4 @@
-"""Cached inference (issue 3): prefill + token-by-token decode reproduces the full forward in inference mode, for every
+"""Cached inference: prefill + token-by-token decode reproduces the full forward in inference mode, for every
 architecture, with constant-size caches for GDN, SWA and LTE."""
 
 import pytest

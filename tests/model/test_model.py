@@ -1,4 +1,4 @@
-"""Every architecture builds, runs forward/backward, learns a fixed batch, saves and loads (issue 2)."""
+"""Every architecture builds, runs forward/backward, learns a fixed batch, saves and loads."""
 
 import math
 
