@@ -15,7 +15,7 @@ import warnings
 from hlsa.errors import UsageError
 
 # Modules that contribute subcommands.
-SUBCOMMAND_MODULES = ("hlsa.train.cli", "hlsa.demo", "hlsa.eval.cli", "hlsa.generate")
+SUBCOMMAND_MODULES = ("hlsa.train.cli", "hlsa.demo", "hlsa.corpus", "hlsa.eval.cli", "hlsa.generate")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -305,10 +305,14 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Any:
 
 # ---------------------------------------------------------------------------------------------------- command line
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `corpus` to the `hlsa` command."""
+    from hlsa.cli import HelpFormatter
+
     p = subparsers.add_parser(
         "corpus",
         help="build the real-text corpus (Debian manuals and Python sources) and its BPE tokenizer",
         description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", default="runs/corpus", help="output folder (train.jsonl, validation.jsonl, ...)")
     p.add_argument("--packages", nargs="+", default=list(PACKAGES), help="Debian packages to read")
