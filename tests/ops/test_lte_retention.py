@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from hlsa.ops.lte_retention import INT32_MAX, lte_column_end, lte_column_end_ref, lte_column_end_scan, prefix_buffers
-from hlsa.ops.triton.lte_retention import lte_column_end_triton
+from hlsa.ops.lte_retention import (
+    INT32_MAX,
+    lte_column_end,
+    lte_column_end_kernel,
+    lte_column_end_ref,
+    lte_column_end_scan,
+    prefix_buffers,
+)
 
 
 def random_scores(B: int, T: int, H: int, *, levels: int = 4) -> torch.Tensor:
@@ -101,7 +107,7 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="chunk"):
         lte_column_end_scan(torch.ones(1, 4, 1), window=1, buffer_size=1, chunk=0)
     with pytest.raises(ValueError, match="chunk"):
-        lte_column_end_triton(torch.ones(1, 4, 1), window=1, buffer_size=1, chunk=-2)
+        lte_column_end_kernel(torch.ones(1, 4, 1), window=1, buffer_size=1, chunk=-2)
 
 
 def test_explicit_triton_on_the_cpu_without_the_interpreter_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,7 +140,7 @@ def test_triton_chunked_scan_matches_ref(B: int, T: int, H: int, window: int, bu
     for levels in (2, 50):
         score = random_scores(B, T, H, levels=levels)
         expect = lte_column_end_ref(score, window=window, buffer_size=buffer_size)
-        got = lte_column_end_triton(score, window=window, buffer_size=buffer_size, chunk=chunk)
+        got = lte_column_end_kernel(score, window=window, buffer_size=buffer_size, chunk=chunk)
         torch.testing.assert_close(got, expect)
 
 

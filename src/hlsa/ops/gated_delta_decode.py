@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from hlsa.ops import kernel_backend
-from hlsa.ops.gated_delta import gated_delta_step_ref, gdn_gates, l2norm
+from hlsa.ops.gated_delta import L2NORM_EPS, gated_delta_step_ref, gdn_gates, l2norm
 from hlsa.ops.linear import add_partials
 from hlsa.ops.rms_norm import rms_norm
 
@@ -159,7 +159,7 @@ def gated_delta_decode(
     else:
         from hlsa.ops.triton.gated_delta_decode import gated_delta_decode_triton
 
-        o = gated_delta_decode_triton(*args)
+        o = gated_delta_decode_triton(*args, L2NORM_EPS)
     # The norm is PyTorch on both paths: compiled, Inductor fuses it with the sum of the gate's partials.
     B, H, K, V = state.shape
     gate = None

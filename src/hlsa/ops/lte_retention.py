@@ -146,6 +146,24 @@ def lte_column_end_scan(
     return end.view(R, T + 1)[:, :T].to(torch.int32).reshape(B, H, T).permute(0, 2, 1).contiguous()
 
 
+def lte_column_end_kernel(
+    score: torch.Tensor, *, window: int, buffer_size: int, chunk: int | None = None
+) -> torch.Tensor:
+    """The Triton scan (`hlsa.ops.triton.lte_retention`): the prefix buffers in torch, then one program per chunk
+    and (b, kv head). Args and Returns as in `lte_column_end_scan` (arguments already validated); `chunk` defaults
+    to `hlsa.ops.triton.lte_retention.chunk_length`."""
+    from hlsa.ops.triton.lte_retention import chunk_length, lte_column_end_triton
+
+    B, T, H = score.shape
+    # A buffer of T slots never evicts, like any larger one: cap N at T to bound the register tile.
+    n = min(buffer_size, T)
+    if n == 0:  # nothing is ever retained: no walk, in either scan
+        return lte_column_end_scan(score, window=window, buffer_size=0)
+    chunk = chunk_length(T, B * H) if chunk is None else chunk
+    state_s, state_p = prefix_buffers(score.permute(0, 2, 1).reshape(B * H, T), n, chunk)  # checks chunk
+    return lte_column_end_triton(score, state_s, state_p, window=window, chunk=chunk)
+
+
 def lte_column_end(score: torch.Tensor, *, window: int, buffer_size: int, backend: str | None = None) -> torch.Tensor:
     """Per-key column ends of the per-query top-N rule, for `sparse_attention(..., column_end=...)`.
 
@@ -177,6 +195,4 @@ def lte_column_end(score: torch.Tensor, *, window: int, buffer_size: int, backen
         return lte_column_end_scan(score, window=window, buffer_size=buffer_size)
     kernel_backend("lte_column_end", backend, score)  # an explicit "triton" needs CUDA or the interpreter
     _check(score, window, buffer_size)
-    from hlsa.ops.triton.lte_retention import lte_column_end_triton
-
-    return lte_column_end_triton(score, window=window, buffer_size=buffer_size)
+    return lte_column_end_kernel(score, window=window, buffer_size=buffer_size)
