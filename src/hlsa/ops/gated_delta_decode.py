@@ -132,7 +132,7 @@ def gated_delta_decode(
     norm_eps: float,
     gated: bool,
     dtype: torch.dtype,
-    backend: str | None = None,
+    backend: str | None = "auto",
 ) -> torch.Tensor:
     """One decode token of a GDN layer between its projections; the caches are updated in place (no host sync, no
     gradient).
@@ -147,7 +147,7 @@ def gated_delta_decode(
         norm_weight: `[V]` the output norm's weight; `norm_eps` its epsilon.
         gated: whether `proj` holds the gate columns (a gated output norm).
         dtype: the activations' dtype: the projection, conv, norms and output are rounded to it as in the layer.
-        backend: "torch" (the reference), "triton", or None (Triton for CUDA tensors, else the reference).
+        backend: "torch" (the reference), "triton", or "auto" (Triton for CUDA tensors, else the reference).
 
     Returns:
         `[B, H*V]` in `dtype`: the normed output, the input of the output projection.

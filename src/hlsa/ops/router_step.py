@@ -157,7 +157,7 @@ def router_step_logits(
     position: torch.Tensor,
     layers: Sequence[Layer],
     *,
-    backend: str | None = None,
+    backend: str | None = "auto",
 ) -> torch.Tensor:
     """Write the decode token at `position` into the router's rings and return the logit of token `position - m`.
 
@@ -171,7 +171,7 @@ def router_step_logits(
         position: 0-d int64 tensor, the new token's position (below 2**31: the kernel computes slots in int32).
         layers: `(weight [g, k, C_in, C_out], bias [g, C_out], dilation)` per conv, then the 1 x 1 logit
             projection (`C_out = 1`); in the dtype of `kv`.
-        backend: "torch" (reference), "triton" (at most 3 convs, `hlsa.ops.triton.router_step.MAX_CONVS`), or None
+        backend: "torch" (reference), "triton" (at most 3 convs, `hlsa.ops.triton.router_step.MAX_CONVS`), or "auto"
             (Triton for CUDA tensors and CNNs of up to 3 convs, else the reference).
 
     Returns:
@@ -186,7 +186,7 @@ def router_step_logits(
             if backend == "triton":
                 raise ValueError(
                     f"router_step_logits: the Triton kernel takes at most {MAX_CONVS} convs (then the logit "
-                    f"projection), got {len(layers) - 1}; use backend='torch' or None for deeper CNNs"
+                    f"projection), got {len(layers) - 1}; use backend='torch' or 'auto' for deeper CNNs"
                 )
             chosen = "torch"  # auto: a deeper CNN than the kernel's runs the reference
     if torch.is_grad_enabled() and any(t.requires_grad for t in (kv, *(t for w, b, _ in layers for t in (w, b)))):
