@@ -95,7 +95,7 @@ def build_model(arch: str, plan: Plan, device: str | None = None) -> HybridForCa
         model = HybridForCausalLM(config)
     for module in model.modules():
         if isinstance(module, Linear):
-            module.backend = None if plan.projections == "auto" else plan.projections
+            module.backend = plan.projections
     return model.to(plan.dtype).eval()
 
 

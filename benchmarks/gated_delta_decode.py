@@ -17,6 +17,7 @@ import itertools
 import torch
 
 from benchlib import add_output_args, copy_bandwidth, machine, result_path, time_graph, write_result
+from hlsa.ops.gated_delta import L2NORM_EPS
 from hlsa.ops.gated_delta_decode import gated_delta_decode_ref, projection_width
 from hlsa.ops.triton.gated_delta_decode import gated_delta_decode_triton
 
@@ -58,7 +59,7 @@ def bench_shape(name: str, B: int, H: int, K: int, bandwidth: float) -> dict:
     layers = [_layer(B, H, K) for _ in range(max(2, -(-L2_ROTATE_BYTES // (B * H * K * K * 4))))]
     moved = _bytes(layers[0])
     check = {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in layers[-1].items()}
-    got = gated_delta_decode_triton(**layers[-1])
+    got = gated_delta_decode_triton(**layers[-1], l2_eps=L2NORM_EPS)
     want = gated_delta_decode_ref(**check)
     row = {"name": name, "B": B, "H": H, "K": K, "bytes": moved, "floor_us": moved / bandwidth * 1e6}
     row.update(rel_err_out=_rel_err(got, want), rel_err_state=_rel_err(layers[-1]["state"], check["state"]))
@@ -66,7 +67,9 @@ def bench_shape(name: str, B: int, H: int, K: int, bandwidth: float) -> dict:
         raise SystemExit(f"{name} B={B}: the kernels disagree with the reference: {row}")
     if not torch.equal(layers[-1]["conv_state"], check["conv_state"]):
         raise SystemExit(f"{name} B={B}: the conv cache after the kernels differs from the reference's")
-    row["us"] = time_graph([lambda layer=layer: gated_delta_decode_triton(**layer) for layer in layers])
+    row["us"] = time_graph(
+        [lambda layer=layer: gated_delta_decode_triton(**layer, l2_eps=L2NORM_EPS) for layer in layers]
+    )
     row["of_floor"] = row["floor_us"] / row["us"]
     print(
         f"{name:9s} B={B:3d}  floor {row['floor_us']:6.1f} us  kernels {row['us']:6.1f} us ({row['of_floor']:.0%})  "

@@ -136,7 +136,7 @@ def test_cublas_projections_put_every_projection_on_f_linear() -> None:
     from hlsa.layers.linear import Linear
 
     plan = e2e_models.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
-    for projections, want in (("auto", None), ("torch", "torch")):
+    for projections, want in (("auto", "auto"), ("torch", "torch")):
         model = e2e_models.build_model("gdn_lte", replace(plan, projections=projections))
         linears = [m for m in model.modules() if isinstance(m, Linear)]
         assert linears and all(m.backend == want for m in linears)

@@ -26,8 +26,12 @@ from typing import Any
 
 from transformers import GenerationConfig, PretrainedConfig
 
+from hlsa.ops import BACKENDS as OP_BACKENDS
+
 MIXERS = ("gdn", "attn", "swa", "nsa", "lte")
-BACKENDS = ("auto", "torch")
+# What a whole model can force, of the ops' backends: "auto" (each op its fastest) or "torch" (every op's reference).
+# No kernel family covers every op, so "triton" and "fla" are per-op choices only.
+BACKENDS = OP_BACKENDS[:2]
 
 # A field check: `check(name, value)` raises `ValueError` naming the field when the value is of the wrong type or
 # out of range. Cross-field rules (divisibility, window vs. margin, ...) live in `HybridConfig._validate`.

@@ -28,12 +28,6 @@ from hlsa.layers.mlp import GatedMLP
 from hlsa.layers.norm import RMSNorm
 from hlsa.layers.nsa import NativeSparseAttention
 
-
-def _ops_backend(config: HybridConfig) -> str | None:
-    """The `backend` the layers pass to their ops: None (each op picks) for "auto", else the config's."""
-    return None if config.backend == "auto" else config.backend
-
-
 # The layer class of each mixer kind; its arguments are the fields of `config.mixer_config(kind)`.
 MIXER_LAYERS: dict[str, type[nn.Module]] = {
     "gdn": GatedDeltaNet,
@@ -49,7 +43,7 @@ def build_mixer(config: HybridConfig, kind: str) -> nn.Module:
     settings = asdict(config.mixer_config(kind))
     if kind == "gdn":
         settings["norm_eps"] = config.norm_eps  # GDN's output norm uses the model's epsilon
-    return MIXER_LAYERS[kind](hidden_size=config.hidden_size, **settings, backend=_ops_backend(config))
+    return MIXER_LAYERS[kind](hidden_size=config.hidden_size, **settings, backend=config.backend)
 
 
 class Block(nn.Module):
@@ -60,7 +54,7 @@ class Block(nn.Module):
         self.attn = build_mixer(config, self.kind)
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = GatedMLP(
-            config.hidden_size, config.intermediate_size, hidden_act=config.hidden_act, backend=_ops_backend(config)
+            config.hidden_size, config.intermediate_size, hidden_act=config.hidden_act, backend=config.backend
         )
 
     def forward(
@@ -172,7 +166,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     def __init__(self, config: HybridConfig) -> None:
         super().__init__(config)
         self.model = HybridModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, backend=_ops_backend(config))
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, backend=config.backend)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:

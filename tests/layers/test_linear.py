@@ -28,8 +28,8 @@ def test_gradients_flow_to_every_fused_weight() -> None:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_model_backend_reaches_every_projection(arch: str) -> None:
-    """config backend "torch" -> every Linear keeps F.linear; "auto" -> the op chooses (None)."""
-    for backend, want in (("torch", "torch"), ("auto", None)):
+    """config backend "torch" -> every Linear keeps F.linear; "auto" -> the op chooses."""
+    for backend, want in (("torch", "torch"), ("auto", "auto")):
         model = tiny_model(arch, backend=backend)
         linears = [m for m in model.modules() if isinstance(m, Linear)]
         assert linears and all(m.backend == want for m in linears)

@@ -134,7 +134,7 @@ def test_model_shapes_on_gpu(M: int, N: int, K: int) -> None:
 
 
 def test_auto_takes_the_kernel_only_off_the_host_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    """backend=None: `F.linear` for eager calls (cheaper to launch), the kernel inside compile or a graph capture."""
+    """backend="auto": `F.linear` for eager calls (cheaper to launch), the kernel inside compile or a graph capture."""
     import hlsa.ops.linear as op
 
     x, w = _inputs(4, 8, 16, seed=5)

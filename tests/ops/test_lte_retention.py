@@ -1,10 +1,18 @@
 """lte_column_end: rank count vs the per-query top-N definition; torch and Triton scans vs the rank count."""
 
+from functools import partial
+
 import pytest
 import torch
 
-from hlsa.ops.lte_retention import INT32_MAX, lte_column_end, lte_column_end_ref, lte_column_end_scan, prefix_buffers
-from hlsa.ops.triton.lte_retention import lte_column_end_triton
+from hlsa.ops.lte_retention import (
+    INT32_MAX,
+    lte_column_end,
+    lte_column_end_kernel,
+    lte_column_end_ref,
+    lte_column_end_scan,
+    prefix_buffers,
+)
 
 
 def random_scores(B: int, T: int, H: int, *, levels: int = 4) -> torch.Tensor:
@@ -55,7 +63,7 @@ def test_scan_matches_ref(B: int, T: int, H: int, window: int, buffer_size: int)
 
 
 def test_cpu_dispatch_switches_to_the_scan_for_large_pair_tables(monkeypatch: pytest.MonkeyPatch) -> None:
-    """backend=None on the CPU: the brute force while B*HKV*T^2 is small, the scan past the threshold."""
+    """backend="auto" on the CPU: the brute force while B*HKV*T^2 is small, the scan past the threshold."""
     import hlsa.ops.lte_retention as retention
 
     score = random_scores(2, 45, 2, levels=3)
@@ -70,20 +78,28 @@ def test_cpu_dispatch_switches_to_the_scan_for_large_pair_tables(monkeypatch: py
     assert used == ["lte_column_end_ref", "lte_column_end_scan"]
 
 
-@pytest.mark.parametrize("backend", ["torch", "scan", "triton"])
-def test_all_sinks_and_all_pads(backend: str) -> None:
+IMPLEMENTATIONS = {
+    "torch": partial(lte_column_end, backend="torch"),
+    "scan": lte_column_end_scan,
+    "triton": partial(lte_column_end, backend="triton"),
+}
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_all_sinks_and_all_pads(name: str) -> None:
+    column_end = IMPLEMENTATIONS[name]
     inf = torch.full((1, 10, 1), float("inf"))
-    end = lte_column_end(inf, window=2, buffer_size=3, backend=backend)
+    end = column_end(inf, window=2, buffer_size=3)
     # The first three keys are kept forever; every later sink loses the tie to them and never enters.
     assert end[0, :3, 0].tolist() == [INT32_MAX] * 3
     assert end[0, 3:, 0].tolist() == [j + 3 for j in range(3, 10)]
-    assert (lte_column_end(-inf, window=2, buffer_size=3, backend=backend) == 0).all()
+    assert (column_end(-inf, window=2, buffer_size=3) == 0).all()
 
 
 def test_backends_rank_fp64_scores_in_fp32() -> None:
     """fp64 scores that differ only below fp32 precision tie in every backend (ties favour the earlier key)."""
     score = torch.tensor([1.0, 1.0 + 1e-12, 0.5, 0.25, 2.0], dtype=torch.float64)[None, :, None]
-    ends = {b: lte_column_end(score, window=0, buffer_size=1, backend=b) for b in ("torch", "scan", "triton")}
+    ends = {name: f(score, window=0, buffer_size=1) for name, f in IMPLEMENTATIONS.items()}
     assert ends["torch"][0, :, 0].tolist() == [5, 2, 3, 4, INT32_MAX]  # in fp64 key 1 would push key 0 out at 2
     for backend in ("scan", "triton"):
         torch.testing.assert_close(ends[backend], ends["torch"])
@@ -101,7 +117,7 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="chunk"):
         lte_column_end_scan(torch.ones(1, 4, 1), window=1, buffer_size=1, chunk=0)
     with pytest.raises(ValueError, match="chunk"):
-        lte_column_end_triton(torch.ones(1, 4, 1), window=1, buffer_size=1, chunk=-2)
+        lte_column_end_kernel(torch.ones(1, 4, 1), window=1, buffer_size=1, chunk=-2)
 
 
 def test_explicit_triton_on_the_cpu_without_the_interpreter_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,7 +150,7 @@ def test_triton_chunked_scan_matches_ref(B: int, T: int, H: int, window: int, bu
     for levels in (2, 50):
         score = random_scores(B, T, H, levels=levels)
         expect = lte_column_end_ref(score, window=window, buffer_size=buffer_size)
-        got = lte_column_end_triton(score, window=window, buffer_size=buffer_size, chunk=chunk)
+        got = lte_column_end_kernel(score, window=window, buffer_size=buffer_size, chunk=chunk)
         torch.testing.assert_close(got, expect)
 
 

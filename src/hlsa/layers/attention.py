@@ -45,7 +45,7 @@ class ProjectedAttention(nn.Module):
         *,
         qkv_bias: bool = False,
         rope_theta: float = 10000.0,
-        backend: str | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads != 0:
@@ -81,7 +81,7 @@ class Attention(ProjectedAttention):
         window_size: int | None = None,
         qkv_bias: bool = False,
         rope_theta: float = 10000.0,
-        backend: str | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__(
             hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias=qkv_bias, rope_theta=rope_theta, backend=backend

@@ -433,7 +433,7 @@ def evict_step(
     sink_size: int,
     score_lag: int = 0,
     real: torch.Tensor | None = None,
-    backend: str | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """One decode step of a constant cache at `state.position`: evict and write (`hlsa.ops.lte_evict`, which ranks
     `new_score [B, HKV]`, the raw score of token `position - score_lag`), attend, and for `h2o` / `tova` update the
@@ -516,7 +516,7 @@ def inference_attention(
     state: EvictionState | None,
     empty_state: Callable[[], EvictionState],
     score_lag: int = 0,
-    backend: str | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Attention of a full forward or a prefill under the constant-cache rule of `eviction`, and with `state` (empty)
     the cache it leaves for decoding; the one path of LTE layers at inference and of evicting attention layers.

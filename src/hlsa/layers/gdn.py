@@ -74,7 +74,7 @@ class GatedDeltaNet(nn.Module):
         conv_size: int = 4,
         use_gate: bool = True,
         norm_eps: float = 1e-5,
-        backend: str | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim)):
@@ -145,14 +145,14 @@ class GatedDeltaNet(nn.Module):
         a zero input keeps a zero state (k = 0 writes nothing) and feeds the convs the zeros of a sequence start,
         so real tokens see exactly what they would see unpadded. With a `state`, the chunk (any length) continues
         from it and the state is updated in place (detached: no gradient flows through the cache). One token with a
-        state and no gradient (decode), with backend None or "torch", goes through `hlsa.ops.gated_delta_decode`
+        state and no gradient (decode), with backend "auto" or "torch", goes through `hlsa.ops.gated_delta_decode`
         (`_decode`); it computes in the dtype of `x` (under autocast the sequence path rounds to autocast's dtype in
         places instead).
         """
         self._check_forward(x, pad_mask, state)
         B, T, _ = x.shape
         H, K, Vh = self.num_heads, self.head_k_dim, self.head_v_dim
-        if state is not None and T == 1 and self.backend in (None, "torch") and not torch.is_grad_enabled():
+        if state is not None and T == 1 and self.backend in ("auto", "torch") and not torch.is_grad_enabled():
             return self._decode(x, state), None
         # One GEMM for the projections of x (a decode token takes `_decode`, with the same concatenated weight).
         qkv, gate, a, b = fused_linear(x, self._in_projections()).split(self._in_sizes(), dim=-1)

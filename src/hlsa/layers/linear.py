@@ -24,9 +24,9 @@ class Linear(nn.Linear):
     value lets the op choose (its decode kernel where it applies), since an explicit "triton" would refuse the
     training and prefill shapes that the kernel does not take."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, backend: str | None = None) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, backend: str = "auto") -> None:
         super().__init__(in_features, out_features, bias=bias)
-        self.backend = "torch" if backend == "torch" else None
+        self.backend = "torch" if backend == "torch" else "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = linear(x, self.weight, backend=self.backend)

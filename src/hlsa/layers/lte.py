@@ -76,7 +76,7 @@ class LTEAttention(ProjectedAttention):
         train_selection: str = "positive",
         qkv_bias: bool = False,
         rope_theta: float = 10000.0,
-        backend: str | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__(
             hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias=qkv_bias, rope_theta=rope_theta, backend=backend

@@ -278,7 +278,7 @@ class LTERouter(nn.Module):
         valid: torch.Tensor,
         position: torch.Tensor,
         *,
-        backend: str | None = None,
+        backend: str = "auto",
     ) -> torch.Tensor:
         """Decode: take token `position` into the ring and return the score of token `position - margin`, whose
         right context it completes (streaming scoring; `hlsa.ops.router_step`).
@@ -293,7 +293,7 @@ class LTERouter(nn.Module):
             x_ring: `[B, HKV, R, ring_channels]` in `router_dtype(kv.dtype)`, `R >= 2 * margin + 1`, updated in place.
             valid: bool `[B, R]`, per slot, updated in place (the new token's slot is marked valid).
             position: 0-d int64 tensor, the new token's position.
-            backend: of `hlsa.ops.router_step_logits` ("torch", "triton", or None: Triton on CUDA).
+            backend: of `hlsa.ops.router_step_logits` ("torch", "triton", or "auto": Triton on CUDA).
 
         Returns:
             score `[B, HKV]` in `router_dtype` of token `position - margin` (meaningless while that is negative).

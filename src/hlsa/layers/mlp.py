@@ -11,7 +11,7 @@ from hlsa.layers.linear import Linear, fused_linear
 
 class GatedMLP(nn.Module):
     def __init__(
-        self, hidden_size: int, intermediate_size: int, *, hidden_act: str = "swish", backend: str | None = None
+        self, hidden_size: int, intermediate_size: int, *, hidden_act: str = "swish", backend: str = "auto"
     ) -> None:
         super().__init__()
         if hidden_act not in ("swish", "silu"):

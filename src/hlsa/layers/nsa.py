@@ -46,8 +46,8 @@ class NativeSparseAttention(nn.Module):
 
     `window_size` is in hlsa's convention: W means a band of W + 1 tokens including the current one, so the
     authors' `window_size=512` (flash-attn window (511, 0)) is `window_size=511` here.
-    `backend`: None (fla / Triton kernels on CUDA, references on CPU), "torch" (references), or "triton" (the
-    Triton decode kernel, which also runs under TRITON_INTERPRET=1; whole sequences as for None).
+    `backend`: "auto" (fla / Triton kernels on CUDA, references on CPU), "torch" (references), or "triton" (the
+    Triton decode kernel, which also runs under TRITON_INTERPRET=1; whole sequences as for "auto").
     """
 
     def __init__(
@@ -62,7 +62,7 @@ class NativeSparseAttention(nn.Module):
         window_size: int,
         rope_theta: float = 1e4,
         qkv_bias: bool = False,
-        backend: str | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
@@ -72,8 +72,8 @@ class NativeSparseAttention(nn.Module):
                 f"NSA: need block_size >= 1, block_counts >= 1, window_size >= 0; got {block_size}, "
                 f"{block_counts}, {window_size}"
             )
-        if backend not in (None, "torch", "triton"):
-            raise ValueError(f"NSA: backend must be None, 'torch' or 'triton'; got {backend!r}")
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"NSA: backend must be 'auto', 'torch' or 'triton'; got {backend!r}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.block_size, self.block_counts, self.window_size = block_size, block_counts, window_size
         self.backend = backend
@@ -122,7 +122,7 @@ class NativeSparseAttention(nn.Module):
         else:
             o = nsa(
                 q, k, v, g_cmp, g_slc, g_swa, block_size=self.block_size, block_counts=self.block_counts,
-                window=self.window_size, key_mask=pad_mask, backend="torch" if self.backend == "torch" else None,
+                window=self.window_size, key_mask=pad_mask, backend="torch" if self.backend == "torch" else "auto",
             )  # fmt: skip
             if state is not None:
                 self._prefill_cache(state, k, v, pad_mask)

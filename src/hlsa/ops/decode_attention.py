@@ -78,7 +78,7 @@ def decode_attention(
     *,
     valid: torch.Tensor,
     scale: float | None = None,
-    backend: str | None = None,
+    backend: str | None = "auto",
     return_weights: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query token per sequence over the valid slots of a KV cache (no host sync).
@@ -88,7 +88,7 @@ def decode_attention(
         k_cache, v_cache: `[B, HKV, S, D]` (keys already rotated; `HQ % HKV == 0`).
         valid: bool `[B, HKV, S]`: slots that hold a token.
         scale: softmax scale, default `D ** -0.5`.
-        backend: "torch" (reference), "triton", or None (Triton for CUDA tensors, else the reference).
+        backend: "torch" (reference), "triton", or "auto" (Triton for CUDA tensors, else the reference).
         return_weights: also return the softmax weights of each slot, float32 `[B, HKV, S]`, summed over the query
             heads of each kv head (0 on invalid slots), computed within the same attention (the eviction policies
             `h2o` and `tova` score from them; the Triton path writes the logits and log-sum-exp and normalises them

@@ -25,10 +25,11 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from hlsa.ops import check_backend
+
 CHUNK_SIZE = 64
 # fla's fused recurrent kernel beats its chunk kernel on short inputs; the layer of fla switches at 64 tokens too.
 FUSED_RECURRENT_MAX_T = 64
-BACKENDS = (None, "torch", "fla", "ref")
 
 
 # fla's `l2norm` epsilon: x / sqrt(sum(x^2) + eps).
@@ -60,7 +61,7 @@ def chunk_gated_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    backend: str | None = None,
+    backend: str | None = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule over a whole sequence, continuing from `initial_state`.
 
@@ -73,8 +74,9 @@ def chunk_gated_delta_rule(
         scale: query scale, default `K ** -0.5`.
         initial_state: `[B, H, K, V]` state to start from (zeros when `None`).
         output_final_state: also return the state after the last step.
-        backend: `"torch"` (chunked PyTorch), `"ref"` (step by step), `"fla"` (fla-core kernels, CUDA only) or
-            `None`: fla for CUDA tensors when fla-core is installed, else `"torch"`.
+        backend: `"torch"` (chunked PyTorch; `gated_delta_rule_ref` is the step-by-step reference), `"fla"`
+            (fla-core kernels, CUDA only) or `"auto"`: fla for CUDA tensors when fla-core is installed, else
+            `"torch"` (`hlsa.ops.BACKENDS`).
 
     Returns:
         o: `[B, T, H, V]` in the dtype of `v`.
@@ -85,7 +87,7 @@ def chunk_gated_delta_rule(
         raise ValueError(f"scale must be positive (or None for K ** -0.5), got {scale}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    implementations = {"ref": gated_delta_rule_ref, "torch": gated_delta_rule_chunked, "fla": _gated_delta_rule_fla}
+    implementations = {"torch": gated_delta_rule_chunked, "fla": _gated_delta_rule_fla}
     run = implementations[_pick_backend(backend, q)]
     return run(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
@@ -271,11 +273,10 @@ def _compute_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 def _pick_backend(backend: str | None, q: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = check_backend("chunk_gated_delta_rule", backend, ("fla",))
     if backend == "fla" and q.device.type != "cuda":
         raise ValueError(f"backend='fla' needs CUDA tensors, got {q.device}; use backend='torch' on this device")
-    if backend is not None:
+    if backend != "auto":
         return backend
     if q.device.type == "cuda" and importlib.util.find_spec("fla") is not None:
         return "fla"

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from hlsa.ops import kernel_backend
-from hlsa.ops.gated_delta import gated_delta_step_ref, gdn_gates, l2norm
+from hlsa.ops.gated_delta import L2NORM_EPS, gated_delta_step_ref, gdn_gates, l2norm
 from hlsa.ops.linear import add_partials
 from hlsa.ops.rms_norm import rms_norm
 
@@ -132,7 +132,7 @@ def gated_delta_decode(
     norm_eps: float,
     gated: bool,
     dtype: torch.dtype,
-    backend: str | None = None,
+    backend: str | None = "auto",
 ) -> torch.Tensor:
     """One decode token of a GDN layer between its projections; the caches are updated in place (no host sync, no
     gradient).
@@ -147,7 +147,7 @@ def gated_delta_decode(
         norm_weight: `[V]` the output norm's weight; `norm_eps` its epsilon.
         gated: whether `proj` holds the gate columns (a gated output norm).
         dtype: the activations' dtype: the projection, conv, norms and output are rounded to it as in the layer.
-        backend: "torch" (the reference), "triton", or None (Triton for CUDA tensors, else the reference).
+        backend: "torch" (the reference), "triton", or "auto" (Triton for CUDA tensors, else the reference).
 
     Returns:
         `[B, H*V]` in `dtype`: the normed output, the input of the output projection.
@@ -159,7 +159,7 @@ def gated_delta_decode(
     else:
         from hlsa.ops.triton.gated_delta_decode import gated_delta_decode_triton
 
-        o = gated_delta_decode_triton(*args)
+        o = gated_delta_decode_triton(*args, L2NORM_EPS)
     # The norm is PyTorch on both paths: compiled, Inductor fuses it with the sum of the gate's partials.
     B, H, K, V = state.shape
     gate = None

@@ -6,7 +6,7 @@ A decode step multiplies one token per sequence by every weight matrix of the mo
 Under torch.compile they are added as pointwise terms, which Inductor fuses into the kernel that consumes the
 output (a norm, an activation); a `.sum(0)` would be a reduction of its own, which a following norm cannot absorb.
 
-The kernel saves GPU time but costs more host time per launch than cuBLAS, so `backend=None` uses it only where
+The kernel saves GPU time but costs more host time per launch than cuBLAS, so `backend="auto"` uses it only where
 launches are not on the host's clock: inside torch.compile or a CUDA graph capture (the compiled, graph-replayed
 decode step of `benchmarks/e2e.py`). Eager calls take `F.linear`.
 
@@ -48,7 +48,7 @@ def _launches_off_the_clock() -> bool:
     return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def linear_partials(x: torch.Tensor, weight: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+def linear_partials(x: torch.Tensor, weight: torch.Tensor, *, backend: str | None = "auto") -> torch.Tensor:
     """`x @ weight^T` as `S` partial sums over splits of K: `[S, ..., N]`, their sum the product.
 
     For a consumer that adds the splits itself: a user Triton kernel, which Inductor cannot fuse a sum into (the GDN
@@ -62,10 +62,10 @@ def linear_partials(x: torch.Tensor, weight: torch.Tensor, *, backend: str | Non
             raise ValueError(
                 f"linear: the Triton kernel takes 1 to {MAX_ROWS} rows and a weight of one bf16/fp16 dtype, without "
                 f"gradients; got {x.numel() // max(1, x.shape[-1])} rows of {x.dtype}, weight {weight.dtype} (requires "
-                f"grad: {x.requires_grad or weight.requires_grad}); use backend='torch' or None"
+                f"grad: {x.requires_grad or weight.requires_grad}); use backend='torch' or 'auto'"
             )
         chosen = "torch"
-    if chosen == "triton" and backend is None and not _launches_off_the_clock():
+    if chosen == "triton" and backend != "triton" and not _launches_off_the_clock():  # "auto"
         chosen = "torch"
     if chosen == "torch":
         return F.linear(x, weight)[None]
@@ -78,13 +78,13 @@ def linear_partials(x: torch.Tensor, weight: torch.Tensor, *, backend: str | Non
     return out.reshape(-1, *x.shape[:-1], weight.shape[0])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, *, backend: str | None = "auto") -> torch.Tensor:
     """`x @ weight^T` (no bias).
 
     Args:
         x: `[..., K]`.
         weight: `[N, K]`, on the device of `x` (a different dtype, as under autocast, takes `F.linear`).
-        backend: "torch" (`F.linear`), "triton" (at most `MAX_ROWS` rows of bf16/fp16, no gradient), or None
+        backend: "torch" (`F.linear`), "triton" (at most `MAX_ROWS` rows of bf16/fp16, no gradient), or "auto"
             (Triton for CUDA tensors where it applies, when compiling or capturing a CUDA graph; else `F.linear`).
 
     Returns:

@@ -209,7 +209,7 @@ def lte_evict(
     score_lag: int = 0,
     offset: torch.Tensor | None = None,
     sink_size: int = 0,
-    backend: str | None = None,
+    backend: str | None = "auto",
 ) -> None:
     """One decode step of the LTE cache, in place and without host syncs (CUDA-graph capturable).
 
@@ -236,7 +236,7 @@ def lte_evict(
         score_lag: in `[0, ring_size)`, the router's margin `m`.
         offset: int64 `[B]`, each row's left-padding length (with `new_score` only).
         sink_size: the tokens after a row's padding that rank `+inf` (always kept).
-        backend: "torch" (reference), "triton", or None (Triton for CUDA tensors, else the reference).
+        backend: "torch" (reference), "triton", or "auto" (Triton for CUDA tensors, else the reference).
     """
     args = (k_cache, v_cache, score_cache, valid, buffer_len, pos_cache)
     kwargs = dict(position=position, k_new=k_new, v_new=v_new, ring_size=ring_size, new_score=new_score,

@@ -146,37 +146,47 @@ def lte_column_end_scan(
     return end.view(R, T + 1)[:, :T].to(torch.int32).reshape(B, H, T).permute(0, 2, 1).contiguous()
 
 
-def lte_column_end(score: torch.Tensor, *, window: int, buffer_size: int, backend: str | None = None) -> torch.Tensor:
+def lte_column_end_kernel(
+    score: torch.Tensor, *, window: int, buffer_size: int, chunk: int | None = None
+) -> torch.Tensor:
+    """The Triton scan (`hlsa.ops.triton.lte_retention`): the prefix buffers in torch, then one program per chunk
+    and (b, kv head). Args and Returns as in `lte_column_end_scan` (arguments already validated); `chunk` defaults
+    to `hlsa.ops.triton.lte_retention.chunk_length`."""
+    from hlsa.ops.triton.lte_retention import chunk_length, lte_column_end_triton
+
+    B, T, H = score.shape
+    # A buffer of T slots never evicts, like any larger one: cap N at T to bound the register tile.
+    n = min(buffer_size, T)
+    if n == 0:  # nothing is ever retained: no walk, in either scan
+        return lte_column_end_scan(score, window=window, buffer_size=0)
+    chunk = chunk_length(T, B * H) if chunk is None else chunk
+    state_s, state_p = prefix_buffers(score.permute(0, 2, 1).reshape(B * H, T), n, chunk)  # checks chunk
+    return lte_column_end_triton(score, state_s, state_p, window=window, chunk=chunk)
+
+
+def lte_column_end(score: torch.Tensor, *, window: int, buffer_size: int, backend: str | None = "auto") -> torch.Tensor:
     """Per-key column ends of the per-query top-N rule, for `sparse_attention(..., column_end=...)`.
 
     Args:
         score: float `[B, T, HKV]` router scores (`+inf` sinks, `-inf` pads; `<= 0` never retained).
         window: `W >= 0`, the band the keys leave before they can be retained.
         buffer_size: `N >= 0` retained older keys per kv head.
-        backend: "torch" (brute-force reference, O(T^2) memory), "scan" (torch scan in chunks, `scan_chunk` steps
-            of small ops), "triton" (the same chunks, one program per chunk and (b, kv head)), or None (Triton for
-            CUDA tensors; on the CPU the brute force while its B*HKV*T^2 pair table is small, else the scan).
+        backend: "torch" (PyTorch: the brute-force reference while its B*HKV*T^2 pair table is small, else the scan
+            in chunks `lte_column_end_scan`), "triton" (the same chunks, one program per chunk and (b, kv head)), or
+            "auto" (Triton for CUDA tensors while the buffer fits its registers, else "torch"); `hlsa.ops.BACKENDS`.
 
     Returns:
         int32 `[B, T, HKV]`.
     """
-    if backend not in (None, "torch", "scan", "triton"):
-        raise ValueError(f"lte_column_end: backend must be None, 'torch', 'scan' or 'triton'; got {backend!r}")
-    if backend is None:
-        _check(score, window, buffer_size)
-        B, T, H = score.shape
-        # The register tile of the Triton scan holds min(N, T) slots; beyond MAX_TRITON_SLOTS it would spill.
-        fits = min(buffer_size, T) <= MAX_TRITON_SLOTS
-        if score.is_cuda:
-            backend = "triton" if fits else "scan"
-        else:  # the scan's 256 steps of small ops cost more on the CPU than one pass while the table is small
-            backend = "torch" if B * H * T * T <= BRUTE_FORCE_MAX_PAIRS else "scan"
-    if backend == "torch":
-        return lte_column_end_ref(score, window=window, buffer_size=buffer_size)
-    if backend == "scan":
-        return lte_column_end_scan(score, window=window, buffer_size=buffer_size)
-    kernel_backend("lte_column_end", backend, score)  # an explicit "triton" needs CUDA or the interpreter
+    chosen = kernel_backend("lte_column_end", backend, score)  # an explicit "triton" needs CUDA or the interpreter
     _check(score, window, buffer_size)
-    from hlsa.ops.triton.lte_retention import lte_column_end_triton
-
-    return lte_column_end_triton(score, window=window, buffer_size=buffer_size)
+    B, T, H = score.shape
+    # The register tile of the Triton scan holds min(N, T) slots; beyond MAX_TRITON_SLOTS it would spill.
+    if chosen == "triton" and backend != "triton" and min(buffer_size, T) > MAX_TRITON_SLOTS:  # "auto"
+        chosen = "torch"
+    if chosen == "triton":
+        return lte_column_end_kernel(score, window=window, buffer_size=buffer_size)
+    # The scan's 256 steps of small ops cost more than one pass while the table is small (measured on the CPU).
+    if B * H * T * T <= BRUTE_FORCE_MAX_PAIRS:
+        return lte_column_end_ref(score, window=window, buffer_size=buffer_size)
+    return lte_column_end_scan(score, window=window, buffer_size=buffer_size)

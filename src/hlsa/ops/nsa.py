@@ -21,7 +21,7 @@ import importlib.util
 
 import torch
 
-from hlsa.ops import kernel_backend
+from hlsa.ops import check_backend, kernel_backend
 
 
 def _check_gates(q: torch.Tensor, gates: tuple[torch.Tensor, ...]) -> None:
@@ -229,7 +229,7 @@ def nsa(
     window: int,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
-    backend: str | None = None,
+    backend: str | None = "auto",
 ) -> torch.Tensor:
     """Native Sparse Attention over whole sequences (training / prefill); differentiable in q, k, v and the gates.
 
@@ -242,14 +242,13 @@ def nsa(
         window: W >= 0, the window branch sees keys `t - W..t` (W = 511 for the authors' window_size=512).
         key_mask: bool `[B, T]` or None; False marks left padding (blocks start at the first True).
         scale: softmax scale, default `D ** -0.5`.
-        backend: "torch" (reference), "fla" (fla-core kernels, CUDA), or None (fla where `fla_supports`, else
+        backend: "torch" (reference), "fla" (fla-core kernels, CUDA), or "auto" (fla where `fla_supports`, else
             the reference).
 
     Returns:
         `[B, T, HQ, D]` in the dtype of q; pad queries are zeros.
     """
-    if backend not in ("torch", "fla", None):
-        raise ValueError(f"nsa: backend must be None, 'torch' or 'fla'; got {backend!r}")
+    backend = check_backend("nsa", backend, ("fla",))
     reason = None if q.is_cuda else "fla needs CUDA tensors"
     reason = reason or (None if importlib.util.find_spec("fla") else "fla-core is not installed (pip install fla-core)")
     reason = reason or fla_supports(q, k, block_size=block_size, block_counts=block_counts)
@@ -355,7 +354,7 @@ def nsa_decode(
     block_counts: int,
     window: int,
     scale: float | None = None,
-    backend: str | None = None,
+    backend: str | None = "auto",
 ) -> torch.Tensor:
     """One decode step of NSA for the query in cache slot `seq_len - 1` of every row (no host sync on Triton).
 
@@ -368,7 +367,7 @@ def nsa_decode(
         start: int32 `[B]` first real slot of each row (the number of left pads).
         seq_len: slots used (the query is slot `seq_len - 1` of every row).
         block_size, block_counts, window, scale: as in `nsa`.
-        backend: "torch" (reference), "triton", or None (Triton for CUDA tensors, else the reference).
+        backend: "torch" (reference), "triton", or "auto" (Triton for CUDA tensors, else the reference).
 
     Returns:
         `[B, HQ, D]` in the dtype of q; zeros for a row with no real token.

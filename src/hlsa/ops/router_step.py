@@ -40,8 +40,6 @@ import torch.nn.functional as F
 from hlsa.ops import kernel_backend
 
 Layer = tuple[torch.Tensor, torch.Tensor, int]
-# Convs the Triton kernel computes in one launch: the paper's router has 3 (then the logit projection).
-MAX_CONVS = 3
 
 
 def reach(layer: Layer) -> int:
@@ -159,7 +157,7 @@ def router_step_logits(
     position: torch.Tensor,
     layers: Sequence[Layer],
     *,
-    backend: str | None = None,
+    backend: str | None = "auto",
 ) -> torch.Tensor:
     """Write the decode token at `position` into the router's rings and return the logit of token `position - m`.
 
@@ -173,26 +171,27 @@ def router_step_logits(
         position: 0-d int64 tensor, the new token's position (below 2**31: the kernel computes slots in int32).
         layers: `(weight [g, k, C_in, C_out], bias [g, C_out], dilation)` per conv, then the 1 x 1 logit
             projection (`C_out = 1`); in the dtype of `kv`.
-        backend: "torch" (reference), "triton" (at most `MAX_CONVS` = 3 convs), or None (Triton for CUDA tensors
-            and CNNs of up to 3 convs, else the reference).
+        backend: "torch" (reference), "triton" (at most 3 convs, `hlsa.ops.triton.router_step.MAX_CONVS`), or "auto"
+            (Triton for CUDA tensors and CNNs of up to 3 convs, else the reference).
 
     Returns:
         logits `[B, H]` of token `position - m` in the dtype of `kv` (meaningless while it is negative; the caller
         masks it).
     """
     chosen = kernel_backend("router_step_logits", backend, kv)
-    if chosen == "triton" and len(layers) - 1 > MAX_CONVS:
-        if backend == "triton":
-            raise ValueError(
-                f"router_step_logits: the Triton kernel takes at most {MAX_CONVS} convs (then the logit "
-                f"projection), got {len(layers) - 1}; use backend='torch' or None for deeper CNNs"
-            )
-        chosen = "torch"  # auto: a deeper CNN than the kernel's runs the reference
+    if chosen == "triton":  # imported only here: `import hlsa` never imports Triton
+        from hlsa.ops.triton.router_step import MAX_CONVS, router_step_triton
+
+        if len(layers) - 1 > MAX_CONVS:
+            if backend == "triton":
+                raise ValueError(
+                    f"router_step_logits: the Triton kernel takes at most {MAX_CONVS} convs (then the logit "
+                    f"projection), got {len(layers) - 1}; use backend='torch' or 'auto' for deeper CNNs"
+                )
+            chosen = "torch"  # auto: a deeper CNN than the kernel's runs the reference
     if torch.is_grad_enabled() and any(t.requires_grad for t in (kv, *(t for w, b, _ in layers for t in (w, b)))):
         raise ValueError("router_step_logits: decode scoring has no gradient; call it under torch.no_grad()")
     if chosen == "torch":
         return router_step_logits_ref(kv, x, valid, position, layers)
     _check_inputs(kv, x, valid, position, layers)
-    from hlsa.ops.triton.router_step import router_step_triton
-
     return router_step_triton(kv, x, valid, position, layers)

@@ -126,7 +126,7 @@ def sparse_attention(
     column_end: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
-    backend: str | None = None,
+    backend: str | None = "auto",
 ) -> torch.Tensor:
     """Causal attention over a band of `window + 1` keys plus per-key columns; differentiable in q, k, v.
 
@@ -138,7 +138,7 @@ def sparse_attention(
             Training: INT32_MAX where selected, else 0. Inference: from `hlsa.ops.lte_retention.lte_column_end`.
         key_mask: bool `[B, T]` or None: False marks left-padding keys (never attended).
         scale: softmax scale, default `D ** -0.5`.
-        backend: "torch" (reference), "triton", or None (Triton for CUDA tensors, else the reference).
+        backend: "torch" (reference), "triton", or "auto" (Triton for CUDA tensors, else the reference).
 
     Returns:
         `[B, T, HQ, D]` in the dtype of q; rows that see no key are zeros.

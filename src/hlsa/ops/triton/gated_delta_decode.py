@@ -24,8 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from hlsa.ops.gated_delta import L2NORM_EPS
-
 # Value columns per step program: a [128, 32] fp32 block is 32 values per thread with 4 warps; B * H * V / 32
 # programs.
 STEP_BV = 32
@@ -155,9 +153,11 @@ def gated_delta_decode_triton(
     state: torch.Tensor,
     gated: bool,
     dtype: torch.dtype,
+    l2_eps: float,
 ) -> torch.Tensor:
     """Triton path of `gated_delta_decode` up to the output norm (inputs already validated): the delta step's output
-    `[B, H, V]` in `dtype`, the state and conv cache updated in place."""
+    `[B, H, V]` in `dtype`, the state and conv cache updated in place. `l2_eps`: the epsilon of q's and k's L2 norm
+    (`hlsa.ops.gated_delta.L2NORM_EPS`)."""
     B, H, K, V = state.shape
     if proj.stride(-1) != 1:
         proj = proj.contiguous()
@@ -174,7 +174,7 @@ def gated_delta_decode_triton(
         proj, proj.stride(0), proj.stride(1), conv_state if conv else q, conv_weight.contiguous() if conv else q,
         decay, q, k, v, g, beta, H, S=proj.shape[0], K=K, V=V, BK=BK,
         BVH=triton.next_power_of_2(V), W=W, BW=max(2, triton.next_power_of_2(W)), CONV=conv, GATED=gated,
-        L2_EPS=L2NORM_EPS, num_warps=4,
+        L2_EPS=l2_eps, num_warps=4,
     )  # fmt: skip
     o = torch.empty(B, H, V, device=state.device, dtype=dtype)
     BV = min(STEP_BV, triton.next_power_of_2(V))

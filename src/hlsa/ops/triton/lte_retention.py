@@ -6,7 +6,7 @@ replaces the lowest-scored slot (the latest key among equal lowest scores) if it
 `j` the buffer holds exactly the top N positive keys among `0..j` in the order "higher score, then earlier
 position". That makes the state at any chunk boundary computable without the walk:
 
-1. `hlsa.ops.lte_retention.prefix_buffers` (torch): the buffer each chunk starts from.
+1. `hlsa.ops.lte_retention.prefix_buffers` (torch, called by the op): the buffer each chunk starts from.
 2. `_column_end_chunk_kernel`: one program per (chunk, b, kv head) walks its L keys from that state, in registers.
 
 Every key is rejected on arrival or evicted at most once, so exactly one program writes its column end (positive
@@ -19,8 +19,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from hlsa.ops.lte_retention import lte_column_end_scan, prefix_buffers
 
 # A constexpr global: jitted kernels may only read globals declared this way (the interpreter is laxer).
 INT32_MAX = tl.constexpr(2**31 - 1)
@@ -59,20 +57,16 @@ def chunk_length(T: int, n_rows: int) -> int:
 
 
 def lte_column_end_triton(
-    score: torch.Tensor, *, window: int, buffer_size: int, chunk: int | None = None
+    score: torch.Tensor, state_s: torch.Tensor, state_p: torch.Tensor, *, window: int, chunk: int
 ) -> torch.Tensor:
     """score float `[B, T, H]` -> int32 column ends `[B, T, H]` (arguments already validated).
 
-    `chunk`: keys per program (default `chunk_length`); any value gives the same result (tests use small ones).
+    `state_s`, `state_p`: the buffer each chunk of `chunk` keys starts from, fp32 scores and int32 positions
+    `[B * H, C, N]` (`hlsa.ops.lte_retention.prefix_buffers`), `1 <= N <= T`; any `chunk` gives the same result.
     """
     B, T, H = score.shape
     score = score.contiguous()
-    # A buffer of T slots never evicts, like any larger one: cap N at T to bound the register tile.
-    n_eff = min(buffer_size, T)
-    if n_eff == 0:  # nothing is ever retained: no walk, in either scan
-        return lte_column_end_scan(score, window=window, buffer_size=0)
-    chunk = chunk_length(T, B * H) if chunk is None else chunk
-    state_s, state_p = prefix_buffers(score.permute(0, 2, 1).reshape(B * H, T), n_eff, chunk)  # checks chunk
+    n_eff = state_s.shape[-1]
     end = torch.where(score > 0, INT32_MAX.value, 0).to(torch.int32)  # positive keys: "never evicted" until written
     NB = triton.next_power_of_2(n_eff)
     # One warp per 256 slots keeps the per-step reductions short; the walk over a chunk is sequential anyway.

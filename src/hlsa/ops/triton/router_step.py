@@ -14,8 +14,11 @@ sequence). Issuing every layer's loads before the first dot was slower (14-31: t
 2 or 8 warps and 32 rows per program were no better (64 rows, where Triton switches to Hopper's warpgroup MMA,
 faulted with an illegal address in Triton 3.6 and was not pursued).
 
-The arguments are flat (one weight, bias and a few constants per conv, up to `MAX_CONVS`) rather than tuples, which
-torch.compile's capture of user-defined Triton kernels does not take.
+The kernel's arguments are flat (one weight, bias and a few constants per conv, up to `MAX_CONVS`) rather than
+tuples, which torch.compile's capture of user-defined Triton kernels does not take.
+
+This module imports nothing from its op (`hlsa.ops.router_step`, which imports it lazily): the op checks the inputs
+and hands over plain tensors and ints.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from hlsa.ops.router_step import MAX_CONVS, Layer, ring_channels
-
+# Convs one launch computes (the kernel has a weight, bias, taps and dilation argument for each): the paper's router
+# has 3, then the logit projection.
+MAX_CONVS = 3
 # Batch rows per program: tl.dot's smallest M.
 ROWS = 16
 # The narrowest channel block of a conv's tl.dot (see the module docstring).
@@ -123,14 +127,15 @@ def router_step_triton(
     x: torch.Tensor,
     valid: torch.Tensor,
     position: torch.Tensor,
-    layers: Sequence[Layer],
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor, int]],
 ) -> torch.Tensor:
-    """Triton path of `router_step_logits` (inputs already validated, at most `MAX_CONVS` convs): one launch."""
+    """Triton path of `router_step_logits` (inputs already validated, at most `MAX_CONVS` convs): one launch.
+    `layers`: `(weight [g, k, C_in, C_out], bias [g, C_out], dilation)` per conv, then the logit projection."""
     B, H, C0 = kv.shape
     if kv.stride(-1) != 1 or x.stride(-1) != 1:
         raise ValueError("router_step_logits: kv and the ring x need a contiguous last dim (the kernel's rows)")
     convs, (w_proj, b_proj, _) = layers[:-1], layers[-1]
-    channels = [*ring_channels(layers), w_proj.shape[2]]  # C0 .. C{CONVS}
+    channels = [w.shape[2] for w, _, _ in layers]  # C0 .. C{CONVS}: each layer's input channels
     unused = MAX_CONVS - len(convs)
     tensors = [t.contiguous() for w, b, _ in convs for t in (w, b)] + [w_proj, b_proj] * unused
     blocks = [max(MIN_BLOCK, triton.next_power_of_2(c)) for c in channels]
