@@ -23,15 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchlib import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 FINE = 64  # tokens per perplexity bucket as computed; the reported buckets are sums of these
@@ -167,17 +167,6 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _versions() -> dict[str, Any]:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
-           "cpu": platform.processor() or platform.machine()}  # fmt: skip
-    for mod in ("transformers", "tokenizers", "triton", "fla"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except ImportError:
-            out[mod] = None
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", required=True, help="folder of <arch>-s<seed>/model (or /export) folders")
@@ -201,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary_path.is_file():
         s = json.loads(summary_path.read_text())
         trained = {k: {**{f: v.get(f) for f in ("steps", "last_ce", "exit_status", "wall_s", "weights")},
-                       "device": s["machine"].get("device", "cpu"), "commit": s["machine"].get("commit")}
+                       "device": s["machine"].get("gpu") or "cpu", "commit": s["machine"].get("commit")}
                    for k, v in s["runs"].items()}  # fmt: skip
     out = Path(args.out or ROOT / f"benchmarks/results/text-{args.where}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -222,10 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: ppl {r['ppl']['overall']['ppl']:.2f}, passkey {r['passkey']}, needle {r['needle']}, "
               f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
     summary = aggregate(per_run)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     payload = {
         "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(["text_eval.py", *argv]),
-        "commit": commit, "trained_on": args.where, "evaluated_on": _versions(), "device": args.device,
+        "trained_on": args.where, "evaluated_on": machine(), "device": args.device,
         "settings": {"ppl_docs": args.ppl_docs, "block": args.block, "buckets": EDGES, "lengths": lengths,
                      "samples": args.samples, "depths": depths, "tasks": TASKS},
         "summary": summary, "runs": per_run,

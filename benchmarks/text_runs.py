@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from benchlib import git_commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "configs/train/text-2k.toml"
@@ -204,29 +205,10 @@ def pack(
         log = read_log(out / run.name)
         last = log[-1] if log else {}
         info[run.name].update(steps=last.get("step", 0), last_loss=last.get("loss"), last_ce=last.get("ce"))
-    summary = {"machine": _machine(commit), "runs": info}
+    summary = {"machine": machine(commit), "runs": info}
     (dest / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     files.append(dest / "summary.json")
     return files
-
-
-def git_commit() -> str:
-    """HEAD of this checkout, or "" where the tree is a copy without `.git` (as on a remote machine)."""
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-
-def _machine(commit: str) -> dict[str, Any]:
-    import torch
-
-    out = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__, "commit": commit}
-    if torch.cuda.is_available():
-        out["device"] = torch.cuda.get_device_name()
-    for mod in ("triton", "fla", "transformers", "tokenizers"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except ImportError:
-            out[mod] = None
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -260,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: exit {i['exit_status']} after {i['wall_s']} s")
     if args.pack:
         fp32 = {r.name for r in parse_runs(args.fp32_runs)}
-        files = pack(runs, out, Path(args.pack), info, fp32, args.commit or git_commit())
+        files = pack(runs, out, Path(args.pack), info, fp32, git_commit(args.commit))
         for f in files:
             print(f"{f} {f.stat().st_size / 2**20:.1f} MiB")
         if max(f.stat().st_size for f in files) > 16 * 2**20 or sum(f.stat().st_size for f in files) > 60 * 2**20:
