@@ -81,7 +81,6 @@ def machine(commit: str | None = None) -> dict:
         "versions": versions,
         "commit": git_commit(commit),
         "command": shlex.join(["python3", *sys.argv]),
-        "date": time.strftime("%Y-%m-%d"),
     }
 
 
