@@ -350,7 +350,7 @@ def rank_scores(raw: torch.Tensor, pad_mask: torch.Tensor | None, sink_size: int
 @dataclass
 class EvictionState:
     """The constant decode cache of a full-attention layer under an eviction policy: the slots of an LTE cache
-    (`hlsa.layers.lte.LTEState`, whose fields of the same names these are) without the router's rings."""
+    (`hlsa.layers.lte.LTEState` adds the router's rings to these fields)."""
 
     k: torch.Tensor  # [B, HKV, W+1+N, D] post-RoPE keys: ring slots first, then the compact buffer
     v: torch.Tensor  # [B, HKV, W+1+N, D]
@@ -364,8 +364,17 @@ class EvictionState:
 
     @classmethod
     def empty(
-        cls, batch_size: int, num_kv_heads: int, slots: int, head_dim: int, *, device: torch.device, dtype: torch.dtype
+        cls,
+        batch_size: int,
+        num_kv_heads: int,
+        slots: int,
+        head_dim: int,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        **extra: torch.Tensor,
     ) -> EvictionState:
+        """An empty cache of `slots` slots; `extra` holds a subclass's own fields (`LTEState`'s router rings)."""
         b, h = batch_size, num_kv_heads
         return cls(
             k=torch.zeros(b, h, slots, head_dim, device=device, dtype=dtype),
@@ -376,6 +385,7 @@ class EvictionState:
             token_pos=torch.full((b, h, slots), -1, device=device, dtype=torch.int32),
             offset=torch.zeros(b, device=device, dtype=torch.long),
             position=torch.zeros((), device=device, dtype=torch.long),
+            **extra,
         )
 
 

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from hlsa.layers.attention import ProjectedAttention
-from hlsa.layers.eviction import Eviction, evict_step, inference_attention, rank_scores
+from hlsa.layers.eviction import Eviction, EvictionState, evict_step, inference_attention, rank_scores
 from hlsa.layers.lte_router import LTERouter, router_dtype, select, value_gain
 from hlsa.layers.slots import fill_ring
 from hlsa.ops.linear import linear
@@ -40,19 +40,13 @@ class LTERouting(NamedTuple):
     selected: torch.Tensor
 
 
-@dataclass
-class LTEState:
-    k: torch.Tensor  # [B, HKV, W+1+N, D] post-RoPE keys: ring slots first, then the compact buffer
-    v: torch.Tensor  # [B, HKV, W+1+N, D]
-    score: torch.Tensor  # float32 [B, HKV, W+1+N]; -inf = not scored yet / pad, +inf = sink
-    valid: torch.Tensor  # bool [B, HKV, W+1+N]
-    buffer_len: torch.Tensor  # int32 [B, HKV]
-    token_pos: torch.Tensor  # int32 [B, HKV, W+1+N], position of the token in each slot (ties evict the latest)
+@dataclass(kw_only=True)
+class LTEState(EvictionState):
+    """The slots of `EvictionState` (score: the router's, -inf = not scored yet / pad, +inf = sink; ties evict the
+    latest token; sinks start after each row's left padding) and the router's rings."""
+
     router_x: torch.Tensor  # [B, HKV, 2m+1, C] in router_dtype: each conv's recent inputs (LTERouter.ring_inputs)
     router_valid: torch.Tensor  # bool [B, 2m+1]: False before the sequence start and at pads (same for all heads)
-    offset: torch.Tensor  # int64 [B] left-padding length of each row (sinks start after it)
-    position: torch.Tensor  # int64 [], next token's position
-    seen: int = 0
 
 
 class LTEAttention(ProjectedAttention):
@@ -163,18 +157,16 @@ class LTEAttention(ProjectedAttention):
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> LTEState:
         b, h, d = batch_size, self.num_kv_heads, self.head_dim
         slots, ctx = self.window_size + 1 + self.buffer_size, 2 * self.router.margin + 1
-        return LTEState(
-            k=torch.zeros(b, h, slots, d, device=device, dtype=dtype),
-            v=torch.zeros(b, h, slots, d, device=device, dtype=dtype),
-            score=torch.full((b, h, slots), float("-inf"), device=device),
-            valid=torch.zeros(b, h, slots, device=device, dtype=torch.bool),
-            buffer_len=torch.zeros(b, h, device=device, dtype=torch.int32),
-            token_pos=torch.full((b, h, slots), -1, device=device, dtype=torch.int32),
+        return LTEState.empty(
+            b,
+            h,
+            slots,
+            d,
+            device=device,
+            dtype=dtype,
             # float32 for a bf16 model: the router scores in full precision (hlsa.layers.lte_router)
             router_x=torch.zeros(b, h, ctx, self.router.ring_channels, device=device, dtype=router_dtype(dtype)),
             router_valid=torch.zeros(b, ctx, device=device, dtype=torch.bool),
-            offset=torch.zeros(b, device=device, dtype=torch.long),
-            position=torch.zeros((), device=device, dtype=torch.long),
         )
 
     def _prefill_router(
