@@ -3,6 +3,7 @@
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,17 +12,19 @@ from hlsa.config import HybridConfig
 CONFIGS = Path(__file__).parents[2] / "configs"
 
 
-def tiny(**overrides):
-    base = {
-        "vocab_size": 64,
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "gdn": {"num_heads": 2, "head_dim": 16},
-        "mixer_layers": {"lte": [1]},
-        "lte": {"num_heads": 4, "num_kv_heads": 2, "window_size": 8, "buffer_size": 4, "sink_size": 2},
-    }
-    base.update(overrides)
-    return HybridConfig(**base)
+# A small valid config (GDN then LTE) that the tests of this folder vary one field at a time.
+TINY: dict[str, Any] = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "gdn": {"num_heads": 2, "head_dim": 16},
+    "mixer_layers": {"lte": [1]},
+    "lte": {"num_heads": 4, "num_kv_heads": 2, "window_size": 8, "buffer_size": 4, "sink_size": 2},
+}
+
+
+def tiny(**overrides: Any) -> HybridConfig:
+    return HybridConfig(**{**TINY, **overrides})
 
 
 @pytest.mark.parametrize(

@@ -14,20 +14,9 @@ from typing import Any
 import pytest
 
 from hlsa.config import FIELDS, LTE_DEFAULTS, TOP_FIELDS, HybridConfig, _flag
+from tests.model.test_config import TINY, tiny
 
 ROOT = Path(__file__).parents[2]
-TINY: dict[str, Any] = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "gdn": {"num_heads": 2, "head_dim": 16},
-    "mixer_layers": {"lte": [1]},
-    "lte": {"num_heads": 4, "num_kv_heads": 2, "window_size": 8, "buffer_size": 4, "sink_size": 2},
-}
-
-
-def tiny(**overrides: Any) -> HybridConfig:
-    return HybridConfig(**{**TINY, **overrides})
 
 
 def test_a_misspelt_top_level_key_is_refused_with_the_likely_spelling() -> None:
