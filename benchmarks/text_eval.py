@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from benchlib import machine
+from text_runs import model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 FINE = 64  # tokens per perplexity bucket as computed; the reported buckets are sums of these
@@ -41,15 +42,15 @@ TASKS = {"passkey": "niah_single_1", "needle": "niah_single_2"}
 
 
 def find_runs(root: Path) -> dict[str, Path]:
-    """`{<arch>-s<seed>: model dir}` under `root` (`<name>/model` from a pack, or `<name>/export` from a run)."""
+    """`{<arch>-s<seed>: model dir}` under `root`: `<name>/model` (a pack), else a run folder's export or, for a run
+    stopped by its time limit, its latest checkpoint."""
     runs = {}
-    for d in sorted(p for p in root.iterdir() if re.fullmatch(r"[a-z_]+-s\d+", p.name)):
-        for sub in ("model", "export"):
-            if (d / sub / "config.json").is_file():
-                runs[d.name] = d / sub
-                break
+    for d in sorted(p for p in root.iterdir() if re.fullmatch(r"[a-z0-9_]+-s\d+", p.name)):
+        found = d / "model" if (d / "model" / "config.json").is_file() else model_dir(d)
+        if found is not None:
+            runs[d.name] = found
     if not runs:
-        raise SystemExit(f"{root}: no <arch>-s<seed>/model or /export folders")
+        raise SystemExit(f"{root}: no <arch>-s<seed>/model folders or run folders with a checkpoint")
     return runs
 
 
@@ -107,8 +108,7 @@ def evaluate_run(
             ins = inspect.inspect_prompt(model, tok, sample.prompt, needle=(sample.needle_start, sample.needle_end))
             inspect.render(ins, str(picture), title=f"{model_dir.parent.name}: passkey at {sample.max_length} tokens")
             result["kept_at_end"] = ins.kept
-    # `cache_bytes` prefills random ids on the CPU
-    result["cache_bytes"] = cache or {str(n): cache_bytes(model.cpu(), n) for n in lengths}
+    result["cache_bytes"] = cache or {str(n): cache_bytes(model, n) for n in lengths}
     return result
 
 
@@ -196,29 +196,31 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     lengths = tuple(int(x) for x in args.lengths.split(","))
     depths = tuple(float(x) for x in args.depths.split(","))
-    per_run: dict[str, dict[str, Any]] = {}
-    caches: dict[str, dict[str, int]] = {}
-    for name, model_dir in runs.items():
-        t0 = time.perf_counter()
-        per_run[name] = evaluate_run(
-            model_dir, Path(args.corpus) / "validation.jsonl", device=args.device, ppl_docs=args.ppl_docs,
-            block=args.block, lengths=lengths, samples=args.samples, depths=depths, batch_size=args.batch_size,
-            picture=out.with_name(f"{out.stem}-inspect-{name}.png"), cache=caches.get(name.rsplit("-s", 1)[0]),
-        )  # fmt: skip
-        caches[name.rsplit("-s", 1)[0]] = per_run[name]["cache_bytes"]
-        per_run[name]["trained"] = trained.get(name, {})
-        r = per_run[name]
-        print(f"{name}: ppl {r['ppl']['overall']['ppl']:.2f}, passkey {r['passkey']}, needle {r['needle']}, "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
-    summary = aggregate(per_run)
     payload = {
         "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(["text_eval.py", *argv]),
         "trained_on": args.where, "evaluated_on": machine(), "device": args.device,
         "settings": {"ppl_docs": args.ppl_docs, "block": args.block, "buckets": EDGES, "lengths": lengths,
                      "samples": args.samples, "depths": depths, "tasks": TASKS},
-        "summary": summary, "runs": per_run,
+        "summary": {}, "runs": {},
     }  # fmt: skip
-    out.write_text(json.dumps(payload, indent=1) + "\n")
+    per_run: dict[str, dict[str, Any]] = payload["runs"]
+    caches: dict[str, dict[str, int]] = {}
+    for name, found in runs.items():
+        t0 = time.perf_counter()
+        per_run[name] = evaluate_run(
+            found, Path(args.corpus) / "validation.jsonl", device=args.device, ppl_docs=args.ppl_docs,
+            block=args.block, lengths=lengths, samples=args.samples, depths=depths, batch_size=args.batch_size,
+            picture=out.with_name(f"{out.stem}-inspect-{name}.png"), cache=caches.get(name.rsplit("-s", 1)[0]),
+        )  # fmt: skip
+        caches[name.rsplit("-s", 1)[0]] = per_run[name]["cache_bytes"]
+        per_run[name]["trained"] = trained.get(name, {})
+        per_run[name]["model"] = found.name  # `model` (a pack), `export` or the step of a stopped run
+        r = per_run[name]
+        print(f"{name}: ppl {r['ppl']['overall']['ppl']:.2f}, passkey {r['passkey']}, needle {r['needle']}, "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+        # written after every run, so that a stopped evaluation keeps what it finished
+        payload["summary"] = summary = aggregate(per_run)
+        out.write_text(json.dumps(payload, indent=1) + "\n")
     plot(summary, out.with_suffix(".png"))
     print(out, out.with_suffix(".png"))
     return 0

@@ -37,10 +37,11 @@ from benchlib import git_commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "configs/train/text-2k.toml"
-ARCHS = ("gdn", "gdn_swa", "gdn_lte", "gdn_attn", "transformer")
-# The comparison: three seeds where the question lies (GDN+LTE against GDN+SWA), one for the references.
-DEFAULT_RUNS = ("gdn_lte:0", "gdn_swa:0", "gdn:0", "gdn_attn:0", "transformer:0", "gdn_lte:1", "gdn_swa:1",
-                "gdn_lte:2", "gdn_swa:2")  # fmt: skip
+ARCHS = ("gdn", "gdn_swa", "gdn_swa128", "gdn_lte", "gdn_attn", "transformer")
+# The comparison: three seeds where the question lies (GDN+LTE against GDN+SWA at the same window, and against
+# GDN+SWA at W = 128, whose 129 cache slots per layer equal LTE's sinks + window + buffer), one for the references.
+DEFAULT_RUNS = ("gdn_lte:0", "gdn_swa128:0", "gdn_swa:0", "gdn:0", "gdn_attn:0", "transformer:0", "gdn_lte:1",
+                "gdn_swa128:1", "gdn_lte:2", "gdn_swa128:2", "gdn_swa:1", "gdn_swa:2")  # fmt: skip
 CORPUS_FILES = ("train.jsonl", "validation.jsonl", "manifest.json", "tokenizer")
 INPUTS_NAME = "corpus.tar.xz"
 GRACE_S = 45  # after SIGTERM: the step in flight (well under a second on a GPU), then the checkpoint

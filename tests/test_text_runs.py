@@ -70,6 +70,6 @@ def test_finished_and_stopped_runs_are_packed(inputs, tmp_path):
 
 def test_runs_are_checked():
     assert [r.name for r in text_runs.parse_runs("gdn:0,gdn_lte:2")] == ["gdn-s0", "gdn_lte-s2"]
-    assert len(text_runs.parse_runs("all")) == 9
+    assert len(text_runs.parse_runs("all")) == 12
     with pytest.raises(SystemExit, match="ARCH:SEED"):
         text_runs.parse_runs("gdn_nsa:0")

@@ -188,10 +188,10 @@ def evaluate(model: Any, task: Any, examples: int, window: int, batch: int = 32)
 
 
 def cache_bytes(model: Any, length: int) -> int:
-    """Decode-cache bytes after prefilling `length` tokens (one sequence)."""
+    """Decode-cache bytes after prefilling `length` random tokens (one sequence) on the model's device."""
     import torch
 
-    ids = torch.randint(0, model.config.vocab_size, (1, length))
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device=next(model.parameters()).device)
     with torch.no_grad():
         return int(model(input_ids=ids, use_cache=True).cache.nbytes())
 
