@@ -4,7 +4,6 @@ and the fix; tokenizers come from local paths only."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -111,11 +110,18 @@ def test_a_garbage_config_is_a_usage_error(ckpt: Path, text: str, message: str, 
 
 
 def test_an_unreadable_file_is_reported_as_unreadable(ckpt: Path, monkeypatch) -> None:
-    """Permission bits cannot stop root, so the check is shown `os.access`'s answer for an unreadable file."""
-    weights = str(ckpt / "model.safetensors")
-    real = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == weights else real(path, mode))
-    with pytest.raises(UsageError, match=r"model\.safetensors: unreadable \(permission denied\)"):
+    """Permission bits cannot stop root, so opening the weights is made to fail as it would for an unreadable file."""
+    weights = ckpt / "model.safetensors"
+    real = Path.open
+
+    def denied(self: Path, *args: object, **kwargs: object) -> object:
+        if self == weights:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    message = r"model\.safetensors exists but is not readable \(permission denied\); give this user read access to"
+    with pytest.raises(UsageError, match=message):
         load_model(ckpt)
 
 

@@ -20,11 +20,10 @@ torch and transformers are imported inside the functions, so the command-line mo
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hlsa.errors import UsageError
+from hlsa.errors import UsageError, check_readable_file, write_error
 
 if TYPE_CHECKING:
     import torch
@@ -74,16 +73,6 @@ def pick_device(device: str | None = None) -> torch.device:
     raise UsageError(f"device {device!r}: hlsa runs models on cpu or cuda; use --device cpu or --device cuda")
 
 
-def check_readable_file(path: Path, what: str) -> None:
-    """Refuse a `path` that is missing, a directory, or unreadable; `what` says what the file should hold."""
-    if not path.exists():
-        raise UsageError(f"{path}: no such file ({what})")
-    if not path.is_file():
-        raise UsageError(f"{path} is a directory or special file, not {what}; remove it and save the file again")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"{path}: unreadable (permission denied); give this user read access to {what}")
-
-
 def read_config(model_dir: str | Path) -> HybridConfig:
     """The `HybridConfig` of a checkpoint directory, from a `config.json` that is checked first."""
     from hlsa.config import HybridConfig
@@ -98,7 +87,7 @@ def read_config(model_dir: str | Path) -> HybridConfig:
             f"model {path}: not a checkpoint directory (no config.json); pass a directory that "
             "`hlsa train --checkpoint.export` or `save_pretrained` wrote"
         )
-    check_readable_file(file, "the model's config")
+    check_readable_file(file, "the model's config", fix="restore the checkpoint's config.json")
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -123,7 +112,7 @@ def check_weights(model_dir: str | Path) -> list[Path]:
     path = Path(model_dir)
     index = path / WEIGHTS_INDEX_FILE
     if index.exists() and not (path / WEIGHTS_FILE).exists():
-        check_readable_file(index, "the index of the sharded weights")
+        check_readable_file(index, "the index of the sharded weights", fix="restore it or re-export")
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = sorted(set(weight_map.values()))
@@ -138,7 +127,7 @@ def check_weights(model_dir: str | Path) -> list[Path]:
     else:
         files = [path / WEIGHTS_FILE]
     for file in files:
-        check_readable_file(file, "the model weights")
+        check_readable_file(file, "the model weights", fix="export the checkpoint again")
         try:
             with safe_open(str(file), framework="pt") as f:
                 f.keys()
@@ -227,19 +216,20 @@ def load_tokenizer(model_dir: str | Path, tokenizer: str | None = None) -> Any:
     """
     from transformers import AutoTokenizer
 
-    from hlsa.tokenizer import byte_tokenizer
+    from hlsa.tokenizer import builtin_tokenizer, byte_tokenizer
 
     # The config first: it is checked before anything else reads it (AutoTokenizer does), and its vocab_size
     # bounds the tokenizer. No config.json: a tokenizer-only MODEL (`hlsa eval niah --export-lm-eval`).
     has_config = (Path(model_dir) / CONFIG_FILE).exists()
     vocab_size = read_config(model_dir).vocab_size if has_config else None
     path = Path(tokenizer or model_dir)
-    if tokenizer == "byte":
-        tok, source = byte_tokenizer(), "hlsa's byte tokenizer"
+    builtin = builtin_tokenizer(tokenizer)
+    if builtin is not None:
+        tok, source = builtin, "hlsa's byte tokenizer"
     elif any((path / name).is_file() for name in TOKENIZER_FILES):
         for name in TOKENIZER_FILES:
             if (path / name).exists():
-                check_readable_file(path / name, "the tokenizer")
+                check_readable_file(path / name, "the tokenizer", fix="restore the tokenizer's files")
         try:
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError, TypeError) as e:
@@ -299,12 +289,7 @@ def check_output_path(path: str | Path, *, suffixes: tuple[str, ...] = ()) -> Pa
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"{out}: cannot create its directory ({e.strerror}); choose another path") from None
-    existed = out.exists()
-    try:  # opening for append is the one test root and read-only file systems answer truthfully
-        with open(out, "a"):
-            pass
-    except OSError as e:
-        raise UsageError(f"{out}: cannot be written ({e.strerror}); choose another path") from None
-    if not existed:
-        out.unlink()
+    error = write_error(out)
+    if error is not None:
+        raise UsageError(f"{out}: cannot be written ({error.strerror or error}); choose another path")
     return out

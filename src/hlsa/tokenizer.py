@@ -24,6 +24,7 @@ NUM_BYTES = 256
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<bos>", "<eos>"
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
 VOCAB_SIZE = 259
+BYTE = "byte"  # the byte tokenizer's name, for `--tokenizer` and `data.tokenizer`
 
 
 def byte_tokenizer(*, add_bos_token: bool = False, model_max_length: int | None = None) -> PreTrainedTokenizerFast:
@@ -70,6 +71,13 @@ def byte_tokenizer(*, add_bos_token: bool = False, model_max_length: int | None 
     if ids != [PAD_ID, BOS_ID, EOS_ID]:
         raise RuntimeError(f"special token ids are {ids}, expected {[PAD_ID, BOS_ID, EOS_ID]}")
     return tokenizer
+
+
+def builtin_tokenizer(name: str | None, *, add_bos_token: bool = False) -> PreTrainedTokenizerFast | None:
+    """The tokenizer `name` stands for without any file: hlsa's byte tokenizer for `BYTE` (the name `--tokenizer` and
+    `data.tokenizer` accept besides a directory), built with `add_bos_token`; None for any other name, which is then
+    a tokenizer to load."""
+    return byte_tokenizer(add_bos_token=add_bos_token) if name == BYTE else None
 
 
 def _byte_to_char_table() -> list[str]:

@@ -126,12 +126,21 @@ def test_damaged_files_are_named(tmp_path: Path, name: str, damage: str) -> None
 
 def test_an_unreadable_file_is_reported_as_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = save(tmp_path, 1, 1.0) / "optimizer.pt"
+    real = Path.open
 
-    def denied(*args: object, **kwargs: object) -> None:  # chmod 000 does not stop root, who runs some CI
-        raise PermissionError(13, "Permission denied", str(path))
+    def denied(self: Path, *args: object, **kwargs: object) -> object:  # chmod 000 does not stop root, who runs CI
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "load", denied)
-    with pytest.raises(UsageError, match="optimizer.pt exists but is not readable"):
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(UsageError, match="optimizer.pt exists but is not readable .*give this user read access"):
+        ckpt.load_checkpoint(tmp_path / "step-00000001")
+
+
+def test_a_missing_file_is_reported_as_missing(tmp_path: Path) -> None:
+    (save(tmp_path, 1, 1.0) / "trainer.pt").unlink()
+    with pytest.raises(UsageError, match="trainer.pt: no such file .*incomplete; delete this step directory"):
         ckpt.load_checkpoint(tmp_path / "step-00000001")
 
 

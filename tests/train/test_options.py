@@ -50,8 +50,10 @@ def test_bad_options(tmp_path: Path) -> None:
     assert build_options({"demo": {"layers": 2}, "train": {"steps": 600}}).train.steps == 600
     with pytest.raises(ValueError, match=r"^train\.steps: expected int, got 1\.5$"):
         build_options({"train": {"steps": 1.5}})
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match=r"nope\.toml: no such file \(the options file\); pass an existing \.toml"):
         read_options_file(tmp_path / "nope.toml")
+    with pytest.raises(ValueError, match="is a directory or special file, not the options file"):
+        read_options_file(tmp_path)
     (tmp_path / "o.ini").write_text("")
     with pytest.raises(ValueError, match="suffix"):
         read_options_file(tmp_path / "o.ini")
@@ -220,5 +222,5 @@ def test_an_unreadable_options_file_is_reported_as_unreadable(tmp_path: Path, mo
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "open", denied)
-    with pytest.raises(ValueError, match="o.toml' exists but is not readable"):
+    with pytest.raises(ValueError, match="o.toml exists but is not readable .*read access to the options file"):
         read_options_file(path)

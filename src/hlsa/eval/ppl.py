@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hlsa.errors import UsageError
-from hlsa.loading import check_readable_file, tokenize
+from hlsa.errors import UsageError, check_readable_file
+from hlsa.loading import tokenize
 
 
 def iter_documents(

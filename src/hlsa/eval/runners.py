@@ -9,11 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hlsa.errors import UsageError
+from hlsa.errors import UsageError, check_readable_file
 from hlsa.eval.common import write_json
 from hlsa.loading import (
     check_output_path,
-    check_readable_file,
     is_text_tokenizer,
     load_model,
     load_tokenizer,

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hlsa.errors import UsageError
+from hlsa.errors import UsageError, check_readable_file
 
 LATEST = "latest"
 MODEL_FILE = "model.safetensors"
@@ -43,6 +43,8 @@ TRAINER_FILE = "trainer.pt"
 STEP_DIR = re.compile(r"step-\d{8}")
 # Leftovers of an interrupted save: its temporary directory, or the old copy of a step being re-saved.
 STALE_PREFIXES = (".tmp-step-", ".old-step-")
+# the fix for a damaged or missing file of a step directory
+EARLIER_STEP = "delete this step directory and point latest at an earlier one, or start afresh"
 
 
 class CheckpointWriteError(UsageError):
@@ -252,12 +254,9 @@ def _read(path: Path, load: Any) -> Any:
 
     from safetensors import SafetensorError
 
+    check_readable_file(path, "a checkpoint file", fix=f"the checkpoint is incomplete; {EARLIER_STEP}")
     try:
         return load(path)
-    except PermissionError:
-        raise UsageError(f"{path} exists but is not readable (permission denied); fix its permissions") from None
-    except FileNotFoundError:
-        raise UsageError(f"{path} is missing; the checkpoint is incomplete") from None
     except pickle.UnpicklingError as e:  # weights_only stopped at an object it does not allow: never built or run
         reason = str(e).partition("WeightsUnpickler error:")[2].partition(" Please use")[0].strip()
         # trainer.pt files of hlsa before RNG states were plain data hold numpy's as an array
@@ -274,8 +273,7 @@ def _read(path: Path, load: Any) -> Any:
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError, SafetensorError) as e:  # truncated or garbage
         raise UsageError(
-            f"{path} is unreadable: truncated or not a checkpoint file ({e.__class__.__name__}: {e}); "
-            "delete this step directory and point latest at an earlier one, or start afresh"
+            f"{path} is unreadable: truncated or not a checkpoint file ({e.__class__.__name__}: {e}); {EARLIER_STEP}"
         ) from None
 
 

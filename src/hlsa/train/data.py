@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from hlsa.errors import UsageError
+from hlsa.errors import UsageError, check_readable_file
 from hlsa.train.tasks import make_task
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -206,18 +206,12 @@ def local_files(source: str) -> list[Path] | None:
             if not found:
                 raise UsageError(f"data.source: directory {p!r} holds no {'/'.join(SUFFIXES)} files")
             files.extend(found)
-        elif path.is_file():
-            if path.suffix not in SUFFIXES:
-                raise UsageError(f"data.source: {p!r} has suffix {path.suffix!r}; supported are {SUFFIXES}")
-            files.append(path)
         else:
-            raise UsageError(f"data.source: file {p!r} does not exist; check the path (or name a hub dataset)")
+            files.append(path)
+            if path.is_file() and path.suffix not in SUFFIXES:
+                raise UsageError(f"data.source: {p!r} has suffix {path.suffix!r}; supported are {SUFFIXES}")
     for f in files:  # now, not when the stream reaches the file mid-run
-        try:
-            with f.open("rb"):
-                pass
-        except PermissionError:
-            raise UsageError(f"data.source: {f} exists but is not readable (permission denied)") from None
+        check_readable_file(f, "a data.source file", fix="check the path, or name a hub dataset")
     return files
 
 
@@ -302,12 +296,13 @@ def load_text_tokenizer(name: str) -> Any:
     """`data.tokenizer`: "byte" (hlsa's, offline) or a HF tokenizer directory or hub name. The byte tokenizer is built
     to put `<bos>` before a prompt, as every training document starts with it; the same object is saved with
     checkpoints."""
-    if name == "byte":
-        from hlsa.tokenizer import byte_tokenizer
-
-        return byte_tokenizer(add_bos_token=True)
     from transformers import AutoTokenizer
 
+    from hlsa.tokenizer import builtin_tokenizer
+
+    builtin = builtin_tokenizer(name, add_bos_token=True)
+    if builtin is not None:
+        return builtin
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:  # not a directory and no hub access (offline), a bad name or a bad directory

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hlsa.errors import UsageError
+from hlsa.errors import UsageError, check_readable_file
 
 # Accepted values of the string-valued choices; the trainer (`_autocast`) and `hlsa.train.distributed` (`pick_device`,
 # `parallelize`) act on exactly these.
@@ -29,7 +29,7 @@ PARALLEL = ("ddp", "fsdp2")
 
 
 class OptionsError(UsageError):
-    """A bad option name or value, or an unreadable options file."""
+    """A bad option name or value, or a malformed options file."""
 
 
 @dataclass
@@ -225,15 +225,9 @@ def parse_value(text: str, kind: type) -> Any:
 
 
 def read_options_file(path: str | Path) -> dict[str, Any]:
-    """Load a `.toml`, `.yaml` or `.yml` file into nested dicts (`OptionsError` when it is missing or malformed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise OptionsError(f"options file {str(path)!r} does not exist; pass an existing .toml or .yaml file")
-    try:
-        with path.open("rb"):
-            pass
-    except PermissionError:
-        raise OptionsError(f"options file {str(path)!r} exists but is not readable (permission denied)") from None
+    """Load a `.toml`, `.yaml` or `.yml` file into nested dicts (`OptionsError` when it is malformed, the `UsageError`
+    of `check_readable_file` when it is missing or unreadable)."""
+    path = check_readable_file(path, "the options file", fix="pass an existing .toml or .yaml file")
     suffix = path.suffix.lower()
     if suffix == ".toml":
         if sys.version_info >= (3, 11):

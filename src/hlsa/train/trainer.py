@@ -16,7 +16,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hlsa.errors import UsageError
+from hlsa.errors import UsageError, write_error
 from hlsa.ops.gated_delta import allow_fla_gated_backward_on_hopper
 from hlsa.train import checkpoint as ckpt
 from hlsa.train.controller import SparsityController
@@ -78,13 +77,10 @@ def check_output_dir(path: str | Path, option: str) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"{option} {str(path)!r} cannot be created: {existing} is a file; choose another directory")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise UsageError(
-            f"{option} {str(path)!r} is not writable ({existing}: {e.strerror or e}); choose a writable directory"
-        ) from None
+    error = write_error(existing)
+    if error is not None:
+        reason = f"{existing}: {error.strerror or error}"
+        raise UsageError(f"{option} {str(path)!r} is not writable ({reason}); choose a writable directory")
 
 
 def available_memory(device: torch.device) -> int | None:
