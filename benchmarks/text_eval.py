@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 import time
@@ -54,19 +53,6 @@ def find_runs(root: Path) -> dict[str, Path]:
     return runs
 
 
-def coarse_buckets(fine: list[dict[str, Any]], edges: tuple[int, ...] = EDGES) -> list[dict[str, Any]]:
-    """Token-weighted sums of `perplexity_by_position`'s fine buckets into `[edges[i], edges[i + 1])` (empty ones
-    left out): `{start, end, tokens, nll, ppl}`."""
-    out = []
-    for lo, hi in zip(edges, edges[1:]):
-        inside = [b for b in fine if lo <= b["start"] and b["end"] <= hi]
-        tokens = sum(b["tokens"] for b in inside)
-        if tokens:
-            nll = sum(b["nll"] * b["tokens"] for b in inside) / tokens
-            out.append({"start": lo, "end": hi, "tokens": tokens, "nll": nll, "ppl": math.exp(nll)})
-    return out
-
-
 def evaluate_run(
     model_dir: Path, validation: Path, *, device: str, ppl_docs: int, block: int, lengths: tuple[int, ...],
     samples: int, depths: tuple[float, ...], batch_size: int, picture: Path | None = None,
@@ -76,7 +62,7 @@ def evaluate_run(
     `cache`: the cache bytes per length when already measured (they depend on the architecture, not the seed)."""
     from hlsa.demo import cache_bytes
     from hlsa.eval import inspect, niah
-    from hlsa.eval.ppl import iter_documents, perplexity_by_position
+    from hlsa.eval.ppl import coarse_buckets, iter_documents, perplexity_by_position
     from hlsa.loading import load_model, load_tokenizer
 
     model = load_model(model_dir, device=torch.device(device), dtype="float32")
@@ -88,7 +74,11 @@ def evaluate_run(
     )  # fmt: skip
     result: dict[str, Any] = {
         "params": sum(p.numel() for p in model.parameters()),
-        "ppl": {"buckets": coarse_buckets(ppl["buckets"]), "overall": ppl["overall"], "documents": ppl["documents"]},
+        "ppl": {
+            "buckets": coarse_buckets(ppl["buckets"], EDGES),
+            "overall": ppl["overall"],
+            "documents": ppl["documents"],
+        },
         "seconds": {"ppl": round(time.perf_counter() - t0, 1)},
     }
     for name, task in TASKS.items():

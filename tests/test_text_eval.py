@@ -1,8 +1,7 @@
-"""benchmarks/text_eval.py: coarse perplexity buckets are token-weighted, seeds aggregate to mean/min/max, and a
-tiny run folder evaluates end to end into a results JSON and a plot."""
+"""benchmarks/text_eval.py: seeds aggregate to mean/min/max, and a tiny run folder evaluates end to end into a results
+JSON and a plot."""
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -10,14 +9,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import text_eval  # noqa: E402
-
-
-def test_coarse_buckets_weight_fine_buckets_by_tokens():
-    fine = [{"start": 0, "end": 64, "tokens": 10, "nll": 1.0}, {"start": 64, "end": 128, "tokens": 30, "nll": 2.0},
-            {"start": 128, "end": 192, "tokens": 20, "nll": 4.0}]  # fmt: skip
-    out = text_eval.coarse_buckets(fine, edges=(0, 64, 256, 1024))
-    assert [(b["start"], b["end"], b["tokens"]) for b in out] == [(0, 64, 10), (64, 256, 50)]
-    assert math.isclose(out[1]["nll"], (30 * 2.0 + 20 * 4.0) / 50) and math.isclose(out[1]["ppl"], math.exp(2.8))
 
 
 def test_aggregate_gives_mean_and_range_over_seeds():

@@ -48,3 +48,9 @@ def _one_thread() -> object:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="package")
+def tiny_attn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Transformer (full attention in every layer)."""
+    return _save_tiny("transformer", tmp_path_factory.mktemp("tiny_attn"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hlsa.eval.haystack import essay_sentences
-from hlsa.eval.ppl import iter_documents, perplexity_by_position, token_nll
+from hlsa.eval.ppl import coarse_buckets, iter_documents, perplexity_by_position, token_nll
 
 
 def _doc(seed: int, sentences: int = 12) -> str:
@@ -23,6 +23,14 @@ def _load(path: Path):  # noqa: ANN202
     from hlsa.loading import load_model, load_tokenizer
 
     return load_model(path, device=torch.device("cpu")), load_tokenizer(path, None)
+
+
+def test_coarse_buckets_weight_fine_buckets_by_tokens() -> None:
+    fine = [{"start": 0, "end": 64, "tokens": 10, "nll": 1.0}, {"start": 64, "end": 128, "tokens": 30, "nll": 2.0},
+            {"start": 128, "end": 192, "tokens": 20, "nll": 4.0}]  # fmt: skip
+    out = coarse_buckets(fine, (0, 64, 256, 1024))
+    assert [(b["start"], b["end"], b["tokens"]) for b in out] == [(0, 64, 10), (64, 256, 50)]
+    assert math.isclose(out[1]["nll"], (30 * 2.0 + 20 * 4.0) / 50) and math.isclose(out[1]["ppl"], math.exp(2.8))
 
 
 def test_chunked_nll_matches_model_loss(tiny_lte_dir: Path) -> None:

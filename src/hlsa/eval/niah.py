@@ -247,11 +247,14 @@ def generate_predictions(
     batch_size: int,
     max_new_tokens: int,
     progress: bool = True,
+    use_cache: bool = True,
 ) -> list[str]:
     """Greedy continuations of `prompts`, batched with left padding (prompts sorted by length to pad little).
 
     Returns the decoded new text of each prompt, in the order of `prompts`. `progress` shows a bar of batches on
-    stderr (longest prompts first, so the first batches are the slowest).
+    stderr (longest prompts first, so the first batches are the slowest). `use_cache=False` computes every new
+    token by a full forward over the whole sequence instead of decoding from a cache: the `oracle` eviction
+    reference has no cache to decode from.
     """
     if batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
@@ -275,6 +278,7 @@ def generate_predictions(
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
+                    use_cache=use_cache,
                 )
             new = gen[:, enc["input_ids"].shape[1] :]
             for i, row in zip(idx, new):

@@ -147,6 +147,19 @@ def perplexity_by_position(
             "buckets": buckets, "overall": overall}  # fmt: skip
 
 
+def coarse_buckets(fine: list[dict[str, Any]], edges: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Token-weighted sums of `perplexity_by_position`'s buckets into `[edges[i], edges[i + 1])` (empty ones left
+    out): `{start, end, tokens, nll, ppl}`. A fine bucket counts where it lies whole, so the edges should be
+    multiples of its bucket size."""
+    out = []
+    for lo, hi in zip(edges, edges[1:]):
+        inside = [b for b in fine if lo <= b["start"] and b["end"] <= hi]
+        tokens = sum(b["tokens"] for b in inside)
+        if tokens:
+            out.append({"start": lo, "end": hi} | _stats(sum(b["nll"] * b["tokens"] for b in inside), tokens))
+    return out
+
+
 def _stats(nll_sum: float, count: float) -> dict[str, float]:
     mean = nll_sum / count
     return {"tokens": int(count), "nll": mean, "ppl": math.exp(min(mean, 700.0))}
