@@ -112,17 +112,32 @@ def graph_blocker(model: HybridForCausalLM) -> str | None:
     return "; ".join(reason for kind, reason in reasons.items() if kind in kinds) or None
 
 
-def _fill_lte(state: object, context: int, ring: int, buffer: int) -> None:
-    """Ring and buffer full of positively scored tokens, as after a long prompt whose buffer has filled up."""
+def retained_slots(mixer: torch.nn.Module) -> int:
+    """Buffer slots of an LTE layer that a long prompt leaves holding a token under the layer's eviction policy: all
+    `buffer_size` (every policy but `window` scores older tokens positively, so the top-N fill the buffer), or under
+    `window`, which scores no token positively, only the sinks (`hlsa.layers.eviction`)."""
+    return mixer.sink_size if mixer.eviction.policy == "window" else mixer.buffer_size
+
+
+def _fill_lte(state: object, context: int, ring: int, buffer: int, kept: int) -> None:
+    """Ring full and the first `kept` of the `buffer` slots holding positively scored older tokens, the others empty,
+    as after a long prompt. With `kept < buffer` (a policy that scores no token positively) the ring's tokens score
+    0, so that decode steps leave the buffer as it is, as they do under that policy."""
     state.score.uniform_(0.1, 1.0)
+    if kept < buffer:
+        state.score[..., :ring] = 0.0
     state.valid.fill_(True)
-    state.buffer_len.fill_(buffer)
+    state.buffer_len.fill_(kept)
     # Ring slot s holds the token at the position p in [C - ring, C) with p % ring == s; buffer: older tokens.
     p = torch.arange(context - ring, context, device=state.k.device)
     ring_pos = torch.empty(ring, dtype=torch.int32, device=state.k.device)
     ring_pos[p % ring] = p.to(torch.int32)
     older = torch.linspace(0, max(0, context - ring - 1), buffer, device=state.k.device).to(torch.int32)
     state.token_pos.copy_(torch.cat([ring_pos, older])[None, None].expand_as(state.token_pos))
+    empty = slice(ring + kept, ring + buffer)  # as an empty cache has them
+    state.score[..., empty] = float("-inf")
+    state.valid[..., empty] = False
+    state.token_pos[..., empty] = -1
     state.router_x.normal_(0.0, INIT_STD)
     state.router_valid.fill_(True)
     state.offset.zero_()
@@ -132,7 +147,9 @@ def synthetic_cache(model: HybridForCausalLM, batch: int, context: int, headroom
     """A cache holding `context` tokens per sequence, with random contents of the size a real prefill leaves.
 
     Growing caches (full attention, NSA) get `context + headroom` slots (rounded up) so that the timed decode steps
-    never reallocate; the first `context` slots are valid. Every state's `seen`/`position` is set to `context`.
+    never reallocate; the first `context` slots are valid. An LTE buffer holds the tokens its layer's eviction policy
+    keeps (`retained_slots`: full, or only the sinks under `window`). Every state's `seen`/`position` is set to
+    `context`.
     """
     cache = model.allocate_cache(batch)
     for block, state in zip(model.model.layers, cache.states):
@@ -155,7 +172,7 @@ def synthetic_cache(model: HybridForCausalLM, batch: int, context: int, headroom
             for tensor in (state.k, state.v, state.k_cmp, state.v_cmp):
                 tensor.normal_(0.0, INIT_STD)
         elif kind == "lte":
-            _fill_lte(state, context, mixer.window_size + 1, mixer.buffer_size)
+            _fill_lte(state, context, mixer.window_size + 1, mixer.buffer_size, retained_slots(mixer))
         if hasattr(state, "position"):
             state.position.fill_(context)
         state.seen = context
@@ -168,9 +185,10 @@ def step_bytes_per_seq(model: HybridForCausalLM, cache: HybridCache, context: in
 
     GDN: its whole state is read and rewritten (x2). SWA/LTE: the whole fixed-size state is read (ring/buffer slots,
     scores, validity), except LTE's router ring, of which a step reads each conv's older taps and writes each conv's
-    fresh input (`hlsa.ops.router_step`; the ring holds 2m+1 positions of every conv's input). Full attention: K, V
-    and validity of the `context` valid slots. NSA: K and V of the compressed blocks, the selected blocks and the
-    window. Scalar counters (positions) are shared by the batch, not per sequence, and are left out.
+    fresh input (`hlsa.ops.router_step`; the ring holds 2m+1 positions of every conv's input), and the K and V of the
+    buffer slots its eviction policy leaves empty (`retained_slots`), which decode attention does not fetch. Full
+    attention: K, V and validity of the `context` valid slots. NSA: K and V of the compressed blocks, the selected
+    blocks and the window. Scalar counters (positions) are shared by the batch, not per sequence, and are left out.
     """
 
     def batched_bytes(state: object) -> int:
@@ -188,7 +206,8 @@ def step_bytes_per_seq(model: HybridForCausalLM, cache: HybridCache, context: in
             ring = state.router_x.nbytes + state.router_valid.nbytes
             layers = mixer.router.conv_stack.decode_layers(state.router_x.dtype)
             moved = step_ring_bytes(layers, mixer.num_kv_heads, state.router_x.element_size())
-            total += (batched_bytes(state) - ring) // batch + moved
+            empty = (mixer.buffer_size - retained_slots(mixer)) * mixer.num_kv_heads * 2 * mixer.head_dim
+            total += (batched_bytes(state) - ring) // batch + moved - empty * state.k.element_size()
         elif kind == "attn":
             total += context * mixer.num_kv_heads * (2 * mixer.head_dim * state.k.element_size() + 1)
         else:
