@@ -14,6 +14,8 @@ the runs start:
     PYTHONPATH=src python benchmarks/text_runs.py pack-inputs --corpus runs/corpus --out runs/text-inputs
     PYTHONPATH=src python benchmarks/text_runs.py train --inputs runs/text-inputs --out runs/text \
         --time-limit 420 --pack $OUT --commit SHA
+    # the shipped model: one packed run's model, its training log and a validation excerpt, into checkpoints/text
+    PYTHONPATH=src python benchmarks/text_runs.py ship --runs runs/text-h100 --run gdn_lte-s0 --corpus runs/corpus
     # a smoke test of the whole path on the CPU
     PYTHONPATH=src python benchmarks/text_runs.py train --inputs runs/text-inputs --out /tmp/t --runs gdn_lte:0 \
         --device cpu --set train.steps=3 --pack /tmp/t/packed
@@ -44,6 +46,15 @@ DEFAULT_RUNS = ("gdn_lte:0", "gdn_swa128:0", "gdn_swa:0", "gdn:0", "gdn_attn:0",
                 "gdn_swa128:1", "gdn_lte:2", "gdn_swa128:2", "gdn_swa:1", "gdn_swa:2")  # fmt: skip
 CORPUS_FILES = ("train.jsonl", "validation.jsonl", "manifest.json", "tokenizer")
 INPUTS_NAME = "corpus.tar.xz"
+# The shipped validation excerpt: one document of each kind the corpus holds (a Python manual page, a standard-library
+# source, a Django manual page, a PostgreSQL manual page), cut to its first EXCERPT_CHARS characters.
+EXCERPT_IDS = (
+    "python3.11-doc:usr/share/doc/python3.11/html/library/ipaddress.html",
+    "libpython3.11-stdlib:usr/lib/python3.11/sunau.py",
+    "python-django-doc:usr/share/doc/python-django-doc/html/ref/forms/validation.html",
+    "postgresql-doc-15:usr/share/doc/postgresql-doc-15/html/install-requirements.html",
+)
+EXCERPT_CHARS = 8000
 GRACE_S = 45  # after SIGTERM: the step in flight (well under a second on a GPU), then the checkpoint
 
 
@@ -212,6 +223,44 @@ def pack(
     return files
 
 
+# ---------------------------------------------------------------------------------------------------- shipping
+SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json")  # fmt: skip
+
+
+def ship(run_dir: Path, corpus: Path, dest: Path) -> list[Path]:
+    """`dest/<arch>/`: the run's model (fp32 weights: pack it with `--fp32-runs`), tokenizer and training log
+    (`train_log.jsonl`), and `dest/validation-excerpt.jsonl` (`EXCERPT_IDS` of the validation split, each cut to
+    `EXCERPT_CHARS` characters, with its id)."""
+    from safetensors import safe_open
+
+    src = run_dir / "model" if (run_dir / "model" / "config.json").is_file() else model_dir(run_dir)
+    if src is None:
+        raise SystemExit(f"{run_dir}: no model (a pack's <run>/model, an export or a checkpoint)")
+    with safe_open(src / "model.safetensors", "pt") as f:
+        dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    if dtypes != {"F32"}:
+        raise SystemExit(f"{src}/model.safetensors holds {sorted(dtypes)}: ship fp32 weights (pack with --fp32-runs)")
+    out = dest / run_dir.name.rsplit("-s", 1)[0]
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in SHIPPED_FILES:
+        if (src / name).is_file():
+            written.append(out / name)
+            written[-1].write_bytes((src / name).read_bytes())
+    if (run_dir / "log.jsonl").is_file():
+        written.append(out / "train_log.jsonl")
+        written[-1].write_bytes((run_dir / "log.jsonl").read_bytes())
+    docs = {d["id"]: d["text"] for d in map(json.loads, (corpus / "validation.jsonl").read_text().splitlines())}
+    missing = [i for i in EXCERPT_IDS if i not in docs]
+    if missing:
+        raise SystemExit(f"{corpus}/validation.jsonl lacks {missing}: rebuild it with `hlsa corpus`")
+    excerpt = dest / "validation-excerpt.jsonl"
+    lines = [json.dumps({"id": i, "text": docs[i][:EXCERPT_CHARS]}, ensure_ascii=False) for i in EXCERPT_IDS]
+    excerpt.write_text("\n".join(lines) + "\n")
+    return [*written, excerpt]
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -231,9 +280,18 @@ def main(argv: list[str] | None = None) -> int:
         "--fp32-runs", default="gdn_lte:0", help="ARCH:SEED,... whose weights are packed in fp32 (others in bf16)"
     )
     tr.add_argument("--commit", default=None, help="the commit to record (default: git HEAD here)")
+    sh = sub.add_parser("ship", help="copy one run's model and a validation excerpt into checkpoints/text")
+    sh.add_argument("--runs", required=True, help="folder of unpacked runs (<arch>-s<seed>/model) or run folders")
+    sh.add_argument("--run", default="gdn_lte-s0", help="the run to ship")
+    sh.add_argument("--corpus", default="runs/corpus", help="the corpus folder (for the validation excerpt)")
+    sh.add_argument("--dest", default="checkpoints/text")
     args = p.parse_args(argv)
     if args.cmd == "pack-inputs":
         print(pack_inputs(Path(args.corpus), Path(args.out)))
+        return 0
+    if args.cmd == "ship":
+        for f in ship(Path(args.runs) / args.run, Path(args.corpus), Path(args.dest)):
+            print(f"{f} {f.stat().st_size / 2**20:.2f} MiB")
         return 0
     runs = parse_runs(args.runs)
     out = Path(args.out).resolve()

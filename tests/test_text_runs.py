@@ -73,3 +73,35 @@ def test_runs_are_checked():
     assert len(text_runs.parse_runs("all")) == 12
     with pytest.raises(SystemExit, match="ARCH:SEED"):
         text_runs.parse_runs("gdn_nsa:0")
+
+
+def test_ship_copies_an_fp32_model_and_the_validation_excerpt(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from hlsa import HybridConfig, HybridForCausalLM
+
+    cfg = json.loads((Path(__file__).parents[1] / "configs/tiny/gdn_lte.json").read_text())
+    cfg.pop("model_type", None)
+    run = tmp_path / "runs" / "gdn_lte-s0"
+    HybridForCausalLM(HybridConfig(**cfg)).save_pretrained(run / "model")
+    (run / "log.jsonl").write_text('{"step": 1}\n')
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = [{"id": i, "text": f"{i} " * 5000} for i in (*text_runs.EXCERPT_IDS, "other:doc")]
+    (corpus / "validation.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+
+    files = text_runs.ship(run, corpus, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt/gdn_lte/model.safetensors").is_file() and (tmp_path / "ckpt/gdn_lte/config.json").is_file()
+    assert (tmp_path / "ckpt/gdn_lte/train_log.jsonl").read_text() == '{"step": 1}\n'
+    excerpt = [json.loads(line) for line in (tmp_path / "ckpt/validation-excerpt.jsonl").read_text().splitlines()]
+    assert [d["id"] for d in excerpt] == list(text_runs.EXCERPT_IDS) and files[-1].name == "validation-excerpt.jsonl"
+    assert all(len(d["text"]) == text_runs.EXCERPT_CHARS and d["text"].startswith(d["id"]) for d in excerpt)
+
+    weights = load_file(run / "model/model.safetensors")
+    save_file({k: v.bfloat16() for k, v in weights.items()}, run / "model/model.safetensors")
+    with pytest.raises(SystemExit, match="ship fp32 weights"):
+        text_runs.ship(run, corpus, tmp_path / "ckpt2")
+    (corpus / "validation.jsonl").write_text(json.dumps(docs[-1]) + "\n")
+    save_file(weights, run / "model/model.safetensors")
+    with pytest.raises(SystemExit, match="rebuild it"):
+        text_runs.ship(run, corpus, tmp_path / "ckpt3")
