@@ -29,7 +29,7 @@ from transformers import GenerationConfig, PretrainedConfig
 from hlsa.ops import BACKENDS as OP_BACKENDS
 
 MIXERS = ("gdn", "attn", "swa", "nsa", "lte")
-# What a whole model can force, of the ops' backends: "auto" (each op its fastest) or "torch" (every op's reference).
+# What a whole model can force, of the ops' backends: "auto" (each op its fastest) or "torch" (every op's PyTorch path).
 # No kernel family covers every op, so "triton" and "fla" are per-op choices only.
 BACKENDS = OP_BACKENDS[:2]
 

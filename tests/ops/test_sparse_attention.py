@@ -1,4 +1,5 @@
-"""sparse_attention: the reference against a per-query loop, and the Triton kernels (interpreted on CPU) against it."""
+"""sparse_attention: the reference against a per-query loop, and the blocked PyTorch path and the Triton kernels
+(interpreted on CPU) against the reference."""
 
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from hlsa.ops.lte_retention import lte_column_end_scan
-from hlsa.ops.sparse_attention import sparse_attention, sparse_attention_ref
+from hlsa.ops.sparse_attention import sparse_attention, sparse_attention_blocked, sparse_attention_ref
 from hlsa.ops.triton.rows import use_tma
 from hlsa.ops.triton.sparse_attention import column_prologue, column_prologue_ref
 
@@ -79,7 +80,66 @@ def test_reference_matches_loop(window, n_cols, pad) -> None:
         ce = torch.randint(0, 14, ce.shape, dtype=torch.int32)
     out = sparse_attention_ref(q, k, v, window=window, column_end=ce, key_mask=km)
     torch.testing.assert_close(out.double(), loop_attention(q, k, v, window, ce, km), atol=1e-5, rtol=1e-5)
-    assert sparse_attention(q, k, v, window=window, column_end=ce, key_mask=km).equal(out)  # CPU -> reference
+    blocked = sparse_attention(q, k, v, window=window, column_end=ce, key_mask=km)  # CPU -> the blocked path
+    torch.testing.assert_close(blocked.double(), loop_attention(q, k, v, window, ce, km), atol=1e-5, rtol=1e-5)
+
+
+# (T, window, column_end: None / "max" (training: INT32_MAX or 0) / "finite" (0 .. T + 3), HKV, block rows)
+BLOCKED_CASES = [
+    (1, 0, None, 2, 1),
+    (1, None, "max", 1, 3),
+    (7, 1, "finite", 2, 3),
+    (7, 0, "max", 1, 2),
+    (7, 20, None, 2, 4),
+    (130, 5, None, 1, 16),
+    (130, 7, "finite", 2, 16),
+    (130, 1, "max", 2, 50),
+    (130, None, None, 1, 7),
+    (300, 5, "max", 2, 64),
+    (300, 37, None, 1, 33),
+    (300, 400, "finite", 2, 128),
+    (300, None, "finite", 1, None),
+]
+
+
+@pytest.mark.parametrize("case", BLOCKED_CASES, ids=lambda c: "T{}-W{}-ce{}-HKV{}-rows{}".format(*c))
+def test_blocked_matches_reference(case) -> None:
+    """The "torch" backend (query blocks, keys limited to the band for plain SWA) equals the dense reference in the
+    output and in dq, dk, dv; rows padded left (row 1 entirely, row 0 partly) output zeros."""
+    T, window, ce_kind, HKV, rows = case
+    B, HQ, D = 3, 4, 8
+    gen = torch.Generator().manual_seed(T * 1000 + (window or 0))
+    q, k, v = (torch.randn(B, T, h, D, dtype=torch.float64, generator=gen) for h in (HQ, HKV, HKV))
+    q, k, v = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    column_end = None
+    if ce_kind == "max":
+        column_end = torch.where(torch.rand(B, T, HKV, generator=gen) < 0.3, INT32_MAX, 0).to(torch.int32)
+    elif ce_kind == "finite":
+        column_end = torch.randint(0, T + 4, (B, T, HKV), dtype=torch.int32, generator=gen)
+        column_end[0, : T // 2, 0] = INT32_MAX
+    key_mask = torch.ones(B, T, dtype=torch.bool)
+    key_mask[0, : T // 3] = False
+    key_mask[1] = False
+    kwargs = dict(window=window, column_end=column_end, key_mask=key_mask)
+    out = sparse_attention_blocked(q, k, v, **kwargs, scale=0.7, block_rows=rows)
+    ref = sparse_attention_ref(q, k, v, **kwargs, scale=0.7)
+    do = torch.randn(ref.shape, dtype=ref.dtype, generator=gen)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), do)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), (out, *grads), (ref, *grads_ref)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=name)
+    assert (out[1] == 0).all() and (out[0, : T // 3] == 0).all()
+    assert out[2].abs().sum() > 0
+
+
+def test_blocked_float32_default_blocks() -> None:
+    """fp32 at a length of several default blocks, GQA, the torch and auto backends on CPU."""
+    q, k, v, ce, km = make_case(2, 700, 4, 2, 16, 40, 9)
+    ref = sparse_attention_ref(q, k, v, window=33, column_end=ce, key_mask=km)
+    for backend in ("torch", "auto"):
+        out = sparse_attention(q, k, v, window=33, column_end=ce, key_mask=km, backend=backend)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 # (B, T, HQ, HKV, D, window, columns per head (None: plain SWA, -1: all), left padding)

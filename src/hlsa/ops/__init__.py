@@ -5,8 +5,9 @@ import torch
 from hlsa.ops.triton import interpreted
 
 # The backends every op's `backend` takes: "auto" picks the fastest implementation available for the tensors'
-# device; "torch" forces pure PyTorch (the reference); "triton" and "fla" force that kernel family, refused where
-# the op has none or the device cannot run it. None is accepted as "auto". `HybridConfig.backend` takes a subset.
+# device; "torch" forces pure PyTorch (the reference, or a chunked or blocked PyTorch form of it where the op has
+# one); "triton" and "fla" force that kernel family, refused where the op has none or the device cannot run it.
+# None is accepted as "auto". `HybridConfig.backend` takes a subset.
 BACKENDS = ("auto", "torch", "triton", "fla")
 
 
