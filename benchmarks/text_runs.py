@@ -159,7 +159,10 @@ def train_all(runs: list[Run], out: Path, corpus: Path, *, device: str, sets: li
 
 # ---------------------------------------------------------------------------------------------------- packing
 def model_dir(run_dir: Path) -> Path | None:
-    """The run's export when it finished, else its latest checkpoint (both load with `from_pretrained`)."""
+    """The model of a run: `<run>/model` in an unpacked pack, else the run's export when it finished, else its latest
+    checkpoint (all load with `from_pretrained`); None when there is none."""
+    if (run_dir / "model" / "config.json").is_file():
+        return run_dir / "model"
     if (run_dir / "export" / "model.safetensors").is_file():
         return run_dir / "export"
     latest = run_dir / "latest"
@@ -234,7 +237,7 @@ def ship(run_dir: Path, corpus: Path, dest: Path) -> list[Path]:
     `EXCERPT_CHARS` characters, with its id)."""
     from safetensors import safe_open
 
-    src = run_dir / "model" if (run_dir / "model" / "config.json").is_file() else model_dir(run_dir)
+    src = model_dir(run_dir)
     if src is None:
         raise SystemExit(f"{run_dir}: no model (a pack's <run>/model, an export or a checkpoint)")
     with safe_open(src / "model.safetensors", "pt") as f:
