@@ -198,6 +198,10 @@ class LTEControllerConfig:
     l1_lambda_update_steps: int = _field(32, _int(1))
     l1_lambda_shared: str = _field("head", _one_of("head", "layer", "all"))
     l1_lambda_tolerate: tuple[float, float] = _field((0.95, 1.0), _band)
+    # Ours (false: the authors' controller). True lets lambda turn negative when a head keeps too few tokens: the
+    # term then rewards every score, pulling the head's threshold back, where the authors' term can only push down
+    # (a head whose scores are all negative gets no gradient that asks it to keep a token again).
+    l1_lambda_signed: bool = _field(False, _flag)
 
     def __post_init__(self) -> None:
         if self.l1_lambda_min > self.l1_lambda_max:

@@ -251,3 +251,47 @@ def test_zero_cap_keeps_the_penalty_off() -> None:
 def test_bad_controller_constants_are_named(key: str, value: object, words: str) -> None:
     with pytest.raises(ValueError, match=f"lte.{key}.* must be {words}"):
         settings(**{key: value})
+
+
+def test_ema_alpha_never_exceeds_one() -> None:
+    assert settings(l1_lambda_update_steps=1).ema_alpha == 1.0  # 2 / (1 + 0) would flip the average's sign
+    assert settings(l1_lambda_update_steps=2).ema_alpha == 1.0
+    assert settings(l1_lambda_update_steps=8).ema_alpha == pytest.approx(0.4)
+
+
+def test_negative_lambda_rewards_every_score() -> None:
+    b, t, h, drop = 2, 9, 3, 2
+    score = torch.randn(b, t, h, requires_grad=True)
+    lam = torch.tensor([[2e-3, -1e-3, 0.0]])
+    out = l1_penalty(routing([score]), lam, drop)
+    kept = score[:, : t - drop]
+    expect = (2e-3 * kept[..., 0].clamp(min=0).sum() - 1e-3 * kept[..., 1].sum()) / (b * (t - drop) * h)
+    assert float(out.detach()) == pytest.approx(float(expect.detach()), rel=1e-5)
+    out.backward()
+    g = score.grad
+    assert (g[:, : t - drop, 1] < 0).all()  # descent raises every score of the pulled head, negative ones too
+    assert (g[:, : t - drop, 0][kept[..., 0] <= 0] == 0).all() and (g[..., 2] == 0).all()
+
+
+def test_signed_controller_flips_at_once_and_grows_on_one_side() -> None:
+    s = settings(l1_lambda_signed=True, l1_lambda_min=1e-5)
+    lam = torch.tensor([1e-3, 1e-3, -1e-3, -1e-3, 1e-3, 0.0, 0.0, 0.9])
+    kept = torch.tensor([N + 1.0, N * 0.5, N * 0.5, N + 1.0, N * 0.97, N * 0.5, N * 0.97, N * 2.0])
+    out = next_lambda(lam, kept, s, first=False)
+    # over: grow; under: flip to a pull of half the size; under while pulling: pull harder; over while pulling:
+    # flip to a push of half the size; in band: kept; zero and under: pull from the floor; zero in band: kept;
+    # growth stops at lambda_max
+    expect = torch.tensor([1.5e-3, -0.5e-3, -1.5e-3, 0.5e-3, 1e-3, -1e-5, 0.0, 1.0])
+    torch.testing.assert_close(out, expect)
+    tiny = next_lambda(torch.tensor([2e-5]), torch.tensor([10.0]), s, first=False)
+    torch.testing.assert_close(tiny, torch.tensor([-1e-5]))  # never smaller than lambda_min once moving
+    deep = next_lambda(torch.tensor([-0.9]), torch.tensor([10.0]), s, first=False)
+    torch.testing.assert_close(deep, torch.tensor([-1.0]))  # a pull is bounded by lambda_max too
+    first = next_lambda(torch.zeros(2), torch.tensor([N * 2.0, 10.0]), s, first=True)
+    torch.testing.assert_close(first, torch.tensor([1e-9, 0.0]))  # the first update is the authors'
+
+
+def test_unsigned_controller_never_goes_negative() -> None:
+    s = settings(l1_lambda_min=1e-5)
+    lam = next_lambda(torch.tensor([1e-3, 0.0]), torch.tensor([10.0, 10.0]), s, first=False)
+    torch.testing.assert_close(lam, torch.tensor([0.5e-3, 0.0]))

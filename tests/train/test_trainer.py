@@ -474,3 +474,24 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint(
     assert "hlsa: error: cannot write checkpoint step-00000006" in err and "the disk is full" in err
     assert sorted(p.name for p in run.iterdir()) == ["latest", "log.jsonl", "step-00000003"]
     assert (run / "latest").read_text() == "step-00000003" and not (tmp_path / "hf").exists()
+
+
+def test_the_signed_controller_brings_a_collapsed_router_back(tmp_path: Path) -> None:
+    """Every router starts with all scores negative (a collapsed head: sliding-window attention). The authors'
+    controller leaves it there, since only positive scores are penalised; the signed one pulls it back to its
+    target (buffer_size = 6 kept tokens per row)."""
+    kept = {}
+    for signed in (True, False):
+        config = tiny_config(
+            tmp_path,
+            router_bias_init=-2.0,
+            l1_lambda_signed=signed,
+            l1_lambda_update_steps=1,
+            l1_lambda_init=1e-2,
+            l1_lambda_min=1e-2,
+        )
+        opts = options(config, tmp_path / f"run-{signed}", **{"train.steps": 40, "optim.grad_accum": 1})
+        rows = Trainer(opts).run()
+        assert rows[0]["lte/num_kept"] < 0.5
+        kept[signed] = sum(r["lte/num_kept"] for r in rows[-20:]) / 20
+    assert kept[True] > 3 and kept[False] < 1, kept

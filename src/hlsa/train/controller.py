@@ -11,6 +11,7 @@ Per optimizer step `s` (1-based, as in the authors' trainer):
    `s > l1_lambda_initial_steps` and `s % U == 0`, average `num_kept` over data-parallel ranks and move lambda:
    x`l1_alpha` when the kept count is at or above `tol_hi * N`, x`1 / l1_alpha_neg` at or below `tol_lo * N`,
    unchanged inside the band; the first update sets `lambda = l1_lambda_init` where the count is too large.
+   With `l1_lambda_signed` lambda is signed: a negative lambda pulls every score up (see `next_lambda`).
 
 The state (`l1_lambda`, `num_kept`) lives in the model's buffers (`model.model.l1_lambda/num_kept`), so it is
 saved with the weights; the per-step accumulator is empty between steps, where checkpoints are taken.
@@ -46,6 +47,7 @@ class SparsitySettings:
     tol_lo: float
     tol_hi: float
     shared: str
+    signed: bool
     drop: int  # trailing positions left out of the statistics (see `stats_drop`)
 
     @classmethod
@@ -70,12 +72,14 @@ class SparsitySettings:
             tol_lo=float(c.l1_lambda_tolerate[0]),
             tol_hi=float(c.l1_lambda_tolerate[1]),
             shared=c.l1_lambda_shared,
+            signed=c.l1_lambda_signed,
             drop=stats_drop(lte["conv_size"], lte["conv_dilation"]),
         )
 
     @property
     def ema_alpha(self) -> float:
-        return 2.0 / (1 + self.update_steps // 2)
+        # the authors' 2 / (1 + U // 2), capped at 1 (no averaging) for U = 1, where it would be 2
+        return min(1.0, 2.0 / (1 + self.update_steps // 2))
 
 
 def stats_drop(conv_size: Sequence[int], conv_dilation: Sequence[int]) -> int:
@@ -99,12 +103,16 @@ def _scores(routing: Sequence[Any], drop: int) -> Tensor:
 
 
 def l1_penalty(routing: Sequence[Any], l1_lambda: Tensor, drop: int) -> Tensor:
-    """`mean(lambda * relu(score))` over `[B, L', Nl, Hkv]`; lambda is `[]`, `[Nl]` or `[Nl, Hkv]`."""
-    s = _scores(routing, drop).float().relu()
+    """`mean(lambda * relu(score))` over `[B, L', Nl, Hkv]`; lambda is `[]`, `[Nl]` or `[Nl, Hkv]`.
+
+    Where lambda is negative (a signed controller pulling a head back), the term is `lambda * score`: every score
+    is rewarded, the negative ones too, so a head that keeps nothing still gets a gradient towards keeping.
+    """
+    s = _scores(routing, drop).float()
     lam = l1_lambda.to(s.device)
     if lam.dim() == 1:  # per layer: broadcast over heads
         lam = lam[:, None]
-    return (lam * s).mean()
+    return (lam * torch.where(lam < 0, s, s.relu())).mean()
 
 
 def kept_counts(routing: Sequence[Any], drop: int) -> Tensor:
@@ -120,6 +128,8 @@ def next_lambda(lam: Tensor, kept: Tensor, s: SparsitySettings, *, first: bool) 
     small = kept < s.tol_hi * n  # below the band's upper edge
     if first:
         return s.lambda_init * large.to(lam.dtype)
+    if s.signed:
+        return _next_signed_lambda(lam, push=~small, pull=~large, s=s)
     factor = torch.ones_like(lam)
     factor = torch.where(~small, torch.full_like(lam, s.alpha), factor)  # too many kept: push harder
     factor = torch.where(~large, torch.full_like(lam, 1.0 / s.alpha_neg), factor)  # too few kept: relax
@@ -127,6 +137,20 @@ def next_lambda(lam: Tensor, kept: Tensor, s: SparsitySettings, *, first: bool) 
     new = torch.where(new < s.lambda_min, torch.zeros_like(new), new)
     # a head that was released (lambda = 0) but keeps too much again restarts from the floor
     return torch.where((new == 0) & large, torch.full_like(new, s.lambda_min), new)
+
+
+def _next_signed_lambda(lam: Tensor, *, push: Tensor, pull: Tensor, s: SparsitySettings) -> Tensor:
+    """The signed controller: lambda > 0 pushes scores down, lambda < 0 pulls them up.
+
+    While the count stays on one side of the band, lambda grows by `l1_alpha` in the direction that corrects it.
+    When it crosses to the other side, lambda changes sign at once and its size is divided by `l1_alpha_neg`
+    (never below `l1_lambda_min`): the controller answers a collapse at the next update instead of decaying a
+    push first, and the size settles where the count crosses the band rarely. Inside the band lambda is kept.
+    """
+    flipped = torch.clamp(lam.abs() / s.alpha_neg, min=s.lambda_min)
+    new = torch.where(push, torch.where(lam > 0, lam * s.alpha, flipped), lam)
+    new = torch.where(pull, torch.where(lam < 0, lam * s.alpha, -flipped), new)
+    return torch.clamp(new, min=-s.lambda_max, max=s.lambda_max)
 
 
 def _reduce_kept(kept: Tensor, shared: str) -> Tensor:
