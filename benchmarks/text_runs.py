@@ -39,7 +39,7 @@ from benchlib import git_commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "configs/train/text-2k.toml"
-ARCHS = ("gdn", "gdn_swa", "gdn_swa128", "gdn_lte", "gdn_attn", "transformer")
+ARCHS = tuple(sorted(p.stem for p in (ROOT / "configs" / "text").glob("*.json")))  # a run names its config
 # The comparison: three seeds where the question lies (GDN+LTE against GDN+SWA at the same window, and against
 # GDN+SWA at W = 128, whose 129 cache slots per layer equal LTE's sinks + window + buffer), one for the references.
 DEFAULT_RUNS = ("gdn_lte:0", "gdn_swa128:0", "gdn_swa:0", "gdn:0", "gdn_attn:0", "transformer:0", "gdn_lte:1",

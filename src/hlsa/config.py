@@ -202,6 +202,10 @@ class LTEControllerConfig:
     # term then rewards every score, pulling the head's threshold back, where the authors' term can only push down
     # (a head whose scores are all negative gets no gradient that asks it to keep a token again).
     l1_lambda_signed: bool = _field(False, _flag)
+    # Ours (0: off). After every optimizer step, move each head's selection threshold (its router's output bias)
+    # by `-threshold_step * clip(log((K + 1) / (N + 1)), -1, 1)`, K = the step's kept count: the count follows N
+    # without going through the optimiser's momentum, as a loss term must.
+    threshold_step: float = _field(0.0, _real(ge=0))
 
     def __post_init__(self) -> None:
         if self.l1_lambda_min > self.l1_lambda_max:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,9 +19,11 @@ from hlsa.train.controller import (
     l1_penalty,
     next_lambda,
     stats_drop,
+    threshold_shift,
 )
 
 N = 512
+REPO = Path(__file__).resolve().parents[2]
 
 
 def settings(**over: object) -> SparsitySettings:
@@ -295,3 +300,27 @@ def test_unsigned_controller_never_goes_negative() -> None:
     s = settings(l1_lambda_min=1e-5)
     lam = next_lambda(torch.tensor([1e-3, 0.0]), torch.tensor([10.0, 10.0]), s, first=False)
     torch.testing.assert_close(lam, torch.tensor([0.5e-3, 0.0]))
+
+
+def test_threshold_shift_is_clipped_log_ratio_control() -> None:
+    s = settings(buffer_size=63, threshold_step=0.01)
+    kept = torch.tensor([[63.0, 127.0, 31.0, 4000.0, 0.0]])
+    shift = threshold_shift(kept, s)
+    expect = -0.01 * torch.tensor([[0.0, math.log(2.0), -math.log(2.0), 1.0, -1.0]])  # clipped to one step
+    torch.testing.assert_close(shift, expect)
+
+
+def test_threshold_shift_moves_the_router_biases_in_layer_order() -> None:
+    from hlsa.config import HybridConfig
+    from hlsa.model import HybridForCausalLM
+
+    config = json.loads((REPO / "configs" / "tiny" / "gdn_lte.json").read_text())
+    config["lte"].update(buffer_size=6, threshold_step=0.1)
+    lm = HybridForCausalLM(HybridConfig(**config))
+    ctl = SparsityController.for_model(lm, seq_len=48)
+    routers = [m.attn.router.conv_stack.proj.bias for m in lm.model.layers if m.kind == "lte"]
+    before = [b.detach().clone() for b in routers]
+    kept = torch.tensor([[6.0, 100.0], [0.0, 6.0]])  # layer 1: on target, too many; layer 3: none, on target
+    ctl.shift_thresholds(kept)
+    torch.testing.assert_close(routers[0] - before[0], torch.tensor([0.0, -0.1]))
+    torch.testing.assert_close(routers[1] - before[1], torch.tensor([0.1, 0.0]))

@@ -12,6 +12,8 @@ Per optimizer step `s` (1-based, as in the authors' trainer):
    x`l1_alpha` when the kept count is at or above `tol_hi * N`, x`1 / l1_alpha_neg` at or below `tol_lo * N`,
    unchanged inside the band; the first update sets `lambda = l1_lambda_init` where the count is too large.
    With `l1_lambda_signed` lambda is signed: a negative lambda pulls every score up (see `next_lambda`).
+4. with `threshold_step > 0`, `end_step(s)` also shifts each head's threshold towards its target at once
+   (`shift_thresholds`).
 
 The state (`l1_lambda`, `num_kept`) lives in the model's buffers (`model.model.l1_lambda/num_kept`), so it is
 saved with the weights; the per-step accumulator is empty between steps, where checkpoints are taken.
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 
 from hlsa.config import LTEControllerConfig
 from hlsa.errors import UsageError
+from hlsa.layers.lte_router import LTERouter
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class SparsitySettings:
     tol_hi: float
     shared: str
     signed: bool
+    threshold_step: float
     drop: int  # trailing positions left out of the statistics (see `stats_drop`)
 
     @classmethod
@@ -73,6 +77,7 @@ class SparsitySettings:
             tol_hi=float(c.l1_lambda_tolerate[1]),
             shared=c.l1_lambda_shared,
             signed=c.l1_lambda_signed,
+            threshold_step=float(c.threshold_step),
             drop=stats_drop(lte["conv_size"], lte["conv_dilation"]),
         )
 
@@ -153,6 +158,15 @@ def _next_signed_lambda(lam: Tensor, *, push: Tensor, pull: Tensor, s: SparsityS
     return torch.clamp(new, min=-s.lambda_max, max=s.lambda_max)
 
 
+def threshold_shift(kept: Tensor, s: SparsitySettings) -> Tensor:
+    """The logit shift that moves each head's kept count towards `N`: `-step * clip(log((K + 1) / (N + 1)), -1, 1)`.
+
+    Integral control in log-count space: the shift is proportional to how many times too many (or too few)
+    tokens are kept, clipped so that one step moves a threshold by at most `threshold_step`."""
+    n = float(s.buffer_size)
+    return -s.threshold_step * torch.log((kept + 1.0) / (n + 1.0)).clamp(-1.0, 1.0)
+
+
 def _reduce_kept(kept: Tensor, shared: str) -> Tensor:
     if shared == "head":
         return kept
@@ -182,6 +196,17 @@ class SparsityController:
         self._kept_sum: Tensor | None = None
         self._observed = 0
         self.last_l1 = 0.0
+        self._biases = self._router_biases() if settings.threshold_step > 0 else []
+
+    def _router_biases(self) -> list[Tensor]:
+        """The routers' output biases in layer order (the order of the routing output)."""
+        from torch.distributed.tensor import DTensor
+
+        biases = [m.conv_stack.proj.bias for m in self.model.modules() if isinstance(m, LTERouter)]
+        if any(isinstance(b, DTensor) for b in biases):
+            raise UsageError("lte.threshold_step edits the routers' biases in place, which needs unsharded "
+                             "parameters: use train.parallel = 'ddp' (or one device), not 'fsdp2'")  # fmt: skip
+        return biases
 
     @classmethod
     def for_model(cls, model: nn.Module, *, seq_len: int) -> SparsityController | None:
@@ -225,11 +250,15 @@ class SparsityController:
         self._observed += 1
 
     def drop_frozen_grads(self, step: int) -> None:
-        """Freeze = no update: router grads are dropped before clipping, so AdamW skips them.
+        """Drop, before clipping, the gradients the optimiser must not apply (AdamW skips a parameter without one):
+        every router gradient during the freeze, and under `threshold_step` the routers' output biases, which the
+        controller alone sets (the optimiser would pull against it, leaving a steady offset from the target).
 
         Setting `requires_grad=False` mid-run (the authors' way) would desynchronise DDP's reducer, which
         registers its hooks once; dropping the gradients has the same effect on the weights and optimizer state.
         """
+        for bias in self._biases:
+            bias.grad = None
         if not self.frozen(step):
             return
         for name, p in self.model.named_parameters():
@@ -237,7 +266,7 @@ class SparsityController:
                 p.grad = None
 
     def end_step(self, step: int, *, valid: bool = True) -> None:
-        """EMA of the kept counts, then the controller update on its schedule.
+        """EMA of the kept counts, the threshold shift, then the lambda update on its schedule.
 
         `valid=False` (a skipped non-finite step) discards the step's statistics but keeps the schedule.
         """
@@ -246,6 +275,8 @@ class SparsityController:
             kept = self._kept_sum / self._observed
             a = s.ema_alpha
             core.num_kept.mul_(1 - a).add_(a * kept)
+            if s.threshold_step > 0 and not self.frozen(step):
+                self.shift_thresholds(_all_reduce_mean(kept.clone()))
         self._kept_sum, self._observed = None, 0
         if step <= s.initial_steps or step % s.update_steps != 0:
             return
@@ -253,6 +284,15 @@ class SparsityController:
         first = step // s.update_steps == s.initial_steps // s.update_steps + 1
         kept = _reduce_kept(core.num_kept, s.shared)
         core.l1_lambda.copy_(next_lambda(core.l1_lambda, kept, s, first=first))
+
+    def shift_thresholds(self, kept: Tensor) -> None:
+        """Add `threshold_shift(kept)` (`[Nl, Hkv]`) to the output bias of each LTE layer's router, in layer
+        order (the order of `kept`); a router shared by a layer's heads moves by the mean over its heads. Every
+        data-parallel rank applies the same shift (the counts are averaged first), so replicas stay equal."""
+        shift = threshold_shift(kept, self.s)
+        with torch.no_grad():
+            for bias, layer_shift in zip(self._biases, shift, strict=True):
+                bias.add_(layer_shift.to(bias) if bias.numel() == layer_shift.numel() else layer_shift.mean().to(bias))
 
     def metrics(self) -> dict[str, float]:
         """Scalars for the logs: mean kept count and lambda, and the last L1 term."""
