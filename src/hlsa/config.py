@@ -176,6 +176,10 @@ class LTEConfig:
     # Which older tokens a query sees in training: "positive" (the authors': every positively scored token, no
     # cap) or "buffer" (the inference rule: the top `buffer_size` positive scores older than its window)
     train_selection: str = _field("positive", _one_of("positive", "buffer"))
+    # Ours (false: the authors' gradient). True removes, per row and head, the mean of the value-gain gradient over
+    # positions, so the router learns which tokens matter more than others while leaving how many are kept to the
+    # controller (the mean is a preference for a smaller or larger value gain on every token alike).
+    router_grad_centered: bool = _field(False, _flag)
     qkv_bias: bool = _field(False, _flag)
     rope_theta: float = _field(10000.0, _real(gt=0))
 
@@ -202,10 +206,11 @@ class LTEControllerConfig:
     # term then rewards every score, pulling the head's threshold back, where the authors' term can only push down
     # (a head whose scores are all negative gets no gradient that asks it to keep a token again).
     l1_lambda_signed: bool = _field(False, _flag)
-    # Ours (0: off). After every optimizer step, move each head's selection threshold (its router's output bias)
-    # by `-threshold_step * clip(log((K + 1) / (N + 1)), -1, 1)`, K = the step's kept count: the count follows N
-    # without going through the optimiser's momentum, as a loss term must.
-    threshold_step: float = _field(0.0, _real(ge=0))
+    # Ours (0: off; at most 1). After every optimizer step, move each head's selection threshold (its router's
+    # output bias, which the optimiser then leaves alone) `threshold_step` of the way to the logit at which the
+    # step's batch kept `buffer_size` tokens per row: the count follows N at once, whatever the scale of the logits
+    # and without the optimiser's momentum, as a loss term cannot. Sigmoid routing only.
+    threshold_step: float = _field(0.0, _real(ge=0, lt=1.000001))
 
     def __post_init__(self) -> None:
         if self.l1_lambda_min > self.l1_lambda_max:

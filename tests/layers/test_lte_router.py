@@ -125,6 +125,23 @@ def test_value_gain_equals_the_explicit_gain_exactly() -> None:
     assert torch.equal(grads[1], (g * v).sum(-1))
 
 
+def test_centred_value_gain_removes_the_mean_over_real_positions() -> None:
+    v = torch.randn(2, 7, 3, 4, dtype=torch.float64, requires_grad=True)
+    score = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 7, 3, 4, dtype=torch.float64)
+    pad_mask = _left_pad_mask([7, 4], 7)
+    (gv, gs) = torch.autograd.grad(value_gain(v, score, centered=True, pad_mask=pad_mask), [v, score], g)
+    assert torch.equal(gv, g)
+    plain = (g * v).sum(-1).detach()
+    for b, n in enumerate([7, 4]):
+        real = plain[b, 7 - n :]
+        torch.testing.assert_close(gs[b, 7 - n :], real - real.mean(0))
+        assert (gs[b, : 7 - n] == 0).all()  # pads get nothing
+    (gs_all,) = torch.autograd.grad(value_gain(v, score, centered=True), [score], g)
+    torch.testing.assert_close(gs_all, plain - plain.mean(1, keepdim=True))
+    assert gs_all.sum(1).abs().max() < 1e-12  # no push on the level of every score of a row and head
+
+
 def test_value_gain_reaches_the_router_parameters() -> None:
     router = _router(2, 4)
     k, v = torch.randn(1, 6, 2, 4), torch.randn(1, 6, 2, 4, requires_grad=True)

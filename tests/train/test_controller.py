@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from hlsa.config import LTE_DEFAULTS
+from hlsa.errors import UsageError
 from hlsa.train.controller import (
     SparsityController,
     SparsitySettings,
@@ -19,7 +19,7 @@ from hlsa.train.controller import (
     l1_penalty,
     next_lambda,
     stats_drop,
-    threshold_shift,
+    threshold_logits,
 )
 
 N = 512
@@ -302,12 +302,16 @@ def test_unsigned_controller_never_goes_negative() -> None:
     torch.testing.assert_close(lam, torch.tensor([0.5e-3, 0.0]))
 
 
-def test_threshold_shift_is_clipped_log_ratio_control() -> None:
-    s = settings(buffer_size=63, threshold_step=0.01)
-    kept = torch.tensor([[63.0, 127.0, 31.0, 4000.0, 0.0]])
-    shift = threshold_shift(kept, s)
-    expect = -0.01 * torch.tensor([[0.0, math.log(2.0), -math.log(2.0), 1.0, -1.0]])  # clipped to one step
-    torch.testing.assert_close(shift, expect)
+def test_threshold_logits_put_n_tokens_per_row_above_zero() -> None:
+    torch.manual_seed(0)
+    b, t, h, drop, n = 3, 40, 2, 4, 5
+    logits = torch.randn(b, t, h) * torch.tensor([1.0, 7.0])  # two scales: the answer is a logit, not a step
+    score = torch.sigmoid(logits) - 0.5
+    at = threshold_logits(routing([score, score[:, :, [1, 0]]]), drop, n)
+    assert at.shape == (2, h)
+    for layer, perm in enumerate(([0, 1], [1, 0])):
+        shifted = logits[:, : t - drop, perm] - at[layer]
+        assert ((shifted > 0).sum(dim=(0, 1)) == b * n).all()  # the batch keeps N per row on average
 
 
 def test_threshold_shift_moves_the_router_biases_in_layer_order() -> None:
@@ -315,12 +319,14 @@ def test_threshold_shift_moves_the_router_biases_in_layer_order() -> None:
     from hlsa.model import HybridForCausalLM
 
     config = json.loads((REPO / "configs" / "tiny" / "gdn_lte.json").read_text())
-    config["lte"].update(buffer_size=6, threshold_step=0.1)
+    config["lte"].update(buffer_size=6, threshold_step=0.5)
     lm = HybridForCausalLM(HybridConfig(**config))
     ctl = SparsityController.for_model(lm, seq_len=48)
     routers = [m.attn.router.conv_stack.proj.bias for m in lm.model.layers if m.kind == "lte"]
     before = [b.detach().clone() for b in routers]
-    kept = torch.tensor([[6.0, 100.0], [0.0, 6.0]])  # layer 1: on target, too many; layer 3: none, on target
-    ctl.shift_thresholds(kept)
+    ctl.shift_thresholds(torch.tensor([[0.0, -0.1], [0.1, 0.0]]))
     torch.testing.assert_close(routers[0] - before[0], torch.tensor([0.0, -0.1]))
     torch.testing.assert_close(routers[1] - before[1], torch.tensor([0.1, 0.0]))
+    config["lte"]["routing_method"] = "relu"
+    with pytest.raises(UsageError, match="sigmoid"):
+        SparsityController.for_model(HybridForCausalLM(HybridConfig(**config)), seq_len=48)

@@ -68,6 +68,7 @@ class LTEAttention(ProjectedAttention):
         routing_shared: str = "head",
         router_bias_init: float = 0.5,
         train_selection: str = "positive",
+        router_grad_centered: bool = False,
         qkv_bias: bool = False,
         rope_theta: float = 10000.0,
         backend: str = "auto",
@@ -80,6 +81,7 @@ class LTEAttention(ProjectedAttention):
         if train_selection not in ("positive", "buffer"):
             raise ValueError(f"train_selection must be 'positive' or 'buffer'; got {train_selection!r}")
         self.train_selection = train_selection
+        self.router_grad_centered = router_grad_centered
         # Warm-up (docs/design.md, "The L1 sparsity controller"): with routing disabled, training attends to every
         # earlier token (full causal).
         self.routing_enabled = True
@@ -128,7 +130,8 @@ class LTEAttention(ProjectedAttention):
         score = self.router(k, v, pad_mask=pad_mask)  # [B, T, HKV], pre-RoPE keys (docs/design.md, "The LTE router")
         selected = select(score, pad_mask, self.sink_size)
         if torch.is_grad_enabled():
-            v = value_gain(v, score)  # forward: v unchanged; backward: d score = sum_d(dv * v)
+            # forward: v unchanged; backward: d score = sum_d(dv * v), less its mean over positions if centred
+            v = value_gain(v, score, centered=self.router_grad_centered, pad_mask=pad_mask)
         k_prerope = k
         q, k = self.rotary(q, k, torch.arange(t, device=x.device))
         if not self.training:  # the eviction policy's rule, which fills the cache of a prefill

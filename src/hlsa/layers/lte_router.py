@@ -378,23 +378,36 @@ class _ValueGain(torch.autograd.Function):
     """Straight-through gradient of a per-token value gain `v * alpha` at `alpha = 1` (docs/design.md)."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, v: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(v)
+    def forward(  # noqa: ANN205
+        ctx: torch.autograd.function.FunctionCtx, v: torch.Tensor, score: torch.Tensor, weights: torch.Tensor | None
+    ):
+        ctx.save_for_backward(v, weights)
         ctx.score_dtype = score.dtype
         return v.view_as(v)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        (v,) = ctx.saved_tensors
-        return grad, (grad * v).sum(dim=-1).to(ctx.score_dtype)
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor):  # noqa: ANN205
+        v, weights = ctx.saved_tensors
+        g = (grad * v).sum(dim=-1)
+        if weights is not None:  # centred: less the mean over each row's real positions, per head
+            mean = (g * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp(min=1)
+            g = (g - mean) * weights
+        return grad, g.to(ctx.score_dtype), None
 
 
-def value_gain(v: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+def value_gain(
+    v: torch.Tensor, score: torch.Tensor, *, centered: bool = False, pad_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """`v [B, T, HKV, D]` (per KV head, before GQA expansion) unchanged; `score [B, T, HKV]` gets its gradient.
 
     Backward: `grad_v = g`, `grad_score = sum_d g * v`, the gradients of `v * (1 + score - score.detach())[..., None]`
-    without the multiply. This is how the router learns from the attention loss.
+    without the multiply. This is how the router learns from the attention loss. `centered` subtracts, per row and
+    head, the mean of `grad_score` over the row's real positions (`pad_mask`, None: all) and leaves pads at 0.
     """
     if score.shape != v.shape[:-1]:
         raise ValueError(f"score must have shape v.shape[:-1] = {list(v.shape[:-1])}; got {list(score.shape)}")
-    return _ValueGain.apply(v, score)
+    weights = None
+    if centered:
+        real = torch.ones(score.shape[:2], dtype=torch.bool, device=v.device) if pad_mask is None else pad_mask
+        weights = real[:, :, None].to(v.dtype).expand(score.shape)
+    return _ValueGain.apply(v, score, weights)

@@ -12,8 +12,8 @@ Per optimizer step `s` (1-based, as in the authors' trainer):
    x`l1_alpha` when the kept count is at or above `tol_hi * N`, x`1 / l1_alpha_neg` at or below `tol_lo * N`,
    unchanged inside the band; the first update sets `lambda = l1_lambda_init` where the count is too large.
    With `l1_lambda_signed` lambda is signed: a negative lambda pulls every score up (see `next_lambda`).
-4. with `threshold_step > 0`, `end_step(s)` also shifts each head's threshold towards its target at once
-   (`shift_thresholds`).
+4. with `threshold_step > 0`, `observe` also finds the logit at which each head would keep `N` tokens per row
+   (`threshold_logits`) and `end_step(s)` moves the router's output bias `threshold_step` of the way there.
 
 The state (`l1_lambda`, `num_kept`) lives in the model's buffers (`model.model.l1_lambda/num_kept`), so it is
 saved with the weights; the per-step accumulator is empty between steps, where checkpoints are taken.
@@ -158,13 +158,19 @@ def _next_signed_lambda(lam: Tensor, *, push: Tensor, pull: Tensor, s: SparsityS
     return torch.clamp(new, min=-s.lambda_max, max=s.lambda_max)
 
 
-def threshold_shift(kept: Tensor, s: SparsitySettings) -> Tensor:
-    """The logit shift that moves each head's kept count towards `N`: `-step * clip(log((K + 1) / (N + 1)), -1, 1)`.
+def threshold_logits(routing: Sequence[Any], drop: int, buffer_size: int) -> Tensor:
+    """Per (layer, head), the logit at which this micro-batch would keep `buffer_size` tokens per row: `[Nl, Hkv]`.
 
-    Integral control in log-count space: the shift is proportional to how many times too many (or too few)
-    tokens are kept, clipped so that one step moves a threshold by at most `threshold_step`."""
-    n = float(s.buffer_size)
-    return -s.threshold_step * torch.log((kept + 1.0) / (n + 1.0)).clamp(-1.0, 1.0)
+    The midpoint between the `k`-th and `(k + 1)`-th largest of the batch's `B * L'` scores, `k = B * N`, mapped
+    back from the sigmoid score (`sigmoid(x) - 0.5`) to the logit; subtracting it from the router's bias puts `k`
+    scores above 0. The batch's rows share it, so their counts average `N` while each row keeps its own number.
+    """
+    s = _scores(routing, drop).detach().float()  # [B, L', Nl, Hkv]
+    b, lp, nl, h = s.shape
+    k = min(b * buffer_size, b * lp - 1)
+    top = s.permute(2, 3, 0, 1).reshape(nl, h, b * lp).topk(k + 1, dim=-1).values
+    mid = (top[..., k - 1] + top[..., k]) / 2
+    return torch.logit(mid + 0.5, eps=1e-6)
 
 
 def _reduce_kept(kept: Tensor, shared: str) -> Tensor:
@@ -194,6 +200,7 @@ class SparsityController:
         self.s = settings
         self.seq_len = seq_len
         self._kept_sum: Tensor | None = None
+        self._threshold_sum: Tensor | None = None
         self._observed = 0
         self.last_l1 = 0.0
         self._biases = self._router_biases() if settings.threshold_step > 0 else []
@@ -202,7 +209,11 @@ class SparsityController:
         """The routers' output biases in layer order (the order of the routing output)."""
         from torch.distributed.tensor import DTensor
 
-        biases = [m.conv_stack.proj.bias for m in self.model.modules() if isinstance(m, LTERouter)]
+        routers = [m for m in self.model.modules() if isinstance(m, LTERouter)]
+        if any(r.routing_method != "sigmoid" for r in routers):
+            raise UsageError("lte.threshold_step needs lte.routing_method = 'sigmoid' (a relu score hides how far "
+                             "below the threshold a token lies)")  # fmt: skip
+        biases = [r.conv_stack.proj.bias for r in routers]
         if any(isinstance(b, DTensor) for b in biases):
             raise UsageError("lte.threshold_step edits the routers' biases in place, which needs unsharded "
                              "parameters: use train.parallel = 'ddp' (or one device), not 'fsdp2'")  # fmt: skip
@@ -232,7 +243,7 @@ class SparsityController:
             raise ValueError("lte.l1_warmup_steps > 0 needs HybridForCausalLM.set_routing_enabled(bool)")
         if warm:
             self.core.num_kept.fill_(float(self.seq_len))
-        self._kept_sum, self._observed = None, 0
+        self._kept_sum, self._threshold_sum, self._observed = None, None, 0
 
     def loss(self, routing: Sequence[Any] | None, step: int) -> Tensor | None:
         """The L1 term for one micro-batch (None during warm-up or without routing output)."""
@@ -247,6 +258,9 @@ class SparsityController:
             return
         kept = kept_counts(routing, self.s.drop).to(self.core.num_kept.device)
         self._kept_sum = kept if self._kept_sum is None else self._kept_sum + kept
+        if self._biases:
+            at = threshold_logits(routing, self.s.drop, self.s.buffer_size).to(self.core.num_kept.device)
+            self._threshold_sum = at if self._threshold_sum is None else self._threshold_sum + at
         self._observed += 1
 
     def drop_frozen_grads(self, step: int) -> None:
@@ -275,9 +289,9 @@ class SparsityController:
             kept = self._kept_sum / self._observed
             a = s.ema_alpha
             core.num_kept.mul_(1 - a).add_(a * kept)
-            if s.threshold_step > 0 and not self.frozen(step):
-                self.shift_thresholds(_all_reduce_mean(kept.clone()))
-        self._kept_sum, self._observed = None, 0
+            if self._threshold_sum is not None and not self.frozen(step):
+                self.shift_thresholds(-s.threshold_step * _all_reduce_mean(self._threshold_sum / self._observed))
+        self._kept_sum, self._threshold_sum, self._observed = None, None, 0
         if step <= s.initial_steps or step % s.update_steps != 0:
             return
         core.num_kept.copy_(_all_reduce_mean(core.num_kept.clone()))
@@ -285,11 +299,10 @@ class SparsityController:
         kept = _reduce_kept(core.num_kept, s.shared)
         core.l1_lambda.copy_(next_lambda(core.l1_lambda, kept, s, first=first))
 
-    def shift_thresholds(self, kept: Tensor) -> None:
-        """Add `threshold_shift(kept)` (`[Nl, Hkv]`) to the output bias of each LTE layer's router, in layer
-        order (the order of `kept`); a router shared by a layer's heads moves by the mean over its heads. Every
-        data-parallel rank applies the same shift (the counts are averaged first), so replicas stay equal."""
-        shift = threshold_shift(kept, self.s)
+    def shift_thresholds(self, shift: Tensor) -> None:
+        """Add `shift` (`[Nl, Hkv]` logits) to the output bias of each LTE layer's router, in layer order; a router
+        shared by a layer's heads moves by the mean over its heads. Every data-parallel rank applies the same
+        shift (averaged over ranks first), so replicas stay equal."""
         with torch.no_grad():
             for bias, layer_shift in zip(self._biases, shift, strict=True):
                 bias.add_(layer_shift.to(bias) if bias.numel() == layer_shift.numel() else layer_shift.mean().to(bias))
