@@ -7,6 +7,7 @@ import contextlib
 import functools
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch._dynamo
@@ -36,6 +37,20 @@ def compile_options(plan: Plan, cache: HybridCache) -> contextlib.AbstractContex
     return stack
 
 
+@dataclass(frozen=True)
+class GraphStep:
+    """A decode step replayed from a CUDA graph, holding the token and the cache that the graph reads and writes: a
+    graph records their addresses, not references, so once freed their memory would go to later allocations and every
+    replay would read those (token ids out of the vocabulary: a device-side assert in the embedding)."""
+
+    graph: torch.cuda.CUDAGraph
+    token: torch.Tensor
+    cache: HybridCache
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
 def prepare_step(
     model: HybridForCausalLM,
     cache: HybridCache,
@@ -58,7 +73,8 @@ def prepare_step(
 
     Capturing runs the Python code (which increments the host-side `seen` counters) but no kernels, and a replay
     moves the device `position` tensors but no Python counter: the counters are restored after the capture, and a
-    caller that replays `n` times sets them to `seen + n` (`set_seen`) to keep the cache consistent.
+    caller that replays `n` times sets them to `seen + n` (`set_seen`) to keep the cache consistent. A replayed step
+    holds `token` and `cache` (`GraphStep`), so a caller may keep only the step.
     """
     if compiled and fresh_compile:
         torch._dynamo.reset()
@@ -75,7 +91,7 @@ def prepare_step(
                     forward(model, token, cache)
             finally:
                 set_seen(cache, before)
-            step = cuda_graph.replay
+            step = GraphStep(cuda_graph, token, cache)
             step()  # the first replay uploads the graph: keep it out of any timing
             before += 1
     return step, before

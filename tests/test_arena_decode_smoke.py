@@ -4,10 +4,13 @@ each eviction policy against the cache a real prefill leaves under that policy."
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import gc
 import json
 import subprocess
 import sys
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -101,6 +104,36 @@ def test_step_bytes_leave_out_the_empty_buffer_under_window() -> None:
     ltes = [block.attn for block in model.model.layers if block.kind == "lte"]
     empty = sum((a.buffer_size - a.sink_size) * a.num_kv_heads * 2 * a.head_dim * 4 for a in ltes)  # fp32
     assert per_policy["learned"] - per_policy["window"] == empty > 0
+
+
+def test_graph_step_holds_what_its_replays_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA graph records the addresses of the token and the cache it reads, not references to them: the step that
+    `prepare_step` returns must hold them. arena_decode.py keeps only the steps while it prepares every policy, then
+    replays them; a token freed with its `prepare_policy` call has its memory reused by later allocations, and the
+    replays embed whatever lies there (on the GPU, a device-side assert in the embedding's index_select). Checked on
+    the CPU with a stand-in for the CUDA graph API that counts replays."""
+
+    class Graph:
+        replays = 0
+
+        def replay(self) -> None:
+            Graph.replays += 1
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    plan = e2e_models.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
+    model = e2e_models.build_model("gdn_lte", plan)
+    with torch.no_grad():
+        cache = e2e_models.synthetic_cache(model, 1, 64)
+        token = torch.zeros(1, 1, dtype=torch.long)
+        step, _ = e2e_timing.prepare_step(model, cache, token, plan, graph=True, compiled=False)
+    inputs = [weakref.ref(token), weakref.ref(cache)]
+    del token, cache
+    gc.collect()
+    assert all(ref() is not None for ref in inputs)
+    step()
+    assert Graph.replays == 2  # the replay that uploads the graph, then this one
 
 
 @pytest.mark.parametrize(("text", "message"), [("oracle", "is not timed"), ("lru", "unknown 'lru'")])
