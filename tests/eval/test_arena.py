@@ -44,6 +44,13 @@ def test_arena_policies_are_the_eviction_policies() -> None:
     assert arena.ARENA_POLICIES == POLICIES
 
 
+def test_checkpoint_names_tell_apart_folders_of_the_same_name(tmp_path: Path) -> None:
+    paths = [str(tmp_path / "runs" / "a" / "model"), str(tmp_path / "runs" / "b" / "model"), str(tmp_path / "lte")]
+    assert list(arena.checkpoint_names(paths).values()) == ["a/model", "b/model", "lte"]
+    same = str(tmp_path / "x" / "model")
+    assert arena.checkpoint_names([same, same]) == {same: "model"}  # one checkpoint named twice is one checkpoint
+
+
 def test_settings_put_the_window_policy_at_budget_zero_only() -> None:
     assert arena.settings(["learned", "window"], [0, 8]) == [
         ("window", 0),

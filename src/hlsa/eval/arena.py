@@ -123,6 +123,20 @@ def _full_attention(config: Any) -> bool:
     return "attn" in config.mixers
 
 
+def checkpoint_names(paths: list[str]) -> dict[str, str]:
+    """A label per checkpoint for tables and plots: its folder's name, with as many parent folders as it takes to
+    tell apart checkpoints whose folders share a name (`runs/a/model`, `runs/b/model` -> `a/model`, `b/model`)."""
+    parts = {p: Path(p).resolve().parts for p in dict.fromkeys(paths)}
+    depth = dict.fromkeys(parts, 1)
+    while True:
+        names = {p: "/".join(parts[p][-depth[p] :]) for p in parts}
+        clashing = [p for p in parts if list(names.values()).count(names[p]) > 1 and depth[p] < len(parts[p])]
+        if not clashing:
+            return names
+        for p in clashing:
+            depth[p] += 1
+
+
 def prepare(checkpoints: list[str], tasks: list[ArenaTask]) -> tuple[dict[tuple[str, str], Any], list[dict]]:
     """Each task's inputs per checkpoint it fits, and a record per (task, checkpoint) it does not. A task that
     fits none of the checkpoints is an error; a skipped one is printed as a note."""
@@ -169,10 +183,11 @@ def run(
             if not config.lte_layers:
                 jobs.append((task, path, "reference", None))
     results: dict[str, list[dict[str, Any]]] = {task.name: [] for task in tasks}
+    names = checkpoint_names(checkpoints)
     measured: dict[tuple[str, int | None, int], int] = {}  # cache bytes by (checkpoint, buffer size, length)
     for task, path, policy, budget in tqdm(jobs, desc="arena", file=sys.stderr):
         model = models[path]
-        row: dict[str, Any] = {"checkpoint": path, "name": Path(path).name, "policy": policy, "budget": budget}
+        row: dict[str, Any] = {"checkpoint": path, "name": names[path], "policy": policy, "budget": budget}
         lte = bool(model.config.lte_layers)
         if policy == "reference" and _full_attention(model.config):
             model.set_eviction(None)  # as trained: every token in the cache

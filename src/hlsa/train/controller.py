@@ -7,7 +7,7 @@ Per optimizer step `s` (1-based, as in the authors' trainer):
    router parameters frozen while `s <= routing_freeze_steps`.
 2. per micro-batch, `loss(routing)` adds `mean(lambda * relu(score))` over `B * L' * Nl * Hkv` entries and
    `observe(routing)` records the kept fraction `mean_L'(score > 0)` of each (layer, head).
-3. `end_step(s)`: `num_kept <- (1 - a) num_kept + a * kept` with `a = 2 / (1 + U // 2)`, then, when
+3. `end_step(s)`: `num_kept <- (1 - a) num_kept + a * kept` with `a = min(1, 2 / (1 + U // 2))`, then, when
    `s > l1_lambda_initial_steps` and `s % U == 0`, average `num_kept` over data-parallel ranks and move lambda:
    x`l1_alpha` when the kept count is at or above `tol_hi * N`, x`1 / l1_alpha_neg` at or below `tol_lo * N`,
    unchanged inside the band; the first update sets `lambda = l1_lambda_init` where the count is too large.
