@@ -57,9 +57,11 @@ def _int(lo: int, *, null: bool = False) -> Check:
     return check
 
 
-def _real(*, gt: float | None = None, ge: float | None = None, lt: float | None = None) -> Check:
+def _real(
+    *, gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None
+) -> Check:
     """A finite number within the given bounds (NaN and infinities refused: they give NaN models, not errors)."""
-    bounds = [f"{op} {b}" for op, b in ((">", gt), (">=", ge), ("<", lt)) if b is not None]
+    bounds = [f"{op} {b}" for op, b in ((">", gt), (">=", ge), ("<", lt), ("<=", le)) if b is not None]
 
     def check(name: str, value: Any) -> None:
         if (
@@ -67,6 +69,7 @@ def _real(*, gt: float | None = None, ge: float | None = None, lt: float | None 
             and (gt is None or value > gt)
             and (ge is None or value >= ge)
             and (lt is None or value < lt)
+            and (le is None or value <= le)
         ):
             return
         raise ValueError(
@@ -210,7 +213,7 @@ class LTEControllerConfig:
     # output bias, which the optimiser then leaves alone) `threshold_step` of the way to the logit at which the
     # step's batch kept `buffer_size` tokens per row: the count follows N at once, whatever the scale of the logits
     # and without the optimiser's momentum, as a loss term cannot. Sigmoid routing only.
-    threshold_step: float = _field(0.0, _real(ge=0, lt=1.000001))
+    threshold_step: float = _field(0.0, _real(ge=0, le=1))
 
     def __post_init__(self) -> None:
         if self.l1_lambda_min > self.l1_lambda_max:
