@@ -389,7 +389,8 @@ class _ValueGain(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor):  # noqa: ANN205
         v, weights = ctx.saved_tensors
         g = (grad * v).sum(dim=-1)
-        if weights is not None:  # centred: less the mean over each row's real positions, per head
+        if weights is not None:  # centred: less the mean over each row's real positions, per head (in fp32)
+            g = g.to(router_dtype(g.dtype))
             mean = (g * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp(min=1)
             g = (g - mean) * weights
         return grad, g.to(ctx.score_dtype), None
@@ -409,5 +410,5 @@ def value_gain(
     weights = None
     if centered:
         real = torch.ones(score.shape[:2], dtype=torch.bool, device=v.device) if pad_mask is None else pad_mask
-        weights = real[:, :, None].to(v.dtype).expand(score.shape)
+        weights = real[:, :, None].float().expand(score.shape)
     return _ValueGain.apply(v, score, weights)
