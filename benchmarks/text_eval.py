@@ -157,7 +157,8 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", required=True, help="folder of <arch>-s<seed>/model (or /export) folders")
+    p.add_argument("--runs", required=True, nargs="+", help="folders of <arch>-s<seed>/model (or /export) folders, "
+                   "each with the summary.json of its pack when there is one (a later folder's run of the same name wins)")
     p.add_argument("--corpus", default="runs/corpus", help="the corpus folder (its validation.jsonl is used)")
     p.add_argument("--where", required=True, help="where the runs were trained, e.g. h100 or cpu (names the file)")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/text-<where>.json)")
@@ -170,16 +171,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depths", default="10,50,90", help="needle depths in percent")
     p.add_argument("--batch-size", type=int, default=1, help="prompts decoded at once")
     args = p.parse_args(argv)
-    runs = find_runs(Path(args.runs))
+    runs: dict[str, Path] = {}
+    trained: dict[str, dict[str, Any]] = {}  # where and how long each run trained, from its pack's summary
+    for folder in map(Path, args.runs):
+        found = find_runs(folder)
+        runs.update(found)
+        for k in found:  # a later folder's run replaces an earlier one's record as well
+            trained.pop(k, None)
+        summary_path = folder / "summary.json"
+        if summary_path.is_file():
+            s = json.loads(summary_path.read_text())
+            trained.update({k: {**{f: v.get(f) for f in ("steps", "last_ce", "exit_status", "wall_s", "weights")},
+                                "device": s["machine"].get("gpu") or "cpu", "commit": s["machine"].get("commit")}
+                            for k, v in s["runs"].items() if k in found})  # fmt: skip
     if args.only:
         runs = {k: v for k, v in runs.items() if k in args.only.split(",")}
-    trained = {}  # where and how long each run trained, from the pack's summary when there is one
-    summary_path = Path(args.runs) / "summary.json"
-    if summary_path.is_file():
-        s = json.loads(summary_path.read_text())
-        trained = {k: {**{f: v.get(f) for f in ("steps", "last_ce", "exit_status", "wall_s", "weights")},
-                       "device": s["machine"].get("gpu") or "cpu", "commit": s["machine"].get("commit")}
-                   for k, v in s["runs"].items()}  # fmt: skip
     out = Path(args.out or ROOT / f"benchmarks/results/text-{args.where}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     lengths = tuple(int(x) for x in args.lengths.split(","))
