@@ -157,8 +157,13 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", required=True, nargs="+", help="folders of <arch>-s<seed>/model (or /export) folders, "
-                   "each with the summary.json of its pack when there is one (a later folder's run of the same name wins)")
+    p.add_argument(
+        "--runs",
+        required=True,
+        nargs="+",
+        help="folders of <arch>-s<seed>/model (or /export) "
+        "folders, each with its pack's summary.json when it has one (a later folder's run of a name wins)",
+    )
     p.add_argument("--corpus", default="runs/corpus", help="the corpus folder (its validation.jsonl is used)")
     p.add_argument("--where", required=True, help="where the runs were trained, e.g. h100 or cpu (names the file)")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/text-<where>.json)")
