@@ -23,6 +23,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,25 @@ def find_runs(root: Path) -> dict[str, Path]:
     if not runs:
         raise SystemExit(f"{root}: no <arch>-s<seed>/model folders or run folders with a checkpoint")
     return runs
+
+
+def collect_runs(folders: Iterable[Path]) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+    """The runs of several folders (`find_runs`; a later folder's run of a name replaces an earlier one's) and where
+    each trained: the `summary.json` of the folder's pack, when it has one, gives steps, loss, time, GPU and commit."""
+    runs: dict[str, Path] = {}
+    trained: dict[str, dict[str, Any]] = {}
+    for folder in folders:
+        found = find_runs(folder)
+        runs.update(found)
+        for name in found:
+            trained.pop(name, None)
+        summary_path = folder / "summary.json"
+        if summary_path.is_file():
+            s = json.loads(summary_path.read_text())
+            trained.update({k: {**{f: v.get(f) for f in ("steps", "last_ce", "exit_status", "wall_s", "weights")},
+                                "device": s["machine"].get("gpu") or "cpu", "commit": s["machine"].get("commit")}
+                            for k, v in s["runs"].items() if k in found})  # fmt: skip
+    return runs, trained
 
 
 def evaluate_run(
@@ -176,19 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depths", default="10,50,90", help="needle depths in percent")
     p.add_argument("--batch-size", type=int, default=1, help="prompts decoded at once")
     args = p.parse_args(argv)
-    runs: dict[str, Path] = {}
-    trained: dict[str, dict[str, Any]] = {}  # where and how long each run trained, from its pack's summary
-    for folder in map(Path, args.runs):
-        found = find_runs(folder)
-        runs.update(found)
-        for k in found:  # a later folder's run replaces an earlier one's record as well
-            trained.pop(k, None)
-        summary_path = folder / "summary.json"
-        if summary_path.is_file():
-            s = json.loads(summary_path.read_text())
-            trained.update({k: {**{f: v.get(f) for f in ("steps", "last_ce", "exit_status", "wall_s", "weights")},
-                                "device": s["machine"].get("gpu") or "cpu", "commit": s["machine"].get("commit")}
-                            for k, v in s["runs"].items() if k in found})  # fmt: skip
+    runs, trained = collect_runs(map(Path, args.runs))
     if args.only:
         runs = {k: v for k, v in runs.items() if k in args.only.split(",")}
     out = Path(args.out or ROOT / f"benchmarks/results/text-{args.where}.json")

@@ -51,3 +51,30 @@ def test_tiny_runs_evaluate_end_to_end(tmp_path):
     assert (tmp_path / "text-test-inspect-gdn_lte-s0.png").is_file()
     assert not (tmp_path / "text-test-inspect-gdn_swa-s0.png").exists()
     assert len(run["kept_at_end"]) == 2 and "kept_at_end" not in result["runs"]["gdn_swa-s0"]
+
+
+def test_runs_of_several_folders_keep_where_each_trained(tmp_path):
+    """`--runs A B`: each folder's pack summary describes its own runs only, and B's run of a name replaces A's."""
+
+    def folder(name, runs, gpu):
+        for run in runs:
+            (tmp_path / name / run / "model").mkdir(parents=True)
+            (tmp_path / name / run / "model" / "config.json").write_text("{}")
+        summary = {"machine": {"gpu": gpu, "commit": name}, "runs": {r: {"steps": 800, "last_ce": 4.7} for r in runs}}
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+        return tmp_path / name
+
+    a = folder("a", ["gdn-s0", "gdn_lte-s0"], "GPU A")
+    b = folder("b", ["gdn_lte-s0"], "GPU B")
+    (tmp_path / "c" / "gdn_swa-s0" / "model").mkdir(parents=True)  # no summary: trained somewhere unrecorded
+    (tmp_path / "c" / "gdn_swa-s0" / "model" / "config.json").write_text("{}")
+    runs, trained = text_eval.collect_runs([a, b, tmp_path / "c"])
+    assert runs == {"gdn-s0": a / "gdn-s0" / "model", "gdn_lte-s0": b / "gdn_lte-s0" / "model",
+                    "gdn_swa-s0": tmp_path / "c" / "gdn_swa-s0" / "model"}  # fmt: skip
+    assert trained["gdn-s0"]["device"] == "GPU A" and trained["gdn_lte-s0"]["device"] == "GPU B"
+    assert trained["gdn_lte-s0"]["commit"] == "b" and trained["gdn_lte-s0"]["steps"] == 800
+    assert "gdn_swa-s0" not in trained
+    # A later folder without a summary drops the earlier record of the run it replaces.
+    (tmp_path / "d" / "gdn-s0" / "model").mkdir(parents=True)
+    (tmp_path / "d" / "gdn-s0" / "model" / "config.json").write_text("{}")
+    assert "gdn-s0" not in text_eval.collect_runs([a, tmp_path / "d"])[1]
