@@ -3,9 +3,10 @@
 `model.set_eviction(policy)` changes which older tokens an LTE layer's buffer keeps (`hlsa.layers.eviction`); the
 cache layout and the kernels stay the same. What a decode step computes besides differs: every policy runs the
 router's step (its score is only used under `learned`), `random` hashes the position, `key_norm` takes the norm
-of the new key, `window` and `snapkv` score the new token 0, and `h2o` / `tova` also take the softmax weights of the
-step's own attention (the Triton kernel writes the logits and log-sum-exp, a torch pass over `[B, HQ, S]` floats
-normalises them) and rewrite every slot's score.
+of the new key, `delta_write` takes one delta-rule step of its memory (`D x D` floats per kv head, read and written),
+`window` and `snapkv` score the new token 0, and `h2o` / `tova` also take the softmax weights of the step's own
+attention (the Triton kernel writes the logits and log-sum-exp, a torch pass over `[B, HQ, S]` floats normalises
+them) and rewrite every slot's score.
 
 * Model: `configs/gdn_lte_0.4B.json` with random weights (a step's work, hence its time, does not depend on the
   values), bf16, the projections on hlsa's decode GEMM (`e2e_models.build_model`); every policy gets the same buffer

@@ -186,7 +186,8 @@ def step_bytes_per_seq(model: HybridForCausalLM, cache: HybridCache, context: in
     GDN: its whole state is read and rewritten (x2). SWA/LTE: the whole fixed-size state is read (ring/buffer slots,
     scores, validity), except LTE's router ring, of which a step reads each conv's older taps and writes each conv's
     fresh input (`hlsa.ops.router_step`; the ring holds 2m+1 positions of every conv's input), and the K and V of the
-    buffer slots its eviction policy leaves empty (`retained_slots`), which decode attention does not fetch. Full
+    buffer slots its eviction policy leaves empty (`retained_slots`), which decode attention does not fetch, and
+    the memory of `delta_write`, read and rewritten (x2). Full
     attention: K, V and validity of the `context` valid slots. NSA: K and V of the compressed blocks, the selected
     blocks and the window. Scalar counters (positions) are shared by the batch, not per sequence, and are left out.
     """
@@ -208,6 +209,8 @@ def step_bytes_per_seq(model: HybridForCausalLM, cache: HybridCache, context: in
             moved = step_ring_bytes(layers, mixer.num_kv_heads, state.router_x.element_size())
             empty = (mixer.buffer_size - retained_slots(mixer)) * mixer.num_kv_heads * 2 * mixer.head_dim
             total += (batched_bytes(state) - ring) // batch + moved - empty * state.k.element_size()
+            if state.memory is not None:  # delta_write's memory: read (counted above) and rewritten
+                total += state.memory.nbytes // batch
         elif kind == "attn":
             total += context * mixer.num_kv_heads * (2 * mixer.head_dim * state.k.element_size() + 1)
         else:

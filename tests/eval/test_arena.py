@@ -102,9 +102,13 @@ def test_arena_runs_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureF
     full_rows = {(r["policy"], r["budget"]): r for r in doc["results"]["recall"] if r["name"] == "transformer"}
     sinks = configs["gdn_lte"]["lte"]["sink_size"]
     assert rows["learned", 8]["buffer_size"] == sinks + 8 and rows["learned", None]["buffer_size"] == 64
-    # Bytes grow with the buffer and do not depend on the policy.
+    # Bytes grow with the buffer and do not depend on the policy, except for the memory a stateful one keeps:
+    # delta_write's D x D float32 per kv head of each LTE layer.
     assert rows["window", 0]["cache_bytes"] < rows["random", 4]["cache_bytes"] < rows["random", 8]["cache_bytes"]
     assert rows["oracle", 8]["cache_bytes"] == rows["key_norm", 8]["cache_bytes"]
+    cfg = HybridConfig(**configs["gdn_lte"])
+    memory = len(cfg.lte_layers) * cfg.lte["num_kv_heads"] * cfg.lte["head_dim"] ** 2 * 4
+    assert rows["delta_write", 8]["cache_bytes"] == rows["key_norm", 8]["cache_bytes"] + memory
     # The transformer's constant caches: sinks + window + budget slots, below its full cache at the task's length.
     assert full_rows["h2o", 8]["buffer_size"] == arena.ATTN_SINKS + 8
     assert full_rows["window", 0]["cache_bytes"] < full_rows["tova", 8]["cache_bytes"]

@@ -10,6 +10,8 @@ from hlsa.layers.attention import Attention, KVState
 from hlsa.layers.eviction import (
     Eviction,
     EvictionState,
+    delta_write_scores,
+    delta_write_scores_ref,
     dense_attention,
     random_scores,
     simulate_visible_keys,
@@ -45,7 +47,9 @@ def definition(layer: LTEAttention, x: torch.Tensor, pad: torch.Tensor) -> torch
     (`simulate_visible_keys` for the policies that score from attention weights)."""
     t = x.shape[1]
     q, k, v = layer._project(x)
-    raw = layer.eviction.scores(layer.router(k, v, pad_mask=pad), k, torch.arange(t))
+    raw = layer.eviction.scores(layer.router(k, v, pad_mask=pad), k, torch.arange(t), v=v, pad_mask=pad)
+    if layer.eviction.policy == "delta_write":  # the token-by-token definition, not the kernels
+        raw = delta_write_scores_ref(k, v, pad)
     q_rot, k_rot = layer.rotary(q, k, torch.arange(t))
     sizes = dict(window=WINDOW, buffer_size=layer.buffer_size, sink_size=SINKS)
     if layer.eviction.attention_scored:
@@ -57,7 +61,7 @@ def definition(layer: LTEAttention, x: torch.Tensor, pad: torch.Tensor) -> torch
     return layer.o_proj(dense_attention(q_rot, k_rot, v, visible).flatten(2))
 
 
-@pytest.mark.parametrize("policy", ["learned", "window", "random", "key_norm", "h2o", "tova", "snapkv"])
+@pytest.mark.parametrize("policy", ["learned", "window", "random", "key_norm", "delta_write", "h2o", "tova", "snapkv"])
 @pytest.mark.parametrize("buffer", [SINKS, 4, 12])
 @pytest.mark.parametrize("prompt", [1, 9, 20])
 @pytest.mark.parametrize("heads", [2, 4], ids=["mha", "gqa"])
@@ -88,7 +92,7 @@ def test_policies_keep_different_tokens() -> None:
     x = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(2))
     outs = {}
     with torch.no_grad():
-        for policy in ("learned", "window", "random", "key_norm", "h2o", "tova", "oracle"):
+        for policy in ("learned", "window", "random", "key_norm", "delta_write", "h2o", "tova", "oracle"):
             layer.set_eviction(Eviction(policy), 4)
             outs[policy] = layer(x)[0]
     names = list(outs)
@@ -113,6 +117,33 @@ def test_key_norm_prefers_small_keys() -> None:
     k[0, :, 0, 0] = torch.tensor([3.0, 0.5, 1.0])
     score = Eviction("key_norm").scores(torch.zeros(1, 3, 1), k, torch.arange(3))
     assert score.flatten().argsort(descending=True).tolist() == [1, 2, 0] and (score > 0).all()
+
+
+def test_delta_write_scores_what_the_memory_cannot_predict() -> None:
+    """By hand: a repeated (key, value) pair scores less each time (the memory has learnt it), a new value at the
+    same key scores high again, a pad writes nothing; the kernels continue a memory as the definition does."""
+    k = torch.zeros(1, 6, 1, 4)
+    v = torch.zeros(1, 6, 1, 4)
+    k[0, :, 0, 0] = 2.0  # one direction; its norm does not matter (unit keys)
+    v[0, :, 0, 0] = torch.tensor([1.0, 1, 1, 0, 0, 0])
+    v[0, :, 0, 1] = torch.tensor([0.0, 0, 0, 1, 1, 1])
+    pad = torch.tensor([[True, True, True, True, False, True]])
+    want = delta_write_scores_ref(k, v, pad).flatten()
+    # beta = 1/2: writes of 1/2, 1/4, 1/8 of the same value; then a new value at the key that holds 7/8 of the old
+    assert torch.allclose(want[:3], torch.tensor([0.5, 0.25, 0.125]), atol=1e-6)
+    assert torch.isclose(want[3], 0.5 * torch.tensor(1 + 49 / 64).sqrt())
+    assert torch.isclose(want[4], want[3] / 2) and want[5] == want[4]  # the pad (4) wrote nothing
+    fast = Eviction("delta_write").scores(None, k, torch.arange(6), v=v, pad_mask=pad)
+    torch.testing.assert_close(fast[pad].flatten(), want[pad.flatten()])  # a pad's score is never read (-inf)
+    # Random keys and values, GQA-shaped, a prompt then single tokens into one memory, against the definition.
+    g = torch.Generator().manual_seed(4)
+    k, v = torch.randn(2, 70, 3, 8, generator=g), torch.randn(2, 70, 3, 8, generator=g)
+    pad = torch.ones(2, 70, dtype=torch.bool)
+    pad[1, :5] = False
+    memory = torch.zeros(2, 3, 8, 8)
+    parts = [delta_write_scores(k[:, :65], v[:, :65], pad[:, :65], memory)]  # longer than one chunk of 64
+    parts += [delta_write_scores(k[:, i : i + 1], v[:, i : i + 1], None, memory) for i in range(65, 70)]
+    torch.testing.assert_close(torch.cat(parts, 1)[pad], delta_write_scores_ref(k, v, pad)[pad], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("heads", [2, 4], ids=["mha", "gqa"])
@@ -228,7 +259,7 @@ def test_model_decode_equals_its_full_forward_under_each_policy() -> None:
     ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(5))
     mask = torch.ones(2, 40, dtype=torch.long)
     mask[1, :4] = 0
-    for policy in ("learned", "window", "random", "key_norm", "h2o", "tova", "snapkv"):
+    for policy in ("learned", "window", "random", "key_norm", "delta_write", "h2o", "tova", "snapkv"):
         model.set_eviction(policy, buffer_size=6, seed=2, prompt_len=12)
         with torch.no_grad():
             full = model(ids, attention_mask=mask).logits
@@ -267,7 +298,9 @@ def attention_definition(layer: Attention, x: torch.Tensor, pad: torch.Tensor) -
     """A full-attention layer under a policy, from the brute-force visible set (as `definition`, without a router)."""
     t = x.shape[1]
     q, k, v = layer._project(x)
-    raw = layer.eviction.scores(None, k, torch.arange(t))
+    raw = layer.eviction.scores(None, k, torch.arange(t), v=v, pad_mask=pad)
+    if layer.eviction.policy == "delta_write":
+        raw = delta_write_scores_ref(k, v, pad)
     q, k = layer.rotary(q, k, torch.arange(t))
     sizes = dict(window=WINDOW, buffer_size=layer.buffer_size, sink_size=SINKS)
     if layer.eviction.attention_scored:
@@ -279,7 +312,7 @@ def attention_definition(layer: Attention, x: torch.Tensor, pad: torch.Tensor) -
     return layer.o_proj(dense_attention(q, k, v, visible).flatten(2))
 
 
-@pytest.mark.parametrize("policy", ["window", "random", "key_norm", "h2o", "tova", "snapkv"])
+@pytest.mark.parametrize("policy", ["window", "random", "key_norm", "delta_write", "h2o", "tova", "snapkv"])
 @pytest.mark.parametrize("buffer", [SINKS, 4, 12])
 @pytest.mark.parametrize("prompt", [1, 9, 20])
 @pytest.mark.parametrize("heads", [2, 4], ids=["mha", "gqa"])
@@ -345,7 +378,7 @@ def test_transformer_under_each_policy_decodes_its_full_forward_in_constant_byte
         model.set_eviction("learned")
     with pytest.raises(ValueError, match="need a window"):
         model.set_eviction("h2o", buffer_size=6)
-    for policy in ("window", "random", "key_norm", "h2o", "tova", "snapkv"):
+    for policy in ("window", "random", "key_norm", "delta_write", "h2o", "tova", "snapkv"):
         model.set_eviction(policy, buffer_size=6, seed=2, window=4, sink_size=2, prompt_len=12)
         with torch.no_grad():
             full = model(ids, attention_mask=mask).logits

@@ -9,8 +9,8 @@ LTE layer (a Transformer, GDN+attention) is evaluated as it is (its full cache, 
 but `learned` (it has no router), its full-attention layers then keeping `ATTN_SINKS` sinks + the window W + the
 buffer in LTE's constant cache. A checkpoint without either (GDN+NSA, GDN+SWA, GDN) is evaluated once as it is, as a
 reference. Cache bytes are those of one sequence's decode cache after a prompt of the task's longest sequence
-(`HybridCache.nbytes()`); they depend on the buffer size, not on the policy (the oracle, which keeps every key, is
-placed at the bytes of the cache it is compared with).
+(`HybridCache.nbytes()`); they depend on the buffer size, and on the policy only where it keeps state of its own
+(`delta_write`'s memory); the oracle, which keeps every key, is placed at the bytes of the cache it is compared with.
 
 Tasks (`hlsa.eval.arena_tasks`): `recall` (the demo's MQAR), `passkey` and `needle` (RULER's needle prompts), `ppl`
 (perplexity of a text file's documents); each gives one number per setting. A task runs on the checkpoints whose
@@ -165,6 +165,7 @@ def run(
     from tqdm import tqdm
 
     from hlsa import demo
+    from hlsa.layers.eviction import STATEFUL
     from hlsa.loading import load_model
 
     inputs, skipped = prepare(checkpoints, tasks)
@@ -184,7 +185,8 @@ def run(
                 jobs.append((task, path, "reference", None))
     results: dict[str, list[dict[str, Any]]] = {task.name: [] for task in tasks}
     names = checkpoint_names(checkpoints)
-    measured: dict[tuple[str, int | None, int], int] = {}  # cache bytes by (checkpoint, buffer size, length)
+    # cache bytes by (checkpoint, buffer size, length, the policy's own state if it keeps one)
+    measured: dict[tuple[str, int | None, int, str | None], int] = {}
     for task, path, policy, budget in tqdm(jobs, desc="arena", file=sys.stderr):
         model = models[path]
         row: dict[str, Any] = {"checkpoint": path, "name": names[path], "policy": policy, "budget": budget}
@@ -195,11 +197,13 @@ def run(
             sinks = model.config.lte["sink_size"] if lte else ATTN_SINKS
             row["buffer_size"] = task.length if budget is None else sinks + budget
             sizes = dict(buffer_size=row["buffer_size"], window=window, sink_size=sinks)
-        key = (path, row.get("buffer_size"), task.length)
+        stateful = policy if policy in STATEFUL else None
+        key = (path, row.get("buffer_size"), task.length, stateful)
         if key not in measured:
             if policy != "reference":
-                # Bytes depend on N only, so the oracle, which has no cache of its own, is measured as one that has.
-                model.set_eviction("learned" if lte else "window", **sizes)
+                # Bytes depend on N (and a stateful policy's state) only, so the other policies are measured under
+                # a fast one, and the oracle, which has no cache of its own, as one that has.
+                model.set_eviction(stateful or ("learned" if lte else "window"), **sizes)
             measured[key] = demo.cache_bytes(model, task.length)
         row["cache_bytes"] = measured[key]
         if policy != "reference":
@@ -263,7 +267,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
     names = [name for name, rows in doc["results"].items() if rows]
     rows_all = [r for name in names for r in doc["results"][name]]
-    palette = ("tab:blue", "tab:gray", "tab:green", "tab:orange", "tab:red", "tab:cyan", "tab:olive", "tab:purple")
+    palette = ("tab:blue", "tab:gray", "tab:green", "tab:orange", "magenta", "tab:red", "tab:cyan", "tab:olive",
+               "tab:purple")  # fmt: skip
     colours = dict(zip(ARENA_POLICIES, palette, strict=True))
     others = iter(("tab:brown", "tab:pink", "black", "gold", "navy", "lime") * 10)
     as_trained = dict.fromkeys(r["name"] for r in rows_all if r["policy"] == "reference")

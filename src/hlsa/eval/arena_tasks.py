@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 from hlsa.errors import UsageError
 
 # Every eviction policy (`hlsa.layers.eviction.POLICIES`, which imports torch), and those that need a prompt.
-ARENA_POLICIES = ("learned", "window", "random", "key_norm", "h2o", "tova", "snapkv", "oracle")
+ARENA_POLICIES = ("learned", "window", "random", "key_norm", "delta_write", "h2o", "tova", "snapkv", "oracle")
 PROMPT_POLICIES = ("snapkv",)
 NO_PROMPT = tuple(p for p in ARENA_POLICIES if p not in PROMPT_POLICIES)
 # New tokens of a passkey / needle answer, counted in each prompt length as RULER does: the 7-digit number and the

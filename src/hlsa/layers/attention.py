@@ -106,7 +106,7 @@ class Attention(ProjectedAttention):
             if eviction.policy == "learned":
                 raise ValueError(
                     "eviction policy 'learned' needs an LTE router, which a full-attention layer does not have; use a "
-                    "training-free policy (window, random, key_norm, h2o, tova) or oracle"
+                    "training-free policy (window, random, key_norm, delta_write, h2o, tova, snapkv) or oracle"
                 )
             if window < 0 or buffer_size < sink_size or sink_size < 0:
                 raise ValueError(
@@ -124,7 +124,10 @@ class Attention(ProjectedAttention):
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> KVState | EvictionState:
         if self.eviction is not None:
             slots = self.evict_window + 1 + self.buffer_size
-            return EvictionState.empty(batch_size, self.num_kv_heads, slots, self.head_dim, device=device, dtype=dtype)
+            extra = self.eviction.state_extra(batch_size, self.num_kv_heads, self.head_dim, device)
+            return EvictionState.empty(
+                batch_size, self.num_kv_heads, slots, self.head_dim, device=device, dtype=dtype, **extra
+            )
         # Full attention starts small and doubles; SWA allocates its whole ring once.
         slots = self.window_size + 1 if self.window_size is not None else 256
         shape = (batch_size, self.num_kv_heads, slots, self.head_dim)
@@ -183,7 +186,7 @@ class Attention(ProjectedAttention):
             outs = []
             for i in range(x.shape[1]):
                 q, k, v = self._project(x[:, i : i + 1])
-                new_score = self.eviction.scores(None, k, state.position.view(1))[:, 0]
+                new_score = self.eviction.scores(None, k, state.position.view(1), v=v, memory=state.memory)[:, 0]
                 q, k = self.rotary(q, k, state.position.view(1))
                 o = evict_step(
                     state, q[:, 0], k[:, 0], v[:, 0], new_score, eviction=self.eviction,
@@ -196,7 +199,8 @@ class Attention(ProjectedAttention):
         b, t, _ = x.shape
         positions = torch.arange(t, device=x.device)
         q, k, v = self._project(x)
-        raw = self.eviction.scores(None, k, positions)
+        memory = None if state is None else state.memory
+        raw = self.eviction.scores(None, k, positions, v=v, pad_mask=pad_mask, memory=memory)
         q, k = self.rotary(q, k, positions)
         o = inference_attention(
             q, k, v, raw, pad_mask, eviction=self.eviction, window=self.evict_window, buffer_size=self.buffer_size,

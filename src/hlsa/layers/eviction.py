@@ -11,6 +11,12 @@ policy only supplies that score; the cache layout, the retention rule and the ke
 * `key_norm`: keys of small norm first, score `1 / (1 + ||k||)` of the pre-RoPE key (RoPE is a rotation, so the
   post-RoPE norm is the same up to round-off; the pre-RoPE key is what both prefill and decode hold before rotating).
   A positive decreasing function of `||k||`, rather than `-||k||`, because only positive scores are ever retained;
+* `delta_write`: how much a token would change a linear memory of the layer's own keys and values, the size of its
+  delta-rule write (the write magnitude by which HOLA evicts inside GDN layers). Per kv head a memory `S [D, D]`
+  (float32, zero at the start, part of the cache) reads the unit pre-RoPE key `k^_t`; the token's score is
+  `||beta (v_t - S^T k^_t)||`, what the memory fails to predict of its value, and the memory then takes that write,
+  `S += k^_t (beta (v_t - S^T k^_t))^T`, with `beta = DELTA_WRITE_BETA` and no decay (pads write nothing). A token the
+  memory already predicts scores low: the memory stands in for it, the buffer keeps what the memory cannot hold;
 * `h2o` (heavy hitters): the attention mass a token has received, summed over the queries (and the G query heads of
   its kv head) that saw it while it was in the cache; the mass a token got before it entered the buffer counts,
   what it would have got while evicted does not (a constant-memory cache cannot know it);
@@ -62,15 +68,21 @@ import torch.nn.functional as F
 from hlsa.layers.lte_router import sink_mask
 from hlsa.layers.slots import fill_ring
 from hlsa.ops.decode_attention import decode_attention
+from hlsa.ops.gated_delta import L2NORM_EPS, chunk_gated_delta_rule, l2norm
 from hlsa.ops.lte_evict import lte_evict
 from hlsa.ops.lte_retention import lte_column_end
 from hlsa.ops.sparse_attention import sparse_attention
 
-POLICIES = ("learned", "window", "random", "key_norm", "h2o", "tova", "snapkv", "oracle")
+POLICIES = ("learned", "window", "random", "key_norm", "delta_write", "h2o", "tova", "snapkv", "oracle")
 # Policies whose scores come from the attention weights of the queries so far.
 ATTENTION_SCORED = ("h2o", "tova")
+# Policies that keep state beside the slots (`Eviction.state_extra`), which their cache bytes count.
+STATEFUL = ("delta_write",)
 # snapkv: the observation window (the prompt's last queries) and the max-pooling kernel (odd).
 SNAPKV_OBSERVE, SNAPKV_POOL = 16, 5
+# delta_write: the memory's step size (the delta rule's beta; under 1, so that a token's write can be read back from
+# the rule's output, `hlsa.ops.gated_delta`).
+DELTA_WRITE_BETA = 0.5
 _MASK32 = 0xFFFFFFFF
 
 
@@ -91,6 +103,42 @@ def random_scores(seed: int, layer: int, num_kv_heads: int, positions: torch.Ten
     h = _hash32(base + torch.arange(num_kv_heads, device=positions.device, dtype=torch.int64))[None, :]  # [1, HKV]
     h = _hash32(h + positions.to(torch.int64)[:, None])  # [T, HKV]
     return ((h >> 8) + 1).float() / 2**24
+
+
+@torch.no_grad()  # a ranking, with no gradient; and the cache's memory must not keep an autograd graph
+def delta_write_scores(
+    k: torch.Tensor, v: torch.Tensor, pad_mask: torch.Tensor | None, memory: torch.Tensor | None
+) -> torch.Tensor:
+    """`delta_write` scores, float32 `[B, T, HKV]`, through the gated delta rule's kernels (`hlsa.ops.gated_delta`:
+    queries = keys = the unit keys, no decay, `beta` at real tokens, 0 at pads). The rule's output at t is the memory
+    read after the write, `S_t^T k^_t = v_t - (1 - beta) u_t` with `u_t = v_t - S_{t-1}^T k^_t` (a unit key reads
+    back `beta u_t` of its own write), so the write `beta u_t` comes from the output. `memory` (`[B, HKV, D, D]`,
+    float32, or None: empty) is updated in place. Definition: `delta_write_scores_ref`."""
+    b, t, hkv, d = k.shape
+    unit = l2norm(k.float())
+    beta = _real(pad_mask, b, t, k.device)[:, :, None].float().expand(b, t, hkv) * DELTA_WRITE_BETA
+    o, final = chunk_gated_delta_rule(
+        unit, unit, v.float(), torch.zeros_like(beta), beta, scale=1.0, initial_state=memory, output_final_state=True
+    )
+    if memory is not None:
+        memory.copy_(final)
+    write = (v.float() - o) * (DELTA_WRITE_BETA / (1.0 - DELTA_WRITE_BETA))
+    return write.norm(dim=-1)
+
+
+def delta_write_scores_ref(k: torch.Tensor, v: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+    """`delta_write` by its definition, one token at a time from an empty memory: float32 `[B, T, HKV]`."""
+    b, t, hkv, d = k.shape
+    real = _real(pad_mask, b, t, k.device)
+    memory = torch.zeros(b, hkv, d, d, device=k.device)  # [B, HKV, key dim, value dim]
+    scores = torch.zeros(b, t, hkv, device=k.device)
+    for i in range(t):
+        key = k[:, i].float()
+        key = key / (key.pow(2).sum(-1, keepdim=True) + L2NORM_EPS).sqrt()
+        write = DELTA_WRITE_BETA * (v[:, i].float() - torch.einsum("bhkv,bhk->bhv", memory, key))
+        scores[:, i] = write.norm(dim=-1)
+        memory += real[:, i, None, None, None] * key[..., :, None] * write[..., None, :]
+    return scores
 
 
 @dataclass(frozen=True)
@@ -117,14 +165,27 @@ class Eviction:
         training-free scores read the key alone."""
         return margin if self.policy == "learned" else 0
 
-    def scores(self, router: torch.Tensor | None, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def scores(
+        self,
+        router: torch.Tensor | None,
+        k: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        v: torch.Tensor | None = None,
+        pad_mask: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The raw scores that rank keys (before sinks and pads are ranked +inf / -inf); for `h2o` and `tova` the
         score a token starts with (0), to which `update` adds the attention it gets.
 
         Args:
             router: `[B, T, HKV]` the router's scores (`learned`); None in a layer without a router.
-            k: `[B, T, HKV, D]` pre-RoPE keys of the same tokens (`key_norm`).
+            k: `[B, T, HKV, D]` pre-RoPE keys of the same tokens (`key_norm`, `delta_write`).
             positions: int64 `[T]` their positions, pads counted (`random`).
+            v: `[B, T, HKV, D]` their values (`delta_write`).
+            pad_mask: bool `[B, T]`, False at pads (`delta_write`: a pad writes nothing); None: no pads.
+            memory: `delta_write`'s float32 `[B, HKV, D, D]` memory before these tokens, a cache's (`state_extra`),
+                which takes their writes in place; None: an empty memory, discarded afterwards (a full forward).
 
         Returns:
             float `[B, T, HKV]`.
@@ -139,7 +200,20 @@ class Eviction:
             return torch.zeros(k.shape[:3], device=k.device)
         if self.policy == "random":
             return random_scores(self.seed, self.layer, k.shape[2], positions)[None].expand(k.shape[:3])
+        if self.policy == "delta_write":
+            if v is None:
+                raise ValueError("eviction policy 'delta_write' scores keys with their values; pass v")
+            return delta_write_scores(k, v, pad_mask, memory)
         return 1.0 / (1.0 + k.float().norm(dim=-1))  # key_norm
+
+    def state_extra(
+        self, batch_size: int, num_kv_heads: int, head_dim: int, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """The cache fields the policy keeps beside the slots (`EvictionState.empty(**extra)`): `delta_write`'s
+        memory, none for the others."""
+        if self.policy not in STATEFUL:
+            return {}
+        return {"memory": torch.zeros(batch_size, num_kv_heads, head_dim, head_dim, device=device)}
 
     def update(self, score: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`h2o`, `tova`: the cache's ranked scores after a query gave `weights` (float32, summed over the query heads
@@ -361,6 +435,7 @@ class EvictionState:
     offset: torch.Tensor  # int64 [B] left-padding length of each row
     position: torch.Tensor  # int64 [], next token's position
     seen: int = 0
+    memory: torch.Tensor | None = None  # float32 [B, HKV, D, D]: delta_write's memory (Eviction.state_extra)
 
     @classmethod
     def empty(

@@ -135,7 +135,10 @@ class LTEAttention(ProjectedAttention):
         k_prerope = k
         q, k = self.rotary(q, k, torch.arange(t, device=x.device))
         if not self.training:  # the eviction policy's rule, which fills the cache of a prefill
-            raw = self.eviction.scores(score.detach(), k_prerope, torch.arange(t, device=x.device))
+            raw = self.eviction.scores(
+                score.detach(), k_prerope, torch.arange(t, device=x.device), v=v, pad_mask=pad_mask,
+                memory=None if state is None else state.memory,
+            )  # fmt: skip
             o = inference_attention(
                 q, k, v, raw, pad_mask, eviction=self.eviction, window=self.window_size,
                 buffer_size=self.buffer_size, sink_size=self.sink_size, state=state,
@@ -170,6 +173,7 @@ class LTEAttention(ProjectedAttention):
             # float32 for a bf16 model: the router scores in full precision (hlsa.layers.lte_router)
             router_x=torch.zeros(b, h, ctx, self.router.ring_channels, device=device, dtype=router_dtype(dtype)),
             router_valid=torch.zeros(b, ctx, device=device, dtype=torch.bool),
+            **self.eviction.state_extra(b, h, d, device),
         )
 
     def _prefill_router(
@@ -217,7 +221,8 @@ class LTEAttention(ProjectedAttention):
         # loop that forgot it) the router's weights would require one, which the streaming op refuses.
         with torch.no_grad():
             raw = self.router.score_step(kv, state.router_x, state.router_valid, pos, backend=self.backend)
-            new_score = self.eviction.scores(raw[:, None], k[:, None], pos.view(1))[:, 0]
+            new_score = self.eviction.scores(raw[:, None], k[:, None], pos.view(1), v=v[:, None], memory=state.memory)
+            new_score = new_score[:, 0]
         # Move the token leaving the window into the buffer (if it earns its place), write the new token, then record
         # token j's score in its ring slot, ranked (sinks +inf, pads -inf), after the eviction: with a pointwise router
         # (m = 0) token j is the new token, whose slot the eviction has just taken over from the token leaving the
