@@ -47,9 +47,10 @@ def definition(layer: LTEAttention, x: torch.Tensor, pad: torch.Tensor) -> torch
     (`simulate_visible_keys` for the policies that score from attention weights)."""
     t = x.shape[1]
     q, k, v = layer._project(x)
-    raw = layer.eviction.scores(layer.router(k, v, pad_mask=pad), k, torch.arange(t), v=v, pad_mask=pad)
     if layer.eviction.policy == "delta_write":  # the token-by-token definition, not the kernels
         raw = delta_write_scores_ref(k, v, pad)
+    else:
+        raw = layer.eviction.scores(layer.router(k, v, pad_mask=pad), k, torch.arange(t))
     q_rot, k_rot = layer.rotary(q, k, torch.arange(t))
     sizes = dict(window=WINDOW, buffer_size=layer.buffer_size, sink_size=SINKS)
     if layer.eviction.attention_scored:
@@ -298,9 +299,10 @@ def attention_definition(layer: Attention, x: torch.Tensor, pad: torch.Tensor) -
     """A full-attention layer under a policy, from the brute-force visible set (as `definition`, without a router)."""
     t = x.shape[1]
     q, k, v = layer._project(x)
-    raw = layer.eviction.scores(None, k, torch.arange(t), v=v, pad_mask=pad)
     if layer.eviction.policy == "delta_write":
         raw = delta_write_scores_ref(k, v, pad)
+    else:
+        raw = layer.eviction.scores(None, k, torch.arange(t))
     q, k = layer.rotary(q, k, torch.arange(t))
     sizes = dict(window=WINDOW, buffer_size=layer.buffer_size, sink_size=SINKS)
     if layer.eviction.attention_scored:

@@ -115,14 +115,14 @@ def delta_write_scores(
     back `beta u_t` of its own write), so the write `beta u_t` comes from the output. `memory` (`[B, HKV, D, D]`,
     float32, or None: empty) is updated in place. Definition: `delta_write_scores_ref`."""
     b, t, hkv, d = k.shape
-    unit = l2norm(k.float())
+    unit, v = l2norm(k.float()), v.float()
     beta = _real(pad_mask, b, t, k.device)[:, :, None].float().expand(b, t, hkv) * DELTA_WRITE_BETA
     o, final = chunk_gated_delta_rule(
-        unit, unit, v.float(), torch.zeros_like(beta), beta, scale=1.0, initial_state=memory, output_final_state=True
+        unit, unit, v, torch.zeros_like(beta), beta, scale=1.0, initial_state=memory, output_final_state=True
     )
     if memory is not None:
         memory.copy_(final)
-    write = (v.float() - o) * (DELTA_WRITE_BETA / (1.0 - DELTA_WRITE_BETA))
+    write = (v - o) * (DELTA_WRITE_BETA / (1.0 - DELTA_WRITE_BETA))
     return write.norm(dim=-1)
 
 
