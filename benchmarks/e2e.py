@@ -204,6 +204,17 @@ def _lines(ax: object, rows: list[dict], x: str, y: str, title: str) -> None:
         ax.legend(fontsize=7)
 
 
+def positive_ints(text: str, option: str) -> tuple[int, ...]:
+    """`"1,16,64"` -> `(1, 16, 64)`; anything else is a usage error that names the option."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise SystemExit(f"{option}: expected comma-separated positive integers, got {text!r}")
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -229,6 +240,10 @@ def main() -> None:
     )
     parser.add_argument("--archs", default=None, help="comma-separated subset of the mode's architectures")
     parser.add_argument("--batches", default=None, help="comma-separated decode batches (default: the mode's)")
+    parser.add_argument(
+        "--contexts", default=None, help="comma-separated decode contexts for every architecture (default: the mode's)"
+    )
+    parser.add_argument("--no-prefill", action="store_true", help="time decode only (no prefill points)")
     args = parser.parse_args()
     if args.plot_only:
         plot(json.loads(args.plot_only.read_text()), args.plot_only)
@@ -254,13 +269,11 @@ def main() -> None:
             prefill_archs=tuple(a for a in plan.prefill_archs if a in keep),
         )
     if args.batches:
-        try:
-            batches = tuple(int(b) for b in args.batches.split(","))
-        except ValueError:
-            batches = ()
-        if not batches or min(batches) < 1:
-            raise SystemExit(f"--batches: expected comma-separated positive integers, got {args.batches!r}")
-        plan = replace(plan, batches=batches)
+        plan = replace(plan, batches=positive_ints(args.batches, "--batches"))
+    if args.contexts:  # the same contexts for every architecture: the mode's extra ones are dropped
+        plan = replace(plan, contexts=positive_ints(args.contexts, "--contexts"), extra_contexts={})
+    if args.no_prefill:
+        plan = replace(plan, prefill_archs=())
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --smoke for the CPU check")
     if args.smoke:

@@ -261,11 +261,27 @@ def test_merge_of_a_split_run_is_the_whole_run(smoke_json: dict, tmp_path) -> No
     assert png.exists() and png.with_name(f"{png.stem}-memory.png").exists()  # matplotlib: a dev dependency
 
 
-@pytest.mark.parametrize("batches", ["0,2", "two", ","])
-def test_bad_batches_are_refused(batches: str, tmp_path) -> None:
+@pytest.mark.parametrize("option", ["--batches", "--contexts"])
+@pytest.mark.parametrize("values", ["0,2", "two", ","])
+def test_bad_batches_and_contexts_are_refused(option: str, values: str, tmp_path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--batches", batches, "--out", str(tmp_path)],
+        [sys.executable, str(SCRIPT), "--smoke", option, values, "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode != 0 and "--batches: expected comma-separated positive integers" in proc.stderr
+    assert proc.returncode != 0 and f"{option}: expected comma-separated positive integers" in proc.stderr
     assert not _results(tmp_path).exists()
+
+
+def test_decode_table_run_takes_the_given_contexts_and_no_prefill(tmp_path) -> None:
+    """`--contexts` gives every architecture the same contexts (gdn_lte's extra one is dropped, its bracket kept),
+    and `--no-prefill` leaves the prefill points out: the run behind the all-architecture decode table."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--archs", "gdn,gdn_lte", "--batches", "2", "--contexts", "40,72",
+         "--no-prefill", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(_results(tmp_path).read_text())
+    points = [(r["arch"], r["batch"], r["context"]) for r in results["decode"]]
+    assert points == [("gdn", 2, 40), ("gdn", 2, 72), ("gdn_lte", 2, 40), ("gdn_lte", 2, 72), ("gdn_lte", 2, 40)]
+    assert all(r["status"] == "ok" for r in results["decode"]) and results["prefill"] == []
