@@ -36,18 +36,22 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
 
 
-def gpu_slug() -> str:
-    """Short lower-case name of the GPU ("h200", "h100", "a100"), or "cpu" without CUDA."""
-    if not torch.cuda.is_available():
-        return "cpu"
-    name = torch.cuda.get_device_name().lower()
+def gpu_slug(name: str | None = None) -> str:
+    """Short lower-case name of the GPU `name` ("NVIDIA H100 80GB HBM3" -> "h100"), by default this machine's GPU,
+    or "cpu" without CUDA."""
+    if name is None:
+        if not torch.cuda.is_available():
+            return "cpu"
+        name = torch.cuda.get_device_name()
+    name = name.lower()
     found = re.search(r"\b([a-z]+\d+[a-z]*)\b", name.replace("nvidia", ""))
     return found.group(1) if found else re.sub(r"[^a-z0-9]+", "_", name).strip("_")
 
 
-def result_path(benchmark: str, out: Path | None = None, suffix: str = ".json") -> Path:
-    """`out/<benchmark>-<gpu slug><suffix>`, `out` defaulting to benchmarks/results."""
-    return Path(out or RESULTS) / f"{benchmark}-{gpu_slug()}{suffix}"
+def result_path(benchmark: str, out: Path | None = None, suffix: str = ".json", gpu: str | None = None) -> Path:
+    """`out/<benchmark>-<gpu slug><suffix>`, `out` defaulting to benchmarks/results and `gpu` (a GPU's name, as a
+    results file's `machine` records it) to this machine's GPU."""
+    return Path(out or RESULTS) / f"{benchmark}-{gpu_slug(gpu)}{suffix}"
 
 
 def git_commit(commit: str | None = None) -> str:

@@ -136,12 +136,15 @@ def environment(plan: Plan) -> dict:
 def merge(runs: list[dict]) -> dict:
     """One results dict from runs split over calls with `--archs` (e.g. when one call cannot hold them all): models,
     decode and prefill rows joined (each row tagged with its `run`), the first run's machine, plan and memory
-    table, every run's copy bandwidth and commit, and the targets checked again on the joined rows."""
+    table, every run's GPU, commit, command and copy bandwidth, and the targets checked again on the joined rows."""
     if not runs:
         raise ValueError("merge: no runs given")
     first = runs[0]
     merged = {
-        "machine": {**first["machine"], "merged_runs": [r["machine"]["commit"] for r in runs]},
+        "machine": {
+            **first["machine"],
+            "merged_runs": [{k: r["machine"].get(k) for k in ("gpu", "commit", "command")} for r in runs],
+        },
         "environment": first["environment"],
         "models": {},
         "decode": [],
@@ -250,7 +253,8 @@ def main() -> None:
         return
     if args.merge:
         merged = merge([json.loads(path.read_text()) for path in args.merge])
-        path = write_result(result_path("e2e", args.out), merged)
+        # named after the GPU the runs measured, not the machine that merges them
+        path = write_result(result_path("e2e", args.out, gpu=merged["machine"]["gpu"]), merged)
         print(f"wrote {path}")
         plot(merged, path)
         return

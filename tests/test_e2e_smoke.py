@@ -236,7 +236,9 @@ def test_merge_of_a_split_run_is_the_whole_run(smoke_json: dict, tmp_path) -> No
     the same rows, models and target verdicts (the CLI writes the JSON and the figures)."""
     parts = []
     for archs in ({"gdn_lte", "transformer"}, set(smoke_json["models"]) - {"gdn_lte", "transformer"}):
-        part = {**smoke_json, "models": {a: m for a, m in smoke_json["models"].items() if a in archs}}
+        command = f"{smoke_json['machine']['command']} --archs {','.join(sorted(archs))}"
+        part = {**smoke_json, "machine": {**smoke_json["machine"], "command": command}}
+        part["models"] = {a: m for a, m in smoke_json["models"].items() if a in archs}
         for kind in ("decode", "prefill"):
             part[kind] = [r for r in smoke_json[kind] if r["arch"] in archs]
         parts.append(part)
@@ -255,10 +257,19 @@ def test_merge_of_a_split_run_is_the_whole_run(smoke_json: dict, tmp_path) -> No
     for kind in ("decode", "prefill"):
         assert sorted(map(key, merged[kind])) == sorted(map(key, smoke_json[kind]))
         assert {r["run"] for r in merged[kind]} == {0, 1}
+    assert [r["command"] for r in merged["machine"]["merged_runs"]] == [p["machine"]["command"] for p in parts]
     assert [t["verdict"] for t in merged["targets"]] == [t["verdict"] for t in smoke_json["targets"]]
     assert [t["value"] for t in merged["targets"]] == [t["value"] for t in smoke_json["targets"]]
     png = _results(out).with_suffix(".png")
     assert png.exists() and png.with_name(f"{png.stem}-memory.png").exists()  # matplotlib: a dev dependency
+
+
+@pytest.mark.parametrize(
+    ("name", "slug"), [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-40GB", "a100")]
+)
+def test_gpu_slug_of_a_recorded_name(name: str, slug: str) -> None:
+    """Merged runs are written as `e2e-<slug of the GPU they measured>.json`, whatever machine merges them."""
+    assert gpu_slug(name) == slug
 
 
 @pytest.mark.parametrize("option", ["--batches", "--contexts"])
