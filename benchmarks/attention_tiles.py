@@ -295,6 +295,29 @@ class Budget:
         return self.end - time.monotonic()
 
 
+def loaded_kernels() -> dict[int, object]:
+    """The training attention's kernels that this process has compiled or loaded from Triton's cache, by id."""
+    import hlsa.ops.triton.sparse_attention as fwd
+    import hlsa.ops.triton.sparse_attention_bwd as bwd
+
+    found = {}
+    for fn in (fwd._fwd_kernel, fwd._dq_kernel, bwd._dkdv_col_kernel, bwd._dkdv_band_kernel):
+        for cache in getattr(fn, "device_caches", {}).values():
+            found.update((id(k), k) for k in cache[0].values())
+    return found
+
+
+def kernel_resources(kernels: list[object]) -> list[dict]:
+    """Registers per thread, spilled registers and shared memory bytes of compiled kernels (None where this Triton
+    does not say): a config whose accumulators spill to local memory runs several times slower."""
+    out = []
+    for k in kernels:
+        meta = getattr(k, "metadata", None)
+        out.append({"name": getattr(meta, "name", None), "regs": getattr(k, "n_regs", None),
+                    "spills": getattr(k, "n_spills", None), "shared": getattr(meta, "shared", None)})  # fmt: skip
+    return out
+
+
 def sweep_kernel(case: Case, kernel: str, configs: list[tuple], compiled: dict, budget: Budget, stop_at: float,
                  reference_case: Case | None) -> list[dict]:  # fmt: skip
     """Check and time each config of `kernel` on `case` until `budget.left()` falls under `stop_at`."""
@@ -310,6 +333,7 @@ def sweep_kernel(case: Case, kernel: str, configs: list[tuple], compiled: dict, 
             row["skipped"] = "budget"
             rows.append(row)
             continue
+        before = loaded_kernels()
         try:
             t0 = time.perf_counter()
             if reference_case is not None:
@@ -324,12 +348,15 @@ def sweep_kernel(case: Case, kernel: str, configs: list[tuple], compiled: dict, 
         except Exception as err:  # a launch error of one candidate is a result, not the end of the run
             row["ok"], row["error"] = False, f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
         row["default"] = is_default
+        # The kernels this config's first calls loaded (none when an earlier shape already did).
+        row["kernels"] = kernel_resources([k for i, k in loaded_kernels().items() if i not in before])
         rows.append(row)
         errs = (
             f"ref {row.get('ref_rel_err', float('nan')):.1e} vs-default {row.get('default_rel_err', float('nan')):.1e}"
         )
         line = f"{kernel:4} D{case.D} T{case.T} {row['name']:>12}: {row.get('ms', float('nan')):7.3f} ms"
-        print(f"{line} ok={row.get('ok')} {errs} {row.get('error', '')}", flush=True)
+        regs = " ".join(f"regs={k['regs']} spills={k['spills']}" for k in row["kernels"])
+        print(f"{line} ok={row.get('ok')} {errs} {regs} {row.get('error', '')}", flush=True)
     torch.cuda.empty_cache()
     return rows
 

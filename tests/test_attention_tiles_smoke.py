@@ -223,3 +223,16 @@ def test_compile_worker_reports_each_job(tiles, monkeypatch: pytest.MonkeyPatch,
     assert [(r["kernel"], tuple(r["config"])) for r in lines] == [(k, c) for k, _, c in jobs]
     assert [r["status"] for r in lines[:2] + lines[3:]] == ["ok"] * 3
     assert lines[2]["status"].startswith("ValueError: tile config")
+
+
+def test_kernel_resources_reads_what_triton_reports(tiles) -> None:
+    """Registers, spills and shared memory per compiled kernel; None where a compiled kernel does not report one."""
+    from types import SimpleNamespace
+
+    full = SimpleNamespace(n_regs=168, n_spills=24, metadata=SimpleNamespace(name="_dkdv_band_kernel", shared=65536))
+    bare = SimpleNamespace(metadata=SimpleNamespace(name="_fwd_kernel"))
+    assert tiles.kernel_resources([full, bare]) == [
+        {"name": "_dkdv_band_kernel", "regs": 168, "spills": 24, "shared": 65536},
+        {"name": "_fwd_kernel", "regs": None, "spills": None, "shared": None},
+    ]
+    assert isinstance(tiles.loaded_kernels(), dict)
