@@ -4,7 +4,7 @@ Usage (GPU machine): `PYTHONPATH=src python3 benchmarks/attention_tiles.py [--bu
 
 For D in {64, 128}, bf16, the benchmark pattern of attention.py (B*T = 65536, HQ = 16, HKV = 4, W = 768, 4 sinks + 512
 random columns per kv head):
-1. every candidate (BM, BN, num_warps, num_stages[, warp_specialize]) of each kernel whose estimated shared memory
+1. every candidate (BM, BN, num_warps, num_stages[, flag]) of each kernel whose estimated shared memory
    fits the device is compiled first, in parallel worker processes on a small shape (a compiler crash or a
    resource error is recorded against that candidate only; the main process then finds the kernels in Triton's
    cache);
@@ -57,8 +57,9 @@ TARGETS = {
     128: (400, 300),
 }  # effective TFLOP/s aimed at: forward, forward + backward  # H100 / H200 opt-in shared memory per block
 
-# (BM, BN, num_warps, num_stages[, warp_specialize]); the forward and dq pack G = 4 heads into BM rows (BM / 4
-# positions); dk/dv: BM queries per tile, BN keys per program. The default config is added first where missing.
+# (BM, BN, num_warps, num_stages[, flag]); the forward and dq pack G = 4 heads into BM rows (BM / 4 positions), their
+# flag is warp_specialize; dk/dv: BM query rows per tile, BN keys per program, the flag packs the G heads into the BM
+# rows as well (else BM positions of one head). The default config is added first where missing.
 CANDIDATES = {
     "fwd": [
         (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (128, 64, 4, 2),
@@ -73,6 +74,8 @@ CANDIDATES = {
     "dkdv": [
         (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3),
         (32, 128, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2),
+        (64, 64, 4, 2, True), (64, 64, 4, 3, True), (128, 64, 4, 2, True), (128, 64, 8, 2, True),
+        (128, 64, 4, 3, True), (64, 128, 8, 2, True), (128, 128, 8, 2, True), (32, 64, 4, 3, True),
     ],
 }  # fmt: skip
 
@@ -104,8 +107,10 @@ def candidates(kernel: str, D: int, smem_limit: int) -> tuple[list[tuple], list[
     return keep, skipped
 
 
-def cfg_name(cfg: tuple) -> str:
-    return "x".join(str(x) for x in cfg[:4]) + ("ws" if len(cfg) == 5 and cfg[4] else "")
+def cfg_name(cfg: tuple, kernel: str) -> str:
+    """`128x64x4x3`, with "ws" (forward, dq: warp_specialize) or "pk" (dk/dv: packed query tiles) for the flag."""
+    flag = "pk" if kernel == "dkdv" else "ws"
+    return "x".join(str(x) for x in cfg[:4]) + (flag if len(cfg) == 5 and cfg[4] else "")
 
 
 # --- kernel calls -----------------------------------------------------------------------------------------------
@@ -323,7 +328,7 @@ def sweep_kernel(case: Case, kernel: str, configs: list[tuple], compiled: dict, 
     """Check and time each config of `kernel` on `case` until `budget.left()` falls under `stop_at`."""
     rows = []
     for cfg in configs:
-        row = {"kernel": kernel, "D": case.D, "T": case.T, "config": list(cfg), "name": cfg_name(cfg)}
+        row = {"kernel": kernel, "D": case.D, "T": case.T, "config": list(cfg), "name": cfg_name(cfg, kernel)}
         row["compile"] = compiled.get((kernel, case.D, cfg), "ok")
         is_default = tuple(cfg) == tuple(case.default[kernel])
         if row["compile"] != "ok" and not is_default:
@@ -594,7 +599,7 @@ def main() -> None:
         compiled = {}
     failed = [(k, D, c, s) for (k, D, c), s in compiled.items() if s != "ok"]
     for k, D, c, s in failed[:25]:
-        print(f"  not compiled: {k} D{D} {cfg_name(c)}: {s[:160]}")
+        print(f"  not compiled: {k} D{D} {cfg_name(c, k)}: {s[:160]}")
     if len(failed) > 25:
         print(f"  ... and {len(failed) - 25} more (the results file lists them)")
     rows: list[dict] = []

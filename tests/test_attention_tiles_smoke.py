@@ -70,7 +70,8 @@ def test_summary_and_suggestion(tiles, capsys: pytest.CaptureFixture) -> None:
     for T, scale in ((4096, 1.0), (16384, 1.2)):
         for kernel in tiles.KERNELS:
             for cfg, ms, default in (((128, 32, 4, 3), 1.0, True), ((128, 64, 4, 3), 0.8, False)):
-                rows.append({"kernel": kernel, "D": 64, "T": T, "config": list(cfg), "name": tiles.cfg_name(cfg),
+                name = tiles.cfg_name(cfg, kernel)
+                rows.append({"kernel": kernel, "D": 64, "T": T, "config": list(cfg), "name": name,
                              "ok": True, "ms": ms * scale, "default": default, "tflops": 100.0 / ms})  # fmt: skip
             rows.append({"kernel": kernel, "D": 64, "T": T, "config": [64, 64, 4, 3, True], "ok": False, "ms": 0.1})
     shapes = {(64, T): {"pairs": 10**9, "ours": {"prologue_ms": 0.01}} for T in (4096, 16384)}
@@ -86,7 +87,7 @@ def test_summary_and_suggestion(tiles, capsys: pytest.CaptureFixture) -> None:
 
 def test_tile_config() -> None:
     assert tile_config((64, 32, 4, 2)) == (64, 32, 4, 2, False)
-    assert tile_config((64, 32, 4, 2, True)) == (64, 32, 4, 2, True)
+    assert tile_config((64, 32, 4, 2, True)) == (64, 32, 4, 2, True)  # warp_specialize (fwd, dq), packed (dk/dv)
     with pytest.raises(ValueError, match="tile config"):
         tile_config((64, 32, 4))
 
@@ -112,11 +113,12 @@ def _run(q, k, v, ce, km, window, do, configs):
 
 
 @pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="tiny shapes for the interpreter")
-def test_explicit_configs_match_default_and_reference(tiles) -> None:
-    """Explicit (BM, BN, warps, stages[, warp_specialize]) per kernel: same outputs as the default tiles (16 x 16
-    under the interpreter) and as the reference, on a length no tile divides, left padding and G = 4 (so a forward
-    / dq program packs 32 // 4 = 8 positions of 4 heads)."""
-    B, T, HQ, HKV, D, window, pad = 2, 45, 4, 1, 32, 5, 4
+@pytest.mark.parametrize(("HQ", "HKV"), [(4, 1), (6, 2)])
+def test_explicit_configs_match_default_and_reference(tiles, HQ: int, HKV: int) -> None:
+    """Explicit (BM, BN, warps, stages[, flag]) per kernel: same outputs as the default tiles (16 x 16 under the
+    interpreter) and as the reference, on a length no tile divides and left padding. G = 4: a forward / dq program,
+    and a packed dk/dv tile, holds 32 // 4 = 8 positions of 4 heads; G = 3: the same with a padding head."""
+    B, T, D, window, pad = 2, 45, 32, 5, 4
     q, k, v, ce, km = _case(B, T, HQ, HKV, D, window, pad)
     do = torch.randn_like(q)
     default = _run(q, k, v, ce, km, window, do, {"fwd": None, "dq": None, "dkdv": None})
@@ -125,7 +127,9 @@ def test_explicit_configs_match_default_and_reference(tiles) -> None:
     ref = (o_ref, *torch.autograd.grad(o_ref, up, do))
     explicit = {"fwd": (32, 16, 2, 1), "dq": (16, 32, 1, 2, True), "dkdv": (32, 16, 2, 1)}
     other = {"fwd": (16, 32, 1, 2, True), "dq": (32, 16, 2, 1), "dkdv": (16, 32, 1, 2)}
-    for configs in (explicit, other):
+    packed = {"fwd": None, "dq": None, "dkdv": (32, 16, 2, 1, True)}
+    packed_small = {"fwd": None, "dq": None, "dkdv": (16, 32, 1, 2, True)}  # 4 positions of 4 heads per tile
+    for configs in (explicit, other, packed, packed_small):
         with tiles.poisoned():  # the script's NaN-filled torch.empty: unwritten outputs show
             out = _run(q, k, v, ce, km, window, do, configs)
         for name, a, b, r in zip(("o", "dq", "dk", "dv"), out, default, ref):
@@ -193,6 +197,7 @@ def test_main_flow_with_cpu_stand_ins(tiles, monkeypatch: pytest.MonkeyPatch, tm
     assert not by[("dq", 32, "16x32x1x2ws")]["ok"]  # wrong outputs: found by both checks
     assert by[("dq", 32, "16x32x1x2ws")]["ref_rel_err"] > 0.1
     assert by[("fwd", 32, "16x32x1x2ws")]["ok"]  # warp_specialize is a no-op under the interpreter
+    assert by[("dkdv", 32, "16x32x1x2pk")]["ok"]  # the packed dk/dv tiles
     assert result["suggested"]["dq D32"] == [32, 16, 2, 1]
     assert result["suggested"]["fwd D32"] == [16, 32, 1, 2, True]
     assert result["shapes"][0]["peers"]["flex_compiled"]["fwd_ms"] == 30.0

@@ -37,6 +37,39 @@ def block_rows(p_base, desc, i_b, i_h, r0, T, H: tl.constexpr, D: tl.constexpr, 
         return load_rows(p_base, o_rows, o_rows < T, H, D, BD)
 
 
+@triton.jit
+def query_rows(i_b, i_hk, g0, m0, T, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+               HP: tl.constexpr):  # fmt: skip
+    """The BM rows of a query tile: BM // HP positions from `m0` of each of the HP query heads `g0, g0 + 1, ...` of kv
+    head `i_hk` (G query heads per kv head; heads `>= G` are padding when HP does not divide G), row r being (head
+    g0 + r // (BM // HP), position m0 + r % (BM // HP)).
+
+    Returns (positions [BM], row mask [BM], offsets [BM] of the rows' first elements in `[B, T, HQ, D]` tensors,
+    offsets [BM] into `[B, HQ, T]` ones). Offsets stay 1-D: a `[BM, D]` int64 offset tile held across a loop would
+    cost BM * D / (32 * num_warps) * 2 registers per thread."""
+    BMQ: tl.constexpr = BM // HP
+    o_r = tl.arange(0, BM)
+    o_g = g0 + o_r // BMQ
+    o_m = m0 + o_r % BMQ
+    m_row = (o_g < G) & (o_m < T)
+    p_row = ((i_b.to(tl.int64) * T + o_m) * HQ + i_hk * G + o_g) * D
+    p_lse = (i_b.to(tl.int64) * HQ + i_hk * G + o_g) * T + o_m
+    return o_m, m_row, p_row, p_lse
+
+
+@triton.jit
+def load_query_rows(x, desc, p_row, m_row, i_b, i_h, m0, T, D: tl.constexpr, BD: tl.constexpr,
+                    ROWS_TMA: tl.constexpr):  # fmt: skip
+    """A query tile's rows of `x [B, T, HQ, D]` -> `[BM, BD]` (`query_rows` gives `p_row`, `m_row`). With ROWS_TMA
+    (only for one head per tile, head `i_h`: the rows are then consecutive positions) one TMA block load, whose rows
+    `>= T` are junk that the caller masks out."""
+    if ROWS_TMA:
+        return desc.load([i_b * T + m0, i_h * D])
+    else:
+        o_d = tl.arange(0, BD)
+        return tl.load(x + p_row[:, None] + o_d[None, :], mask=m_row[:, None] & (o_d < D)[None, :], other=0.0)
+
+
 def use_tma(*tensors: torch.Tensor) -> bool:
     """Whether `block_rows` may use TMA for these `[B, T, H, D]` tensors (see the module docstring)."""
     D = tensors[0].shape[-1]

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from hlsa.ops.triton import interpreted
-from hlsa.ops.triton.rows import block_rows, load_rows, rows_descriptor, use_tma
+from hlsa.ops.triton.rows import block_rows, load_query_rows, load_rows, query_rows, rows_descriptor, use_tma
 from hlsa.ops.triton.sparse_attention_bwd import dkdv, n_columns_before, tile_config
 
 LOG2E = 1.4426950408889634
@@ -110,39 +110,18 @@ def _band_tile(p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV: tl
 def _program_rows(k, v, km, T, HQ: tl.constexpr, HKV: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                   BM: tl.constexpr):  # fmt: skip
     """The BM rows of a forward or dq program (grid `(T / (BM / GP), B * HKV)`): BM // GP positions of each of the G
-    query heads of one kv head (GP = G rounded up to a power of two), as (head g, position t0 + r). The K/V tiles
+    query heads of one kv head (`query_rows` with all GP heads; GP = G rounded up to a power of two). The K/V tiles
     are then loaded once for the group, and the band of a program spans W + BM // GP keys instead of W + BM.
 
-    Returns (i_b, i_hk, i_bk, t0, o_m positions [BM], m_row row mask [BM], p_row offsets [BM] of the rows' first
-    elements in `[B, T, HQ, D]` tensors, p_lse offsets [BM] into `[B, HQ, T]` ones, and the kv head's slabs of k
-    and v and row of the key mask). Row offsets stay 1-D: a `[BM, D]` int64 offset tile held across the loops would
-    cost BM * D / (32 * num_warps) * 2 registers per thread."""
-    G: tl.constexpr = HQ // HKV
-    BMQ: tl.constexpr = BM // GP
+    Returns (i_b, i_hk, i_bk, t0, the rows' positions, mask and offsets as `query_rows` gives them, and the kv head's
+    slabs of k and v and row of the key mask)."""
     i_m, i_bk = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bk // HKV, i_bk % HKV
-    t0 = i_m * BMQ
-    o_r = tl.arange(0, BM)
-    o_g = o_r // BMQ
-    o_m = t0 + o_r % BMQ
-    m_row = (o_g < G) & (o_m < T)
-    p_row = ((i_b.to(tl.int64) * T + o_m) * HQ + i_hk * G + o_g) * D
-    p_lse = (i_b.to(tl.int64) * HQ + i_hk * G + o_g) * T + o_m
+    t0 = i_m * (BM // GP)
+    o_m, m_row, p_row, p_lse = query_rows(i_b, i_hk, 0, t0, T, HQ, HQ // HKV, D, BM, GP)
     p_k = k + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     p_v = v + (i_b.to(tl.int64) * T * HKV + i_hk) * D
     return i_b, i_hk, i_bk, t0, o_m, m_row, p_row, p_lse, p_k, p_v, km + i_b.to(tl.int64) * T
-
-
-@triton.jit
-def _load_program_rows(x, desc, p_row, m_row, i_b, i_hk, t0, T, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-                       ROWS_TMA: tl.constexpr):  # fmt: skip
-    """The program's rows of `x [B, T, HQ, D]` -> `[BM, BD]`. With ROWS_TMA (only when G = 1: the rows are then BM
-    consecutive positions of one head) one TMA block load, whose rows `>= T` are junk that the stores mask out."""
-    if ROWS_TMA:
-        return desc.load([i_b * T + t0, i_hk * D])
-    else:
-        o_d = tl.arange(0, BD)
-        return tl.load(x + p_row[:, None] + o_d[None, :], mask=m_row[:, None] & (o_d < D)[None, :], other=0.0)
 
 
 @triton.jit
@@ -159,7 +138,7 @@ def _fwd_kernel(
     ROWS_TMA: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
     i_b, i_hk, i_bk, t0, o_m, m_row, p_row, p_lse, p_k, p_v, km_b = _program_rows(k, v, km, T, HQ, HKV, GP, D, BM)
-    b_q = _load_program_rows(q, q_desc, p_row, m_row, i_b, i_hk, t0, T, D, BD, BM, ROWS_TMA)
+    b_q = load_query_rows(q, q_desc, p_row, m_row, i_b, i_hk, t0, T, D, BD, ROWS_TMA)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
@@ -199,11 +178,11 @@ def _dq_kernel(
     ROWS_TMA: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
     i_b, i_hk, i_bk, t0, o_m, m_row, p_row, p_lse, p_k, p_v, km_b = _program_rows(k, v, km, T, HQ, HKV, GP, D, BM)
-    b_q = _load_program_rows(q, q_desc, p_row, m_row, i_b, i_hk, t0, T, D, BD, BM, ROWS_TMA)
-    b_do = _load_program_rows(do, do_desc, p_row, m_row, i_b, i_hk, t0, T, D, BD, BM, ROWS_TMA)
+    b_q = load_query_rows(q, q_desc, p_row, m_row, i_b, i_hk, t0, T, D, BD, ROWS_TMA)
+    b_do = load_query_rows(do, do_desc, p_row, m_row, i_b, i_hk, t0, T, D, BD, ROWS_TMA)
     b_lse = tl.load(lse + p_lse, mask=m_row, other=float("inf"))
     # delta = rowsum(o * do), the softmax-gradient shift of these rows; stored for the dk/dv kernels (run next).
-    b_o = _load_program_rows(o, o_desc, p_row, m_row, i_b, i_hk, t0, T, D, BD, BM, ROWS_TMA)
+    b_o = load_query_rows(o, o_desc, p_row, m_row, i_b, i_hk, t0, T, D, BD, ROWS_TMA)
     b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
     tl.store(delta + p_lse, b_delta, mask=m_row)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
@@ -234,7 +213,7 @@ def _dq_kernel(
 
 
 def launch_config(kernel: str, D: int, dtype: torch.dtype) -> tuple:
-    """(BM, BN, num_warps, num_stages[, warp_specialize]) for `kernel` in {"fwd", "dq", "dkdv"}; small tiles under
+    """(BM, BN, num_warps, num_stages[, flag]) (`tile_config`) for `kernel` in {"fwd", "dq", "dkdv"}; small tiles under
     the interpreter.
 
     The launchers (`forward`, `backward_dq`, `dkdv`) take an explicit `config` instead; benchmarks/attention_tiles.py

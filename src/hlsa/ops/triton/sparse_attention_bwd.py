@@ -2,7 +2,9 @@
 
 The visible pairs split as in the forward: *near* pairs (`i - W <= j <= i`) and *far* pairs of column keys
 (`j + W < i < column_end[j]`). One program owns a block of BN keys of one (b, kv head) and loops over the G query heads
-of that kv head, so dk and dv are each written once, without atomics:
+of that kv head, so dk and dv are each written once, without atomics. A query tile holds BM rows: BM positions of one
+head, or, *packed*, BM // GP positions of each of the GP heads of the group at once (GP = G rounded up to a power of
+two; as the forward and dq programs do), which turns the loop over heads and positions into one loop:
 1. `_dkdv_col_kernel` (run first): one program per segment of QS queries; it walks the compacted columns older than
    the segment's band in chunks of BN and accumulates their far pairs with the segment's queries; the fp32 partials
    are atomically added into a compact buffer indexed like the column list (several segments share a column, and a
@@ -17,19 +19,20 @@ import torch
 import triton
 import triton.language as tl
 
-from hlsa.ops.triton.rows import block_rows, rows_descriptor, use_tma
+from hlsa.ops.triton.rows import load_query_rows, query_rows, rows_descriptor, use_tma
 
 LOG2E = 1.4426950408889634
 
 
 def tile_config(config: tuple) -> tuple[int, int, int, int, bool]:
-    """(BM, BN, num_warps, num_stages, warp_specialize) from a 4-tuple (warp_specialize False) or a 5-tuple.
+    """(BM, BN, num_warps, num_stages, flag) from a 4-tuple (flag False) or a 5-tuple.
 
-    warp_specialize asks Triton to split the band's mask-free interior loop of the forward and dq kernels into
-    producer and consumer warps (`tl.range(..., warp_specialize=True)`); dk/dv ignore it. Off by default: whether
-    Triton's Hopper backend compiles it for these kernels, and whether it pays, is for a GPU sweep to show."""
+    The flag is each kernel's variant. Forward and dq: warp_specialize, which asks Triton to split the band's
+    mask-free interior loop into producer and consumer warps (`tl.range(..., warp_specialize=True)`). dk/dv: packed
+    query tiles (BM // GP positions of each query head of the group, instead of BM positions of one head). Both off
+    by default; whether they pay is for a GPU sweep (benchmarks/attention_tiles.py) to show."""
     if len(config) not in (4, 5):
-        raise ValueError(f"tile config must be (BM, BN, num_warps, num_stages[, warp_specialize]); got {config}")
+        raise ValueError(f"tile config must be (BM, BN, num_warps, num_stages[, flag]); got {config}")
     BM, BN, warps, stages = (int(x) for x in config[:4])
     return BM, BN, warps, stages, bool(config[4]) if len(config) == 5 else False
 
@@ -42,11 +45,12 @@ def n_columns_before(ccount, i_bk, j, T):
 
 
 @triton.jit
-def _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse_h, delta_h, o_m, m_m, vis, scale,
+def _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse, delta, p_lse, m_row, vis, scale,
                APPLY_MASK: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """Transposed tile `[BN keys, BM queries]`: dv += p^T do, dk += ds^T q (ds w.r.t. natural logits)."""
-    b_lse = tl.load(lse_h + o_m, mask=m_m, other=float("inf"))
-    b_delta = tl.load(delta_h + o_m, mask=m_m, other=0.0)
+    """Transposed tile `[BN keys, BM query rows]`: dv += p^T do, dk += ds^T q (ds w.r.t. natural logits). Rows
+    outside `m_row` get lse = +inf, so p = 0 there even without a mask."""
+    b_lse = tl.load(lse + p_lse, mask=m_row, other=float("inf"))
+    b_delta = tl.load(delta + p_lse, mask=m_row, other=0.0)
     b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale - b_lse[None, :])
     if APPLY_MASK:
         b_pt = tl.where(vis, b_pt, 0.0)
@@ -58,32 +62,41 @@ def _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse_h, delta_h, o_m, m_m, vis, s
 
 
 @triton.jit
-def _dkdv_band_tile(b_dk, b_dv, b_k, b_v, o_n, m_key, p_q, p_do, q_desc, do_desc, lse_h, delta_h, i_b, i_hq, m0,
-                    T, W, scale, HQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-                    EDGE: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
-    """Near pairs of the key block `o_n` with queries `[m0, m0 + BM)` of head `i_hq`; an interior tile (EDGE False,
-    every query sees every key of the block) tests only the key mask."""
-    o_m = m0 + tl.arange(0, BM)
-    m_m = o_m < T
-    b_q = block_rows(p_q, q_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
-    b_do = block_rows(p_do, do_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
+def _query_tile(q, do, q_desc, do_desc, i_b, i_hk, g0, m0, T, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                BD: tl.constexpr, BM: tl.constexpr, HP: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """q and do of the tile's rows (`query_rows`), with the rows' positions, mask and `[B, HQ, T]` offsets."""
+    o_m, m_row, p_row, p_lse = query_rows(i_b, i_hk, g0, m0, T, HQ, G, D, BM, HP)
+    b_q = load_query_rows(q, q_desc, p_row, m_row, i_b, i_hk * G + g0, m0, T, D, BD, TMA)
+    b_do = load_query_rows(do, do_desc, p_row, m_row, i_b, i_hk * G + g0, m0, T, D, BD, TMA)
+    return b_q, b_do, o_m, m_row, p_lse
+
+
+@triton.jit
+def _dkdv_band_tile(b_dk, b_dv, b_k, b_v, o_n, m_key, q, do, q_desc, do_desc, lse, delta, i_b, i_hk, g0, m0,
+                    T, W, scale, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                    BM: tl.constexpr, HP: tl.constexpr, EDGE: tl.constexpr, USE_KM: tl.constexpr,
+                    PREC: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """Near pairs of the key block `o_n` with the query tile at (`g0`, `m0`); an interior tile (EDGE False, every
+    position of the tile sees every key of the block) tests only the key mask."""
+    b_q, b_do, o_m, m_row, p_lse = _query_tile(q, do, q_desc, do_desc, i_b, i_hk, g0, m0, T, HQ, G, D, BD, BM, HP, TMA)
     if EDGE:
-        vis = (o_n[:, None] <= o_m[None, :]) & (o_m[None, :] - o_n[:, None] <= W) & m_key[:, None] & m_m[None, :]
-        return _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse_h, delta_h, o_m, m_m, vis, scale, True, PREC)
+        vis = (o_n[:, None] <= o_m[None, :]) & (o_m[None, :] - o_n[:, None] <= W) & m_key[:, None] & m_row[None, :]
+        return _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse, delta, p_lse, m_row, vis, scale, True, PREC)
     else:
         vis = m_key[:, None]
-        return _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse_h, delta_h, o_m, m_m, vis, scale, USE_KM, PREC)
+        return _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse, delta, p_lse, m_row, vis, scale, USE_KM, PREC)
 
 
 @triton.jit
 def _dkdv_col_kernel(
     q, k, v, do, lse, delta, ce, cols, ccount, dk_col, dv_col, scale, T, W, q_desc, do_desc,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    QS: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    HP: tl.constexpr, QS: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     i_s, i_bk = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bk // HKV, i_bk % HKV
     G: tl.constexpr = HQ // HKV
+    BMQ: tl.constexpr = BM // HP  # positions per query tile
     s_lo = i_s * QS
     s_hi = tl.minimum(s_lo + QS, T)
     # Only columns older than this segment's band reach it: j + W < i < s_hi.
@@ -103,20 +116,15 @@ def _dkdv_col_kernel(
         # Positions are sorted, so the chunk's first column has the earliest far query.
         q_lo = tl.maximum(tl.min(tl.where(m_c, b_pos, T)) + W + 1, s_lo)
         q_hi = tl.minimum(tl.max(b_ce), s_hi)
-        for i_g in range(G):
-            i_hq = i_hk * G + i_g
-            p_q = q + (i_b.to(tl.int64) * T * HQ + i_hq) * D
-            p_do = do + (i_b.to(tl.int64) * T * HQ + i_hq) * D
-            lse_h = lse + (i_b.to(tl.int64) * HQ + i_hq) * T
-            delta_h = delta + (i_b.to(tl.int64) * HQ + i_hq) * T
-            for m0 in range(q_lo, q_hi, BM):
-                o_m = m0 + tl.arange(0, BM)
-                m_m = o_m < q_hi
-                vis = (o_m[None, :] - b_pos[:, None] > W) & (o_m[None, :] < b_ce[:, None]) & m_m[None, :]
-                b_q = block_rows(p_q, q_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
-                b_do = block_rows(p_do, do_desc, i_b, i_hq, m0, T, HQ, D, BD, BM, TMA)
+        for g0 in range(0, G, HP):
+            for m0 in range(q_lo, q_hi, BMQ):
+                b_q, b_do, o_m, m_row, p_lse = _query_tile(
+                    q, do, q_desc, do_desc, i_b, i_hk, g0, m0, T, HQ, G, D, BD, BM, HP, TMA
+                )
+                m_row = m_row & (o_m < q_hi)
+                vis = (o_m[None, :] - b_pos[:, None] > W) & (o_m[None, :] < b_ce[:, None]) & m_row[None, :]
                 b_dk, b_dv = _dkdv_step(
-                    b_dk, b_dv, b_k, b_v, b_q, b_do, lse_h, delta_h, o_m, m_m, vis, scale, True, PREC
+                    b_dk, b_dv, b_k, b_v, b_q, b_do, lse, delta, p_lse, m_row, vis, scale, True, PREC
                 )
         # Several query segments add into the same column rows.
         p_out = i_bk.to(tl.int64) * T * D + o_c[:, None] * D + o_d[None, :]
@@ -129,11 +137,12 @@ def _dkdv_col_kernel(
 def _dkdv_band_kernel(
     q, k, v, do, dk, dv, lse, delta, km, ccount, dk_col, dv_col, scale, T, W, q_desc, do_desc,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    HP: tl.constexpr, USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     i_n, i_bk = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bk // HKV, i_bk % HKV
     G: tl.constexpr = HQ // HKV
+    BMQ: tl.constexpr = BM // HP  # positions per query tile
     n0 = i_n * BN
     o_n = n0 + tl.arange(0, BN)
     m_n = o_n < T
@@ -147,33 +156,28 @@ def _dkdv_band_kernel(
         m_key = m_key & tl.load(km + i_b.to(tl.int64) * T + o_n, mask=m_n, other=0).to(tl.int1)
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
-    # Query tiles [m0, m0 + BM) over [start, q_hi): the interior ones [lo, hi) see every key of the block
-    # (m0 >= n0 + BN - 1, m0 + BM - 1 <= n0 + W, all rows < T) and test at most the key mask.
-    start, q_hi = (n0 // BM) * BM, tl.minimum(n0 + BN + W, T)
-    lo = tl.minimum(tl.cdiv(n0 + BN - 1, BM) * BM, q_hi)
-    hi = lo + tl.maximum(tl.minimum(n0 + W + 1, T) - lo, 0) // BM * BM
+    # Query tiles at positions [m0, m0 + BMQ) over [start, q_hi): the interior ones [lo, hi) see every key of the
+    # block (m0 >= n0 + BN - 1, m0 + BMQ - 1 <= n0 + W, all positions < T) and test at most the key mask.
+    start, q_hi = (n0 // BMQ) * BMQ, tl.minimum(n0 + BN + W, T)
+    lo = tl.minimum(tl.cdiv(n0 + BN - 1, BMQ) * BMQ, q_hi)
+    hi = lo + tl.maximum(tl.minimum(n0 + W + 1, T) - lo, 0) // BMQ * BMQ
     if n0 + BN > T:
         hi = lo  # the last key block has keys past T: no interior tiles
-    for i_g in range(G):
-        i_hq = i_hk * G + i_g
-        p_q = q + (i_b.to(tl.int64) * T * HQ + i_hq) * D
-        p_do = do + (i_b.to(tl.int64) * T * HQ + i_hq) * D
-        lse_h = lse + (i_b.to(tl.int64) * HQ + i_hq) * T
-        delta_h = delta + (i_b.to(tl.int64) * HQ + i_hq) * T
-        for m0 in range(start, lo, BM):
+    for g0 in range(0, G, HP):
+        for m0 in range(start, lo, BMQ):
             b_dk, b_dv = _dkdv_band_tile(
-                b_dk, b_dv, b_k, b_v, o_n, m_key, p_q, p_do, q_desc, do_desc, lse_h, delta_h, i_b, i_hq, m0,
-                T, W, scale, HQ, D, BD, BM, True, USE_KM, PREC, TMA,
+                b_dk, b_dv, b_k, b_v, o_n, m_key, q, do, q_desc, do_desc, lse, delta, i_b, i_hk, g0, m0,
+                T, W, scale, HQ, G, D, BD, BM, HP, True, USE_KM, PREC, TMA,
             )  # fmt: skip
-        for m0 in range(lo, hi, BM):
+        for m0 in range(lo, hi, BMQ):
             b_dk, b_dv = _dkdv_band_tile(
-                b_dk, b_dv, b_k, b_v, o_n, m_key, p_q, p_do, q_desc, do_desc, lse_h, delta_h, i_b, i_hq, m0,
-                T, W, scale, HQ, D, BD, BM, False, USE_KM, PREC, TMA,
+                b_dk, b_dv, b_k, b_v, o_n, m_key, q, do, q_desc, do_desc, lse, delta, i_b, i_hk, g0, m0,
+                T, W, scale, HQ, G, D, BD, BM, HP, False, USE_KM, PREC, TMA,
             )  # fmt: skip
-        for m0 in range(hi, q_hi, BM):
+        for m0 in range(hi, q_hi, BMQ):
             b_dk, b_dv = _dkdv_band_tile(
-                b_dk, b_dv, b_k, b_v, o_n, m_key, p_q, p_do, q_desc, do_desc, lse_h, delta_h, i_b, i_hq, m0,
-                T, W, scale, HQ, D, BD, BM, True, USE_KM, PREC, TMA,
+                b_dk, b_dv, b_k, b_v, o_n, m_key, q, do, q_desc, do_desc, lse, delta, i_b, i_hk, g0, m0,
+                T, W, scale, HQ, G, D, BD, BM, HP, True, USE_KM, PREC, TMA,
             )  # fmt: skip
     if USE_COLS:
         # Keys that are columns add their far-pair partial, stored at their index in the column list.
@@ -216,15 +220,17 @@ def dkdv(
     """dk, dv `[B, T, HKV, D]` from q, do `[B, T, HQ, D]`, lse, delta `[B, HQ, T]` fp32 and the column prologue.
 
     `km is q` means no key mask and `use_cols=False` means no columns (placeholders are never read).
-    `config` = (BM, BN, num_warps, num_stages[, warp_specialize]) (`tile_config`; warp_specialize is ignored here).
+    `config` = (BM, BN, num_warps, num_stages[, packed]) (`tile_config`).
     """
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
-    BM, BN, warps, stages, _ = tile_config(config)
+    BM, BN, warps, stages, packed = tile_config(config)
+    HP = triton.next_power_of_2(HQ // HKV) if packed else 1  # query heads per tile
+    BM = max(BM, HP)
     BD = triton.next_power_of_2(D)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    tma = use_tma(q, do)
+    tma = HP == 1 and use_tma(q, do)  # a TMA block holds consecutive positions of one head
     descs = (rows_descriptor(q, BM), rows_descriptor(do, BM)) if tma else (None, None)
     if use_cols:
         # Sized for the worst case (every key a column) so that no host sync reads the count.
@@ -233,13 +239,14 @@ def dkdv(
         QS = query_segment(T, B * HKV, BM)
         _dkdv_col_kernel[(triton.cdiv(T, QS), B * HKV)](
             q, k, v, do, lse, delta, ce, cols, ccount, dk_col, dv_col, scale * LOG2E, T, window_eff, *descs,
-            HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, QS=QS, PREC=prec, TMA=tma, num_warps=warps, num_stages=stages,
+            HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, HP=HP, QS=QS, PREC=prec, TMA=tma, num_warps=warps,
+            num_stages=stages,
         )  # fmt: skip
     else:
         dk_col = dv_col = lse  # placeholders, never read
     _dkdv_band_kernel[(triton.cdiv(T, BN), B * HKV)](
         q, k, v, do, dk, dv, lse, delta, km, ccount, dk_col, dv_col, scale * LOG2E, T, window_eff, *descs,
-        HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, USE_COLS=use_cols, USE_KM=km is not q, PREC=prec, TMA=tma,
+        HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, HP=HP, USE_COLS=use_cols, USE_KM=km is not q, PREC=prec, TMA=tma,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return dk, dv
