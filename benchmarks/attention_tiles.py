@@ -566,12 +566,18 @@ def main() -> None:
     parser.add_argument("--flex-max-t", type=int, default=4096, help="FlexAttention only up to this T")
     parser.add_argument("--flex-dims", default="64", help="FlexAttention only at these head dims (default 64)")
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument(
+        "--kernels", default=",".join(KERNELS), help="comma-separated subset of fwd,dq,dkdv to sweep (default all)"
+    )
     parser.add_argument("--compile-worker", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     require_gpu()
     if args.compile_worker:
         compile_worker([(kernel, D, tuple(cfg)) for kernel, D, cfg in json.loads(args.compile_worker)])
         return
+    swept = args.kernels.split(",")
+    if not swept or set(swept) - set(KERNELS):
+        sys.exit(f"--kernels: expected a comma-separated subset of {','.join(KERNELS)}, got {args.kernels!r}")
     budget = Budget(args.budget_s)
     torch.manual_seed(0)
     Ds = [int(x) for x in args.dims.split(",")]
@@ -582,7 +588,7 @@ def main() -> None:
               "tokens": TOKENS, "smem_limit": smem, "budget_s": args.budget_s}  # fmt: skip
     path = result_path("attention_tiles", args.out)
     configs, skipped = {}, {}
-    for kernel in KERNELS:
+    for kernel in swept:
         for D in Ds:
             configs[kernel, D], skipped[f"{kernel} D{D}"] = candidates(kernel, D, smem)
     result["smem_skipped"] = skipped
@@ -626,9 +632,9 @@ def main() -> None:
             ref_case = Case(1, CHECK_T, D, reference=True) if n == 0 else None
             case = Case(TOKENS // T, T, D)
             info = shapes.setdefault((D, T), {"B": case.B, "pairs": case.pairs})
-            for j, kernel in enumerate(KERNELS):
+            for j, kernel in enumerate(swept):
                 # Each kernel gets an equal share of this shape's time (a slow compile of one cannot starve the next).
-                k_stop = budget.left() - (budget.left() - stop_at) / (len(KERNELS) - j)
+                k_stop = budget.left() - (budget.left() - stop_at) / (len(swept) - j)
                 cfgs = configs[kernel, D]
                 if n > 0:  # the default and the fastest checked configs of the first T
                     first = [r for r in rows if (r["kernel"], r["D"], r["T"]) == (kernel, D, Ts[0]) and r.get("ok")]

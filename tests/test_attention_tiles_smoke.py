@@ -138,13 +138,11 @@ def test_explicit_configs_match_default_and_reference(tiles, HQ: int, HKV: int) 
             torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4, msg=f"{name} {configs} vs reference")
 
 
-@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="tiny shapes for the interpreter")
-def test_main_flow_with_cpu_stand_ins(tiles, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
-    """The whole `main` on tiny CPU shapes under the interpreter: the GPU-only pieces (compile pool, do_bench, SDPA
-    and FlexAttention peers, device properties) replaced by stand-ins, the kernel checks real. One candidate fails
-    its compile, one is wrong (a stand-in kernel call that returns garbage for it) and must not be picked."""
-    import json
-
+def _stand_ins(tiles, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[tuple, tuple, tuple]:
+    """The GPU-only pieces of attention_tiles.main (compile pool, do_bench, SDPA and FlexAttention peers, device
+    properties) replaced by stand-ins on tiny CPU shapes; the kernel checks stay real. Three candidates per kernel:
+    one good, one that fails its compile, one whose dq is wrong (it would win if it were not checked).
+    -> (good, broken, failing) configs."""
     monkeypatch.setattr(tiles, "require_gpu", lambda: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"name": "cpu"})())
@@ -182,6 +180,17 @@ def test_main_flow_with_cpu_stand_ins(tiles, monkeypatch: pytest.MonkeyPatch, tm
         tiles, "sdpa_gqa", lambda case: {"backends": {"FLASH_ATTENTION": "ok"}, "fwd_ms": 3.0, "fwdbwd_ms": 9.0}
     )
     monkeypatch.setattr(tiles, "flex_times", lambda *a: {"fwd_ms": 30.0, "fwdbwd_ms": 90.0})
+    return good, broken, failing
+
+
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="tiny shapes for the interpreter")
+def test_main_flow_with_cpu_stand_ins(tiles, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+    """The whole `main` on tiny CPU shapes under the interpreter: the GPU-only pieces (compile pool, do_bench, SDPA
+    and FlexAttention peers, device properties) replaced by stand-ins, the kernel checks real. One candidate fails
+    its compile, one is wrong (a stand-in kernel call that returns garbage for it) and must not be picked."""
+    import json
+
+    good, broken, failing = _stand_ins(tiles, monkeypatch, tmp_path)
     argv = ["attention_tiles.py", "--dims", "32", "--lengths", "32,48", "--budget-s", "100000", "--workers", "1"]
     monkeypatch.setattr(sys, "argv", argv + ["--flex-dims", "32", "--flex-max-t", "32"])
     tiles.main()
@@ -241,3 +250,18 @@ def test_kernel_resources_reads_what_triton_reports(tiles) -> None:
         {"name": "_fwd_kernel", "regs": None, "spills": None, "shared": None},
     ]
     assert isinstance(tiles.loaded_kernels(), dict)
+
+
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="tiny shapes for the interpreter")
+def test_main_sweeps_only_the_kernels_asked_for(tiles, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import json
+
+    _stand_ins(tiles, monkeypatch, tmp_path)
+    argv = ["attention_tiles.py", "--dims", "32", "--lengths", "32", "--budget-s", "100000", "--workers", "1"]
+    monkeypatch.setattr(sys, "argv", argv + ["--no-flex", "--kernels", "dkdv"])
+    tiles.main()
+    result = json.loads((tmp_path / "attention_tiles-test.json").read_text())
+    assert {r["kernel"] for r in result["rows"]} == {"dkdv"} and set(result["suggested"]) == {"dkdv D32"}
+    monkeypatch.setattr(sys, "argv", argv + ["--kernels", "dkdv,bwd"])
+    with pytest.raises(SystemExit, match="--kernels: expected a comma-separated subset"):
+        tiles.main()
