@@ -28,8 +28,18 @@ from pathlib import Path
 import torch
 
 from benchlib import add_output_args, copy_bandwidth, machine, result_path, write_result
-from e2e_models import ARCHS, Plan, build_model, make_plan, memory_table, model_info, roofline_tokens_per_s
+from e2e_models import (
+    ARCHS,
+    Plan,
+    build_model,
+    make_plan,
+    memory_table,
+    model_info,
+    roofline_tokens_per_s,
+    synthetic_cache,
+)
 from e2e_timing import decode_point, prefill_point, reset_memory
+from hlsa.model import HybridForCausalLM
 
 
 # --- the run ----------------------------------------------------------------------------------------------------------
@@ -46,17 +56,32 @@ def arch_points(arch: str, plan: Plan) -> list[tuple[str, int, int]]:
     return points
 
 
+def cache_beyond_memory(shapes: HybridForCausalLM, batch: int, context: int, memory_bytes: int | None) -> str | None:
+    """Why a decode point cannot run, without allocating anything: its synthetic cache alone (`shapes`: the model on
+    the meta device) is larger than the GPU's memory. None when it may fit (or `memory_bytes` is None: no GPU)."""
+    need = batch * synthetic_cache(shapes, 1, context).nbytes()
+    if memory_bytes is None or need <= memory_bytes:
+        return None
+    return f"oom: the cache needs {need / 2**30:.1f} GiB, the GPU has {memory_bytes / 2**30:.1f} GiB"
+
+
 def run_arch(arch: str, plan: Plan, deadline: float, results: dict, path: Path) -> None:
-    """Every point of one architecture. Points past the time budget are recorded as skipped, failures as errors,
-    and the JSON is rewritten after each point so that a run cut short keeps what it measured."""
+    """Every point of one architecture. Points whose cache cannot fit on the GPU are recorded as out of memory
+    without a try, points past the time budget as skipped, failures as errors, and the JSON is rewritten after each
+    point so that a run cut short keeps what it measured."""
     model = build_model(arch, plan)
+    shapes = build_model(arch, plan, device="meta")
+    memory = torch.cuda.get_device_properties(0).total_memory if plan.device == "cuda" else None
     results["models"][arch] = model_info(model)
     weights, bandwidth = results["models"][arch]["weight_bytes"], results["copy_bandwidth_bytes_per_s"]
     compiled_batch = None  # the batch whose compiled decode step dynamo holds
     for kind, batch, n in arch_points(arch, plan):
         where = {"batch": batch, "context": n} if kind == "decode" else {"length": n}
         try:
-            if time.monotonic() > deadline:
+            too_big = cache_beyond_memory(shapes, batch, n, memory) if kind == "decode" else None
+            if too_big:
+                row = {"arch": arch, **where, "status": too_big}
+            elif time.monotonic() > deadline:
                 row = {"arch": arch, **where, "status": "skipped (time budget)"}
             elif kind == "decode":
                 row = decode_point(model, arch, batch, n, plan, fresh_compile=batch != compiled_batch)

@@ -296,3 +296,19 @@ def test_decode_table_run_takes_the_given_contexts_and_no_prefill(tmp_path) -> N
     points = [(r["arch"], r["batch"], r["context"]) for r in results["decode"]]
     assert points == [("gdn", 2, 40), ("gdn", 2, 72), ("gdn_lte", 2, 40), ("gdn_lte", 2, 72), ("gdn_lte", 2, 40)]
     assert all(r["status"] == "ok" for r in results["decode"]) and results["prefill"] == []
+
+
+def test_a_cache_larger_than_the_gpu_is_refused_before_allocating() -> None:
+    """`cache_beyond_memory` sizes a point's cache on the meta device: full attention grows with the context and is
+    refused past the GPU's memory, the constant-size GDN+LTE cache is not; without a GPU nothing is refused."""
+    plan = e2e_models.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
+    attn, lte = (e2e_models.build_model(arch, plan, device="meta") for arch in ("transformer", "gdn_lte"))
+    per_seq = e2e_models.synthetic_cache(attn, 1, 1024).nbytes()
+    memory = 3 * per_seq
+    assert e2e.cache_beyond_memory(attn, 3, 1024, memory) is None
+    refused = e2e.cache_beyond_memory(attn, 4, 1024, memory)
+    assert refused is not None and refused.startswith("oom: the cache needs") and "GiB" in refused
+    assert e2e.cache_beyond_memory(attn, 1, 64 * 1024, memory) is not None  # longer context, more cache
+    lte_seq = e2e_models.synthetic_cache(lte, 1, 1024).nbytes()
+    assert e2e.cache_beyond_memory(lte, 2, 64 * 1024, 2 * lte_seq) is None  # constant size at any context
+    assert e2e.cache_beyond_memory(attn, 10**6, 1024, None) is None
