@@ -7,8 +7,8 @@ and caches are in e2e_models.py, the timing of one point in e2e_timing.py. Metho
 * Prefill: batch 1, one forward of the whole prompt into an empty cache (`logits_to_keep=1`), tokens/s.
 * Decode: the cache is built synthetically at context C (random contents of the exact size and validity a prefill
   of C tokens leaves: GDN random state, SWA ring full, LTE ring + buffer full, full attention/NSA C valid slots),
-  then real decode steps are timed. CUDA graphs for graph-safe models (only GDN, SWA and LTE layers), eager
-  otherwise (full attention grows its buffer and NSA passes `seq_len` as a Python int to its kernel).
+  then real decode steps are timed: on a GPU compiled and replayed from a CUDA graph (every architecture's step reads
+  its positions from the device), on the CPU (`--smoke`) eager.
 * Roofline: (weights + batch * cache bytes a step must move) / measured device copy bandwidth.
 
     python3 benchmarks/e2e.py --quick [--out DIR]      # GPU, ~5 min (default DIR: benchmarks/results)
@@ -323,8 +323,6 @@ def main() -> None:
     results["targets"] = check_targets(results, plan)
     write_result(path, results)
     print(f"wrote {path}")
-    for arch, info in results["models"].items():
-        print(f"{arch:12s} decode {info['decode_mode']:5s} {info['graph_blocker'] or ''}")
     for check in results["targets"]:
         value = "-" if check["value"] is None else f"{check['value']:.3f}"
         print(f"{check['verdict']:12s} {check['target']}  (measured {value})")

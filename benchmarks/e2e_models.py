@@ -19,7 +19,11 @@ from hlsa.ops.router_step import step_ring_bytes
 K = 1024
 ARCHS = ("gdn", "gdn_swa", "gdn_attn", "gdn_lte", "gdn_nsa", "transformer", "nsa")
 FULL_CONTEXTS = (4 * K, 16 * K, 64 * K, 128 * K)
-HEADROOM = 256  # decode steps beyond C that a synthetic growing cache (full attention, NSA) holds without regrowing
+# Decode steps beyond C that a synthetic growing cache (full attention, NSA) holds without regrowing. Their decode
+# steps read the position from the device; their only host-side decision, growing the cache when it is full, then
+# never fires within a point (checked in `e2e_timing.decode_point`), so a step replayed from a CUDA graph stays right.
+# A generation that outgrows its cache reallocates, which a captured graph cannot follow.
+HEADROOM = 256
 INIT_STD = 0.02  # scale of random cache contents (keeps softmax and the delta rule in a normal range)
 
 
@@ -97,19 +101,6 @@ def build_model(arch: str, plan: Plan, device: str | None = None) -> HybridForCa
         if isinstance(module, Linear):
             module.backend = plan.projections
     return model.to(plan.dtype).eval()
-
-
-def graph_blocker(model: HybridForCausalLM) -> str | None:
-    """Why a decode step of `model` cannot be replayed from a CUDA graph here, or None when it can.
-
-    Full attention can: its decode reads the position from the device, and its only host-side decision, growing the
-    KV buffer when it is full, never fires within a point (`HEADROOM` spare slots hold every step of a point, checked
-    in `decode_point`). A generation that outgrows its buffer reallocates, which a captured graph cannot follow."""
-    kinds = {block.kind for block in model.model.layers}
-    reasons = {
-        "nsa": "NSA passes seq_len and RoPE positions as Python ints (they would be baked into a captured graph)",
-    }
-    return "; ".join(reason for kind, reason in reasons.items() if kind in kinds) or None
 
 
 def retained_slots(mixer: torch.nn.Module) -> int:
@@ -247,8 +238,7 @@ def memory_table(plan: Plan) -> list[dict]:
 
 
 def model_info(model: HybridForCausalLM) -> dict:
-    config, kinds, blocker = model.config, [block.kind for block in model.model.layers], graph_blocker(model)
+    config, kinds = model.config, [block.kind for block in model.model.layers]
     return {"mixers": {kind: kinds.count(kind) for kind in sorted(set(kinds))}, "hidden_size": config.hidden_size,
             "num_layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
-            "parameters": sum(p.numel() for p in model.parameters()), "weight_bytes": weight_bytes(model),
-            "decode_mode": "eager" if blocker else "graph", "graph_blocker": blocker}  # fmt: skip
+            "parameters": sum(p.numel() for p in model.parameters()), "weight_bytes": weight_bytes(model)}  # fmt: skip

@@ -71,14 +71,16 @@ def make_decode(B: int, N: int, dtype: torch.dtype, pads: tuple[int, ...] = ()) 
         v_cmp[b, :, :n] = v[b, :, s0 : s0 + n * BS].unflatten(1, (n, BS)).mean(2)
     q = torch.randn(B, HQ, D, device="cuda", dtype=dtype)
     gates = [torch.rand(B, HQ, device="cuda", dtype=dtype) for _ in range(3)]
-    return dict(q=q, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, gates=gates, start=start, N=N)
+    # seq_len on the device, as the layer passes it: an int would add a fill kernel to every timed step
+    seq_len = torch.full((), N, dtype=torch.int64, device="cuda")
+    return dict(q=q, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, gates=gates, start=start, seq_len=seq_len)
 
 
 def ours(x: dict, backend: str = "triton") -> torch.Tensor:
     from hlsa.ops.nsa import nsa_decode
 
     return nsa_decode(
-        x["q"], x["k"], x["v"], x["k_cmp"], x["v_cmp"], *x["gates"], start=x["start"], seq_len=x["N"],
+        x["q"], x["k"], x["v"], x["k_cmp"], x["v_cmp"], *x["gates"], start=x["start"], seq_len=x["seq_len"],
         block_size=BS, block_counts=S, window=W, backend=backend,
     )  # fmt: skip
 

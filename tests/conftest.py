@@ -5,6 +5,7 @@ decorates a kernel, so the variable must be set before any kernel module is impo
 tests import `hlsa.ops.triton.*`.
 """
 
+import functools
 import os
 
 import pytest
@@ -21,3 +22,43 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def opaque_nsa_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NSA layers decode through the Triton kernel wrapped as a custom op, so that dynamo can compile a decode step
+    on the CPU with `fullgraph=True`: it traces the kernels it knows (CUDA `JITFunction`s) but not the interpreter
+    that runs them here, and the reference reads `start` and `seq_len` on the host. The op is one opaque node of the
+    graph whose schema takes `seq_len` as a tensor: a step that passed a Python int would not compile."""
+    from hlsa.ops.triton import interpreted
+
+    if not interpreted():
+        pytest.skip("the CPU stand-in for the CUDA kernel runs under TRITON_INTERPRET=1")
+    import hlsa.layers.nsa
+
+    op = _nsa_decode_op()
+
+    def decode(q, k_cache, v_cache, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, start, seq_len, backend, **config):
+        return op(q, k_cache, v_cache, k_cmp, v_cmp, g_cmp, g_slc, g_swa, start, seq_len, **config)
+
+    monkeypatch.setattr(hlsa.layers.nsa, "nsa_decode", decode)
+
+
+@functools.cache
+def _nsa_decode_op():
+    """The interpreted NSA decode kernel as the custom op `hlsa_test::nsa_decode` (registered once per process)."""
+    from hlsa.ops.nsa import nsa_decode
+
+    @torch.library.custom_op("hlsa_test::nsa_decode", mutates_args=())
+    def op(
+        q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
+        g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor, start: torch.Tensor, seq_len: torch.Tensor,
+        block_size: int, block_counts: int, window: int,
+    ) -> torch.Tensor:  # fmt: skip
+        return nsa_decode(
+            q, k_cache, v_cache, k_cmp, v_cmp, g_cmp, g_slc, g_swa, start=start, seq_len=seq_len,
+            block_size=block_size, block_counts=block_counts, window=window, backend="triton",
+        )  # fmt: skip
+
+    op.register_fake(lambda q, *args, **kwargs: torch.empty_like(q))
+    return op

@@ -53,6 +53,48 @@ def test_triton_decode_and_cache_growth(monkeypatch):
     torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decode_reads_the_position_from_the_device(backend: str) -> None:
+    """A step replayed from a CUDA graph moves the device `position` but no Python counter: decode steps with the
+    host-side `seen` held at the prefill's count still write, pool, rotate and attend at the right positions."""
+    layer = NativeSparseAttention(16, 4, 2, 16, block_size=4, block_counts=2, window_size=3, backend=backend)
+    x, mask = torch.randn(2, 19, 16), _mask(2, 19, (0, 2))
+    full, _ = layer(x, pad_mask=mask, state=None)
+    state = layer.init_state(2, device=x.device, dtype=x.dtype)
+    layer(x[:, :2], pad_mask=mask[:, :2], state=state)  # below one block, and row 1 all pads
+    for i in range(2, 19):
+        torch.testing.assert_close(layer(x[:, i : i + 1], state=state)[0][:, 0], full[:, i], rtol=1e-5, atol=1e-5)
+        state.seen = 2
+    assert int(state.position) == 19
+
+
+def test_compiled_decode_step_is_one_graph(opaque_nsa_decode: None) -> None:
+    """The decode step compiles whole (`fullgraph=True`: no host sync, no Python branch on a device value) with the
+    host-side `seen` symbolic, as `benchmarks/e2e_timing.compile_options` marks it, into one graph that serves every
+    step (no recompile when the first block completes or at later positions), with the eager step's outputs and the
+    full forward's."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    layer = NativeSparseAttention(16, 4, 2, 16, block_size=4, block_counts=2, window_size=3, backend="triton")
+    x, mask = torch.randn(2, 17, 16), _mask(2, 17, (0, 2))
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(lambda layer, x, state: layer(x, state=state)[0], backend="eager", fullgraph=True)
+    with torch.no_grad(), torch.compiler.config.patch(dynamic_sources="L['state'].seen"):
+        full, _ = layer(x, pad_mask=mask, state=None)
+        state = layer.init_state(2, device=x.device, dtype=x.dtype)
+        layer(x[:, :2], pad_mask=mask[:, :2], state=state)  # below one block, and row 1 all pads
+        eager_state = copy.deepcopy(state)
+        for i in range(2, 17):
+            got = step(layer, x[:, i : i + 1], state)
+            torch.testing.assert_close(got, layer(x[:, i : i + 1], state=eager_state)[0], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(got[:, 0], full[:, i], rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert state.seen == eager_state.seen == 17 and int(state.position) == 17
+
+
 def test_prefill_longer_than_a_decode_chunk_uses_incremental_cache():
     """The compressed cache written by the decode equals pooling the final history (never re-pooled)."""
     layer = NativeSparseAttention(16, 2, 1, 8, block_size=4, block_counts=3, window_size=2, backend="torch")

@@ -99,11 +99,12 @@ def test_reference_gradients():
 
 
 def _decode_inputs(q, k, v, gates, mask, BS, cap=5):
-    """Cache layout of the layer: head-major, slot = position, compressed slot c pools start + c*BS..."""
+    """Cache layout of the layer: head-major, slot = position, compressed slot c pools start + c*BS...; `cap` unused
+    slots (random) after the T used ones, and compressed slots for every block of the cache."""
     B, T = q.shape[:2]
     start = torch.zeros(B, dtype=torch.int32) if mask is None else (T - mask.sum(1)).to(torch.int32)
-    kc, vc = (torch.cat([x.transpose(1, 2), torch.randn_like(x.transpose(1, 2)[:, :, :cap])], 2) for x in (k, v))
-    nc = T // BS + 1
+    kc, vc = (torch.cat([x.transpose(1, 2), torch.randn(B, x.shape[2], cap, x.shape[3])], 2) for x in (k, v))
+    nc = (T + cap) // BS + 1
     k_cmp, v_cmp = torch.randn(B, k.shape[2], nc, k.shape[3]), torch.randn(B, k.shape[2], nc, k.shape[3])
     for b in range(B):
         s0 = int(start[b])
@@ -163,6 +164,40 @@ def test_decode_checks_the_compressed_caches(backend: str) -> None:
         nsa_decode(qd, kc, vc, k_cmp[..., :4], v_cmp[..., :4], *gd, **kw)
     with pytest.raises(ValueError, match="dtype"):
         nsa_decode(qd, kc, vc, k_cmp.double(), v_cmp.double(), *gd, **kw)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decode_takes_seq_len_as_a_device_tensor(backend: str) -> None:
+    """`seq_len` as an int32/int64 [] tensor gives what the int gives, in a cache of many more slots than used (the
+    Triton kernel sizes its candidate keys by the cache, 128 here, not by seq_len) with left-padded rows, one of them
+    holding a single real token."""
+    q, k, v, gates, mask = _inputs(3, 22, 4, 2, 16, pads=(0, 5, 21))
+    qd, kc, vc, k_cmp, v_cmp, gd, start = _decode_inputs(q, k, v, gates, mask, 4, cap=490)
+    kw = dict(start=start, block_size=4, block_counts=3, window=5)
+    want = nsa_decode(qd, kc, vc, k_cmp, v_cmp, *gd, seq_len=22, **kw, backend="torch")
+    assert want.abs().amax(dim=(1, 2)).min() > 0  # every row has a real token: none is trivially zero
+    for dtype in (torch.int64, torch.int32):
+        seq_len = torch.tensor(22, dtype=dtype)
+        got = nsa_decode(qd, kc, vc, k_cmp, v_cmp, *gd, seq_len=seq_len, **kw, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        from_int = nsa_decode(qd, kc, vc, k_cmp, v_cmp, *gd, seq_len=22, **kw, backend=backend)
+        assert torch.equal(got, from_int)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decode_checks_a_tensor_seq_len(backend: str) -> None:
+    """A tensor seq_len is checked without reading it: its dtype and shape, and compressed caches that hold the blocks
+    of any seq_len up to N (an int seq_len needs only its own blocks)."""
+    q, k, v, gates, _ = _inputs(1, 12, 2, 1, 8)
+    qd, kc, vc, k_cmp, v_cmp, gd, start = _decode_inputs(q, k, v, gates, None, 4, cap=20)  # N = 32
+    kw = dict(start=start, block_size=4, block_counts=2, window=2, backend=backend)
+    for bad in (torch.tensor(12.0), torch.tensor([12]), torch.tensor(12, dtype=torch.int16)):
+        with pytest.raises(ValueError, match="a tensor seq_len must be int32 or int64"):
+            nsa_decode(qd, kc, vc, k_cmp, v_cmp, *gd, seq_len=bad, **kw)
+    enough_for_12 = (k_cmp[:, :, :3], v_cmp[:, :, :3])
+    nsa_decode(qd, kc, vc, *enough_for_12, *gd, seq_len=12, **kw)
+    with pytest.raises(ValueError, match="NC >= N // block_size = 8"):
+        nsa_decode(qd, kc, vc, *enough_for_12, *gd, seq_len=torch.tensor(12), **kw)
 
 
 def test_bad_inputs_raise():

@@ -15,7 +15,7 @@ from torch import nn
 
 from hlsa.layers.linear import Linear, fused_linear
 from hlsa.layers.rotary import RotaryEmbedding
-from hlsa.layers.slots import grow_slots
+from hlsa.layers.slots import grow_slots, write_slot
 from hlsa.ops.nsa import left_pad_starts, nsa, nsa_decode
 
 # Cache slots are allocated in multiples of this many tokens (then doubled) so decode steps rarely reallocate.
@@ -30,7 +30,9 @@ class NSAState:
     k_cmp, v_cmp: `[B, HKV, N // block_size + 1, D]`; slot `c` of row `b` is the mean of slots
         `start[b] + c * block_size ...` of one complete block (blocks start at the row's first real token).
     start: int32 `[B]` first real slot of each row (number of left pads), set by the prefill.
-    seen: tokens consumed so far (pads included).
+    position: int64 `[]` the next token's position and slot (a device copy of `seen`): a decode step reads only it,
+        so the step needs no host value and can be compiled and replayed from a CUDA graph.
+    seen: tokens consumed so far (pads included); host-side, for the decision to grow the caches.
     """
 
     k: torch.Tensor
@@ -38,6 +40,7 @@ class NSAState:
     k_cmp: torch.Tensor
     v_cmp: torch.Tensor
     start: torch.Tensor
+    position: torch.Tensor
     seen: int = 0
 
 
@@ -94,6 +97,7 @@ class NativeSparseAttention(nn.Module):
             k_cmp=torch.zeros(cmp, device=device, dtype=dtype),
             v_cmp=torch.zeros(cmp, device=device, dtype=dtype),
             start=torch.zeros(batch_size, device=device, dtype=torch.int32),
+            position=torch.zeros((), device=device, dtype=torch.long),
         )
 
     def forward(
@@ -106,14 +110,15 @@ class NativeSparseAttention(nn.Module):
         """
         B, T, _ = x.shape
         HQ, HKV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        seen = 0 if state is None else state.seen
+        decoding = state is not None and state.seen > 0
         projections = [self.q_proj, self.k_proj, self.v_proj, self.g_proj]
         q, k, v, g = fused_linear(x, projections).split([p.out_features for p in projections], -1)
         q, k, v = q.view(B, T, HQ, D), k.view(B, T, HKV, D), v.view(B, T, HKV, D)
         # The authors' layout: g_proj's output is (head, branch) with the branch fastest, branches cmp, slc, swa.
         g_cmp, g_slc, g_swa = torch.sigmoid(g).view(B, T, HQ, 3).unbind(-1)
-        q, k = self.rotary(q, k, seen + torch.arange(T, device=x.device))
-        if state is not None and seen > 0:
+        positions = torch.arange(T, device=x.device)
+        q, k = self.rotary(q, k, positions + state.position if decoding else positions)
+        if decoding:
             steps = [
                 self._decode_step(state, q[:, i], k[:, i], v[:, i], g_cmp[:, i], g_slc[:, i], g_swa[:, i])
                 for i in range(T)
@@ -160,25 +165,33 @@ class NativeSparseAttention(nn.Module):
                 pooled = blocks.unflatten(2, (nc, BS)).mean(dim=3)  # [B, HKV, nc, D]
                 dst[:, :, :nc] = torch.where(valid[:, None, :, None], pooled, 0.0)
         state.seen = T
+        state.position.fill_(T)
 
     def _decode_step(self, state: NSAState, q, k, v, g_cmp, g_slc, g_swa) -> torch.Tensor:
-        """One token: q `[B, HQ, D]`, k/v `[B, HKV, D]`, gates `[B, HQ]` -> o `[B, HQ, D]` (no host sync)."""
+        """One token: q `[B, HQ, D]`, k/v `[B, HKV, D]`, gates `[B, HQ]` -> o `[B, HQ, D]`.
+
+        Only `_grow` reads the host-side `seen`; everything else is indexed by the device `position`, so the step
+        has no host sync and a captured graph of it stays right at later positions (while the caches do not grow).
+        """
         BS = self.block_size
         self._grow(state, state.seen + 1)
-        n = state.seen + 1
-        state.k[:, :, n - 1] = k
-        state.v[:, :, n - 1] = v
-        if n >= BS:
-            # Rows whose real length is now a multiple of BS just completed a block: pool it once, write slot c.
-            real = n - state.start.long()
-            done = ((real >= BS) & (real % BS == 0))[:, None, None]
-            c = (real // BS - 1).clamp_min(0)
-            rows = torch.arange(k.shape[0], device=k.device)
-            for src, dst in ((state.k, state.k_cmp), (state.v, state.v_cmp)):
-                dst[rows, :, c] = torch.where(done, src[:, :, n - BS : n].mean(dim=2), dst[rows, :, c])
-        state.seen = n
+        write_slot(state.k, k, state.position)
+        write_slot(state.v, v, state.position)
+        n = state.position + 1  # slots used, this token's included
+        # Rows whose real length is now a multiple of BS just completed a block: pool it once, write slot c. Every
+        # step gathers the last BS slots (clamped at 0 while fewer are used), and only the rows that completed a
+        # block keep the mean.
+        real = n - state.start.long()
+        done = ((real >= BS) & (real % BS == 0))[:, None, None]
+        c = (real // BS - 1).clamp_min(0)
+        rows = torch.arange(k.shape[0], device=k.device)
+        last = (n - BS + torch.arange(BS, device=k.device)).clamp_min(0)
+        for src, dst in ((state.k, state.k_cmp), (state.v, state.v_cmp)):
+            dst[rows, :, c] = torch.where(done, src.index_select(2, last).mean(dim=2), dst[rows, :, c])
+        state.seen += 1
+        state.position.add_(1)
         return nsa_decode(
-            q, state.k, state.v, state.k_cmp, state.v_cmp, g_cmp, g_slc, g_swa, start=state.start, seq_len=n,
-            block_size=BS, block_counts=self.block_counts, window=self.window_size,
+            q, state.k, state.v, state.k_cmp, state.v_cmp, g_cmp, g_slc, g_swa, start=state.start,
+            seq_len=state.position, block_size=BS, block_counts=self.block_counts, window=self.window_size,
             backend=self.backend,
         )  # fmt: skip

@@ -283,12 +283,23 @@ def _check_decode(q, k_cache, v_cache, k_cmp, v_cmp, gates, start, seq_len, bloc
         raise ValueError(
             f"nsa_decode: cache shapes {tuple(k_cache.shape)}, {tuple(k_cmp.shape)} do not fit q {q.shape}"
         )
-    if not 0 < seq_len <= k_cache.shape[2]:
-        raise ValueError(f"nsa_decode: seq_len must be in [1, N={k_cache.shape[2]}]; got {seq_len}")
-    if k_cmp.shape[3] != D or k_cmp.shape[2] < seq_len // block_size:
+    N = k_cache.shape[2]
+    if isinstance(seq_len, torch.Tensor):
+        # A device value: its range is not checked (that would sync), so the compressed caches must fit any seq_len.
+        if seq_len.shape != () or seq_len.dtype not in (torch.int32, torch.int64) or seq_len.device != q.device:
+            raise ValueError(
+                f"nsa_decode: a tensor seq_len must be int32 or int64 [] on {q.device}; got {seq_len.dtype} "
+                f"{tuple(seq_len.shape)} on {seq_len.device}"
+            )
+        longest, bound = N, f"N // block_size = {N // block_size}"
+    else:
+        if not 0 < seq_len <= N:
+            raise ValueError(f"nsa_decode: seq_len must be in [1, N={N}]; got {seq_len}")
+        longest, bound = seq_len, f"seq_len // block_size = {seq_len // block_size}"
+    if k_cmp.shape[3] != D or k_cmp.shape[2] < longest // block_size:
         raise ValueError(
-            f"nsa_decode: compressed caches must be [B, HKV, NC >= seq_len // block_size = {seq_len // block_size}, "
-            f"D={D}] (a row with no left padding needs that many blocks); got {tuple(k_cmp.shape)}"
+            f"nsa_decode: compressed caches must be [B, HKV, NC >= {bound}, D={D}] (a row with no left padding "
+            f"needs that many blocks); got {tuple(k_cmp.shape)}"
         )
     if {t.dtype for t in (k_cache, v_cache, k_cmp, v_cmp)} != {q.dtype}:
         raise ValueError(
@@ -311,16 +322,18 @@ def nsa_decode_ref(
     g_swa: torch.Tensor,
     *,
     start: torch.Tensor,
-    seq_len: int,
+    seq_len: int | torch.Tensor,
     block_size: int,
     block_counts: int,
     window: int,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Readable reference of `nsa_decode` (one row at a time; host syncs on `start`). Args as in `nsa_decode`."""
+    """Readable reference of `nsa_decode` (one row at a time; host syncs on `start` and a tensor `seq_len`).
+    Args as in `nsa_decode`."""
     _check_decode(
         q, k_cache, v_cache, k_cmp, v_cmp, (g_cmp, g_slc, g_swa), start, seq_len, block_size, block_counts, window
     )
+    seq_len = int(seq_len)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     rows = []
     for b, s in enumerate(start.tolist()):
@@ -349,14 +362,15 @@ def nsa_decode(
     g_swa: torch.Tensor,
     *,
     start: torch.Tensor,
-    seq_len: int,
+    seq_len: int | torch.Tensor,
     block_size: int,
     block_counts: int,
     window: int,
     scale: float | None = None,
     backend: str | None = "auto",
 ) -> torch.Tensor:
-    """One decode step of NSA for the query in cache slot `seq_len - 1` of every row (no host sync on Triton).
+    """One decode step of NSA for the query in cache slot `seq_len - 1` of every row (no host sync on Triton, so
+    with a tensor `seq_len` the step can be compiled and replayed from a CUDA graph).
 
     Args:
         q: `[B, HQ, D]` (RoPE applied).
@@ -365,7 +379,8 @@ def nsa_decode(
             `+ block_size - 1`; valid for `c < (seq_len - start[b]) // block_size`, the rest is ignored.
         g_cmp, g_slc, g_swa: `[B, HQ]` branch gates (after the sigmoid).
         start: int32 `[B]` first real slot of each row (the number of left pads).
-        seq_len: slots used (the query is slot `seq_len - 1` of every row).
+        seq_len: slots used (the query is slot `seq_len - 1` of every row), in `[1, N]`: an int, or an int32/int64
+            `[]` tensor on q's device, whose value is not checked (then `NC >= N // block_size`, for any value).
         block_size, block_counts, window, scale: as in `nsa`.
         backend: "torch" (reference), "triton", or "auto" (Triton for CUDA tensors, else the reference).
 

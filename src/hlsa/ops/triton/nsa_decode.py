@@ -9,7 +9,8 @@ A program holds the G query heads of its kv group (they share the selection) and
 3. attention over each chosen block as soon as it is picked (causal inside the current block);
 4. attention over the window band `t - W..t`;
 5. the gated sum.
-No host sync: `start` stays on the device and loop bounds are read from it inside the kernel.
+No host sync: `start` and `seq_len` stay on the device and loop bounds are read from them inside the kernel, so the
+kernel compiles once per cache shape and a captured CUDA graph replays it at any sequence length.
 
 Legend: `B` batch, `HQ`/`HKV` heads, `G = HQ // HKV`, `D` head dim, `N` cache slots, `NC` compressed slots;
 `GP, BD, BSP` are G, D, block_size padded to powers of two >= 16 (the smallest `tl.dot` tile on GPUs).
@@ -56,7 +57,7 @@ def nsa_decode_kernel(
     o,
     imp,
     scale,
-    seq_len,
+    seq_len_ptr,
     window,
     stride_kb,
     stride_kh,
@@ -80,6 +81,7 @@ def nsa_decode_kernel(
     i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_h = i_bh // HKV, i_bh % HKV
     st = tl.load(start + i_b).to(tl.int32)
+    seq_len = tl.load(seq_len_ptr).to(tl.int32)
     t = seq_len - 1  # the query's cache slot
     n_real = tl.maximum(seq_len - st, 0)
     NC = n_real // BS  # complete blocks visible to the query
@@ -180,7 +182,7 @@ def nsa_decode_triton(
     g_swa: torch.Tensor,
     *,
     start: torch.Tensor,
-    seq_len: int,
+    seq_len: int | torch.Tensor,
     block_size: int,
     block_counts: int,
     window: int,
@@ -194,7 +196,11 @@ def nsa_decode_triton(
     if v_cmp.stride() != k_cmp.stride():
         raise ValueError("nsa_decode: k_cmp and v_cmp need the same strides")
     q, g_cmp, g_slc, g_swa, start = (x.contiguous() for x in (q, g_cmp, g_slc, g_swa, start))
-    NCP = _pow2_at_least_16((seq_len - 1) // block_size + 1)  # candidate blocks 0..IC fit in NCP keys
+    if not isinstance(seq_len, torch.Tensor):
+        seq_len = torch.full((), seq_len, dtype=torch.int64, device=q.device)
+    # Candidate blocks 0..IC fit in NCP keys for any seq_len <= N: sized by the cache, not by seq_len, so that one
+    # compiled kernel serves every step until the cache grows.
+    NCP = _pow2_at_least_16((k_cache.shape[2] - 1) // block_size + 1)
     imp = torch.empty(B * HKV, NCP, dtype=torch.float32, device=q.device)
     o = torch.empty_like(q)
     nsa_decode_kernel[(B * HKV,)](
