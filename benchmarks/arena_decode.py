@@ -45,7 +45,16 @@ from pathlib import Path
 
 import torch
 
-from benchlib import REPO, add_output_args, copy_bandwidth, machine, median_seconds, result_path, write_result
+from benchlib import (
+    REPO,
+    add_output_args,
+    copy_bandwidth,
+    machine,
+    median_seconds,
+    positive_ints,
+    result_path,
+    write_result,
+)
 from e2e import environment
 from e2e_models import (
     K,
@@ -196,18 +205,6 @@ def describe(row: dict) -> str:
     )
 
 
-def parse_ints(text: str | None, option: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise SystemExit(f"{option}: expected comma-separated positive integers, got {text!r}")
-    return values
-
-
 def parse_policies(text: str | None) -> tuple[str, ...]:
     """The policies to time, `learned` (the reference) first and always included."""
     names = TIMED if text is None else tuple(x for x in text.split(",") if x)
@@ -234,7 +231,10 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=None, help="start no point and no further round after "
                         "this many seconds (default 120; smoke 60)")  # fmt: skip
     args = parser.parse_args()
-    args.batches, args.contexts = parse_ints(args.batches, "--batches"), parse_ints(args.contexts, "--contexts")
+    args.batches, args.contexts = (
+        None if text is None else positive_ints(text, option)
+        for text, option in ((args.batches, "--batches"), (args.contexts, "--contexts"))
+    )
     if (args.rounds is not None and args.rounds < 1) or (args.steps is not None and args.steps < 1):
         raise SystemExit("--rounds and --steps must be positive")
     policies = parse_policies(args.policies)

@@ -155,3 +155,14 @@ def load_file(path: Path) -> SimpleNamespace:
     """The globals of a Python file run as a module (another version of a kernel file, for A/B runs in one process:
     e.g. `git show REV:src/hlsa/ops/triton/router_step.py > /tmp/old.py`)."""
     return SimpleNamespace(**runpy.run_path(str(path), run_name=f"ab_{Path(path).stem}"))
+
+
+def positive_ints(text: str, option: str) -> tuple[int, ...]:
+    """`"1,16,64"` -> `(1, 16, 64)` for a command-line option; anything else is a usage error that names it."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise SystemExit(f"{option}: expected comma-separated positive integers, got {text!r}")
+    return values

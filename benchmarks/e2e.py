@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import add_output_args, copy_bandwidth, machine, result_path, write_result
+from benchlib import add_output_args, copy_bandwidth, machine, positive_ints, result_path, write_result
 from e2e_models import (
     ARCHS,
     Plan,
@@ -230,17 +230,6 @@ def _lines(ax: object, rows: list[dict], x: str, y: str, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7)
-
-
-def positive_ints(text: str, option: str) -> tuple[int, ...]:
-    """`"1,16,64"` -> `(1, 16, 64)`; anything else is a usage error that names the option."""
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise SystemExit(f"{option}: expected comma-separated positive integers, got {text!r}")
-    return values
 
 
 def main() -> None:

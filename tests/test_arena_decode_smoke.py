@@ -172,3 +172,13 @@ def test_replayed_step_matches_the_eager_step_on_cuda(policy: str) -> None:
             assert torch.equal(graphed.buffer_len, reference.buffer_len)
             assert torch.equal(graphed.valid, reference.valid)
             assert int(graphed.position) == int(reference.position) == cache.seen
+
+
+@pytest.mark.parametrize("option", ["--batches", "--contexts"])
+def test_bad_batches_and_contexts_are_refused(option: str, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", option, "1,0", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0 and f"{option}: expected comma-separated positive integers" in proc.stderr
+    assert not list(tmp_path.iterdir())
