@@ -285,3 +285,16 @@ def test_cuda_matches_reference(dtype, HQ, HKV, D) -> None:
             assert rel_err(a, b) < tol
     finally:
         torch.set_default_device(None)
+
+
+def test_backward_refuses_sequences_past_32_bit_offsets() -> None:
+    """The dk/dv band kernel addresses one sequence's K and V with 32-bit offsets: a sequence of T * HKV * D >= 2**31
+    elements is refused before anything is allocated (expanded views here, no memory behind them)."""
+    from hlsa.ops.triton.sparse_attention_bwd import dkdv
+
+    T, HKV, D = 2**21, 16, 64
+    k = torch.zeros(1, 1, 1, 1, dtype=torch.bfloat16).expand(1, T, HKV, D)
+    q = torch.zeros(1, 1, 1, 1, dtype=torch.bfloat16).expand(1, T, HKV, D)
+    lse = torch.zeros(1, 1, 1).expand(1, HKV, T)
+    with pytest.raises(ValueError, match=r"T \* HKV \* D = 2147483648 must be below 2\*\*31"):
+        dkdv(q, k, k, q, lse, lse, q, q, q, q, 64, 0.125, False, config=(16, 16, 1, 1))

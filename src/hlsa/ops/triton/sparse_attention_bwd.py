@@ -9,8 +9,8 @@ two; as the forward and dq programs do), which turns the loop over heads and pos
    the segment's band in chunks of BN and accumulates their far pairs with the segment's queries; the fp32 partials
    are atomically added into a compact buffer indexed like the column list (several segments share a column, and a
    program per chunk instead would leave a few programs walking all T queries: 36 programs at T=65536, B=1).
-2. `_dkdv_band_kernel`: per key block `[n0, n0 + BN)`, the near pairs over queries `[n0, n0 + BN + W)`, then the column
-   partial of its keys is added and the sum written in the input dtype.
+2. `_dkdv_band_kernel`: per key block `[n0, n0 + BN)`, starting from the column partial of its keys, the near pairs
+   over queries `[n0, n0 + BN + W)`; the sum is written in the input dtype.
 """
 
 from __future__ import annotations
@@ -148,14 +148,29 @@ def _dkdv_band_kernel(
     m_n = o_n < T
     o_d = tl.arange(0, BD)
     m_kd = m_n[:, None] & (o_d < D)[None, :]
-    p_kv = (i_b.to(tl.int64) * T * HKV + i_hk) * D + o_n[:, None] * (HKV * D) + o_d[None, :]
-    b_k = tl.load(k + p_kv, mask=m_kd, other=0.0)
-    b_v = tl.load(v + p_kv, mask=m_kd, other=0.0)
+    # A 64-bit offset for the (b, kv head) slab, 32-bit offsets in it: the `[BN, BD]` offset tile lives until the
+    # final store, and int64 would hold twice the registers.
+    slab = (i_b.to(tl.int64) * T * HKV + i_hk) * D
+    p_kv = o_n[:, None] * (HKV * D) + o_d[None, :]
+    b_k = tl.load(k + slab + p_kv, mask=m_kd, other=0.0)
+    b_v = tl.load(v + slab + p_kv, mask=m_kd, other=0.0)
     m_key = m_n
     if USE_KM:
         m_key = m_key & tl.load(km + i_b.to(tl.int64) * T + o_n, mask=m_n, other=0).to(tl.int1)
-    b_dk = tl.zeros([BN, BD], dtype=tl.float32)
-    b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+    if USE_COLS:
+        # Keys that are columns start from their far-pair partial (the column kernel ran first), stored at their
+        # index in the column list. Read here, where little else is live: added after the loops, the partial tiles
+        # and their offsets made the kernel spill registers.
+        p_cnt = ccount + i_bk.to(tl.int64) * (T + 1) + o_n
+        b_idx = tl.load(p_cnt, mask=m_n, other=0)
+        is_col = (tl.load(p_cnt + 1, mask=m_n, other=0) > b_idx) & m_n
+        p_part = b_idx[:, None] * D + o_d[None, :]
+        m_part = is_col[:, None] & (o_d < D)[None, :]
+        b_dk = tl.load(dk_col + i_bk.to(tl.int64) * T * D + p_part, mask=m_part, other=0.0)
+        b_dv = tl.load(dv_col + i_bk.to(tl.int64) * T * D + p_part, mask=m_part, other=0.0)
+    else:
+        b_dk = tl.zeros([BN, BD], dtype=tl.float32)
+        b_dv = tl.zeros([BN, BD], dtype=tl.float32)
     # Query tiles at positions [m0, m0 + BMQ) over [start, q_hi): the interior ones [lo, hi) see every key of the
     # block (m0 >= n0 + BN - 1, m0 + BMQ - 1 <= n0 + W, all positions < T) and test at most the key mask.
     start, q_hi = (n0 // BMQ) * BMQ, tl.minimum(n0 + BN + W, T)
@@ -179,19 +194,10 @@ def _dkdv_band_kernel(
                 b_dk, b_dv, b_k, b_v, o_n, m_key, q, do, q_desc, do_desc, lse, delta, i_b, i_hk, g0, m0,
                 T, W, scale, HQ, G, D, BD, BM, HP, True, USE_KM, PREC, TMA,
             )  # fmt: skip
-    if USE_COLS:
-        # Keys that are columns add their far-pair partial, stored at their index in the column list.
-        p_cnt = ccount + i_bk.to(tl.int64) * (T + 1) + o_n
-        b_idx = tl.load(p_cnt, mask=m_n, other=0)
-        is_col = (tl.load(p_cnt + 1, mask=m_n, other=0) > b_idx) & m_n
-        p_part = i_bk.to(tl.int64) * T * D + b_idx[:, None] * D + o_d[None, :]
-        m_part = is_col[:, None] & (o_d < D)[None, :]
-        b_dk += tl.load(dk_col + p_part, mask=m_part, other=0.0)
-        b_dv += tl.load(dv_col + p_part, mask=m_part, other=0.0)
     # ds was taken w.r.t. natural logits; dk = scale * ds^T q (column partials are stored unscaled too).
     b_dk = b_dk * (scale / 1.4426950408889634)
-    tl.store(dk + p_kv, b_dk.to(dk.dtype.element_ty), mask=m_kd)
-    tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_kd)
+    tl.store(dk + slab + p_kv, b_dk.to(dk.dtype.element_ty), mask=m_kd)
+    tl.store(dv + slab + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_kd)
 
 
 def query_segment(T: int, n_heads: int, BM: int) -> int:
@@ -224,6 +230,8 @@ def dkdv(
     """
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
+    if T * HKV * D >= 2**31:  # the band kernel's offsets within one sequence's K and V are 32-bit
+        raise ValueError(f"sparse attention backward: T * HKV * D = {T * HKV * D} must be below 2**31 per sequence")
     BM, BN, warps, stages, packed = tile_config(config)
     HP = triton.next_power_of_2(HQ // HKV) if packed else 1  # query heads per tile
     BM = max(BM, HP)

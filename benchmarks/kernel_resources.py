@@ -1,0 +1,191 @@
+"""Registers and spills of the training attention's kernels, compiled for Hopper (sm_90) on any machine, no GPU.
+
+Usage: `PYTHONPATH=src python3 benchmarks/kernel_resources.py [--dims 64,128] [--kernels fwd,dq,dkdv]
+[--defaults-only] [--out DIR]`
+
+A kernel that needs more than the 255 registers a thread may hold spills the rest to local memory (the stack), and
+a spilling attention kernel runs up to several times slower. Whether a tile config spills depends on the Triton
+that compiles it, not on the GPU: each launcher (`forward`, `backward_dq`, `dkdv`) is run on small CPU tensors of
+the benchmark pattern (attention.py's: HQ = 16, HKV = 4, W = 768, columns) with its kernels' launches captured
+instead of run, every captured launch is compiled for sm_90 (`triton.compile` with the launch's argument types and
+the alignment Triton would specialise them on, TMA where an H100 takes it), and `cuobjdump -res-usage` reads
+registers per thread and stack bytes from the cubin. Compile with the Triton of the GPU machine (its version is
+in the results file's `triton`):
+
+    python3 -m pip install --target /tmp/triton36 --no-deps triton==3.6.0
+    PYTHONPATH=/tmp/triton36:src python3 benchmarks/kernel_resources.py
+
+Writes `kernel_resources-sm90.json` (DIR default benchmarks/results): per kernel, D and tile config, every compiled
+kernel's name, registers, stack bytes and shared memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from attention import WINDOW
+from attention_tiles import CANDIDATES, HKV, HQ, KERNELS, cfg_name
+from benchlib import add_output_args, machine, write_result
+
+T_CAPTURE = 1024  # the launchers' length: a multiple of 16, as the benchmark's (the same specialisation)
+SM90 = (9, 0)
+
+
+@contextmanager
+def captured_launches():
+    """Inside, launches of the training attention's kernels are recorded as `(kernel, args, kwargs)` instead of run
+    (`torch.cuda.get_device_capability` answers sm_90 so that the launchers pick the Hopper paths)."""
+    import hlsa.ops.triton.sparse_attention as fwd
+    import hlsa.ops.triton.sparse_attention_bwd as bwd
+
+    kernels = [fwd._prologue_kernel, fwd._fwd_kernel, fwd._dq_kernel, bwd._dkdv_col_kernel, bwd._dkdv_band_kernel]
+    launches: list[tuple] = []
+
+    def recorder(fn):  # `kernel[grid](...)` calls `kernel.run(..., grid=, warmup=)`
+        def run(*args, grid, warmup, **kwargs):
+            launches.append((fn, args, kwargs))
+
+        return run
+
+    with mock.patch.object(torch.cuda, "get_device_capability", lambda device=None: SM90):
+        with contextlib.ExitStack() as stack:
+            for fn in kernels:
+                stack.enter_context(mock.patch.object(fn, "run", recorder(fn)))
+            yield launches
+
+
+def launches_of(kernel: str, D: int, config: tuple | None) -> list[tuple]:
+    """The kernel launches of one launcher (`kernel` in fwd, dq, dkdv) with `config` (None: `launch_config`), on the
+    benchmark pattern at `T_CAPTURE` tokens, bf16; the prologue's launch is left out."""
+    import hlsa.ops.triton.sparse_attention as fwd
+    from hlsa.ops.triton.sparse_attention_bwd import dkdv
+
+    torch.manual_seed(0)
+    q = torch.randn(1, T_CAPTURE, HQ, D, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, T_CAPTURE, HKV, D, dtype=torch.bfloat16) for _ in range(2))
+    ce = torch.zeros(1, T_CAPTURE, HKV, dtype=torch.int32)
+    ce[:, ::8] = 2**31 - 1  # columns: every 8th key
+    lse = torch.zeros(1, HQ, T_CAPTURE)
+    with captured_launches() as launches:
+        cols, ccount = fwd.column_prologue(ce, None, WINDOW)
+        pattern = (ce, q, cols, ccount, WINDOW, D**-0.5, True)  # `km is q`: no key mask
+        if kernel == "fwd":
+            fwd.forward(q, k, v, *pattern, config=config)
+        elif kernel == "dq":
+            fwd.backward_dq(q, k, v, q, q, lse, *pattern, config=config)
+        else:
+            dkdv(q, k, v, q, lse, lse, *pattern, config=config or fwd.launch_config("dkdv", D, q.dtype))
+    return [launch for launch in launches if launch[0] is not fwd._prologue_kernel]
+
+
+def compile_launch(fn, args: tuple, kwargs: dict):
+    """`fn` compiled for sm_90 with the types and alignment of one captured launch's arguments."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import mangle_type
+
+    values = dict(zip(fn.arg_names, args)) | {k: v for k, v in kwargs.items() if k in fn.arg_names}
+    options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        value = values[name]
+        if param.is_constexpr or value is None or (isinstance(value, int) and value == 1):
+            signature[name], constexprs[name] = "constexpr", value  # Triton specialises ints equal to 1 too
+            continue
+        signature[name] = mangle_type(value)
+        aligned = (isinstance(value, torch.Tensor) and value.data_ptr() % 16 == 0) or (
+            isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+        )
+        if aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    with quiet_stderr():  # a failing pass prints its whole module; the error that follows says enough
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+@contextmanager
+def quiet_stderr():
+    """File descriptor 2 to /dev/null inside (the compiler's C++ passes write there, not to sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def resource_usage(compiled) -> dict:
+    """Registers per thread, stack bytes (spilled registers) and shared memory of a compiled kernel's cubin."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(compiled.asm["cubin"])
+        out = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+)\s+STACK:(\d+)", out)
+    if not found:
+        raise RuntimeError(f"cuobjdump -res-usage gave no REG/STACK line: {out[-300:]!r}")
+    return {"regs": int(found.group(1)), "stack": int(found.group(2)), "shared": compiled.metadata.shared}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_output_args(parser)
+    parser.add_argument("--dims", default="64,128", help="head dims (default 64,128)")
+    parser.add_argument("--kernels", default=",".join(KERNELS), help="subset of fwd,dq,dkdv (default all)")
+    parser.add_argument(
+        "--defaults-only", action="store_true", help="only the launch_config tiles (default: every sweep candidate)"
+    )
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("kernel_resources.py compiles for sm_90: unset TRITON_INTERPRET")
+    kernels = args.kernels.split(",")
+    if not kernels or set(kernels) - set(KERNELS):
+        sys.exit(f"--kernels: expected a comma-separated subset of {','.join(KERNELS)}, got {args.kernels!r}")
+    import triton
+
+    from hlsa.ops.triton.sparse_attention import launch_config
+
+    rows = []
+    for kernel in kernels:
+        for D in (int(d) for d in args.dims.split(",")):
+            default = tuple(launch_config(kernel, D, torch.bfloat16))
+            for cfg in dict.fromkeys([default, *([] if args.defaults_only else CANDIDATES[kernel])]):
+                row = {"kernel": kernel, "D": D, "config": list(cfg), "name": cfg_name(cfg, kernel)}
+                row["default"] = cfg == default
+                try:
+                    row["compiled"] = [
+                        {"name": fn.__name__, **resource_usage(compile_launch(fn, a, kw))}
+                        for fn, a, kw in launches_of(kernel, D, cfg)
+                    ]
+                except Exception as err:  # a config that does not compile is a result, not the end of the run
+                    row["error"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                rows.append(row)
+                usage = "  ".join(f"{c['name']} regs={c['regs']} stack={c['stack']}" for c in row.get("compiled", []))
+                print(f"{kernel:4} D{D:<3} {row['name']:>12}{' (default)' if row['default'] else '':10} "
+                      f"{usage or row.get('error', '')}", flush=True)  # fmt: skip
+    result = {"machine": machine(args.commit), "target": "sm_90", "triton": triton.__version__,
+              "pattern": {"HQ": HQ, "HKV": HKV, "window": WINDOW, "T": T_CAPTURE}, "rows": rows}  # fmt: skip
+    path = Path(args.out or Path(__file__).parent / "results") / "kernel_resources-sm90.json"
+    write_result(path, result)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
