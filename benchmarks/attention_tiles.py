@@ -107,6 +107,14 @@ def candidates(kernel: str, D: int, smem_limit: int) -> tuple[list[tuple], list[
     return keep, skipped
 
 
+def parse_kernels(text: str) -> list[str]:
+    """`--kernels`: a comma-separated subset of KERNELS; anything else is a usage error."""
+    kernels = text.split(",")
+    if set(kernels) - set(KERNELS):
+        sys.exit(f"--kernels: expected a comma-separated subset of {','.join(KERNELS)}, got {text!r}")
+    return kernels
+
+
 def cfg_name(cfg: tuple, kernel: str) -> str:
     """`128x64x4x3`, with "ws" (forward, dq: warp_specialize) or "pk" (dk/dv: packed query tiles) for the flag."""
     flag = "pk" if kernel == "dkdv" else "ws"
@@ -314,7 +322,7 @@ def loaded_kernels() -> dict[int, object]:
 
 def kernel_resources(kernels: list[object]) -> list[dict]:
     """Registers per thread, spilled registers and shared memory bytes of compiled kernels (None where this Triton
-    does not say): a config whose accumulators spill to local memory runs several times slower."""
+    does not say): a config whose accumulators spill to local memory can run several times slower."""
     out = []
     for k in kernels:
         meta = getattr(k, "metadata", None)
@@ -575,9 +583,7 @@ def main() -> None:
     if args.compile_worker:
         compile_worker([(kernel, D, tuple(cfg)) for kernel, D, cfg in json.loads(args.compile_worker)])
         return
-    swept = args.kernels.split(",")
-    if not swept or set(swept) - set(KERNELS):
-        sys.exit(f"--kernels: expected a comma-separated subset of {','.join(KERNELS)}, got {args.kernels!r}")
+    swept = parse_kernels(args.kernels)
     budget = Budget(args.budget_s)
     torch.manual_seed(0)
     Ds = [int(x) for x in args.dims.split(",")]

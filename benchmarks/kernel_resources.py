@@ -35,7 +35,7 @@ from unittest import mock
 import torch
 
 from attention import WINDOW
-from attention_tiles import CANDIDATES, HKV, HQ, KERNELS, cfg_name
+from attention_tiles import CANDIDATES, HKV, HQ, KERNELS, cfg_name, parse_kernels
 from benchlib import add_output_args, machine, write_result
 
 T_CAPTURE = 1024  # the launchers' length: a multiple of 16, as the benchmark's (the same specialisation)
@@ -155,9 +155,7 @@ def main() -> None:
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("kernel_resources.py compiles for sm_90: unset TRITON_INTERPRET")
-    kernels = args.kernels.split(",")
-    if not kernels or set(kernels) - set(KERNELS):
-        sys.exit(f"--kernels: expected a comma-separated subset of {','.join(KERNELS)}, got {args.kernels!r}")
+    kernels = parse_kernels(args.kernels)
     import triton
 
     from hlsa.ops.triton.sparse_attention import launch_config
