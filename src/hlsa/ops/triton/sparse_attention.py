@@ -224,13 +224,15 @@ def launch_config(kernel: str, D: int, dtype: torch.dtype) -> tuple:
         # fp32 tiles take twice the shared memory: the bf16 D=128 dq config asks for 256 KiB (the H200 has 227).
         # fp32 is the exact-arithmetic path for checks, not a speed path: small tiles, untuned.
         return (64, 32, 4, 2) if kernel != "dkdv" else (64, 64, 4, 2)
-    # The least summed time over T = 4096 and 16384 of every candidate that passed the reference check, bf16 on an
-    # H200 (benchmarks/results/attention_tiles-h200.json, docs/kernels.md). dq at D = 128 leaves out the warp
-    # specialisation that timed 0.2% faster: a tie, and a path the GPU tests cover less.
+    # The least summed time over T = 4096 and 16384 of every candidate that passed the reference check, bf16, on an
+    # H100 (benchmarks/results/attention_tiles-h100.json; the H200 sweep chose the same forward and dq tiles;
+    # docs/kernels.md). dq at D = 128 leaves out the warp specialisation that timed 1% faster at T = 16384 only, a
+    # path the GPU tests cover less. dk/dv at D = 64: the packed (64, 64, 4, 3) tiles, which spill no registers, over
+    # the packed (128, 64, 4, 2) ones, which spill and timed 0.2% faster in sum (a tie).
     table = {
         "fwd": (128, 64, 4, 3) if D <= 64 else (128, 32, 4, 4),
         "dq": (128, 64, 4, 3) if D <= 64 else (128, 64, 8, 3),
-        "dkdv": (64, 64, 4, 2),
+        "dkdv": (64, 64, 4, 3, True) if D <= 64 else (32, 64, 4, 3, True),
     }
     return table[kernel]
 
