@@ -21,7 +21,8 @@ pair forward, 3.5x that forward + backward. Forward + backward of ours is timed 
 configs, and as the sum of the kernels (prologue + forward + dq + dk/dv) with the default and the best configs.
 
 `--budget-s` bounds the run: the compile gets 40% of it, sweeping stops when it is spent (the results so far are
-still written). Writes `attention_tiles-<gpu>.json` (DIR default benchmarks/results) after each shape, and prints a
+still written). Writes `attention_tiles-<gpu>.json` (DIR default benchmarks/results; `attention_tiles_dkdv-<gpu>.json`
+and the like for a `--kernels` subset) after each shape, and prints a
 table last: per (kernel, D, T) the default and the best config, their times and TFLOP/s, then the `launch_config`
 entries to paste.
 """
@@ -76,6 +77,8 @@ CANDIDATES = {
         (32, 128, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2),
         (64, 64, 4, 2, True), (64, 64, 4, 3, True), (128, 64, 4, 2, True), (128, 64, 8, 2, True),
         (128, 64, 4, 3, True), (64, 128, 8, 2, True), (128, 128, 8, 2, True), (32, 64, 4, 3, True),
+        (32, 64, 4, 2, True), (64, 32, 4, 3, True), (64, 64, 4, 4, True), (32, 32, 4, 3, True), (32, 64, 4, 4, True),
+        (64, 32, 4, 4, True), (32, 128, 8, 2, True), (64, 64, 8, 3, True), (64, 128, 8, 3, True),
     ],
 }  # fmt: skip
 
@@ -592,7 +595,9 @@ def main() -> None:
     smem = getattr(props, "shared_memory_per_block_optin", 0) or SMEM_DEFAULT
     result = {"machine": machine(args.commit), "dtype": "bfloat16", "HQ": HQ, "HKV": HKV, "window": WINDOW,
               "tokens": TOKENS, "smem_limit": smem, "budget_s": args.budget_s}  # fmt: skip
-    path = result_path("attention_tiles", args.out)
+    # A sweep of some kernels only gets a file of its own, so that it does not replace the full sweep's.
+    name = "attention_tiles" if set(swept) == set(KERNELS) else "attention_tiles_" + "_".join(swept)
+    path = result_path(name, args.out)
     configs, skipped = {}, {}
     for kernel in swept:
         for D in Ds:

@@ -260,7 +260,8 @@ def test_main_sweeps_only_the_kernels_asked_for(tiles, monkeypatch: pytest.Monke
     argv = ["attention_tiles.py", "--dims", "32", "--lengths", "32", "--budget-s", "100000", "--workers", "1"]
     monkeypatch.setattr(sys, "argv", argv + ["--no-flex", "--kernels", "dkdv"])
     tiles.main()
-    result = json.loads((tmp_path / "attention_tiles-test.json").read_text())
+    assert not (tmp_path / "attention_tiles-test.json").exists()  # the full sweep's file is left alone
+    result = json.loads((tmp_path / "attention_tiles_dkdv-test.json").read_text())
     assert {r["kernel"] for r in result["rows"]} == {"dkdv"} and set(result["suggested"]) == {"dkdv D32"}
     monkeypatch.setattr(sys, "argv", argv + ["--kernels", "dkdv,bwd"])
     with pytest.raises(SystemExit, match="--kernels: expected a comma-separated subset"):
