@@ -233,6 +233,26 @@ def test_column_prologue_matches_reference(T: int, window: int, pad: int) -> Non
         assert torch.equal(cols[r, :n], cols_ref[r, :n]), r
 
 
+@pytest.mark.parametrize("T,D", [(1, 8), (70, 48), (100, 32)])
+def test_zero_column_rows_zeroes_only_the_used_rows(T: int, D: int) -> None:
+    """The dk/dv column partials start uninitialised: rows below each (b, kv head)'s column count must be zeroed (the
+    column kernel adds into them, the band kernel reads them) and the rest left alone. Counts include 0 and T, and T
+    is not a multiple of the kernel's row block (T = 1 has only the counts 0 and 1). The backward tests above run it
+    end to end, on buffers that `poisoned_empty` fills with NaN."""
+    from hlsa.ops.triton.sparse_attention_bwd import zero_column_rows
+
+    n_col = torch.tensor([0, T, T // 2, 1, T - 1, torch.randint(0, T + 1, ()).item()])
+    ccount = torch.full((len(n_col), T + 1), -7, dtype=torch.int32)  # entries the kernel must not read
+    ccount[:, -1] = n_col  # the total, the only entry it reads
+    dk_col = torch.full((len(n_col), T, D), float("nan"))
+    dv_col = torch.full((len(n_col), T, D), float("nan"))
+    zero_column_rows(dk_col, dv_col, ccount)
+    for bk, n in enumerate(n_col.tolist()):
+        for buf in (dk_col, dv_col):
+            assert (buf[bk, :n] == 0).all(), (bk, n)
+            assert buf[bk, n:].isnan().all(), (bk, n)
+
+
 def test_tma_only_where_a_block_is_one_aligned_head() -> None:
     """TMA block loads need a power-of-two head dim of >= 16 bytes and 16-byte aligned, contiguous tensors; the
     interpreter emulates them, so the CPU tests run the TMA path for D = 32 and 64 and pointer loads for D = 48."""
