@@ -158,12 +158,22 @@ def environment(plan: Plan) -> dict:
     return {"dtype": str(plan.dtype), "plan": plan_dict}
 
 
-def merge(runs: list[dict]) -> dict:
+def merge(results: list[dict]) -> dict:
     """One results dict from runs split over calls with `--archs` (e.g. when one call cannot hold them all): models,
     decode and prefill rows joined (each row tagged with its `run`), the first run's machine, plan and memory
-    table, every run's GPU, commit, command and copy bandwidth, and the targets checked again on the joined rows."""
-    if not runs:
+    table, every run's GPU, commit, command and copy bandwidth, and the targets checked again on the joined rows.
+
+    An input may itself be a merged file (it stands for the runs it joined). Where several runs measured one point
+    (architecture, batch, context or prompt length), the last of them counts: its rows of that point replace the
+    earlier runs', so re-timed points can be merged into an existing table; a run left with no rows is dropped."""
+    if not results:
         raise ValueError("merge: no runs given")
+    runs = [run for result in results for run in _runs_of(result)]
+    last = {_point(kind, row): i for i, run in enumerate(runs) for kind in ("decode", "prefill") for row in run[kind]}
+    for i, run in enumerate(runs):
+        for kind in ("decode", "prefill"):
+            run[kind] = [row for row in run[kind] if last[_point(kind, row)] == i]
+    runs = [run for run in runs if run["decode"] or run["prefill"]]
     first = runs[0]
     merged = {
         "machine": {
@@ -179,12 +189,37 @@ def merge(runs: list[dict]) -> dict:
         "memory": first["memory"],
     }
     for i, run in enumerate(runs):
-        merged["models"].update(run["models"])
+        archs = {row["arch"] for kind in ("decode", "prefill") for row in run[kind]}
+        merged["models"].update({arch: model for arch, model in run["models"].items() if arch in archs})
         for kind in ("decode", "prefill"):
             merged[kind] += [{**row, "run": i} for row in run[kind]]
     fields = {k: v for k, v in first["environment"]["plan"].items() if k in Plan.__dataclass_fields__}
     merged["targets"] = check_targets(merged, Plan(**fields))
     return merged
+
+
+def _point(kind: str, row: dict) -> tuple:
+    return kind, row["arch"], row.get("batch"), row.get("context"), row.get("length")
+
+
+def _runs_of(result: dict) -> list[dict]:
+    """A results dict as the runs it holds: itself, or each run a merged file joined (rows untagged again)."""
+    joined = result["machine"].get("merged_runs")
+    if not joined:
+        return [{**result, "decode": list(result["decode"]), "prefill": list(result["prefill"])}]
+    machine = {k: v for k, v in result["machine"].items() if k != "merged_runs"}
+    return [
+        {
+            **result,
+            "machine": {**machine, **run_machine},
+            "copy_bandwidth_bytes_per_s": result["copy_bandwidth_per_run"][i],
+            **{
+                kind: [{k: v for k, v in row.items() if k != "run"} for row in result[kind] if row["run"] == i]
+                for kind in ("decode", "prefill")
+            },
+        }
+        for i, run_machine in enumerate(joined)
+    ]
 
 
 # --- outputs ---------------------------------------------------------------------------------------------------------
@@ -238,7 +273,10 @@ def main() -> None:
     mode.add_argument("--quick", action="store_true", help="the trimmed GPU run (~5 min)")
     mode.add_argument("--smoke", action="store_true", help="CPU, tiny configs, a few tokens (tests)")
     mode.add_argument("--plot-only", type=Path, metavar="JSON", help="draw the figures of an existing JSON")
-    mode.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="join runs split with --archs, then plot")
+    mode.add_argument(
+        "--merge", type=Path, nargs="+", metavar="JSON",
+        help="join runs split with --archs (a later run's points replace earlier rows of them), then plot",
+    )  # fmt: skip
     add_output_args(parser)
     parser.add_argument("--budget-s", type=float, default=None, help="skip points once this many seconds have passed")
     parser.add_argument(

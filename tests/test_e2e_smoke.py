@@ -271,6 +271,35 @@ def test_merge_of_a_split_run_is_the_whole_run(smoke_json: dict, tmp_path) -> No
     assert png.exists() and png.with_name(f"{png.stem}-memory.png").exists()  # matplotlib: a dev dependency
 
 
+def test_merge_replaces_an_architecture_timed_again(smoke_json: dict) -> None:
+    """Merging a merged table with a later run of some of its architectures: the later rows replace those of the
+    same points, the other rows and their runs stay, and a run left with no rows is dropped."""
+
+    def part(archs: set, command: str, scale: float = 1.0) -> dict:
+        out = {**smoke_json, "machine": {**smoke_json["machine"], "command": command}}
+        out["models"] = {a: m for a, m in smoke_json["models"].items() if a in archs}
+        for kind in ("decode", "prefill"):
+            rows = [r for r in smoke_json[kind] if r["arch"] in archs]
+            out[kind] = [{**r, "tokens_per_s": r.get("tokens_per_s", 0.0) * scale} for r in rows]
+        return out
+
+    others = set(smoke_json["models"]) - {"gdn_lte"}
+    table = e2e.merge([part({"gdn_lte"}, "first"), part(others, "second")])
+    again = e2e.merge([table, part({"gdn_lte"}, "gdn_lte again", scale=2.0)])
+    assert [r["command"] for r in again["machine"]["merged_runs"]] == ["second", "gdn_lte again"]
+    for kind in ("decode", "prefill"):
+        old = {(r["arch"], r["order"]): r for r in table[kind]}
+        for row in again[kind]:
+            before = old[row["arch"], row["order"]]
+            if row["arch"] == "gdn_lte":
+                assert row["run"] == 1 and row["tokens_per_s"] == 2.0 * before["tokens_per_s"]
+            else:
+                assert row["run"] == 0 and row["tokens_per_s"] == before["tokens_per_s"]
+        assert sorted((r["arch"], r["order"]) for r in again[kind]) == sorted(old)
+    assert again["models"].keys() == smoke_json["models"].keys()
+    assert again["copy_bandwidth_per_run"] == [smoke_json["copy_bandwidth_bytes_per_s"]] * 2
+
+
 @pytest.mark.parametrize(
     ("name", "slug"), [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-40GB", "a100")]
 )
