@@ -226,8 +226,7 @@ def sweep() -> list[dict]:
 
 def kernel_times() -> list[dict]:
     """Median ms of each kernel of one training step alone (forward, column prologue, dq + delta, dk/dv) and of the
-    whole forward / forward + backward, at the quick shapes: where the time of `time_pair` goes; and the profiled
-    kernels of one forward + backward of the op (`op_sequence`: name, µs, idle µs before it)."""
+    whole forward / forward + backward, at the quick shapes: where the time of `time_pair` goes."""
     rows = []
     for T, HKV, D in ((4096, 4, 64), (16384, 4, 64), (4096, 16, 128)):
         rows.append(_kernel_row(T, HKV, D))
@@ -256,15 +255,6 @@ def _kernel_row(T: int, HKV: int, D: int) -> dict:
         row["dkdv_ms"] = bench(functools.partial(dkdv, q, k, v, do, lse, delta, *pattern, config=config), [])
     ours = functools.partial(sparse_attention, q, k, v, window=WINDOW, column_end=ce)
     row.update({f"total_{key}": value for key, value in time_pair(ours, [q, k, v]).items()})
-    # One forward + backward of the op under the profiler: its kernels in launch order with the idle time before
-    # each, to tell the op's overhead over the sum of its kernels apart from slower kernels.
-    from kernel_profile import step_sequence
-
-    do = torch.randn_like(q)
-    sequence = step_sequence(lambda: ours().backward(do), cuda=True)
-    row["op_sequence"] = sequence
-    row["op_busy_ms"] = sum(r[1] for r in sequence) / 1e3
-    row["op_idle_ms"] = sum(r[2] for r in sequence) / 1e3
     return row
 
 
