@@ -526,14 +526,19 @@ def print_table(rows: list[dict], shapes: dict, suggestion: dict) -> None:
     nan = float("nan")
     for s in summary(rows, shapes):
         info = shapes[(s["D"], s["T"])]
-        ours, target = info.get("ours", {}), TARGETS.get(s["D"], (nan, nan))
+        ours, target = info.get("ours", {}), TARGETS.get(s["D"])
+        aim = [f" [target {t}]" if target else "" for t in (target or (None, None))]
         fwd = [(s.get(f"{w}_fwd") or {}).get("ms", nan) for w in ("default", "best")]
         fb = [s.get(f"{w}_fwdbwd_sum_ms", nan) for w in ("default", "best")]
-        line = f"  D{s['D']:<3} T{s['T']:<5} fwd {s.get('default_fwd_tflops', nan):3.0f} ({fwd[0]:.3f}) -> "
-        line += f"{s.get('best_fwd_tflops', nan):3.0f} ({fwd[1]:.3f}) [target {target[0]}] | f+b "
-        line += f"{s.get('default_fwdbwd_tflops', nan):3.0f} ({fb[0]:.3f}) -> {s.get('best_fwdbwd_tflops', nan):3.0f} "
-        line += f"({fb[1]:.3f}) [target {target[1]}] | op {ours.get('fwd_tflops', nan):3.0f}/"
-        line += f"{ours.get('fwdbwd_tflops', nan):3.0f}"
+        line = f"  D{s['D']:<3} T{s['T']:<5} "
+        if "default_fwd_tflops" in s:
+            line += f"fwd {s['default_fwd_tflops']:3.0f} ({fwd[0]:.3f}) -> {s['best_fwd_tflops']:3.0f} ({fwd[1]:.3f})"
+            line += f"{aim[0]} | "
+        if "default_fwdbwd_tflops" in s:  # every kernel swept
+            line += f"f+b {s['default_fwdbwd_tflops']:3.0f} ({fb[0]:.3f}) -> {s['best_fwdbwd_tflops']:3.0f} "
+            line += f"({fb[1]:.3f}){aim[1]} | "
+        line += f"op {ours.get('fwd_tflops', nan):3.0f}/{ours.get('fwdbwd_tflops', nan):3.0f}"
+        line += f" [target {target[0]}/{target[1]}]" if target else ""
         for peer, label in (
             ("sdpa_causal_flash_expanded", "sdpa"),
             ("sdpa_causal_gqa", "sdpa-gqa"),

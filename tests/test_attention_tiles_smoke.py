@@ -253,7 +253,9 @@ def test_kernel_resources_reads_what_triton_reports(tiles) -> None:
 
 
 @pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="tiny shapes for the interpreter")
-def test_main_sweeps_only_the_kernels_asked_for(tiles, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_main_sweeps_only_the_kernels_asked_for(
+    tiles, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     import json
 
     _stand_ins(tiles, monkeypatch, tmp_path)
@@ -263,6 +265,8 @@ def test_main_sweeps_only_the_kernels_asked_for(tiles, monkeypatch: pytest.Monke
     assert not (tmp_path / "attention_tiles-test.json").exists()  # the full sweep's file is left alone
     result = json.loads((tmp_path / "attention_tiles_dkdv-test.json").read_text())
     assert {r["kernel"] for r in result["rows"]} == {"dkdv"} and set(result["suggested"]) == {"dkdv D32"}
+    summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  D32 ")]
+    assert summary and all("op " in line and "f+b" not in line and "nan" not in line for line in summary)
     monkeypatch.setattr(sys, "argv", argv + ["--kernels", "dkdv,bwd"])
     with pytest.raises(SystemExit, match="--kernels: expected a comma-separated subset"):
         tiles.main()
