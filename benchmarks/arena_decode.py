@@ -49,6 +49,7 @@ from benchlib import (
     REPO,
     add_output_args,
     copy_bandwidth,
+    error_text,
     machine,
     median_seconds,
     positive_ints,
@@ -111,7 +112,7 @@ def prepare_policy(
     except Exception as err:  # a failed capture is reported, then the policy is timed eagerly
         if entry["mode"] == "eager" or isinstance(err, torch.OutOfMemoryError):
             raise
-        entry.update(mode="eager", graph_error=f"{type(err).__name__}: {str(err)[:300]}")
+        entry.update(mode="eager", graph_error=error_text(err))
         cache = synthetic_cache(model, batch, context)
         step, seen = prepare_step(model, cache, token, plan, graph=False, compiled=False)
     lte = next(block.attn for block in model.model.layers if block.kind == "lte")
@@ -181,7 +182,7 @@ def run_point(
         except torch.OutOfMemoryError:
             failed.append({"policy": policy, "batch": batch, "context": context, "status": "oom"})
         except Exception as err:  # one broken policy must not cost the rest of a one-shot GPU run
-            status = f"error: {type(err).__name__}: {str(err)[:300]}"
+            status = f"error: {error_text(err)}"
             failed.append({"policy": policy, "batch": batch, "context": context, "status": status})
     rounds = time_rounds(model, entries, plan, deadline, buffer_size) if entries else 0
     rows = point_rows(entries, batch, context, weights, bandwidth)

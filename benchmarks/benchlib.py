@@ -166,3 +166,10 @@ def positive_ints(text: str, option: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise SystemExit(f"{option}: expected comma-separated positive integers, got {text!r}")
     return values
+
+
+def error_text(err: BaseException, limit: int = 600) -> str:
+    """An exception as `Type: message` for a results file, a long message cut in the middle: a compile that fails in
+    a worker process (Inductor's, Triton's) puts the whole traceback first and its cause last."""
+    text = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    return text if len(text) <= limit else f"{text[: limit // 3]} ... {text[-(limit - limit // 3) :]}"

@@ -27,7 +27,15 @@ from pathlib import Path
 
 import torch
 
-from benchlib import add_output_args, copy_bandwidth, machine, positive_ints, result_path, write_result
+from benchlib import (
+    add_output_args,
+    copy_bandwidth,
+    error_text,
+    machine,
+    positive_ints,
+    result_path,
+    write_result,
+)
 from e2e_models import (
     ARCHS,
     Plan,
@@ -89,7 +97,7 @@ def run_arch(arch: str, plan: Plan, deadline: float, results: dict, path: Path) 
             else:
                 row = prefill_point(model, arch, n, plan)
         except Exception as err:  # one broken point must not cost the rest of a one-shot GPU run
-            row = {"arch": arch, **where, "status": f"error: {type(err).__name__}: {str(err)[:300]}"}
+            row = {"arch": arch, **where, "status": f"error: {error_text(err)}"}
         row["order"] = sum(len(results[k]) for k in ("decode", "prefill"))  # measurement order within the run
         if kind == "decode" and row["status"] == "ok":  # best tokens/s: bytes a step must move / copy bandwidth
             row["roofline_tokens_per_s"] = roofline_tokens_per_s(weights, row["step_bytes_per_seq"], batch, bandwidth)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch._dynamo
 
-from benchlib import median_seconds
+from benchlib import error_text, median_seconds
 from e2e_models import HEADROOM, Plan, step_bytes_per_seq, synthetic_cache
 from hlsa.cache import HybridCache
 from hlsa.model import HybridForCausalLM
@@ -178,9 +178,9 @@ def decode_point(
             if row["mode"] == "eager" or isinstance(err, torch.OutOfMemoryError):
                 raise
             if row["compiled"]:
-                row.update(compiled=False, compile_error=f"{type(err).__name__}: {str(err)[:300]}")
+                row.update(compiled=False, compile_error=error_text(err))
             else:
-                row.update(mode="eager", graph_error=f"{type(err).__name__}: {str(err)[:300]}")
+                row.update(mode="eager", graph_error=error_text(err))
             cache = synthetic_cache(model, batch, context)
             step = time_decode(model, cache, token, plan, graph=row["mode"] == "graph", compiled=False)
     except torch.OutOfMemoryError:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark modules import eac
 import e2e  # noqa: E402
 import e2e_models  # noqa: E402
 import e2e_timing  # noqa: E402
-from benchlib import gpu_slug  # noqa: E402
+from benchlib import error_text, gpu_slug  # noqa: E402
 
 
 def _results(out: Path) -> Path:
@@ -348,3 +348,13 @@ def test_a_cache_larger_than_the_gpu_is_refused_before_allocating() -> None:
     lte_seq = e2e_models.synthetic_cache(lte, 1, 1024).nbytes()
     assert e2e.cache_beyond_memory(lte, 2, 64 * 1024, 2 * lte_seq) is None  # constant size at any context
     assert e2e.cache_beyond_memory(attn, 10**6, 1024, None) is None
+
+
+def test_error_text_keeps_the_cause_of_a_long_error() -> None:
+    """A compile error from a worker process: the traceback comes first and the cause last, so a long message is cut
+    in the middle and keeps both ends."""
+    trace = "An exception occurred in a subprocess:\n" + "  File x.py, line 1, in f\n" * 100
+    text = error_text(RuntimeError(trace + "CompilationError: the real cause"), limit=300)
+    assert len(text) <= 305 and text.startswith("RuntimeError: An exception occurred in a subprocess:")
+    assert text.endswith("CompilationError: the real cause") and " ... " in text
+    assert error_text(ValueError("short\nmessage")) == "ValueError: short message"
