@@ -92,8 +92,9 @@ def launches_of(kernel: str, D: int, config: tuple | None) -> list[tuple]:
     return [launch for launch in launches if launch[0] not in (fwd._prologue_kernel, bwd._zero_column_rows_kernel)]
 
 
-def compile_launch(fn, args: tuple, kwargs: dict):
-    """`fn` compiled for sm_90 with the types and alignment of one captured launch's arguments."""
+def compile_launch(fn, args: tuple, kwargs: dict, float_type: str = "fp32"):
+    """`fn` compiled for sm_90 with the types and alignment of one captured launch's arguments. Python floats are
+    `float_type`: fp32 as a direct launch passes them, fp64 as torch.compile (Inductor) does."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -107,7 +108,7 @@ def compile_launch(fn, args: tuple, kwargs: dict):
         if param.is_constexpr or value is None or (isinstance(value, int) and value == 1):
             signature[name], constexprs[name] = "constexpr", value  # Triton specialises ints equal to 1 too
             continue
-        signature[name] = mangle_type(value)
+        signature[name] = float_type if isinstance(value, float) else mangle_type(value)
         aligned = (isinstance(value, torch.Tensor) and value.data_ptr() % 16 == 0) or (
             isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
         )

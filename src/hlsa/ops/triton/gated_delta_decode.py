@@ -125,6 +125,7 @@ def gdn_step_inputs_kernel(proj, stride_ps, stride_pb, conv_state, conv_weight, 
 def gated_delta_step_kernel(q, k, v, g, beta, state, o, scale, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                             BV: tl.constexpr):  # fmt: skip
     """Program (b * H + h, value block): S <- exp(g) S; S += beta k (v - S^T k)^T; o = scale S^T q (S is `[K, V]`)."""
+    scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     i_bh, i_v = tl.program_id(0), tl.program_id(1)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)

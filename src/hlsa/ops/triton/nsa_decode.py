@@ -78,6 +78,8 @@ def nsa_decode_kernel(
     NCP: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    # torch.compile (Inductor) passes Python floats as fp64 scalars; fp32 keeps the loop-carried softmax state fp32.
+    scale = tl.cast(scale, tl.float32)
     i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_h = i_bh // HKV, i_bh % HKV
     st = tl.load(start + i_b).to(tl.int32)

@@ -2,7 +2,10 @@
 
 Legend: `B` batch, `T` length, `HQ`/`HKV` query/key-value heads, `G = HQ // HKV`, `D` head dim (`BD` its power-of-two
 tile), `BM` query rows and `BN` keys per tile. Layout `[B, T, H, D]`, contiguous. Logits are kept in base 2
-(`scale * log2(e)`), so `lse` is a base-2 log-sum-exp `[B, HQ, T]` (`+inf` for rows that see no key). A dq program's
+(`scale * log2(e)`), so `lse` is a base-2 log-sum-exp `[B, HQ, T]` (`+inf` for rows that see no key). Every kernel
+casts `scale` to fp32 first: a direct launch passes a Python float as fp32, but torch.compile (Inductor) passes it as
+fp64, which would turn the softmax's loop-carried fp32 state into fp64 (a compile error) or compute whole tiles in
+fp64 (tests/ops/test_float_arguments.py). A dq program's
 rows are BM positions of one query head; a forward program's rows are BM / GP positions of all G heads of one kv
 head (`GP` = G rounded up to a power of two), which shortens its band and shares its K/V tiles.
 
@@ -137,6 +140,7 @@ def _fwd_kernel(
     BN: tl.constexpr, USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
     ROWS_TMA: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
+    scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64 (see the legend)
     i_b, i_hk, i_bk, t0, o_m, m_row, p_row, p_lse, p_k, p_v, km_b = _program_rows(k, v, km, T, HQ, HKV, GP, D, BM)
     b_q = load_query_rows(q, q_desc, p_row, m_row, i_b, i_hk, t0, T, D, BD, ROWS_TMA)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
@@ -177,6 +181,7 @@ def _dq_kernel(
     BN: tl.constexpr, USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
     ROWS_TMA: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
+    scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64 (see the legend)
     i_b, i_hk, i_bk, t0, o_m, m_row, p_row, p_lse, p_k, p_v, km_b = _program_rows(k, v, km, T, HQ, HKV, GP, D, BM)
     b_q = load_query_rows(q, q_desc, p_row, m_row, i_b, i_hk, t0, T, D, BD, ROWS_TMA)
     b_do = load_query_rows(do, do_desc, p_row, m_row, i_b, i_hk, t0, T, D, BD, ROWS_TMA)

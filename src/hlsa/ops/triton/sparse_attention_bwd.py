@@ -94,6 +94,7 @@ def _dkdv_col_kernel(
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HP: tl.constexpr, QS: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
+    scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64 (sparse_attention.py's legend)
     i_s, i_bk = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bk // HKV, i_bk % HKV
     G: tl.constexpr = HQ // HKV
@@ -140,6 +141,7 @@ def _dkdv_band_kernel(
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HP: tl.constexpr, USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
+    scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64 (sparse_attention.py's legend)
     i_n, i_bk = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bk // HKV, i_bk % HKV
     G: tl.constexpr = HQ // HKV
