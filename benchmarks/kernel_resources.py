@@ -43,14 +43,16 @@ SM90 = (9, 0)
 
 
 @contextmanager
-def captured_launches():
-    """Inside, launches of the training attention's kernels are recorded as `(kernel, args, kwargs)` instead of run
-    (`torch.cuda.get_device_capability` answers sm_90 so that the launchers pick the Hopper paths)."""
-    import hlsa.ops.triton.sparse_attention as fwd
-    import hlsa.ops.triton.sparse_attention_bwd as bwd
+def captured_launches(kernels: list | None = None):
+    """Inside, launches of `kernels` (`@triton.jit` functions; default the training attention's) are recorded as
+    `(kernel, args, kwargs)` instead of run (`torch.cuda.get_device_capability` answers sm_90 so that the launchers
+    pick the Hopper paths)."""
+    if kernels is None:
+        import hlsa.ops.triton.sparse_attention as fwd
+        import hlsa.ops.triton.sparse_attention_bwd as bwd
 
-    kernels = [fwd._prologue_kernel, fwd._fwd_kernel, fwd._dq_kernel, bwd._zero_column_rows_kernel,
-               bwd._dkdv_col_kernel, bwd._dkdv_band_kernel]  # fmt: skip
+        kernels = [fwd._prologue_kernel, fwd._fwd_kernel, fwd._dq_kernel, bwd._zero_column_rows_kernel,
+                   bwd._dkdv_col_kernel, bwd._dkdv_band_kernel]  # fmt: skip
     launches: list[tuple] = []
 
     def recorder(fn):  # `kernel[grid](...)` calls `kernel.run(..., grid=, warmup=)`

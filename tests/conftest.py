@@ -7,9 +7,12 @@ tests import `hlsa.ops.triton.*`.
 
 import functools
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parent.parent
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -22,6 +25,26 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def compile_env() -> dict:
+    """The environment of a subprocess that compiles kernels rather than interpreting them (without TRITON_INTERPRET),
+    with src and benchmarks importable."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return {**env, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO / 'benchmarks'}"}
+
+
+@pytest.fixture
+def sm90_compile_env(compile_env: dict) -> dict:
+    """`compile_env` for compiling kernels for sm_90 without a GPU (benchmarks/kernel_resources.py's way); skips the
+    test where this Triton has no NVIDIA backend tools."""
+    import triton
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not all((tools / tool).exists() for tool in ("ptxas", "cuobjdump")):
+        pytest.skip("this Triton has no NVIDIA backend tools (ptxas, cuobjdump)")
+    return compile_env
 
 
 @pytest.fixture

@@ -4,33 +4,18 @@ GPU needed), their registers and spills read from the cubin."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "kernel_resources.py"
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # it compiles, it does not interpret
-    return {**env, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO / 'benchmarks'}"}
-
-
-def _has_cuda_toolchain() -> bool:
-    import triton
-
-    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists()
-
-
-@pytest.mark.skipif(not _has_cuda_toolchain(), reason="this Triton has no NVIDIA backend tools (cuobjdump)")
-def test_default_dkdv_tiles_compile_for_sm90_with_their_resources(tmp_path: Path) -> None:
+def test_default_dkdv_tiles_compile_for_sm90_with_their_resources(tmp_path: Path, sm90_compile_env: dict) -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--kernels", "dkdv", "--dims", "64", "--defaults-only", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=_env(),
+        capture_output=True, text=True, timeout=600, env=sm90_compile_env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "kernel_resources-sm90.json").read_text())
@@ -44,9 +29,9 @@ def test_default_dkdv_tiles_compile_for_sm90_with_their_resources(tmp_path: Path
     assert "_dkdv_band_kernel regs=" in proc.stdout
 
 
-def test_bad_kernel_names_are_refused(tmp_path: Path) -> None:
+def test_bad_kernel_names_are_refused(tmp_path: Path, compile_env: dict) -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--kernels", "dkdv,bwd", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120, env=_env(),
+        capture_output=True, text=True, timeout=120, env=compile_env,
     )  # fmt: skip
     assert proc.returncode != 0 and "--kernels: expected a comma-separated subset" in proc.stderr
