@@ -1,7 +1,7 @@
 """Registers and spills of the training attention's kernels, compiled for Hopper (sm_90) on any machine, no GPU.
 
 Usage: `PYTHONPATH=src python3 benchmarks/kernel_resources.py [--dims 64,128] [--kernels fwd,dq,dkdv]
-[--defaults-only] [--out DIR]`
+[--defaults-only] [--dtype bfloat16|float32] [--out DIR]`
 
 A kernel that needs more than the 255 registers a thread may hold spills the rest to local memory (the stack), and
 a spilling attention kernel runs up to several times slower. Whether a tile config spills depends on the Triton
@@ -15,8 +15,9 @@ in the results file's `triton`):
     python3 -m pip install --target /tmp/triton36 --no-deps triton==3.6.0
     PYTHONPATH=/tmp/triton36:src python3 benchmarks/kernel_resources.py
 
-Writes `kernel_resources-sm90.json` (DIR default benchmarks/results): per kernel, D and tile config, every compiled
-kernel's name, registers, stack bytes and shared memory.
+Writes `kernel_resources-sm90.json` (`kernel_resources_float32-sm90.json` with `--dtype float32`; DIR default
+benchmarks/results): per kernel, D and tile config, every compiled kernel's name, registers, stack bytes and shared
+memory.
 """
 
 from __future__ import annotations
@@ -68,17 +69,17 @@ def captured_launches(kernels: list | None = None):
             yield launches
 
 
-def launches_of(kernel: str, D: int, config: tuple | None) -> list[tuple]:
+def launches_of(kernel: str, D: int, config: tuple | None, dtype: torch.dtype = torch.bfloat16) -> list[tuple]:
     """The kernel launches of one launcher (`kernel` in fwd, dq, dkdv) with `config` (None: `launch_config`), on the
-    benchmark pattern at `T_CAPTURE` tokens, bf16; the launches of the column prologue and of the zeroing of the
+    benchmark pattern at `T_CAPTURE` tokens in `dtype`; the launches of the column prologue and of the zeroing of the
     dk/dv column partials (a few registers, nothing to tune) are left out."""
     import hlsa.ops.triton.sparse_attention as fwd
     import hlsa.ops.triton.sparse_attention_bwd as bwd
     from hlsa.ops.triton.sparse_attention_bwd import dkdv
 
     torch.manual_seed(0)
-    q = torch.randn(1, T_CAPTURE, HQ, D, dtype=torch.bfloat16)
-    k, v = (torch.randn(1, T_CAPTURE, HKV, D, dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(1, T_CAPTURE, HQ, D, dtype=dtype)
+    k, v = (torch.randn(1, T_CAPTURE, HKV, D, dtype=dtype) for _ in range(2))
     ce = torch.zeros(1, T_CAPTURE, HKV, dtype=torch.int32)
     ce[:, ::8] = 2**31 - 1  # columns: every 8th key
     lse = torch.zeros(1, HQ, T_CAPTURE)
@@ -158,7 +159,11 @@ def main() -> None:
     parser.add_argument(
         "--defaults-only", action="store_true", help="only the launch_config tiles (default: every sweep candidate)"
     )
+    parser.add_argument(
+        "--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="input dtype (default bfloat16)"
+    )
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("kernel_resources.py compiles for sm_90: unset TRITON_INTERPRET")
     kernels = parse_kernels(args.kernels)
@@ -169,14 +174,14 @@ def main() -> None:
     rows = []
     for kernel in kernels:
         for D in (int(d) for d in args.dims.split(",")):
-            default = tuple(launch_config(kernel, D, torch.bfloat16))
+            default = tuple(launch_config(kernel, D, dtype))
             for cfg in dict.fromkeys([default, *([] if args.defaults_only else CANDIDATES[kernel])]):
                 row = {"kernel": kernel, "D": D, "config": list(cfg), "name": cfg_name(cfg, kernel)}
                 row["default"] = cfg == default
                 try:
                     row["compiled"] = [
                         {"name": fn.__name__, **resource_usage(compile_launch(fn, a, kw))}
-                        for fn, a, kw in launches_of(kernel, D, cfg)
+                        for fn, a, kw in launches_of(kernel, D, cfg, dtype)
                     ]
                 except Exception as err:  # a config that does not compile is a result, not the end of the run
                     row["error"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
@@ -184,9 +189,10 @@ def main() -> None:
                 usage = "  ".join(f"{c['name']} regs={c['regs']} stack={c['stack']}" for c in row.get("compiled", []))
                 print(f"{kernel:4} D{D:<3} {row['name']:>12}{' (default)' if row['default'] else '':10} "
                       f"{usage or row.get('error', '')}", flush=True)  # fmt: skip
-    result = {"machine": machine(args.commit), "target": "sm_90", "triton": triton.__version__,
+    result = {"machine": machine(args.commit), "target": "sm_90", "triton": triton.__version__, "dtype": args.dtype,
               "pattern": {"HQ": HQ, "HKV": HKV, "window": WINDOW, "T": T_CAPTURE}, "rows": rows}  # fmt: skip
-    path = Path(args.out or Path(__file__).parent / "results") / "kernel_resources-sm90.json"
+    name = "kernel_resources" if dtype == torch.bfloat16 else f"kernel_resources_{args.dtype}"
+    path = Path(args.out or Path(__file__).parent / "results") / f"{name}-sm90.json"
     write_result(path, result)
     print(f"wrote {path}")
 

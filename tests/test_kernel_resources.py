@@ -29,6 +29,22 @@ def test_default_dkdv_tiles_compile_for_sm90_with_their_resources(tmp_path: Path
     assert "_dkdv_band_kernel regs=" in proc.stdout
 
 
+def test_default_float32_tiles_do_not_spill(tmp_path: Path, sm90_compile_env: dict) -> None:
+    """fp32 products run on the FP32 units, so fp32 needs tiles of its own: with the bf16 ones each kernel spilled
+    2-14 KiB per thread at D = 48 and took up to a minute to compile."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dims", "48", "--defaults-only", "--dtype", "float32", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=sm90_compile_env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "kernel_resources_float32-sm90.json").read_text())
+    assert result["dtype"] == "float32" and [row["kernel"] for row in result["rows"]] == ["fwd", "dq", "dkdv"]
+    for row in result["rows"]:
+        assert row["default"] and "error" not in row, row
+        for c in row["compiled"]:
+            assert c["stack"] <= 256, (row["kernel"], c)
+
+
 def test_bad_kernel_names_are_refused(tmp_path: Path, compile_env: dict) -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--kernels", "dkdv,bwd", "--out", str(tmp_path)],

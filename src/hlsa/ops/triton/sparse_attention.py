@@ -225,10 +225,13 @@ def launch_config(kernel: str, D: int, dtype: torch.dtype) -> tuple:
     sweeps them and prints this table's entries."""
     if interpreted():
         return 16, 16, 1, 1
-    if dtype == torch.float32 and D > 64:
-        # fp32 tiles take twice the shared memory: the bf16 D=128 dq config asks for 256 KiB (the H200 has 227).
-        # fp32 is the exact-arithmetic path for checks, not a speed path: small tiles, untuned.
-        return (64, 32, 4, 2) if kernel != "dkdv" else (64, 64, 4, 2)
+    if dtype == torch.float32:
+        # fp32 is the exact-arithmetic path for checks, not a speed path. Its products run on the FP32 units
+        # (`input_precision="ieee"`), whose operands and accumulators take registers the tensor cores would not:
+        # in fp32 the bf16 tiles spilled 2-14 KiB per thread and took up to a minute per kernel to compile. These
+        # small tiles spill at most 16 bytes at D = 48-128 with Triton 3.6 (benchmarks/kernel_resources.py --dtype
+        # float32; tests/test_kernel_resources.py).
+        return {"fwd": (32, 16, 8, 1), "dq": (16, 16, 8, 1), "dkdv": (16, 16, 4, 1)}[kernel]
     # The least summed time over T = 4096 and 16384 of every candidate that passed the reference check, bf16, on an
     # H100 (benchmarks/results/attention_tiles-h100.json; the H200 sweep chose the same forward and dq tiles;
     # docs/kernels.md). dq at D = 128 leaves out the warp specialisation that timed 1% faster at T = 16384 only, a
