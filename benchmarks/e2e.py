@@ -116,7 +116,8 @@ def _describe(kind: str, row: dict) -> str:
         return f"{head}  {row['tokens_per_s']:12.0f} tok/s" if row["status"] == "ok" else f"{head}  {row['status']}"
     return (
         f"{head}  {row['mode']:5s} {row['tokens_per_s']:10.0f} tok/s  {row['latency_ms']:8.3f} ms/step  "
-        f"roofline {row['roofline_tokens_per_s']:10.0f} tok/s ({row['roofline_fraction']:.0%})"
+        f"roofline {row['roofline_tokens_per_s']:10.0f} tok/s ({row['roofline_fraction']:.0%})  "
+        f"{row['point_seconds']:.0f} s ({row['graphs_compiled']} graphs compiled)"
     )
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch._dynamo
+from torch._dynamo.utils import counters
 
 from benchlib import error_text, median_seconds
 from e2e_models import HEADROOM, Plan, step_bytes_per_seq, synthetic_cache
@@ -97,10 +99,15 @@ def prepare_step(
     return step, before
 
 
-def time_decode(model: HybridForCausalLM, cache: HybridCache, token: torch.Tensor, plan: Plan, **how: bool) -> float:
-    """Median seconds per decode step over `plan.repeats` runs of `plan.steps` steps: eager calls, or replays of a
-    CUDA graph that holds one step (`prepare_step`, which takes `how`: graph, compiled, fresh_compile)."""
+def time_decode(
+    model: HybridForCausalLM, cache: HybridCache, token: torch.Tensor, plan: Plan, **how: bool
+) -> tuple[float, float]:
+    """`(median seconds per decode step, seconds the preparation took)`: the median over `plan.repeats` runs of
+    `plan.steps` steps, eager calls or replays of a CUDA graph that holds one step, and the time `prepare_step`
+    (which takes `how`: graph, compiled, fresh_compile) spent compiling, warming up and capturing."""
+    start = time.perf_counter()
     step, before = prepare_step(model, cache, token, plan, **how)
+    prepare = time.perf_counter() - start
 
     def run() -> None:
         for _ in range(plan.steps):
@@ -108,7 +115,7 @@ def time_decode(model: HybridForCausalLM, cache: HybridCache, token: torch.Tenso
 
     seconds = median_seconds(run, plan.repeats, plan.device == "cuda") / plan.steps
     set_seen(cache, before + plan.steps * plan.repeats)
-    return seconds
+    return seconds, prepare
 
 
 # What nvidia-smi reports with each decode point, to find what slows a long run's later steps (docs/efficiency.md):
@@ -155,8 +162,12 @@ def decode_step(model: HybridForCausalLM, token: torch.Tensor, cache: HybridCach
 def decode_point(
     model: HybridForCausalLM, arch: str, batch: int, context: int, plan: Plan, fresh_compile: bool = True
 ) -> dict:
-    """One decode measurement at (batch, context); OOM is recorded, not raised. `fresh_compile`: see `prepare_step`."""
+    """One decode measurement at (batch, context); OOM is recorded, not raised. `fresh_compile`: see `prepare_step`.
+    The row also records where the point's wall time went (`point_seconds`, of which `prepare_seconds` compiled,
+    warmed up and captured the step) and how many graphs dynamo compiled for it (`graphs_compiled`, 0 when an
+    earlier point's compile was reused), which is what a run's length depends on."""
     row = {"arch": arch, "batch": batch, "context": context}
+    start, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
     # Warm-up (3), capture (1), upload (1) and timed steps must fit in a growing cache's spare slots: see HEADROOM.
     if 5 + plan.steps * plan.repeats > HEADROOM:
         raise ValueError(f"{plan.steps} x {plan.repeats} timed steps exceed the {HEADROOM} spare cache slots")
@@ -170,7 +181,7 @@ def decode_point(
         row["combo_kernels"] = row["compiled"] and plan.combo_kernels
         row["projections"] = plan.projections
         try:
-            step = time_decode(
+            step, prepare = time_decode(
                 model, cache, token, plan, graph=row["mode"] == "graph", compiled=row["compiled"],
                 fresh_compile=fresh_compile,
             )  # fmt: skip
@@ -182,13 +193,15 @@ def decode_point(
             else:
                 row.update(mode="eager", graph_error=error_text(err))
             cache = synthetic_cache(model, batch, context)
-            step = time_decode(model, cache, token, plan, graph=row["mode"] == "graph", compiled=False)
+            step, prepare = time_decode(model, cache, token, plan, graph=row["mode"] == "graph", compiled=False)
     except torch.OutOfMemoryError:
         return {**row, "status": "oom"}
     per_seq = step_bytes_per_seq(model, cache, context, batch)  # before the cache is freed
     return {**row, "status": "ok", "latency_ms": step * 1e3, "tokens_per_s": batch / step, "gpu": gpu_state(plan),
             "step_bytes_per_seq": per_seq,
-            "cache_bytes_per_seq": cache.nbytes() // batch, "peak_memory_bytes": peak_memory(plan)}  # fmt: skip
+            "cache_bytes_per_seq": cache.nbytes() // batch, "peak_memory_bytes": peak_memory(plan),
+            "graphs_compiled": counters["stats"]["unique_graphs"] - graphs, "prepare_seconds": prepare,
+            "point_seconds": time.perf_counter() - start}  # fmt: skip
 
 
 def prefill_point(model: HybridForCausalLM, arch: str, length: int, plan: Plan) -> dict:

@@ -221,10 +221,13 @@ def test_bracketed_arch_times_its_short_context_again(smoke_json: dict) -> None:
 
 
 def test_every_point_records_its_order_and_the_gpu_state(smoke_json: dict) -> None:
-    """`order` numbers the points in measurement order across the run; `gpu` is None off CUDA."""
+    """`order` numbers the points in measurement order across the run; `gpu` is None off CUDA. A decode point says
+    where its wall time went: the smoke run's steps are eager, so no graph is compiled."""
     rows = smoke_json["decode"] + smoke_json["prefill"]
     assert sorted(r["order"] for r in rows) == list(range(len(rows)))
     assert all(r["gpu"] is None for r in smoke_json["decode"])
+    for r in smoke_json["decode"]:
+        assert 0 < r["prepare_seconds"] < r["point_seconds"] and r["graphs_compiled"] == 0, r
     state = e2e_timing.parse_gpu_state("1980, 3201, 152.38, 41, 0x0000000000000004")
     assert state == {
         "clocks.sm": 1980.0,
