@@ -66,6 +66,8 @@ CANDIDATES = {
         (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (128, 64, 4, 2),
         (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (256, 64, 8, 2), (256, 32, 8, 3), (128, 128, 4, 2),
         (128, 64, 4, 3, True), (128, 32, 4, 3, True), (128, 64, 8, 3, True),
+        # three programs per SM instead of two (at most 168 registers a thread), at the price of spills
+        (128, 64, 4, 3, False, 168), (128, 32, 4, 4, False, 168), (128, 32, 4, 3, False, 168),
     ],
     "dq": [
         (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 2),
@@ -119,9 +121,11 @@ def parse_kernels(text: str) -> list[str]:
 
 
 def cfg_name(cfg: tuple, kernel: str) -> str:
-    """`128x64x4x3`, with "ws" (forward, dq: warp_specialize) or "pk" (dk/dv: packed query tiles) for the flag."""
+    """`128x64x4x3`, with "ws" (forward, dq: warp_specialize) or "pk" (dk/dv: packed query tiles) for the flag and
+    "r168" for a cap of 168 registers per thread."""
     flag = "pk" if kernel == "dkdv" else "ws"
-    return "x".join(str(x) for x in cfg[:4]) + (flag if len(cfg) == 5 and cfg[4] else "")
+    cap = f"r{cfg[5]}" if len(cfg) == 6 and cfg[5] else ""
+    return "x".join(str(x) for x in cfg[:4]) + (flag if len(cfg) >= 5 and cfg[4] else "") + cap
 
 
 # --- kernel calls -----------------------------------------------------------------------------------------------

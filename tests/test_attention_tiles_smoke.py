@@ -86,8 +86,10 @@ def test_summary_and_suggestion(tiles, capsys: pytest.CaptureFixture) -> None:
 
 
 def test_tile_config() -> None:
-    assert tile_config((64, 32, 4, 2)) == (64, 32, 4, 2, False)
-    assert tile_config((64, 32, 4, 2, True)) == (64, 32, 4, 2, True)  # warp_specialize (fwd, dq), packed (dk/dv)
+    assert tile_config((64, 32, 4, 2)) == (64, 32, 4, 2, False, None)
+    assert tile_config((64, 32, 4, 2, True)) == (64, 32, 4, 2, True, None)  # warp_specialize (fwd, dq), packed (dk/dv)
+    assert tile_config((64, 32, 4, 2, False, 168)) == (64, 32, 4, 2, False, 168)  # at most 168 registers a thread
+    assert tile_config((64, 32, 4, 2, True, 0)) == (64, 32, 4, 2, True, None)
     with pytest.raises(ValueError, match="tile config"):
         tile_config((64, 32, 4))
 

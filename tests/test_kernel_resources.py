@@ -45,6 +45,23 @@ def test_default_float32_tiles_do_not_spill(tmp_path: Path, sm90_compile_env: di
             assert c["stack"] <= 256, (row["kernel"], c)
 
 
+def test_a_register_cap_reaches_the_compiler(sm90_compile_env: dict) -> None:
+    """A tile config's sixth element caps the registers per thread (Triton's `maxnreg`): the forward's default tile
+    takes more than 168 uncapped, and at most 168 with the cap."""
+    script = (
+        "from kernel_resources import compile_launch, launches_of, resource_usage\n"
+        "for cfg in [(128, 64, 4, 3), (128, 64, 4, 3, False, 168)]:\n"
+        "    (launch,) = launches_of('fwd', 64, cfg)\n"
+        "    print(resource_usage(compile_launch(*launch))['regs'])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=sm90_compile_env, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    uncapped, capped = (int(line) for line in proc.stdout.split())
+    assert uncapped > 168 >= capped
+
+
 def test_bad_kernel_names_are_refused(tmp_path: Path, compile_env: dict) -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--kernels", "dkdv,bwd", "--out", str(tmp_path)],

@@ -218,8 +218,8 @@ def _dq_kernel(
 
 
 def launch_config(kernel: str, D: int, dtype: torch.dtype) -> tuple:
-    """(BM, BN, num_warps, num_stages[, flag]) (`tile_config`) for `kernel` in {"fwd", "dq", "dkdv"}; small tiles under
-    the interpreter.
+    """(BM, BN, num_warps, num_stages[, flag[, maxnreg]]) (`tile_config`) for `kernel` in {"fwd", "dq", "dkdv"};
+    small tiles under the interpreter.
 
     The launchers (`forward`, `backward_dq`, `dkdv`) take an explicit `config` instead; benchmarks/attention_tiles.py
     sweeps them and prints this table's entries."""
@@ -318,11 +318,11 @@ def forward(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Launch the forward kernel -> (o [B, T, HQ, D], lse [B, HQ, T] fp32).
 
-    `config`: (BM, BN, num_warps, num_stages[, warp_specialize]) instead of `launch_config("fwd", ...)` (for tile
-    sweeps; see `tile_config`)."""
+    `config`: (BM, BN, num_warps, num_stages[, warp_specialize[, maxnreg]]) instead of `launch_config("fwd", ...)`
+    (for tile sweeps; see `tile_config`)."""
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
-    BM, BN, warps, stages, ws = tile_config(config or launch_config("fwd", D, q.dtype))
+    BM, BN, warps, stages, ws, maxnreg = tile_config(config or launch_config("fwd", D, q.dtype))
     GP = triton.next_power_of_2(HQ // HKV)
     BM = max(BM, GP)  # rows per program: BM // GP positions of each of the group's query heads
     o = torch.empty_like(q)
@@ -335,7 +335,7 @@ def forward(
         rows_descriptor(q, BM) if rows_tma else None,
         HQ=HQ, HKV=HKV, GP=GP, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN, USE_COLS=use_cols,
         USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, WS=ws, num_warps=warps,
-        num_stages=stages,
+        num_stages=stages, maxnreg=maxnreg,
     )  # fmt: skip
     return o, lse
 
@@ -348,7 +348,7 @@ def backward_dq(
 
     `config` as in `forward` (default `launch_config("dq", ...)`)."""
     B, T, HQ, D = q.shape
-    BM, BN, warps, stages, ws = tile_config(config or launch_config("dq", D, q.dtype))
+    BM, BN, warps, stages, ws, maxnreg = tile_config(config or launch_config("dq", D, q.dtype))
     dq = torch.empty_like(q)
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     HKV = k.shape[2]
@@ -362,7 +362,7 @@ def backward_dq(
         q, k, v, o, do, dq, lse, delta, ce, km, cols, ccount, scale * LOG2E, T, window_eff, *descs, *row_descs,
         HQ=HQ, HKV=HKV, GP=GP, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN, USE_COLS=use_cols,
         USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, WS=ws, num_warps=warps,
-        num_stages=stages,
+        num_stages=stages, maxnreg=maxnreg,
     )  # fmt: skip
     return dq, delta
 

@@ -25,17 +25,21 @@ from hlsa.ops.triton.rows import load_query_rows, query_rows, rows_descriptor, u
 LOG2E = 1.4426950408889634
 
 
-def tile_config(config: tuple) -> tuple[int, int, int, int, bool]:
-    """(BM, BN, num_warps, num_stages, flag) from a 4-tuple (flag False) or a 5-tuple.
+def tile_config(config: tuple) -> tuple[int, int, int, int, bool, int | None]:
+    """(BM, BN, num_warps, num_stages, flag, maxnreg) from a 4-tuple (flag False, no cap), a 5-tuple or a 6-tuple.
 
     The flag is each kernel's variant. Forward and dq: warp_specialize, which asks Triton to split the band's
     mask-free interior loop into producer and consumer warps (`tl.range(..., warp_specialize=True)`). dk/dv: packed
     query tiles (BM // GP positions of each query head of the group, instead of BM positions of one head). Both off
-    by default; whether they pay is for a GPU sweep (benchmarks/attention_tiles.py) to show."""
-    if len(config) not in (4, 5):
-        raise ValueError(f"tile config must be (BM, BN, num_warps, num_stages[, flag]); got {config}")
+    by default; whether they pay is for a GPU sweep (benchmarks/attention_tiles.py) to show. maxnreg caps the
+    registers per thread (Triton's `maxnreg`; 0 or None: no cap), so that more programs fit on an SM at the price
+    of spills."""
+    if len(config) not in (4, 5, 6):
+        raise ValueError(f"tile config must be (BM, BN, num_warps, num_stages[, flag[, maxnreg]]); got {config}")
     BM, BN, warps, stages = (int(x) for x in config[:4])
-    return BM, BN, warps, stages, bool(config[4]) if len(config) == 5 else False
+    flag = bool(config[4]) if len(config) >= 5 else False
+    maxnreg = int(config[5]) if len(config) == 6 and config[5] else None
+    return BM, BN, warps, stages, flag, maxnreg
 
 
 @triton.jit
@@ -257,13 +261,13 @@ def dkdv(
     """dk, dv `[B, T, HKV, D]` from q, do `[B, T, HQ, D]`, lse, delta `[B, HQ, T]` fp32 and the column prologue.
 
     `km is q` means no key mask and `use_cols=False` means no columns (placeholders are never read).
-    `config` = (BM, BN, num_warps, num_stages[, packed]) (`tile_config`).
+    `config` = (BM, BN, num_warps, num_stages[, packed[, maxnreg]]) (`tile_config`).
     """
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     if T * HKV * D >= 2**31:  # the band kernel's offsets within one sequence's K and V are 32-bit
         raise ValueError(f"sparse attention backward: T * HKV * D = {T * HKV * D} must be below 2**31 per sequence")
-    BM, BN, warps, stages, packed = tile_config(config)
+    BM, BN, warps, stages, packed, maxnreg = tile_config(config)
     HP = triton.next_power_of_2(HQ // HKV) if packed else 1  # query heads per tile
     BM = max(BM, HP)
     BD = triton.next_power_of_2(D)
@@ -281,13 +285,13 @@ def dkdv(
         _dkdv_col_kernel[(triton.cdiv(T, QS), B * HKV)](
             q, k, v, do, lse, delta, ce, cols, ccount, dk_col, dv_col, scale * LOG2E, T, window_eff, *descs,
             HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, HP=HP, QS=QS, PREC=prec, TMA=tma, num_warps=warps,
-            num_stages=stages,
+            num_stages=stages, maxnreg=maxnreg,
         )  # fmt: skip
     else:
         dk_col = dv_col = lse  # placeholders, never read
     _dkdv_band_kernel[(triton.cdiv(T, BN), B * HKV)](
         q, k, v, do, dk, dv, lse, delta, km, ccount, dk_col, dv_col, scale * LOG2E, T, window_eff, *descs,
         HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, HP=HP, USE_COLS=use_cols, USE_KM=km is not q, PREC=prec, TMA=tma,
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, maxnreg=maxnreg,
     )  # fmt: skip
     return dk, dv
