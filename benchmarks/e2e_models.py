@@ -171,6 +171,20 @@ def synthetic_cache(model: HybridForCausalLM, batch: int, context: int, headroom
     return cache
 
 
+# The tensors of a growing cache (full attention, NSA) whose dim 2 is its slots: sized by the context.
+GROWING_SLOTS = {"attn": ("k", "v", "valid"), "nsa": ("k", "v", "k_cmp", "v_cmp")}
+
+
+def mark_growing_dynamic(model: HybridForCausalLM, cache: HybridCache) -> None:
+    """Let dynamo treat the slots of growing caches as a dynamic size from the first compile. A compiled decode step
+    then serves every context of a model and batch; without this, dynamo specialises on the first context's slots
+    and compiles again, dynamic, at the second (~1 min each with freezing). `maybe_`: a size the code does
+    specialise on is not an error, only a recompile."""
+    for block, state in zip(model.model.layers, cache.states):
+        for name in GROWING_SLOTS.get(block.kind, ()):
+            torch._dynamo.maybe_mark_dynamic(getattr(state, name), 2)
+
+
 def step_bytes_per_seq(model: HybridForCausalLM, cache: HybridCache, context: int, batch: int) -> int:
     """Cache bytes one decode step must move per sequence.
 

@@ -15,7 +15,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from benchlib import error_text, median_seconds
-from e2e_models import HEADROOM, Plan, step_bytes_per_seq, synthetic_cache
+from e2e_models import HEADROOM, Plan, mark_growing_dynamic, step_bytes_per_seq, synthetic_cache
 from hlsa.cache import HybridCache
 from hlsa.model import HybridForCausalLM
 
@@ -69,7 +69,8 @@ def prepare_step(
     With `compiled` the step is `torch.compile`d first (the replays then run Inductor's fused kernels), under
     `compile_options`: the host-side token counters are symbolic from the first compile, so the warm-up leaves one
     reusable graph (`tests/test_e2e_smoke.py` checks this on the CPU), which later points of the same model and
-    batch reuse (`fresh_compile=False`; caches of other contexts have the same shapes). A fresh compile drops
+    batch reuse (`fresh_compile=False`): constant-size caches have the same shapes at every context, and the slots
+    of growing ones are marked dynamic (`mark_growing_dynamic`). A fresh compile drops
     all earlier ones: dynamo gives up (runs eagerly) after 8 recompiles of a frame, and every model and batch
     adds some.
 
@@ -80,6 +81,8 @@ def prepare_step(
     """
     if compiled and fresh_compile:
         torch._dynamo.reset()
+    if compiled:
+        mark_growing_dynamic(model, cache)
     forward = torch.compile(decode_step) if compiled else decode_step
     with compile_options(plan, cache):
         for _ in range(3 if compiled else 2):  # warm-up outside any capture: compiles and autotunes every kernel

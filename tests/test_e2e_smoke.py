@@ -167,6 +167,36 @@ def test_compiled_decode_step_compiles_once(arch: str, request: pytest.FixtureRe
     assert compiled_cache.seen == eager_cache.seen == 44
 
 
+@pytest.mark.parametrize("arch", ["transformer", "gdn_nsa"])
+def test_a_growing_cache_of_another_context_reuses_the_compiled_step(arch: str, request: pytest.FixtureRequest) -> None:
+    """With the slots of growing caches marked dynamic before the first compile, a cache of another context (more
+    slots) runs the same graph; unmarked, dynamo would compile the step again for it."""
+    from torch._dynamo.utils import counters
+
+    if "nsa" in arch:
+        request.getfixturevalue("opaque_nsa_decode")
+    plan = e2e_models.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
+    model = e2e_models.build_model(arch, plan)
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(e2e_timing.decode_step, backend="eager", fullgraph=True)
+    token = torch.zeros(2, 1, dtype=torch.long)
+    slots = []
+    with torch.no_grad():
+        for context in (40, 1100):  # 512 and 1536 attention slots, 1024 and 2048 NSA slots
+            cache = e2e_models.synthetic_cache(model, 2, context)
+            eager_cache = copy.deepcopy(cache)
+            e2e_models.mark_growing_dynamic(model, cache)
+            with e2e_timing.compile_options(plan, cache):
+                for _ in range(2):
+                    got = step(model, token, cache)
+                    want = e2e_timing.decode_step(model, token, eager_cache)
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            slots.append(next(s.k.shape[2] for s in cache.states if hasattr(s, "valid") or hasattr(s, "k_cmp")))
+    assert slots[0] < slots[1]
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("arch", ["gdn_lte", "gdn_nsa"])
