@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "e2e.py"
@@ -22,6 +23,7 @@ import e2e  # noqa: E402
 import e2e_models  # noqa: E402
 import e2e_timing  # noqa: E402
 from benchlib import error_text, gpu_slug  # noqa: E402
+from hlsa.cache import HybridCache  # noqa: E402
 
 
 def _results(out: Path) -> Path:
@@ -140,58 +142,53 @@ def test_cublas_projections_put_every_projection_on_f_linear() -> None:
         assert linears and all(m.backend == want for m in linears)
 
 
-@pytest.mark.parametrize("arch", ["gdn_lte", "gdn_nsa", "transformer", "nsa"])
-def test_compiled_decode_step_compiles_once(arch: str, request: pytest.FixtureRequest) -> None:
-    """Under `compile_options` the token counters are symbolic from the first compile: one graph serves every step
-    (the GPU run's compiles, ~1 min each with freezing, are not repeated), with the eager step's logits. The eager
-    backend keeps it cheap; freezing only applies to Inductor. NSA layers decode through their Triton kernel, as on
-    a GPU (`opaque_nsa_decode`)."""
-    from torch._dynamo.utils import counters
-
+def compiled_step_on_cpu(arch: str, request: pytest.FixtureRequest):
+    """`(plan, model, step)`: the smoke config's model and `decode_step` compiled with the eager backend (cheap;
+    freezing only applies to Inductor) and `fullgraph`, dynamo's caches and counters reset. NSA layers decode
+    through their Triton kernel, as on a GPU (`opaque_nsa_decode`)."""
     if "nsa" in arch:
         request.getfixturevalue("opaque_nsa_decode")
     plan = e2e_models.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
     model = e2e_models.build_model(arch, plan)
     torch._dynamo.reset()
     counters.clear()
-    step = torch.compile(e2e_timing.decode_step, backend="eager", fullgraph=True)
+    return plan, model, torch.compile(e2e_timing.decode_step, backend="eager", fullgraph=True)
+
+
+def check_steps(plan, model, step, cache: HybridCache, steps: int) -> None:
+    """`steps` compiled steps on `cache` under `compile_options`, each giving the logits of the eager step on a copy."""
+    eager_cache = copy.deepcopy(cache)  # random contents: the same ones in both
+    token = torch.zeros(2, 1, dtype=torch.long)
+    with e2e_timing.compile_options(plan, cache):
+        for _ in range(steps):
+            got = step(model, token, cache)
+            torch.testing.assert_close(got, e2e_timing.decode_step(model, token, eager_cache), rtol=1e-5, atol=1e-5)
+    assert cache.seen == eager_cache.seen
+
+
+@pytest.mark.parametrize("arch", ["gdn_lte", "gdn_nsa", "transformer", "nsa"])
+def test_compiled_decode_step_compiles_once(arch: str, request: pytest.FixtureRequest) -> None:
+    """Under `compile_options` the token counters are symbolic from the first compile: one graph serves every step
+    (the GPU run's compiles, ~1 min each with freezing, are not repeated), with the eager step's logits."""
+    plan, model, step = compiled_step_on_cpu(arch, request)
     with torch.no_grad():
-        eager_cache = e2e_models.synthetic_cache(model, 2, 40)
-        compiled_cache = copy.deepcopy(eager_cache)  # random contents: the same ones in both
-        token = torch.zeros(2, 1, dtype=torch.long)
-        with e2e_timing.compile_options(plan, compiled_cache):
-            for _ in range(4):
-                got = step(model, token, compiled_cache)
-                torch.testing.assert_close(got, e2e_timing.decode_step(model, token, eager_cache), rtol=1e-5, atol=1e-5)
+        cache = e2e_models.synthetic_cache(model, 2, 40)
+        check_steps(plan, model, step, cache, 4)
     assert counters["stats"]["unique_graphs"] == 1
-    assert compiled_cache.seen == eager_cache.seen == 44
+    assert cache.seen == 44
 
 
 @pytest.mark.parametrize("arch", ["transformer", "gdn_nsa"])
 def test_a_growing_cache_of_another_context_reuses_the_compiled_step(arch: str, request: pytest.FixtureRequest) -> None:
     """With the slots of growing caches marked dynamic before the first compile, a cache of another context (more
     slots) runs the same graph; unmarked, dynamo would compile the step again for it."""
-    from torch._dynamo.utils import counters
-
-    if "nsa" in arch:
-        request.getfixturevalue("opaque_nsa_decode")
-    plan = e2e_models.make_plan(argparse.Namespace(smoke=True, quick=False, budget_s=None))
-    model = e2e_models.build_model(arch, plan)
-    torch._dynamo.reset()
-    counters.clear()
-    step = torch.compile(e2e_timing.decode_step, backend="eager", fullgraph=True)
-    token = torch.zeros(2, 1, dtype=torch.long)
+    plan, model, step = compiled_step_on_cpu(arch, request)
     slots = []
     with torch.no_grad():
         for context in (40, 1100):  # 512 and 1536 attention slots, 1024 and 2048 NSA slots
             cache = e2e_models.synthetic_cache(model, 2, context)
-            eager_cache = copy.deepcopy(cache)
             e2e_models.mark_growing_dynamic(model, cache)
-            with e2e_timing.compile_options(plan, cache):
-                for _ in range(2):
-                    got = step(model, token, cache)
-                    want = e2e_timing.decode_step(model, token, eager_cache)
-                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            check_steps(plan, model, step, cache, 2)
             slots.append(next(s.k.shape[2] for s in cache.states if hasattr(s, "valid") or hasattr(s, "k_cmp")))
     assert slots[0] < slots[1]
     assert counters["stats"]["unique_graphs"] == 1
