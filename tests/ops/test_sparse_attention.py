@@ -2,6 +2,7 @@
 (interpreted on CPU) against the reference."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -305,6 +306,75 @@ def test_cuda_matches_reference(dtype, HQ, HKV, D) -> None:
             assert rel_err(a, b) < tol
     finally:
         torch.set_default_device(None)
+
+
+class FakeDriver:
+    """The four CUDA driver calls of `bind_cuda_context`, on a thread whose current context is `current`."""
+
+    def __init__(self, current: int | None) -> None:
+        self.current, self.calls = current, []
+
+    def cuCtxGetCurrent(self, out) -> int:  # noqa: N802 (the driver's names)
+        self.calls.append("get")
+        out._obj.value = self.current
+        return 0
+
+    def cuDeviceGet(self, out, index: int) -> int:  # noqa: N802
+        self.calls.append(f"device {index}")
+        out._obj.value = index
+        return 0
+
+    def cuDevicePrimaryCtxRetain(self, out, device) -> int:  # noqa: N802
+        self.calls.append(f"retain {device.value}")
+        out._obj.value = 1234
+        return 0
+
+    def cuCtxSetCurrent(self, context) -> int:  # noqa: N802
+        self.calls.append(f"set {context.value}")
+        self.current = context.value
+        return 0
+
+
+@pytest.mark.parametrize("current", [None, 99])
+def test_bind_cuda_context_only_where_the_thread_has_none(current, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hlsa.ops.triton import rows
+
+    driver = FakeDriver(current)
+    monkeypatch.setattr(rows, "_cuda_driver", lambda: driver)
+    rows.bind_cuda_context(torch.device("cuda", 1))
+    if current is None:  # retain device 1's primary context and make it current, as Triton's launcher does
+        assert driver.calls == ["get", "device 1", "retain 1", "set 1234"] and driver.current == 1234
+    else:
+        assert driver.calls == ["get"] and driver.current == 99
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    driver.calls.clear()
+    rows.bind_cuda_context(torch.device("cuda", 1))
+    assert driver.calls == []  # not while dynamo traces
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_on_a_thread_that_made_no_cuda_call() -> None:
+    """The forward's first launch on a fresh thread, with the kernels loaded by this thread and its memory from the
+    allocator's cache (so nothing else on that thread touches CUDA first), builds its TMA descriptors and matches
+    the launch on this thread (`bind_cuda_context`)."""
+    q, k, v, ce, _ = (x.cuda() if x is not None else None for x in make_case(2, 512, 8, 2, 64, 40, 0, torch.bfloat16))
+    want = sparse_attention(q, k, v, window=100, column_end=ce)  # compiles and loads the kernels here
+    del want
+    want = sparse_attention(q, k, v, window=100, column_end=ce)
+    got: dict = {}
+
+    def work() -> None:
+        try:
+            got["o"] = sparse_attention(q, k, v, window=100, column_end=ce)
+        except Exception as err:  # reported below, in the test's thread
+            got["error"] = err
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert "error" not in got, got.get("error")
+    torch.testing.assert_close(got["o"], want)
 
 
 def test_backward_refuses_sequences_past_32_bit_offsets() -> None:

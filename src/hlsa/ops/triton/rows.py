@@ -9,6 +9,9 @@ the last), so every caller masks rows `>= T` out of its softmax or gradient, as 
 
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -80,7 +83,40 @@ def use_tma(*tensors: torch.Tensor) -> bool:
     return interpreted() or torch.cuda.get_device_capability(tensors[0].device)[0] >= 9
 
 
+@functools.cache
+def _cuda_driver() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:  # no NVIDIA driver: nothing to bind
+        return None
+
+
+def bind_cuda_context(device: torch.device) -> None:
+    """Make the primary CUDA context of `device` current on this thread if none is.
+
+    Triton's launcher encodes a host TMA descriptor (`cuTensorMapEncodeTiled`) before it makes sure the thread has
+    a current context, and fails ("invalid device context") on a thread with none: a thread whose first CUDA work
+    is this launch, with the kernel loaded by another thread and its memory from the allocator's cache (a data
+    loader's, a profiler's, autograd's). The driver calls are Triton's own for a thread without a context. Skipped
+    while dynamo traces: a compiled graph's launches run on the thread that made the graph."""
+    driver = _cuda_driver()
+    if driver is None or torch.compiler.is_compiling():
+        return
+    context = ctypes.c_void_p()
+    if driver.cuCtxGetCurrent(ctypes.byref(context)) == 0 and context.value:
+        return
+    handle = ctypes.c_int()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if driver.cuDeviceGet(ctypes.byref(handle), index) != 0:
+        return  # let the launch report the driver's error
+    if driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), handle) == 0:
+        driver.cuCtxSetCurrent(context)
+
+
 def rows_descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
-    """The `[B * T, H * D]` view of a contiguous `[B, T, H, D]` tensor, in blocks of `rows` x D."""
+    """The `[B * T, H * D]` view of a contiguous `[B, T, H, D]` tensor, in blocks of `rows` x D (with this thread's
+    CUDA context current, which the launch that takes the descriptor needs: `bind_cuda_context`)."""
+    if x.is_cuda:
+        bind_cuda_context(x.device)
     B, T, H, D = x.shape
     return TensorDescriptor(x, [B * T, H * D], [H * D, 1], [rows, D])
