@@ -26,7 +26,7 @@ import triton.language as tl
 
 from hlsa.ops.triton import interpreted
 from hlsa.ops.triton.rows import block_rows, load_query_rows, load_rows, query_rows, rows_descriptor, use_tma
-from hlsa.ops.triton.sparse_attention_bwd import dkdv, n_columns_before, tile_config
+from hlsa.ops.triton.sparse_attention_bwd import dkdv, n_columns_before, register_cap, tile_config
 
 LOG2E = 1.4426950408889634
 
@@ -335,7 +335,7 @@ def forward(
         rows_descriptor(q, BM) if rows_tma else None,
         HQ=HQ, HKV=HKV, GP=GP, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN, USE_COLS=use_cols,
         USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, WS=ws, num_warps=warps,
-        num_stages=stages, maxnreg=maxnreg,
+        num_stages=stages, **register_cap(maxnreg),
     )  # fmt: skip
     return o, lse
 
@@ -362,7 +362,7 @@ def backward_dq(
         q, k, v, o, do, dq, lse, delta, ce, km, cols, ccount, scale * LOG2E, T, window_eff, *descs, *row_descs,
         HQ=HQ, HKV=HKV, GP=GP, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN, USE_COLS=use_cols,
         USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, WS=ws, num_warps=warps,
-        num_stages=stages, maxnreg=maxnreg,
+        num_stages=stages, **register_cap(maxnreg),
     )  # fmt: skip
     return dq, delta
 

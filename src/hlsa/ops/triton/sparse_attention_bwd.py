@@ -42,6 +42,12 @@ def tile_config(config: tuple) -> tuple[int, int, int, int, bool, int | None]:
     return BM, BN, warps, stages, flag, maxnreg
 
 
+def register_cap(maxnreg: int | None) -> dict:
+    """Launch options for a cap on registers per thread: none without one, so that a default launch passes only
+    the options torch.compile's capture of user-defined Triton kernels knows."""
+    return {"maxnreg": maxnreg} if maxnreg else {}
+
+
 @triton.jit
 def n_columns_before(ccount, i_bk, j, T):
     """How many columns of (b, kv head) `i_bk` sit at positions `< j` (j clamped to [0, T]); shared with the forward
@@ -285,13 +291,13 @@ def dkdv(
         _dkdv_col_kernel[(triton.cdiv(T, QS), B * HKV)](
             q, k, v, do, lse, delta, ce, cols, ccount, dk_col, dv_col, scale * LOG2E, T, window_eff, *descs,
             HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, HP=HP, QS=QS, PREC=prec, TMA=tma, num_warps=warps,
-            num_stages=stages, maxnreg=maxnreg,
+            num_stages=stages, **register_cap(maxnreg),
         )  # fmt: skip
     else:
         dk_col = dv_col = lse  # placeholders, never read
     _dkdv_band_kernel[(triton.cdiv(T, BN), B * HKV)](
         q, k, v, do, dk, dv, lse, delta, km, ccount, dk_col, dv_col, scale * LOG2E, T, window_eff, *descs,
         HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, HP=HP, USE_COLS=use_cols, USE_KM=km is not q, PREC=prec, TMA=tma,
-        num_warps=warps, num_stages=stages, maxnreg=maxnreg,
+        num_warps=warps, num_stages=stages, **register_cap(maxnreg),
     )  # fmt: skip
     return dk, dv
