@@ -24,9 +24,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from benchlib import add_output_args, machine, result_path, write_result
-
-REPO = Path(__file__).resolve().parent.parent
+from benchlib import REPO, add_output_args, machine, result_path, write_result
 
 
 def gpu_test_files() -> list[str]:

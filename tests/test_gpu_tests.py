@@ -67,9 +67,7 @@ def test_a_run_records_each_file_and_keeps_what_passed_at_this_commit(tmp_path: 
     assert json.loads(path.read_text())["files"]["tests/ops/test_linear.py"]["status"] == "skipped"
 
 
-def test_a_file_past_its_time_limit_is_recorded_as_a_timeout(
-    compile_env: dict, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_file_past_its_time_limit_is_recorded_as_a_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     entry = gpu_tests.run_file("tests/test_e2e_smoke.py", timeout_s=0.5)
     assert entry["status"] == "timeout" and entry["seconds"] < 30

@@ -98,7 +98,7 @@ def bind_cuda_context(device: torch.device) -> None:
     a current context, and fails ("invalid device context") on a thread with none: a thread whose first CUDA work
     is this launch, with the kernel loaded by another thread and its memory from the allocator's cache (a data
     loader's, a profiler's, autograd's). The driver calls are Triton's own for a thread without a context. Skipped
-    while dynamo traces: a compiled graph's launches run on the thread that made the graph."""
+    while dynamo traces, which cannot trace a foreign-function call."""
     driver = _cuda_driver()
     if driver is None or torch.compiler.is_compiling():
         return
