@@ -73,6 +73,9 @@ def cache_beyond_memory(shapes: HybridForCausalLM, batch: int, context: int, mem
     return f"oom: the cache needs {need / 2**30:.1f} GiB, the GPU has {memory_bytes / 2**30:.1f} GiB"
 
 
+SKIPPED = "skipped (time budget)"  # the status of a point a run had no time left for
+
+
 def run_arch(arch: str, plan: Plan, deadline: float, results: dict, path: Path) -> None:
     """Every point of one architecture. Points whose cache cannot fit on the GPU are recorded as out of memory
     without a try, points past the time budget as skipped, failures as errors, and the JSON is rewritten after each
@@ -90,7 +93,7 @@ def run_arch(arch: str, plan: Plan, deadline: float, results: dict, path: Path) 
             if too_big:
                 row = {"arch": arch, **where, "status": too_big}
             elif time.monotonic() > deadline:
-                row = {"arch": arch, **where, "status": "skipped (time budget)"}
+                row = {"arch": arch, **where, "status": SKIPPED}
             elif kind == "decode":
                 row = decode_point(model, arch, batch, n, plan, fresh_compile=batch != compiled_batch)
                 compiled_batch = batch if row.get("compiled") else None
@@ -174,13 +177,16 @@ def merge(results: list[dict]) -> dict:
 
     An input may itself be a merged file (it stands for the runs it joined). Where several runs measured one point
     (architecture, batch, context or prompt length), the last of them counts: its rows of that point replace the
-    earlier runs', so re-timed points can be merged into an existing table; a run left with no rows is dropped."""
+    earlier runs', so re-timed points can be merged into an existing table; a run left with no rows is dropped. A
+    point a run skipped for its time budget was not measured there, so it does not replace an earlier measurement."""
     if not results:
         raise ValueError("merge: no runs given")
     runs = [run for result in results for run in _runs_of(result)]
-    last = {_point(kind, row): i for i, run in enumerate(runs) for kind in ("decode", "prefill") for row in run[kind]}
+    kinds = ("decode", "prefill")
+    rows = [(i, _point(kind, row), row) for i, run in enumerate(runs) for kind in kinds for row in run[kind]]
+    last = {point: i for i, point, _ in rows} | {point: i for i, point, row in rows if not _skipped(row)}
     for i, run in enumerate(runs):
-        for kind in ("decode", "prefill"):
+        for kind in kinds:
             run[kind] = [row for row in run[kind] if last[_point(kind, row)] == i]
     runs = [run for run in runs if run["decode"] or run["prefill"]]
     first = runs[0]
@@ -205,6 +211,10 @@ def merge(results: list[dict]) -> dict:
     fields = {k: v for k, v in first["environment"]["plan"].items() if k in Plan.__dataclass_fields__}
     merged["targets"] = check_targets(merged, Plan(**fields))
     return merged
+
+
+def _skipped(row: dict) -> bool:
+    return row.get("status") == SKIPPED
 
 
 def _point(kind: str, row: dict) -> tuple:

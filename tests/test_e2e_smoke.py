@@ -330,6 +330,26 @@ def test_merge_replaces_an_architecture_timed_again(smoke_json: dict) -> None:
     assert again["copy_bandwidth_per_run"] == [smoke_json["copy_bandwidth_bytes_per_s"]] * 2
 
 
+def test_merge_keeps_a_measurement_over_a_later_skip(smoke_json: dict) -> None:
+    """A later run that skipped a point for its time budget did not measure it: merging keeps the earlier
+    measurement of that point and takes the later run's measured points; a point only ever skipped stays skipped."""
+
+    def run(command: str, status_of: dict) -> dict:
+        rows = [{**r, **status_of.get((r["arch"], r["batch"], r["context"]), {})} for r in smoke_json["decode"]]
+        return {**smoke_json, "machine": {**smoke_json["machine"], "command": command}, "decode": rows}
+
+    points = sorted({(r["arch"], r["batch"], r["context"]) for r in smoke_json["decode"]})
+    measured, skipped_later, never_measured = points[0], points[1], points[2]
+    skip = {"status": e2e.SKIPPED, "tokens_per_s": None}
+    first = run("first", {never_measured: skip})
+    later = run("later", {skipped_later: skip, never_measured: skip})
+    merged = e2e.merge([first, later])
+    by_point = {(r["arch"], r["batch"], r["context"]): r for r in merged["decode"]}
+    assert by_point[measured]["run"] == 1 and by_point[measured]["status"] == "ok"
+    assert by_point[skipped_later]["run"] == 0 and by_point[skipped_later]["status"] == "ok"
+    assert by_point[never_measured]["run"] == 1 and by_point[never_measured]["status"] == e2e.SKIPPED
+
+
 @pytest.mark.parametrize(
     ("name", "slug"), [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-40GB", "a100")]
 )
