@@ -58,9 +58,10 @@ TARGETS = {
     128: (400, 300),
 }  # effective TFLOP/s aimed at: forward, forward + backward  # H100 / H200 opt-in shared memory per block
 
-# (BM, BN, num_warps, num_stages[, flag]); the forward and dq pack G = 4 heads into BM rows (BM / 4 positions), their
-# flag is warp_specialize; dk/dv: BM query rows per tile, BN keys per program, the flag packs the G heads into the BM
-# rows as well (else BM positions of one head). The default config is added first where missing.
+# (BM, BN, num_warps, num_stages[, flag[, maxnreg[, mixed_exp]]]) (`tile_config`); the forward and dq pack G = 4
+# heads into BM rows (BM / 4 positions), their flag is warp_specialize; dk/dv: BM query rows per tile, BN keys per
+# program, the flag packs the G heads into the BM rows as well (else BM positions of one head). The default config is
+# added first where missing.
 CANDIDATES = {
     "fwd": [
         (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (128, 64, 4, 2),
@@ -70,6 +71,8 @@ CANDIDATES = {
         # at most 16 bytes under their cap at D = 64, compiled for sm_90; benchmarks/kernel_resources.py)
         (128, 64, 4, 3, False, 168), (128, 32, 4, 4, False, 168), (128, 32, 4, 3, False, 168),
         (128, 32, 4, 2, False, 168), (64, 64, 4, 3, False, 168), (64, 32, 4, 3, False, 168), (64, 32, 4, 3, False, 128),
+        # a quarter of the mask-free tiles' exponentials on the FP32 units (hlsa.ops.triton.exp2.exp2_mixed)
+        (128, 64, 4, 3, False, 0, True), (128, 32, 4, 4, False, 0, True), (128, 32, 4, 3, False, 168, True),
     ],
     "dq": [
         (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 2),
@@ -125,11 +128,12 @@ def parse_kernels(text: str) -> list[str]:
 
 
 def cfg_name(cfg: tuple, kernel: str) -> str:
-    """`128x64x4x3`, with "ws" (forward, dq: warp_specialize) or "pk" (dk/dv: packed query tiles) for the flag and
-    "r168" for a cap of 168 registers per thread."""
+    """`128x64x4x3`, with "ws" (forward, dq: warp_specialize) or "pk" (dk/dv: packed query tiles) for the flag,
+    "r168" for a cap of 168 registers per thread and "mx" for mixed exponentials (the forward)."""
     flag = "pk" if kernel == "dkdv" else "ws"
-    cap = f"r{cfg[5]}" if len(cfg) == 6 and cfg[5] else ""
-    return "x".join(str(x) for x in cfg[:4]) + (flag if len(cfg) >= 5 and cfg[4] else "") + cap
+    cap = f"r{cfg[5]}" if len(cfg) >= 6 and cfg[5] else ""
+    mix = "mx" if len(cfg) == 7 and cfg[6] else ""
+    return "x".join(str(x) for x in cfg[:4]) + (flag if len(cfg) >= 5 and cfg[4] else "") + cap + mix
 
 
 # --- kernel calls -----------------------------------------------------------------------------------------------

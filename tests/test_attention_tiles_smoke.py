@@ -64,6 +64,14 @@ def test_candidates_fit_the_shared_memory(tiles) -> None:
     assert tiles.smem_estimate("fwd", (128, 128, 8, 3), 128) > 227 * 1024
 
 
+def test_config_names(tiles) -> None:
+    assert tiles.cfg_name((128, 64, 4, 3), "fwd") == "128x64x4x3"
+    assert tiles.cfg_name((128, 64, 4, 3, True), "dq") == "128x64x4x3ws"
+    assert tiles.cfg_name((64, 64, 4, 3, True, 168), "dkdv") == "64x64x4x3pkr168"
+    assert tiles.cfg_name((128, 64, 4, 3, False, 0, True), "fwd") == "128x64x4x3mx"
+    assert tiles.cfg_name((128, 32, 4, 3, False, 168, True), "fwd") == "128x32x4x3r168mx"
+
+
 def test_summary_and_suggestion(tiles, capsys: pytest.CaptureFixture) -> None:
     """The table and the suggested launch_config entries from hand-made rows."""
     rows = []
@@ -86,10 +94,12 @@ def test_summary_and_suggestion(tiles, capsys: pytest.CaptureFixture) -> None:
 
 
 def test_tile_config() -> None:
-    assert tile_config((64, 32, 4, 2)) == (64, 32, 4, 2, False, None)
-    assert tile_config((64, 32, 4, 2, True)) == (64, 32, 4, 2, True, None)  # warp_specialize (fwd, dq), packed (dk/dv)
-    assert tile_config((64, 32, 4, 2, False, 168)) == (64, 32, 4, 2, False, 168)  # at most 168 registers a thread
-    assert tile_config((64, 32, 4, 2, True, 0)) == (64, 32, 4, 2, True, None)
+    assert tile_config((64, 32, 4, 2)) == (64, 32, 4, 2, False, None, False)
+    # warp_specialize (fwd, dq), packed (dk/dv)
+    assert tile_config((64, 32, 4, 2, True)) == (64, 32, 4, 2, True, None, False)
+    assert tile_config((64, 32, 4, 2, False, 168)) == (64, 32, 4, 2, False, 168, False)  # at most 168 registers
+    assert tile_config((64, 32, 4, 2, True, 0)) == (64, 32, 4, 2, True, None, False)
+    assert tile_config((64, 32, 4, 2, False, 0, True)) == (64, 32, 4, 2, False, None, True)  # mixed exponentials
     with pytest.raises(ValueError, match="tile config"):
         tile_config((64, 32, 4))
 

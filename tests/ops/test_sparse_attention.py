@@ -221,6 +221,75 @@ def test_triton_inference_rule(window, buffer_size, poisoned_empty) -> None:
     check_triton(B, T, 4, HKV, 32, window, None, pad, column_end=column_end)
 
 
+def _forward_with(config: tuple, q, k, v, window: int, column_end) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) of the Triton forward with a tile config, no key mask (so the band's interior tiles are mask-free)."""
+    from hlsa.ops.triton.sparse_attention import forward
+
+    cols, ccount = column_prologue(column_end, None, window)
+    return forward(q, k, v, column_end, q, cols, ccount, window, q.shape[-1] ** -0.5, True, config=config)
+
+
+def check_mixed_exponentials(q, k, v, ce, window: int, tiles: tuple) -> None:
+    """The forward with `tiles` plus mixed exponentials against the same tiles with `tl.exp2` only and against the
+    reference: o within half-precision rounding of both, lse within the cubic's error of the plain tiles' but not
+    equal to it (the mixed path ran)."""
+    with torch.no_grad():
+        plain_o, plain_lse = _forward_with(tiles, q, k, v, window, ce)
+        o, lse = _forward_with((*tiles, False, 0, True), q, k, v, window, ce)
+        ref = sparse_attention_ref(q.float(), k.float(), v.float(), window=window, column_end=ce)
+    assert rel_err(o.float(), ref) < 1e-2
+    assert rel_err(o.float(), plain_o.float()) < 1e-2
+    assert (lse - plain_lse).abs().max() < 2e-4  # base-2 log: 8e-5 relative in a sum of exponentials
+    assert not torch.equal(lse, plain_lse)
+
+
+@pytest.mark.parametrize("HQ,HKV", [(4, 1), (2, 2)])
+def test_triton_forward_with_mixed_exponentials(HQ: int, HKV: int, poisoned_empty) -> None:
+    """A quarter of the exponentials of the band's mask-free tiles on the FP32 units (`exp2_mixed`), in fp16 (the
+    interpreter's bf16 products are wrong; bf16 runs on CUDA below). The window spans several 16-key tiles, so the
+    band has interior tiles."""
+    q, k, v, ce, _ = make_case(2, 150, HQ, HKV, 32, 9, 0, dtype=torch.float16)
+    check_mixed_exponentials(q, k, v, ce, 70, (16, 16, 1, 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("D,tiles", [(64, (128, 64, 4, 3)), (128, (128, 32, 4, 4))], ids=str)
+def test_cuda_forward_with_mixed_exponentials(D: int, tiles: tuple) -> None:
+    """bf16 at the GPU's tiles (the forward's defaults), GQA 4, with columns."""
+    torch.set_default_device("cuda")
+    try:
+        q, k, v, ce, _ = make_case(2, 1000, 8, 2, D, 40, 0, dtype=torch.bfloat16)
+        check_mixed_exponentials(q, k, v, ce, 300, tiles)
+    finally:
+        torch.set_default_device(None)
+
+
+def test_triton_forward_in_fp32_ignores_mixed_exponentials(poisoned_empty) -> None:
+    """fp32 is the exact path: a config that asks for mixed exponentials gives the plain config's o and lse bit for
+    bit."""
+    with torch.no_grad():
+        q, k, v, ce, _ = make_case(1, 120, 4, 1, 32, 9, 0)
+        plain = _forward_with((16, 16, 1, 1), q, k, v, 70, ce)
+        mixed = _forward_with((16, 16, 1, 1, False, 0, True), q, k, v, 70, ce)
+    assert all(torch.equal(a, b) for a, b in zip(plain, mixed))
+
+
+def test_only_the_forward_takes_mixed_exponentials() -> None:
+    from hlsa.ops.triton.sparse_attention import backward_dq
+    from hlsa.ops.triton.sparse_attention_bwd import dkdv
+
+    q, k, v, ce, _ = make_case(1, 40, 2, 1, 32, 3, 0)
+    cols, ccount = column_prologue(ce, None, 8)
+    lse = torch.zeros(1, 2, 40)
+    pattern = (ce, q, cols, ccount, 8, 32**-0.5, True)
+    mixed = (16, 16, 1, 1, False, 0, True)
+    with pytest.raises(ValueError, match="dq: mixed_exp"):
+        backward_dq(q, k, v, q, q, lse, *pattern, config=mixed)
+    with pytest.raises(ValueError, match="dkdv: mixed_exp"):
+        dkdv(q, k, v, q, lse, lse, *pattern, config=mixed)
+
+
 @pytest.mark.parametrize("T,window,pad", [(1, 0, 0), (37, 3, 5), (100, 20, 0), (70, 0, 69)])
 def test_column_prologue_matches_reference(T: int, window: int, pad: int) -> None:
     """The one-launch prologue (blocks of 16 keys under the interpreter, so the running count crosses blocks)."""

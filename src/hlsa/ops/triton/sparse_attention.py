@@ -25,15 +25,19 @@ import triton
 import triton.language as tl
 
 from hlsa.ops.triton import interpreted
+from hlsa.ops.triton.exp2 import exp2_mixed
 from hlsa.ops.triton.rows import block_rows, load_query_rows, load_rows, query_rows, rows_descriptor, use_tma
-from hlsa.ops.triton.sparse_attention_bwd import dkdv, n_columns_before, register_cap, tile_config
+from hlsa.ops.triton.sparse_attention_bwd import dkdv, n_columns_before, only_forward_mixes, register_cap, tile_config
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, APPLY_MASK: tl.constexpr, PREC: tl.constexpr):
-    """One online-softmax step over a `[BM, BN]` tile (base-2 logits `scale * q.k`).
+def _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, APPLY_MASK: tl.constexpr, PREC: tl.constexpr,
+              MIXED_EXP: tl.constexpr):  # fmt: skip
+    """One online-softmax step over a `[BM, BN]` tile (base-2 logits `scale * q.k`). With `MIXED_EXP` (mask-free
+    tiles only: every logit finite, and 0 where `exp2_mixed` gives ~2e-38 is not needed) a quarter of the
+    exponentials run on the FP32 units.
 
     The running max moves, and `acc`, `l_i` are rescaled, at every tile. FlashAttention-4's conditional rescaling
     (only when a row's max grows by more than 2^8) was tried and measured slower on the H200 (forward +10%
@@ -46,7 +50,10 @@ def _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, APPLY_MASK: tl.constexpr
     m_new = tl.maximum(m_i, tl.max(b_s, 1) * scale)
     # A row with nothing visible yet keeps m = -inf; shifting by 0 instead avoids exp2(-inf - -inf) = nan.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    b_p = tl.exp2(b_s * scale - m_safe[:, None])
+    if MIXED_EXP:
+        b_p = exp2_mixed(b_s * scale - m_safe[:, None], b_s.shape[0], b_s.shape[1])
+    else:
+        b_p = tl.exp2(b_s * scale - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(b_p, 1)
     acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
@@ -138,7 +145,7 @@ def _fwd_kernel(
     q, k, v, o, lse, ce, km, cols, ccount, scale, T, W, k_desc, v_desc, q_desc,
     HQ: tl.constexpr, HKV: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    ROWS_TMA: tl.constexpr, WS: tl.constexpr,
+    ROWS_TMA: tl.constexpr, WS: tl.constexpr, MIXED_EXP: tl.constexpr,
 ):  # fmt: skip
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64 (see the legend)
     i_b, i_hk, i_bk, t0, o_m, m_row, p_row, p_lse, p_k, p_v, km_b = _program_rows(k, v, km, T, HQ, HKV, GP, D, BM)
@@ -150,23 +157,23 @@ def _fwd_kernel(
         n_col = n_columns_before(ccount, i_bk, t0 + BM // GP - 1 - W, T)
         for c0 in range(0, n_col, BN):
             vis, b_k, b_v = _column_tile(cols, ce, p_k, p_v, i_b, i_hk, i_bk, c0, n_col, o_m, T, W, HKV, D, BD, BN)
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC, False)
     s0, a, d, t_end = _band_bounds(t0, T, W, BM // GP, BN)
     for n0 in range(s0, a, BN):
         vis, b_k, b_v = _band_tile(
             p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, True, USE_KM, TMA
         )
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC, False)
     for n0 in tl.range(a, d, BN, warp_specialize=WS):
         vis, b_k, b_v = _band_tile(
             p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, False, USE_KM, TMA
         )
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, USE_KM, PREC)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, USE_KM, PREC, MIXED_EXP)
     for n0 in range(d, t_end, BN):
         vis, b_k, b_v = _band_tile(
             p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, True, USE_KM, TMA
         )
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC, False)
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
     _store_program_rows(o, acc, p_row, m_row, D, BD)
@@ -218,8 +225,8 @@ def _dq_kernel(
 
 
 def launch_config(kernel: str, D: int, dtype: torch.dtype) -> tuple:
-    """(BM, BN, num_warps, num_stages[, flag[, maxnreg]]) (`tile_config`) for `kernel` in {"fwd", "dq", "dkdv"};
-    small tiles under the interpreter.
+    """(BM, BN, num_warps, num_stages[, flag[, maxnreg[, mixed_exp]]]) (`tile_config`) for `kernel` in {"fwd", "dq",
+    "dkdv"}; small tiles under the interpreter.
 
     The launchers (`forward`, `backward_dq`, `dkdv`) take an explicit `config` instead; benchmarks/attention_tiles.py
     sweeps them and prints this table's entries."""
@@ -318,11 +325,11 @@ def forward(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Launch the forward kernel -> (o [B, T, HQ, D], lse [B, HQ, T] fp32).
 
-    `config`: (BM, BN, num_warps, num_stages[, warp_specialize[, maxnreg]]) instead of `launch_config("fwd", ...)`
-    (for tile sweeps; see `tile_config`)."""
+    `config`: (BM, BN, num_warps, num_stages[, warp_specialize[, maxnreg[, mixed_exp]]]) instead of
+    `launch_config("fwd", ...)` (for tile sweeps; see `tile_config`)."""
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
-    BM, BN, warps, stages, ws, maxnreg = tile_config(config or launch_config("fwd", D, q.dtype))
+    BM, BN, warps, stages, ws, maxnreg, mixed_exp = tile_config(config or launch_config("fwd", D, q.dtype))
     GP = triton.next_power_of_2(HQ // HKV)
     BM = max(BM, GP)  # rows per program: BM // GP positions of each of the group's query heads
     o = torch.empty_like(q)
@@ -334,8 +341,10 @@ def forward(
         q, k, v, o, lse, ce, km, cols, ccount, scale * LOG2E, T, window_eff, *descs,
         rows_descriptor(q, BM) if rows_tma else None,
         HQ=HQ, HKV=HKV, GP=GP, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN, USE_COLS=use_cols,
-        USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, WS=ws, num_warps=warps,
-        num_stages=stages, **register_cap(maxnreg),
+        USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, WS=ws,
+        # The interior tiles are mask-free only without a key mask; fp32 keeps its exact exponentials.
+        MIXED_EXP=mixed_exp and km is q and q.dtype != torch.float32, num_warps=warps, num_stages=stages,
+        **register_cap(maxnreg),
     )  # fmt: skip
     return o, lse
 
@@ -348,7 +357,8 @@ def backward_dq(
 
     `config` as in `forward` (default `launch_config("dq", ...)`)."""
     B, T, HQ, D = q.shape
-    BM, BN, warps, stages, ws, maxnreg = tile_config(config or launch_config("dq", D, q.dtype))
+    BM, BN, warps, stages, ws, maxnreg, mixed_exp = tile_config(config or launch_config("dq", D, q.dtype))
+    only_forward_mixes("dq", mixed_exp)
     dq = torch.empty_like(q)
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     HKV = k.shape[2]

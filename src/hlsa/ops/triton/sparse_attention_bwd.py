@@ -25,21 +25,31 @@ from hlsa.ops.triton.rows import load_query_rows, query_rows, rows_descriptor, u
 LOG2E = 1.4426950408889634
 
 
-def tile_config(config: tuple) -> tuple[int, int, int, int, bool, int | None]:
-    """(BM, BN, num_warps, num_stages, flag, maxnreg) from a 4-tuple (flag False, no cap), a 5-tuple or a 6-tuple.
+def tile_config(config: tuple) -> tuple[int, int, int, int, bool, int | None, bool]:
+    """(BM, BN, num_warps, num_stages, flag, maxnreg, mixed_exp) from a 4- to 7-tuple (flag off, no cap, no mix).
 
     The flag is each kernel's variant. Forward and dq: warp_specialize, which asks Triton to split the band's
     mask-free interior loop into producer and consumer warps (`tl.range(..., warp_specialize=True)`). dk/dv: packed
     query tiles (BM // GP positions of each query head of the group, instead of BM positions of one head). Both off
     by default; whether they pay is for a GPU sweep (benchmarks/attention_tiles.py) to show. maxnreg caps the
     registers per thread (Triton's `maxnreg`; 0 or None: no cap), so that more programs fit on an SM at the price
-    of spills."""
-    if len(config) not in (4, 5, 6):
-        raise ValueError(f"tile config must be (BM, BN, num_warps, num_stages[, flag[, maxnreg]]); got {config}")
+    of spills. mixed_exp (the forward only) computes a quarter of the exponentials of its mask-free tiles on the
+    FP32 units (`hlsa.ops.triton.exp2.exp2_mixed`; bf16/fp16 inputs)."""
+    if len(config) not in (4, 5, 6, 7):
+        raise ValueError(
+            f"tile config must be (BM, BN, num_warps, num_stages[, flag[, maxnreg[, mixed_exp]]]); got {config}"
+        )
     BM, BN, warps, stages = (int(x) for x in config[:4])
     flag = bool(config[4]) if len(config) >= 5 else False
-    maxnreg = int(config[5]) if len(config) == 6 and config[5] else None
-    return BM, BN, warps, stages, flag, maxnreg
+    maxnreg = int(config[5]) if len(config) >= 6 and config[5] else None
+    mixed_exp = bool(config[6]) if len(config) == 7 else False
+    return BM, BN, warps, stages, flag, maxnreg, mixed_exp
+
+
+def only_forward_mixes(kernel: str, mixed_exp: bool) -> None:
+    """dq and dk/dv compute every exponential with `tl.exp2`: a config that asks them to mix is an error."""
+    if mixed_exp:
+        raise ValueError(f"{kernel}: mixed_exp (a tile config's seventh element) applies to the forward kernel only")
 
 
 def register_cap(maxnreg: int | None) -> dict:
@@ -267,13 +277,14 @@ def dkdv(
     """dk, dv `[B, T, HKV, D]` from q, do `[B, T, HQ, D]`, lse, delta `[B, HQ, T]` fp32 and the column prologue.
 
     `km is q` means no key mask and `use_cols=False` means no columns (placeholders are never read).
-    `config` = (BM, BN, num_warps, num_stages[, packed[, maxnreg]]) (`tile_config`).
+    `config` = (BM, BN, num_warps, num_stages[, packed[, maxnreg]]) (`tile_config`; no mixed_exp).
     """
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     if T * HKV * D >= 2**31:  # the band kernel's offsets within one sequence's K and V are 32-bit
         raise ValueError(f"sparse attention backward: T * HKV * D = {T * HKV * D} must be below 2**31 per sequence")
-    BM, BN, warps, stages, packed, maxnreg = tile_config(config)
+    BM, BN, warps, stages, packed, maxnreg, mixed_exp = tile_config(config)
+    only_forward_mixes("dkdv", mixed_exp)
     HP = triton.next_power_of_2(HQ // HKV) if packed else 1  # query heads per tile
     BM = max(BM, HP)
     BD = triton.next_power_of_2(D)
