@@ -4,7 +4,7 @@
 multiply-adds. In the attention forward's mask-free tiles the exponentials are the busiest unit: at D = 64 a
 `[128, 64]` tile spends about 544 cycles on them, 512 on its two matrix products and about 290 on FP32 arithmetic
 (docs/kernels.md). `exp2_mixed` computes a quarter of a tile's exponentials with a cubic on the FP32 and integer
-units instead (the split FlashAttention-4 makes), which balances the two at about 420 cycles each.
+units instead (the split FlashAttention-4 makes), which balances the two at about 410 cycles each.
 
 The cubic's relative error is below 8e-5 (bf16 rounds to 4e-3), so this is for bf16/fp16 tiles only; fp32 inputs
 keep `tl.exp2`, the exact path.
