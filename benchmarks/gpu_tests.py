@@ -6,8 +6,9 @@ Usage: `python3 benchmarks/gpu_tests.py [--files tests/ops/test_nsa.py,...] [--f
 All GPU checks together compile every kernel at many shapes and take longer than one sitting on a lent machine, and a
 pytest killed at a time limit says nothing about the tests it ran. So this runs one pytest per file (the files that
 hold `-m gpu` tests, in collection order, or `--files`), reads each run's JUnit XML, and rewrites
-`gpu_tests-<gpu>.json` after every file: per file its status (`passed`, `failed`, `timeout`, `skipped` where the
-machine has no GPU), counts, seconds, and each failure's message. A second run at the same commit on the same GPU
+`gpu_tests-<gpu>.json` after every file: per file its status (`passed`, `failed`, `timeout` past its own limit,
+`stopped (time budget)` where the run's budget ran out first, `skipped` where the machine has no GPU), counts, seconds,
+and each failure's message. A second run at the same commit on the same GPU
 keeps the files that passed and runs the others (`--rerun`: all of them again), so that the whole suite can be
 covered over several calls. A run at another commit starts a new file.
 """
@@ -88,7 +89,12 @@ def main() -> None:
     add_output_args(parser)
     parser.add_argument("--files", default=None, help="comma-separated test files (default: every file with gpu tests)")
     parser.add_argument("--file-timeout-s", type=float, default=300.0, help="time limit of one file (default 300)")
-    parser.add_argument("--budget-s", type=float, default=None, help="start no file once this many seconds have passed")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no file once this many seconds have passed, and stop the running one then",
+    )
     parser.add_argument("--rerun", action="store_true", help="run the files that already passed at this commit too")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -112,7 +118,11 @@ def main() -> None:
         if left is not None and left <= 0:
             print(f"{name}: not run (time budget)", flush=True)
             continue
-        entry = run_file(name, args.file_timeout_s if left is None else min(args.file_timeout_s, left))
+        limit = args.file_timeout_s if left is None else min(args.file_timeout_s, left)
+        entry = run_file(name, limit)
+        if entry["status"] == "timeout" and limit < args.file_timeout_s:
+            # Stopped by the run's budget, not by its own limit: it says nothing of a file that hangs.
+            entry["status"] = "stopped (time budget)"
         result["files"][name] = entry
         counts = ", ".join(f"{entry[k]} {k}" for k in ("passed", "failed", "skipped") if k in entry)
         print(f"{name}: {entry['status']} in {entry['seconds']:.0f} s{f' ({counts})' if counts else ''}", flush=True)

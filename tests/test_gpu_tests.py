@@ -73,6 +73,16 @@ def test_a_file_past_its_time_limit_is_recorded_as_a_timeout(monkeypatch: pytest
     assert entry["status"] == "timeout" and entry["seconds"] < 30
 
 
+def test_a_file_stopped_by_the_budget_is_not_called_a_timeout(tmp_path: Path, compile_env: dict) -> None:
+    """The run's budget (1 s, less than pytest takes to start) cuts the file short: recorded as stopped, to run
+    again, not as a file that hangs past its own limit."""
+    args = ["--files", "tests/test_e2e_smoke.py", "--out", str(tmp_path), "--budget-s", "1", "--file-timeout-s", "300"]
+    proc = run_script(args, compile_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = tmp_path.glob("gpu_tests-*.json")
+    assert json.loads(path.read_text())["files"]["tests/test_e2e_smoke.py"]["status"] == "stopped (time budget)"
+
+
 def test_bad_arguments_are_refused(tmp_path: Path, compile_env: dict) -> None:
     proc = run_script(["--files", "tests/no_such_test.py", "--out", str(tmp_path)], compile_env)
     assert proc.returncode != 0 and "no such test file: tests/no_such_test.py" in proc.stderr
