@@ -35,9 +35,9 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, APPLY_MASK: tl.constexpr, PREC: tl.constexpr,
               MIXED_EXP: tl.constexpr):  # fmt: skip
-    """One online-softmax step over a `[BM, BN]` tile (base-2 logits `scale * q.k`). With `MIXED_EXP` (mask-free
-    tiles only: every logit finite, and 0 where `exp2_mixed` gives ~2e-38 is not needed) a quarter of the
-    exponentials run on the FP32 units.
+    """One online-softmax step over a `[BM, BN]` tile (base-2 logits `scale * q.k`). With `MIXED_EXP` a quarter of
+    the exponentials run on the FP32 units (`exp2_mixed`); for mask-free tiles only, where every logit is finite, so
+    that no exponential must be exactly 0, which `exp2_mixed` never gives.
 
     The running max moves, and `acc`, `l_i` are rescaled, at every tile. FlashAttention-4's conditional rescaling
     (only when a row's max grows by more than 2^8) was tried and measured slower on the H200 (forward +10%
