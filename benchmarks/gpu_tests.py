@@ -8,9 +8,9 @@ pytest killed at a time limit says nothing about the tests it ran. So this runs 
 hold `-m gpu` tests, in collection order, or `--files`), reads each run's JUnit XML, and rewrites
 `gpu_tests-<gpu>.json` after every file: per file its status (`passed`, `failed`, `timeout` past its own limit,
 `stopped (time budget)` where the run's budget ran out first, `skipped` where the machine has no GPU), counts, seconds,
-and each failure's message. A second run at the same commit on the same GPU
-keeps the files that passed and runs the others (`--rerun`: all of them again), so that the whole suite can be
-covered over several calls. A run at another commit starts a new file.
+and each failure's message. A second run at the same commit on the same GPU keeps the files that passed and runs the
+others (`--rerun`: all of them again), so that the whole suite can be covered over several calls. A run at another
+commit starts a new file.
 """
 
 from __future__ import annotations
