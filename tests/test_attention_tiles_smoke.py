@@ -13,7 +13,8 @@ import torch
 
 from hlsa.ops.sparse_attention import sparse_attention_ref
 from hlsa.ops.triton.sparse_attention import backward_dq, column_prologue, forward, launch_config
-from hlsa.ops.triton.sparse_attention_bwd import dkdv, tile_config
+from hlsa.ops.triton.sparse_attention_bwd import dkdv
+from hlsa.ops.triton.tiles import tile_config
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "attention_tiles.py"

@@ -27,7 +27,8 @@ import triton.language as tl
 from hlsa.ops.triton import interpreted
 from hlsa.ops.triton.exp2 import exp2_mixed
 from hlsa.ops.triton.rows import block_rows, load_query_rows, load_rows, query_rows, rows_descriptor, use_tma
-from hlsa.ops.triton.sparse_attention_bwd import dkdv, n_columns_before, only_forward_mixes, register_cap, tile_config
+from hlsa.ops.triton.sparse_attention_bwd import dkdv, n_columns_before
+from hlsa.ops.triton.tiles import precision, tile_config
 
 LOG2E = 1.4426950408889634
 
@@ -311,11 +312,6 @@ def column_prologue_ref(
     return cols[:, :T].contiguous(), ccount
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 products (the reference's arithmetic); bf16/fp16 ignore this setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 Tensor = torch.Tensor
 
 
@@ -329,9 +325,10 @@ def forward(
     `launch_config("fwd", ...)` (for tile sweeps; see `tile_config`)."""
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
-    BM, BN, warps, stages, ws, maxnreg, mixed_exp = tile_config(config or launch_config("fwd", D, q.dtype))
+    tiles = tile_config(config or launch_config("fwd", D, q.dtype))
+    BN = tiles.BN
     GP = triton.next_power_of_2(HQ // HKV)
-    BM = max(BM, GP)  # rows per program: BM // GP positions of each of the group's query heads
+    BM = max(tiles.BM, GP)  # rows per program: BM // GP positions of each of the group's query heads
     o = torch.empty_like(q)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     tma = use_tma(k, v)  # the band's K/V tiles
@@ -341,10 +338,9 @@ def forward(
         q, k, v, o, lse, ce, km, cols, ccount, scale * LOG2E, T, window_eff, *descs,
         rows_descriptor(q, BM) if rows_tma else None,
         HQ=HQ, HKV=HKV, GP=GP, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN, USE_COLS=use_cols,
-        USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, WS=ws,
+        USE_KM=km is not q, PREC=precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, WS=tiles.flag,
         # The interior tiles are mask-free only without a key mask; fp32 keeps its exact exponentials.
-        MIXED_EXP=mixed_exp and km is q and q.dtype != torch.float32, num_warps=warps, num_stages=stages,
-        **register_cap(maxnreg),
+        MIXED_EXP=tiles.mixed_exp and km is q and q.dtype != torch.float32, **tiles.launch_options(),
     )  # fmt: skip
     return o, lse
 
@@ -357,13 +353,13 @@ def backward_dq(
 
     `config` as in `forward` (default `launch_config("dq", ...)`)."""
     B, T, HQ, D = q.shape
-    BM, BN, warps, stages, ws, maxnreg, mixed_exp = tile_config(config or launch_config("dq", D, q.dtype))
-    only_forward_mixes("dq", mixed_exp)
+    tiles = tile_config(config or launch_config("dq", D, q.dtype)).without_mixing("dq")
+    BN = tiles.BN
     dq = torch.empty_like(q)
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     HKV = k.shape[2]
     GP = triton.next_power_of_2(HQ // HKV)
-    BM = max(BM, GP)  # rows per program: BM // GP positions of each of the group's query heads
+    BM = max(tiles.BM, GP)  # rows per program: BM // GP positions of each of the group's query heads
     tma = use_tma(k, v)  # the band's K/V tiles
     descs = (rows_descriptor(k, BN), rows_descriptor(v, BN)) if tma else (None,) * 2
     rows_tma = GP == 1 and use_tma(q, o, do)  # as in `forward`
@@ -371,8 +367,8 @@ def backward_dq(
     _dq_kernel[(triton.cdiv(T, BM // GP), B * HKV)](
         q, k, v, o, do, dq, lse, delta, ce, km, cols, ccount, scale * LOG2E, T, window_eff, *descs, *row_descs,
         HQ=HQ, HKV=HKV, GP=GP, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN, USE_COLS=use_cols,
-        USE_KM=km is not q, PREC=_precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, WS=ws, num_warps=warps,
-        num_stages=stages, **register_cap(maxnreg),
+        USE_KM=km is not q, PREC=precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, WS=tiles.flag,
+        **tiles.launch_options(),
     )  # fmt: skip
     return dq, delta
 

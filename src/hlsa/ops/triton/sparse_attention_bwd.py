@@ -21,41 +21,9 @@ import triton
 import triton.language as tl
 
 from hlsa.ops.triton.rows import load_query_rows, query_rows, rows_descriptor, use_tma
+from hlsa.ops.triton.tiles import precision, tile_config
 
 LOG2E = 1.4426950408889634
-
-
-def tile_config(config: tuple) -> tuple[int, int, int, int, bool, int | None, bool]:
-    """(BM, BN, num_warps, num_stages, flag, maxnreg, mixed_exp) from a 4- to 7-tuple (flag off, no cap, no mix).
-
-    The flag is each kernel's variant. Forward and dq: warp_specialize, which asks Triton to split the band's
-    mask-free interior loop into producer and consumer warps (`tl.range(..., warp_specialize=True)`). dk/dv: packed
-    query tiles (BM // GP positions of each query head of the group, instead of BM positions of one head). Both off
-    by default; whether they pay is for a GPU sweep (benchmarks/attention_tiles.py) to show. maxnreg caps the
-    registers per thread (Triton's `maxnreg`; 0 or None: no cap), so that more programs fit on an SM at the price
-    of spills. mixed_exp (the forward only) computes a quarter of the exponentials of its mask-free tiles on the
-    FP32 units (`hlsa.ops.triton.exp2.exp2_mixed`; bf16/fp16 inputs)."""
-    if len(config) not in (4, 5, 6, 7):
-        raise ValueError(
-            f"tile config must be (BM, BN, num_warps, num_stages[, flag[, maxnreg[, mixed_exp]]]); got {config}"
-        )
-    BM, BN, warps, stages = (int(x) for x in config[:4])
-    flag = bool(config[4]) if len(config) >= 5 else False
-    maxnreg = int(config[5]) if len(config) >= 6 and config[5] else None
-    mixed_exp = bool(config[6]) if len(config) == 7 else False
-    return BM, BN, warps, stages, flag, maxnreg, mixed_exp
-
-
-def only_forward_mixes(kernel: str, mixed_exp: bool) -> None:
-    """dq and dk/dv compute every exponential with `tl.exp2`: a config that asks them to mix is an error."""
-    if mixed_exp:
-        raise ValueError(f"{kernel}: mixed_exp (a tile config's seventh element) applies to the forward kernel only")
-
-
-def register_cap(maxnreg: int | None) -> dict:
-    """Launch options for a cap on registers per thread: none without one, so that a default launch passes only
-    the options torch.compile's capture of user-defined Triton kernels knows."""
-    return {"maxnreg": maxnreg} if maxnreg else {}
 
 
 @triton.jit
@@ -283,12 +251,12 @@ def dkdv(
     HKV = k.shape[2]
     if T * HKV * D >= 2**31:  # the band kernel's offsets within one sequence's K and V are 32-bit
         raise ValueError(f"sparse attention backward: T * HKV * D = {T * HKV * D} must be below 2**31 per sequence")
-    BM, BN, warps, stages, packed, maxnreg, mixed_exp = tile_config(config)
-    only_forward_mixes("dkdv", mixed_exp)
-    HP = triton.next_power_of_2(HQ // HKV) if packed else 1  # query heads per tile
-    BM = max(BM, HP)
+    tiles = tile_config(config).without_mixing("dkdv")
+    BN = tiles.BN
+    HP = triton.next_power_of_2(HQ // HKV) if tiles.flag else 1  # query heads per tile (packed tiles)
+    BM = max(tiles.BM, HP)
     BD = triton.next_power_of_2(D)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec = precision(q.dtype)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     tma = HP == 1 and use_tma(q, do)  # a TMA block holds consecutive positions of one head
     descs = (rows_descriptor(q, BM), rows_descriptor(do, BM)) if tma else (None, None)
@@ -301,14 +269,14 @@ def dkdv(
         QS = query_segment(T, B * HKV, BM)
         _dkdv_col_kernel[(triton.cdiv(T, QS), B * HKV)](
             q, k, v, do, lse, delta, ce, cols, ccount, dk_col, dv_col, scale * LOG2E, T, window_eff, *descs,
-            HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, HP=HP, QS=QS, PREC=prec, TMA=tma, num_warps=warps,
-            num_stages=stages, **register_cap(maxnreg),
+            HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, HP=HP, QS=QS, PREC=prec, TMA=tma,
+            **tiles.launch_options(),
         )  # fmt: skip
     else:
         dk_col = dv_col = lse  # placeholders, never read
     _dkdv_band_kernel[(triton.cdiv(T, BN), B * HKV)](
         q, k, v, do, dk, dv, lse, delta, km, ccount, dk_col, dv_col, scale * LOG2E, T, window_eff, *descs,
         HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, HP=HP, USE_COLS=use_cols, USE_KM=km is not q, PREC=prec, TMA=tma,
-        num_warps=warps, num_stages=stages, **register_cap(maxnreg),
+        **tiles.launch_options(),
     )  # fmt: skip
     return dk, dv
