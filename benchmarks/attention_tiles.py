@@ -43,7 +43,7 @@ from contextlib import contextmanager
 import torch
 
 from attention import WINDOW, attended_pairs, flex_times, make_inputs, peers, rel_err, time_pair
-from benchlib import add_output_args, machine, result_path, write_result
+from benchlib import add_output_args, machine, profiled, result_path, write_result
 
 HQ, HKV = 16, 4
 TOKENS = 65536
@@ -400,13 +400,18 @@ def default_row(rows: list[dict], kernel: str, D: int, T: int) -> dict | None:
 
 
 def ours_totals(case: Case) -> dict:
-    """The autograd op with the default configs (forward, forward + backward) and the column prologue alone."""
+    """The autograd op with the default configs (forward, forward + backward), the column prologue alone, and the
+    kernels of the op's forward + backward under the profiler (`op_kernels`: where the op's time goes beyond the sum
+    of its Triton kernels timed alone)."""
     import hlsa.ops.triton.sparse_attention as kernels
     from hlsa.ops.sparse_attention import sparse_attention
 
     leaves = [x.detach().requires_grad_(True) for x in (case.q, case.k, case.v)]
-    out = time_pair(functools.partial(sparse_attention, *leaves, window=WINDOW, column_end=case.ce), leaves)
+    op = functools.partial(sparse_attention, *leaves, window=WINDOW, column_end=case.ce)
+    out = time_pair(op, leaves)
     out["prologue_ms"] = bench_ms(functools.partial(kernels.column_prologue, case.ce, None, WINDOW))
+    do = torch.randn_like(case.q)
+    out["op_kernels"] = profiled(lambda: op().backward(do), steps=5, cuda=case.q.is_cuda)[0]
     flops = 4 * case.D * case.pairs
     if "fwd_ms" in out:
         out["fwd_tflops"] = flops / out["fwd_ms"] / 1e9

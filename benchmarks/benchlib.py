@@ -1,4 +1,5 @@
-"""What every benchmark shares: the machine description, the device copy bandwidth, timing, and result files.
+"""What every benchmark shares: the machine description, the device copy bandwidth, timing, kernel tables from the
+profiler, and result files.
 
 A benchmark writes one JSON per GPU kind, `benchmarks/results/<benchmark>-<gpu slug>.json` (a rerun overwrites it),
 whose `machine` entry names the commit, the GPU, the library versions and the exact command.
@@ -17,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -135,6 +137,38 @@ def time_graph(calls: list[Callable[[], object]], replays: int = 7) -> float:
         times.append(start.elapsed_time(end) * 1e3 / len(calls))
     del graph
     return statistics.median(times)
+
+
+def kernel_table(prof: torch.profiler.profile, steps: int, cuda: bool, top: int = 25) -> dict:
+    """Per-step totals and the `top` entries: CUDA kernels on the GPU, aten operations on the CPU."""
+    device = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for evt in prof.key_averages():
+        if evt.device_type != device or (not cuda and not evt.key.startswith("aten::")):
+            continue
+        us = evt.self_device_time_total if cuda else evt.self_cpu_time_total
+        totals[evt.key][0] += evt.count
+        totals[evt.key][1] += us
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][1])
+    return {
+        "unit": "CUDA kernels" if cuda else "aten operations (views included)",
+        "kernels_per_step": sum(c for c, _ in totals.values()) / steps,
+        "device_us_per_step": sum(t for _, t in totals.values()) / steps,
+        "top": [{"name": k[:160], "per_step": c / steps, "us_per_step": t / steps} for k, (c, t) in rows[:top]],
+    }
+
+
+def profiled(fn: Callable[[], object], steps: int, cuda: bool) -> tuple[dict, float]:
+    """Run `fn` `steps` times under the profiler; the table and the wall milliseconds per step."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    return kernel_table(prof, steps, cuda), wall_ms
 
 
 def copy_bandwidth(device: str = "cuda", nbytes: int = 2**31) -> dict:

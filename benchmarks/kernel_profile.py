@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -29,42 +27,8 @@ import e2e
 import e2e_models
 import e2e_timing
 import train as train_bench  # the LTE routers' operating point
-from benchlib import add_output_args, machine, result_path, write_result
+from benchlib import add_output_args, machine, profiled, result_path, write_result
 from hlsa.config import HybridConfig
-
-TOP = 25
-
-
-def kernel_table(prof: profile, steps: int, cuda: bool) -> dict:
-    """Per-step totals and the top entries: CUDA kernels on the GPU, aten operations on the CPU."""
-    device = DeviceType.CUDA if cuda else DeviceType.CPU
-    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    for evt in prof.key_averages():
-        if evt.device_type != device or (not cuda and not evt.key.startswith("aten::")):
-            continue
-        us = evt.self_device_time_total if cuda else evt.self_cpu_time_total
-        totals[evt.key][0] += evt.count
-        totals[evt.key][1] += us
-    rows = sorted(totals.items(), key=lambda kv: -kv[1][1])
-    return {
-        "unit": "CUDA kernels" if cuda else "aten operations (views included)",
-        "kernels_per_step": sum(c for c, _ in totals.values()) / steps,
-        "device_us_per_step": sum(t for _, t in totals.values()) / steps,
-        "top": [{"name": k[:160], "per_step": c / steps, "us_per_step": t / steps} for k, (c, t) in rows[:TOP]],
-    }
-
-
-def profiled(fn, steps: int, cuda: bool) -> tuple[dict, float]:
-    """Run `fn` `steps` times under the profiler; the table and the wall milliseconds per step."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-    return kernel_table(prof, steps, cuda), wall_ms
 
 
 def step_sequence(fn, cuda: bool) -> list[list]:
