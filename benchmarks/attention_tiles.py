@@ -73,6 +73,7 @@ CANDIDATES = {
         (128, 32, 4, 2, False, 168), (64, 64, 4, 3, False, 168), (64, 32, 4, 3, False, 168), (64, 32, 4, 3, False, 128),
         # a quarter of the mask-free tiles' exponentials on the FP32 units (hlsa.ops.triton.exp2.exp2_mixed)
         (128, 64, 4, 3, False, 0, True), (128, 32, 4, 4, False, 0, True), (128, 32, 4, 3, False, 168, True),
+        (64, 64, 4, 3, False, 168, True), (64, 32, 4, 3, False, 128, True),
     ],
     "dq": [
         (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 2),
