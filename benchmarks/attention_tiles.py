@@ -44,6 +44,7 @@ import torch
 
 from attention import WINDOW, attended_pairs, flex_times, make_inputs, peers, rel_err, time_pair
 from benchlib import add_output_args, machine, profiled, result_path, write_result
+from hlsa.ops.triton.tiles import tile_config
 
 HQ, HKV = 16, 4
 TOKENS = 65536
@@ -504,20 +505,33 @@ def summary(rows: list[dict], shapes: dict) -> list[dict]:
 
 def suggest(rows: list[dict], Ds: list[int], Ts: list[int]) -> dict:
     """Per (kernel, D): the config with the least summed time over the T's where it was checked and timed at every T
-    (else the best at the first T)."""
+    (else the best at the first T), among configs without a cap on registers: the launch table's entries must stay
+    uncapped, since torch.compile's capture of the kernels would drop the cap (docs/kernels.md). Where a capped config
+    was faster still, it is given as well, under "<kernel> D<D> capped"."""
     out = {}
     for kernel in KERNELS:
         for D in Ds:
-            by_cfg: dict = {}
-            for r in rows:
-                if r["kernel"] == kernel and r["D"] == D and r.get("ok") and "ms" in r:
-                    by_cfg.setdefault(tuple(r["config"]), {})[r["T"]] = r["ms"]
-            full = {cfg: sum(t.values()) for cfg, t in by_cfg.items() if set(t) == set(Ts)}
-            if full:
-                out[f"{kernel} D{D}"] = list(min(full, key=full.get))
-            elif (b := best(rows, kernel, D, Ts[0])) is not None:
-                out[f"{kernel} D{D}"] = b["config"]
+            mine = [r for r in rows if r["kernel"] == kernel and r["D"] == D and r.get("ok") and "ms" in r]
+            uncapped = [r for r in mine if not tile_config(r["config"]).maxnreg]
+            for key, group in ((f"{kernel} D{D}", uncapped), (f"{kernel} D{D} capped", mine)):
+                if (cfg := least_summed(group, Ts)) is not None:
+                    out[key] = list(cfg)
+            if out.get(f"{kernel} D{D} capped") == out.get(f"{kernel} D{D}"):
+                out.pop(f"{kernel} D{D} capped", None)
     return out
+
+
+def least_summed(rows: list[dict], Ts: list[int]) -> tuple | None:
+    """The config of `rows` (checked and timed) with the least summed time over the T's where it was timed at every
+    T, else the fastest at the first T; None without rows."""
+    by_cfg: dict = {}
+    for r in rows:
+        by_cfg.setdefault(tuple(r["config"]), {})[r["T"]] = r["ms"]
+    full = {cfg: sum(t.values()) for cfg, t in by_cfg.items() if set(t) == set(Ts)}
+    if full:
+        return min(full, key=full.get)
+    first = [r for r in rows if r["T"] == Ts[0]]
+    return tuple(min(first, key=lambda r: r["ms"])["config"]) if first else None
 
 
 def print_table(rows: list[dict], shapes: dict, suggestion: dict) -> None:
@@ -570,7 +584,7 @@ def print_table(rows: list[dict], shapes: dict, suggestion: dict) -> None:
     gqa = [g for g in gqa if g]
     if gqa:
         print("SDPA causal enable_gqa, backends that ran it:", json.dumps(gqa[0]))
-    print("launch_config entries (least summed ms over the T's):")
+    print("launch_config entries (least summed ms over the T's; a capped config is not for the table, see suggest):")
     for key, cfg in suggestion.items():
         print(f"  {key}: {tuple(cfg)}")
     if all(f"{k} D{D}" in suggestion for k in KERNELS for D in (64, 128)):

@@ -89,9 +89,27 @@ def test_summary_and_suggestion(tiles, capsys: pytest.CaptureFixture) -> None:
     assert abs(s["best_fwdbwd_sum_ms"] - 2.41) < 1e-9
     suggestion = tiles.suggest(rows, [64], [4096, 16384])
     assert suggestion == {f"{k} D64": [128, 64, 4, 3] for k in tiles.KERNELS}  # the failed 0.1 ms row is not taken
+    # A capped config that wins is named apart: the launch table stays uncapped (torch.compile drops the cap).
+    capped = [dict(r, config=[128, 32, 4, 3, False, 168], ms=r["ms"] / 2) for r in rows if r.get("default")]
+    suggestion_capped = tiles.suggest(rows + capped, [64], [4096, 16384])
+    assert suggestion_capped == suggestion | {f"{k} D64 capped": [128, 32, 4, 3, False, 168] for k in tiles.KERNELS}
     tiles.print_table(rows, shapes, suggestion)
     out = capsys.readouterr().out
     assert "128x64x4x3" in out and "fwd D64: (128, 64, 4, 3)" in out
+
+
+def test_launch_table_has_no_register_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile's capture of the kernels keeps num_warps and num_stages but not maxnreg, so a capped default
+    would break or silently lose its cap in a compiled model: the GPU table (read with the interpreter off) and the
+    interpreter's tiles carry none."""
+    import hlsa.ops.triton.sparse_attention as kernels
+
+    for on in (False, True):
+        monkeypatch.setattr(kernels, "interpreted", lambda on=on: on)
+        for kernel in ("fwd", "dq", "dkdv"):
+            for D in (32, 48, 64, 128):
+                for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                    assert tile_config(launch_config(kernel, D, dtype)).maxnreg is None, (kernel, D, dtype, on)
 
 
 def test_tile_config() -> None:
