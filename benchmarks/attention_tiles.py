@@ -132,10 +132,11 @@ def parse_kernels(text: str) -> list[str]:
 def cfg_name(cfg: tuple, kernel: str) -> str:
     """`128x64x4x3`, with "ws" (forward, dq: warp_specialize) or "pk" (dk/dv: packed query tiles) for the flag,
     "r168" for a cap of 168 registers per thread and "mx" for mixed exponentials (the forward)."""
-    flag = "pk" if kernel == "dkdv" else "ws"
-    cap = f"r{cfg[5]}" if len(cfg) >= 6 and cfg[5] else ""
-    mix = "mx" if len(cfg) == 7 and cfg[6] else ""
-    return "x".join(str(x) for x in cfg[:4]) + (flag if len(cfg) >= 5 and cfg[4] else "") + cap + mix
+    tiles = tile_config(cfg)
+    flag = ("pk" if kernel == "dkdv" else "ws") if tiles.flag else ""
+    cap = f"r{tiles.maxnreg}" if tiles.maxnreg else ""
+    mix = "mx" if tiles.mixed_exp else ""
+    return "x".join(str(x) for x in tiles[:4]) + flag + cap + mix
 
 
 # --- kernel calls -----------------------------------------------------------------------------------------------
@@ -514,24 +515,24 @@ def suggest(rows: list[dict], Ds: list[int], Ts: list[int]) -> dict:
             mine = [r for r in rows if r["kernel"] == kernel and r["D"] == D and r.get("ok") and "ms" in r]
             uncapped = [r for r in mine if not tile_config(r["config"]).maxnreg]
             for key, group in ((f"{kernel} D{D}", uncapped), (f"{kernel} D{D} capped", mine)):
-                if (cfg := least_summed(group, Ts)) is not None:
+                if (cfg := least_summed(group, kernel, D, Ts)) is not None:
                     out[key] = list(cfg)
             if out.get(f"{kernel} D{D} capped") == out.get(f"{kernel} D{D}"):
                 out.pop(f"{kernel} D{D} capped", None)
     return out
 
 
-def least_summed(rows: list[dict], Ts: list[int]) -> tuple | None:
-    """The config of `rows` (checked and timed) with the least summed time over the T's where it was timed at every
-    T, else the fastest at the first T; None without rows."""
+def least_summed(rows: list[dict], kernel: str, D: int, Ts: list[int]) -> tuple | None:
+    """The config of `rows` (checked and timed rows of `kernel` at `D`) with the least summed time over the T's where
+    it was timed at every T, else the fastest at the first T (`best`); None without rows."""
     by_cfg: dict = {}
     for r in rows:
         by_cfg.setdefault(tuple(r["config"]), {})[r["T"]] = r["ms"]
     full = {cfg: sum(t.values()) for cfg, t in by_cfg.items() if set(t) == set(Ts)}
     if full:
         return min(full, key=full.get)
-    first = [r for r in rows if r["T"] == Ts[0]]
-    return tuple(min(first, key=lambda r: r["ms"])["config"]) if first else None
+    fastest = best(rows, kernel, D, Ts[0])
+    return tuple(fastest["config"]) if fastest is not None else None
 
 
 def print_table(rows: list[dict], shapes: dict, suggestion: dict) -> None:
