@@ -210,6 +210,41 @@ def test_triton_logits_that_keep_growing(poisoned_empty) -> None:
         assert (a - b).norm() <= 1e-4 * b.norm() + 1e-5, (name, rel_err(a, b))
 
 
+@pytest.fixture
+def fused_backward(monkeypatch: pytest.MonkeyPatch):
+    """The op's backward through `backward_fused` with a given config (`fused_backward(config)`), the dq kernel
+    made to fail so that a test cannot pass through it."""
+    import hlsa.ops.triton.sparse_attention as kernels
+
+    table = kernels.launch_config
+
+    def use(config: tuple) -> None:
+        monkeypatch.setattr(
+            kernels, "launch_config", lambda k, D, dtype: config if k == "fused" else table(k, D, dtype)
+        )
+        monkeypatch.setattr(kernels, "backward_dq", lambda *a, **kw: pytest.fail("the split backward ran"))
+
+    return use
+
+
+# Unpacked tiles: BM positions of one head (per-element atomics under the interpreter, TMA reductions on Hopper);
+# packed: 16 rows of up to 4 heads at 16 // 4 positions each.
+@pytest.mark.parametrize("config", [(16, 16, 1, 1), (16, 32, 1, 2, True)], ids=["one-head", "packed"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-T{}-HQ{}-HKV{}-D{}-W{}-cols{}-pad{}".format(*c))
+def test_triton_fused_backward_matches_reference(case, config, fused_backward, poisoned_empty) -> None:
+    """The backward that adds dq in the dk/dv kernels (atomically, in fp32), run by the op, against the reference."""
+    fused_backward(config)
+    check_triton(*case)
+
+
+def test_row_delta_matches_torch(poisoned_empty) -> None:
+    """rowsum(o * do) `[B, HQ, T]` over 16-row blocks that cross positions and sequences (HQ = 3, D = 48)."""
+    from hlsa.ops.triton.sparse_attention_bwd import row_delta
+
+    o, do = torch.randn(2, 13, 3, 48), torch.randn(2, 13, 3, 48)
+    torch.testing.assert_close(row_delta(o, do), (o * do).sum(-1).transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("window,buffer_size", [(5, 3), (1, 17)], ids=lambda x: str(x))
 def test_triton_inference_rule(window, buffer_size, poisoned_empty) -> None:
     """column_end from the per-query top-N rule (finite ends), with sinks and left padding."""
@@ -373,6 +408,33 @@ def test_cuda_matches_reference(dtype, HQ, HKV, D) -> None:
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
         for a, b in zip((out, *grads), (ref, *grads_ref)):
             assert rel_err(a, b) < tol
+    finally:
+        torch.set_default_device(None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# (64, 64, 4, 2): one head per tile, dq added by TMA reductions on Hopper; packed: per-element atomics. fp32 takes the
+# launch table's small dk/dv tiles (one head: TMA reductions of fp32 blocks of 16 rows).
+@pytest.mark.parametrize("config", [(64, 64, 4, 2), (64, 64, 4, 3, True)], ids=["one-head", "packed"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_fused_backward_matches_reference(dtype, D, config, fused_backward) -> None:
+    from hlsa.ops.triton.sparse_attention import launch_config
+
+    fused_backward(config if dtype == torch.bfloat16 else launch_config("dkdv", D, dtype))
+    torch.set_default_device("cuda")
+    try:
+        q, k, v, ce, km = make_case(3, 1000, 8, 2, D, 40, 17, dtype=dtype)
+        out = sparse_attention(q, k, v, window=100, column_end=ce, key_mask=km)
+        do = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        up = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        ref = sparse_attention_ref(*up, window=100, column_end=ce, key_mask=km)
+        grads_ref = torch.autograd.grad(ref, up, do.double())
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        for name, a, b in zip(("dq", "dk", "dv"), grads, grads_ref):
+            assert rel_err(a, b) < tol, (name, rel_err(a, b))
     finally:
         torch.set_default_device(None)
 

@@ -27,7 +27,7 @@ import triton.language as tl
 from hlsa.ops.triton import interpreted
 from hlsa.ops.triton.exp2 import exp2_mixed
 from hlsa.ops.triton.rows import block_rows, load_query_rows, load_rows, query_rows, rows_descriptor, use_tma
-from hlsa.ops.triton.sparse_attention_bwd import dkdv, n_columns_before
+from hlsa.ops.triton.sparse_attention_bwd import backward_fused, dkdv, n_columns_before
 from hlsa.ops.triton.tiles import precision, tile_config
 
 LOG2E = 1.4426950408889634
@@ -225,12 +225,17 @@ def _dq_kernel(
     _store_program_rows(dq, b_dq, p_row, m_row, D, BD)
 
 
-def launch_config(kernel: str, D: int, dtype: torch.dtype) -> tuple:
+def launch_config(kernel: str, D: int, dtype: torch.dtype) -> tuple | None:
     """(BM, BN, num_warps, num_stages[, flag[, maxnreg[, mixed_exp]]]) (`tile_config`) for `kernel` in {"fwd", "dq",
-    "dkdv"}; small tiles under the interpreter.
+    "dkdv", "fused"}; small tiles under the interpreter. "fused" is the backward that adds dq in the dk/dv kernels
+    (`sparse_attention_bwd.backward_fused`, with dk/dv's tiles): None where the op runs the dq kernel and then dk/dv.
 
-    The launchers (`forward`, `backward_dq`, `dkdv`) take an explicit `config` instead; benchmarks/attention_tiles.py
-    sweeps them and prints this table's entries."""
+    The launchers (`forward`, `backward_dq`, `dkdv`, `backward_fused`) take an explicit `config` instead;
+    benchmarks/attention_tiles.py sweeps them and prints this table's entries."""
+    if kernel == "fused":
+        # Not timed against the separate kernels on a GPU yet (docs/kernels.md); tests/ops/test_sparse_attention.py
+        # runs the op through it.
+        return None
     if interpreted():
         return 16, 16, 1, 1
     if dtype == torch.float32:
@@ -399,8 +404,11 @@ class SparseAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse, ce, km, cols, ccount = ctx.saved_tensors
         do = do.contiguous()
         pattern = (ce, km, cols, ccount, ctx.window_eff, ctx.scale, ctx.use_cols)
-        dq, delta = backward_dq(q, k, v, o, do, lse, *pattern)
-        dk, dv = dkdv(q, k, v, do, lse, delta, *pattern, config=launch_config("dkdv", q.shape[-1], q.dtype))
+        if fused := launch_config("fused", q.shape[-1], q.dtype):
+            dq, dk, dv = backward_fused(q, k, v, o, do, lse, *pattern, config=fused)
+        else:
+            dq, delta = backward_dq(q, k, v, o, do, lse, *pattern)
+            dk, dv = dkdv(q, k, v, do, lse, delta, *pattern, config=launch_config("dkdv", q.shape[-1], q.dtype))
         return dq, dk, dv, None, None, None, None
 
 
