@@ -349,23 +349,13 @@ def row_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     return delta
 
 
+Tensor = torch.Tensor
+
+
 def backward_fused(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    o: torch.Tensor,
-    do: torch.Tensor,
-    lse: torch.Tensor,
-    ce: torch.Tensor,
-    km: torch.Tensor,
-    cols: torch.Tensor,
-    ccount: torch.Tensor,
-    window_eff: int,
-    scale: float,
-    use_cols: bool,
-    *,
-    config: tuple,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, o: Tensor, do: Tensor, lse: Tensor, ce: Tensor, km: Tensor, cols: Tensor,
+    ccount: Tensor, window_eff: int, scale: float, use_cols: bool, *, config: tuple,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """dq, dk, dv in one pass over the pairs: the dk/dv kernels (`config` as in `dkdv`) also add each tile's dq into
     an fp32 buffer, which saves the dq kernel's two recomputed products per pair (logits and `dp`) at the price of
     that buffer (zeroed, then converted) and of the additions into it, whose order varies from run to run."""
