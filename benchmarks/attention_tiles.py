@@ -1,12 +1,10 @@
-"""Tile sweep of the training attention kernels (forward, dq, dk/dv, the fused backward), each config checked, with
-peers in the same run.
+"""Tile sweep of the training attention kernels (forward, dq, dk/dv), each config checked, with peers in the same run.
 
 Usage (GPU machine): `PYTHONPATH=src python3 benchmarks/attention_tiles.py [--budget-s 300] [--out DIR]`
 
 For D in {64, 128}, bf16, the benchmark pattern of attention.py (B*T = 65536, HQ = 16, HKV = 4, W = 768, 4 sinks + 512
 random columns per kv head):
-1. every candidate (BM, BN, num_warps, num_stages[, flag]) of each kernel (`fused`: the backward that adds dq in the
-   dk/dv kernels, `sparse_attention_bwd.backward_fused`, with dk/dv's tiles) whose estimated shared memory
+1. every candidate (BM, BN, num_warps, num_stages[, flag]) of each kernel whose estimated shared memory
    fits the device is compiled first, in parallel worker processes on a small shape (a compiler crash or a
    resource error is recorded against that candidate only; the main process then finds the kernels in Triton's
    cache);
@@ -20,8 +18,7 @@ random columns per kv head):
    (compiled; at T <= --flex-max-t and D in --flex-dims, if the budget allows); all after the sweeps.
 Effective TFLOP/s count attended pairs (attention.py's `attended_pairs`; causal pairs for SDPA): 4 * D FLOPs per
 pair forward, 3.5x that forward + backward. Forward + backward of ours is timed as the autograd op with the default
-configs, and as the sum of the kernels (prologue + forward + backward) with the default and the best configs, where
-the best backward is the faster of dq + dk/dv and the fused one.
+configs, and as the sum of the kernels (prologue + forward + dq + dk/dv) with the default and the best configs.
 
 `--budget-s` bounds the run: the compile gets 40% of it, sweeping stops when it is spent (the results so far are
 still written). Writes `attention_tiles-<gpu>.json` (DIR default benchmarks/results; `attention_tiles_dkdv-<gpu>.json`
@@ -54,8 +51,7 @@ TOKENS = 65536
 # The small shape of the reference check: not a multiple of any tile of 32 or more, but a multiple of 16 like the
 # benchmark's T: Triton compiles one kernel per divisibility by 16 of its integer arguments, so the check reuses them.
 CHECK_T = 2992
-SPLIT = ("fwd", "dq", "dkdv")  # the forward and the separate backward kernels
-KERNELS = (*SPLIT, "fused")
+KERNELS = ("fwd", "dq", "dkdv")
 WORKER_T = 1024  # the compile workers' length: a multiple of 16 like the benchmark's (the same compiled kernels)
 SMEM_DEFAULT = 227 * 1024
 TARGETS = {
@@ -63,11 +59,10 @@ TARGETS = {
     128: (400, 300),
 }  # effective TFLOP/s aimed at: forward, forward + backward  # H100 / H200 opt-in shared memory per block
 
-# (BM, BN, num_warps, num_stages[, flag[, maxnreg[, mixed_exp]]]) (`tile_config`); the forward and dq pack G = 4
-# heads into BM rows (BM / 4 positions), their flag is warp_specialize; dk/dv and fused: BM query rows per tile, BN
-# keys per program, the flag packs the G heads into the BM rows as well (else BM positions of one head, whose dq the
-# fused backward adds with one TMA reduction per tile on Hopper; packed tiles add it element by element). The default
-# config is added first where missing (the fused backward has none unless the launch table picks it).
+# (BM, BN, num_warps, num_stages[, flag[, maxnreg]]) (`tile_config`); the forward and dq pack G = 4
+# heads into BM rows (BM / 4 positions), their flag is warp_specialize; dk/dv: BM query rows per tile, BN keys per
+# program, the flag packs the G heads into the BM rows as well (else BM positions of one head). The default config is
+# added first where missing.
 CANDIDATES = {
     "fwd": [
         (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (128, 64, 4, 2),
@@ -77,9 +72,6 @@ CANDIDATES = {
         # D = 64 the (128, 64) tiles spill 96 bytes, the others at most 8 (sm_90; benchmarks/kernel_resources.py)
         (128, 64, 4, 3, False, 168), (128, 32, 4, 4, False, 168), (128, 32, 4, 3, False, 168),
         (128, 32, 4, 2, False, 168), (64, 64, 4, 3, False, 168), (64, 32, 4, 3, False, 168), (64, 32, 4, 3, False, 128),
-        # a quarter of the mask-free tiles' exponentials on the FP32 units (hlsa.ops.triton.exp2.exp2_mixed)
-        (128, 64, 4, 3, False, 0, True), (128, 32, 4, 4, False, 0, True), (128, 32, 4, 3, False, 168, True),
-        (64, 64, 4, 3, False, 168, True), (64, 32, 4, 3, False, 128, True),
     ],
     "dq": [
         (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 2),
@@ -95,13 +87,6 @@ CANDIDATES = {
         (32, 64, 4, 2, True), (64, 32, 4, 3, True), (64, 64, 4, 4, True), (32, 32, 4, 3, True), (32, 64, 4, 4, True),
         (64, 32, 4, 4, True), (32, 128, 8, 2, True), (64, 64, 8, 3, True), (64, 128, 8, 3, True),
         (32, 64, 4, 3, True, 168), (64, 32, 4, 3, True, 168), (32, 32, 4, 3, True, 168), (32, 32, 4, 3, True, 128),
-    ],
-    # Spill-free at D = 64 (sm_90, Triton 3.6) but for 8 bytes of (32, 32, 4, 3, pk); at D = 128 the dq block makes
-    # most spill: not (32, 32, 4, 3, pk), at most 16 bytes (64, 64, 8, 3, pk), (64, 64, 8, 2), (32, 64, 8, 2)
-    # (benchmarks/kernel_resources.py --kernels fused).
-    "fused": [
-        (64, 64, 4, 3, True), (32, 64, 4, 3, True), (64, 128, 8, 2), (64, 64, 4, 2), (32, 32, 4, 3, True),
-        (64, 64, 8, 3, True), (64, 64, 8, 2), (32, 64, 8, 2), (64, 128, 8, 2, True),
     ],
 }  # fmt: skip
 
@@ -121,8 +106,8 @@ def candidates(kernel: str, D: int, smem_limit: int) -> tuple[list[tuple], list[
     """(configs to try, default first; configs skipped because their estimate exceeds `smem_limit`)."""
     from hlsa.ops.triton.sparse_attention import launch_config
 
-    default = launch_config(kernel, D, torch.bfloat16)
-    keep, skipped = ([tuple(default)] if default else []), []
+    default = tuple(launch_config(kernel, D, torch.bfloat16))
+    keep, skipped = [default], []
     for cfg in CANDIDATES[kernel]:
         if cfg in keep or (len(cfg) == 5 and not cfg[4] and cfg[:4] in keep):
             continue
@@ -142,13 +127,12 @@ def parse_kernels(text: str) -> list[str]:
 
 
 def cfg_name(cfg: tuple, kernel: str) -> str:
-    """`128x64x4x3`, with "ws" (forward, dq: warp_specialize) or "pk" (dk/dv, fused: packed query tiles) for the flag,
-    "r168" for a cap of 168 registers per thread and "mx" for mixed exponentials (the forward)."""
+    """`128x64x4x3`, with "ws" (forward, dq: warp_specialize) or "pk" (dk/dv: packed query tiles) for the flag,
+    "r168" for a cap of 168 registers per thread."""
     tiles = tile_config(cfg)
-    flag = ("pk" if kernel in ("dkdv", "fused") else "ws") if tiles.flag else ""
+    flag = ("pk" if kernel == "dkdv" else "ws") if tiles.flag else ""
     cap = f"r{tiles.maxnreg}" if tiles.maxnreg else ""
-    mix = "mx" if tiles.mixed_exp else ""
-    return "x".join(str(x) for x in tiles[:4]) + flag + cap + mix
+    return "x".join(str(x) for x in tiles[:4]) + flag + cap
 
 
 # --- kernel calls -----------------------------------------------------------------------------------------------
@@ -176,20 +160,17 @@ class Case:
     def call(self, kernel: str, cfg: tuple) -> tuple[torch.Tensor, ...]:
         """The kernel's outputs with `cfg`; the backward kernels take the default forward's o, lse (and delta)."""
         import hlsa.ops.triton.sparse_attention as kernels
-        from hlsa.ops.triton.sparse_attention_bwd import backward_fused, dkdv
+        from hlsa.ops.triton.sparse_attention_bwd import dkdv
 
         q, k, v = self.q, self.k, self.v
         if kernel == "fwd":
             return kernels.forward(q, k, v, *self.pattern, config=cfg)
         if kernel == "dq":
             return kernels.backward_dq(q, k, v, self.o, self.do, self.lse, *self.pattern, config=cfg)
-        if kernel == "fused":
-            return backward_fused(q, k, v, self.o, self.do, self.lse, *self.pattern, config=cfg)
         return dkdv(q, k, v, self.do, self.lse, self.delta, *self.pattern, config=cfg)
 
     def outputs(self, kernel: str) -> tuple[torch.Tensor, ...]:
-        outs = {"fwd": (self.o,), "dq": (self.dq,), "dkdv": (self.dk, self.dv)}
-        return outs[kernel] if kernel != "fused" else (self.dq, self.dk, self.dv)
+        return {"fwd": (self.o,), "dq": (self.dq,), "dkdv": (self.dk, self.dv)}[kernel]
 
 
 def _reference(case: Case) -> dict:
@@ -199,7 +180,7 @@ def _reference(case: Case) -> dict:
     up = [x.float().requires_grad_(True) for x in (case.q, case.k, case.v)]
     o = sparse_attention_ref(*up, window=WINDOW, column_end=case.ce)
     dq, dk, dv = torch.autograd.grad(o, up, case.do.float())
-    out = {"fwd": (o.detach(),), "dq": (dq,), "dkdv": (dk, dv), "fused": (dq, dk, dv)}
+    out = {"fwd": (o.detach(),), "dq": (dq,), "dkdv": (dk, dv)}
     torch.cuda.empty_cache()
     return out
 
@@ -252,7 +233,7 @@ def compile_worker(jobs: list[tuple[str, int, tuple]]) -> None:
     """Worker process: run each (kernel, D, config) once on a small shape (compiling it into Triton's cache) and print
     one JSON line per job as it finishes."""
     import hlsa.ops.triton.sparse_attention as kernels
-    from hlsa.ops.triton.sparse_attention_bwd import backward_fused, dkdv
+    from hlsa.ops.triton.sparse_attention_bwd import dkdv
 
     torch.manual_seed(0)
     inputs = {}
@@ -269,8 +250,6 @@ def compile_worker(jobs: list[tuple[str, int, tuple]]) -> None:
                 kernels.forward(q, k, v, *pattern, config=cfg)
             elif kernel == "dq":
                 kernels.backward_dq(q, k, v, q, q, lse, *pattern, config=cfg)
-            elif kernel == "fused":
-                backward_fused(q, k, v, q, q, lse, *pattern, config=cfg)
             else:
                 dkdv(q, k, v, q, lse, delta, *pattern, config=cfg)
             torch.cuda.synchronize()
@@ -373,7 +352,7 @@ def sweep_kernel(case: Case, kernel: str, configs: list[tuple], compiled: dict, 
     for cfg in configs:
         row = {"kernel": kernel, "D": case.D, "T": case.T, "config": list(cfg), "name": cfg_name(cfg, kernel)}
         row["compile"] = compiled.get((kernel, case.D, cfg), "ok")
-        is_default = case.default[kernel] is not None and tuple(cfg) == tuple(case.default[kernel])
+        is_default = tuple(cfg) == tuple(case.default[kernel])
         if row["compile"] != "ok" and not is_default:
             rows.append(row)
             continue
@@ -431,7 +410,13 @@ def ours_totals(case: Case) -> dict:
     out = time_pair(op, leaves)
     out["prologue_ms"] = bench_ms(functools.partial(kernels.column_prologue, case.ce, None, WINDOW))
     do = torch.randn_like(case.q)
-    out["op_kernels"] = profiled(lambda: op().backward(do), steps=5, cuda=case.q.is_cuda)[0]
+
+    def step() -> None:  # as `time_pair` times it: gradients set, not added to the last step's
+        for leaf in leaves:
+            leaf.grad = None
+        op().backward(do)
+
+    out["op_kernels"] = profiled(step, steps=5, cuda=case.q.is_cuda)[0]
     flops = 4 * case.D * case.pairs
     if "fwd_ms" in out:
         out["fwd_tflops"] = flops / out["fwd_ms"] / 1e9
@@ -502,28 +487,20 @@ def peer_rows(case: Case, flex: bool) -> dict:
 
 
 def summary(rows: list[dict], shapes: dict) -> list[dict]:
-    """Per (D, T): default and best time of each kernel, and forward + backward as the sum of the kernels: prologue,
-    forward and backward, the backward (`<which>_backward`) being dq + dk/dv ("split") or the fused one: for the
-    default configs the one the op runs (fused where the launch table has a fused config), for the best the faster."""
+    """Per (D, T): default and best time of each kernel, and forward + backward as the sum of the kernels."""
     out = []
     for (D, T), info in shapes.items():
         s = {"D": D, "T": T, "pairs": info["pairs"]}
         prologue = info.get("ours", {}).get("prologue_ms", 0.0)
-        flops = 4 * D * info["pairs"]
         for which, pick in (("default", default_row), ("best", best)):
-            picked = {kernel: pick(rows, kernel, D, T) for kernel in KERNELS}
-            for kernel, r in picked.items():
+            picked = [pick(rows, kernel, D, T) for kernel in KERNELS]
+            for kernel, r in zip(KERNELS, picked):
                 s[f"{which}_{kernel}"] = None if r is None else {"config": r["config"], "ms": r["ms"]}
-            if picked["fwd"]:
-                s[f"{which}_fwd_tflops"] = flops / picked["fwd"]["ms"] / 1e9
-            backward = {}
-            if picked["dq"] and picked["dkdv"] and not (which == "default" and picked["fused"]):
-                backward["split"] = picked["dq"]["ms"] + picked["dkdv"]["ms"]
-            if picked["fused"]:
-                backward["fused"] = picked["fused"]["ms"]
-            if picked["fwd"] and backward:
-                s[f"{which}_backward"] = way = min(backward, key=backward.get)
-                s[f"{which}_fwdbwd_sum_ms"] = total = prologue + picked["fwd"]["ms"] + backward[way]
+            if all(picked):
+                total = prologue + sum(r["ms"] for r in picked)
+                flops = 4 * D * info["pairs"]
+                s[f"{which}_fwd_tflops"] = flops / picked[0]["ms"] / 1e9
+                s[f"{which}_fwdbwd_sum_ms"] = total
                 s[f"{which}_fwdbwd_tflops"] = 3.5 * flops / total / 1e9
         out.append(s)
     return out
@@ -533,8 +510,7 @@ def suggest(rows: list[dict], Ds: list[int], Ts: list[int]) -> dict:
     """Per (kernel, D): the config with the least summed time over the T's where it was checked and timed at every T
     (else the best at the first T), among configs without a cap on registers: the launch table's entries must stay
     uncapped, since torch.compile's capture of the kernels would drop the cap (docs/kernels.md). Where a capped config
-    was faster still, it is given as well, under "<kernel> D<D> capped". The fused backward is given only where its
-    config beat the suggested dq and dk/dv together, summed over the T's where all three were timed."""
+    was faster still, it is given as well, under "<kernel> D<D> capped"."""
     out = {}
     for kernel in KERNELS:
         for D in Ds:
@@ -545,24 +521,7 @@ def suggest(rows: list[dict], Ds: list[int], Ts: list[int]) -> dict:
                     out[key] = list(cfg)
             if out.get(f"{kernel} D{D} capped") == out.get(f"{kernel} D{D}"):
                 out.pop(f"{kernel} D{D} capped", None)
-    for D in Ds:
-        if f"fused D{D}" in out and not fused_faster(rows, D, out):
-            out.pop(f"fused D{D}")
-            out.pop(f"fused D{D} capped", None)
     return out
-
-
-def fused_faster(rows: list[dict], D: int, suggestion: dict) -> bool:
-    """Whether the suggested fused backward at `D` took less time than the suggested dq and dk/dv together, summed
-    over the T's where all three were timed (False where there are none)."""
-    times = {}
-    for kernel in ("fused", "dq", "dkdv"):
-        cfg = suggestion.get(f"{kernel} D{D}")
-        mine = [r for r in rows if r["kernel"] == kernel and r["D"] == D and r.get("ok") and "ms" in r]
-        times[kernel] = {r["T"]: r["ms"] for r in mine if cfg is not None and r["config"] == cfg}
-    common = set(times["fused"]) & set(times["dq"]) & set(times["dkdv"])
-    fused = sum(times["fused"][T] for T in common)
-    return bool(common) and fused < sum(times["dq"][T] + times["dkdv"][T] for T in common)
 
 
 def least_summed(rows: list[dict], kernel: str, D: int, Ts: list[int]) -> tuple | None:
@@ -597,8 +556,7 @@ def print_table(rows: list[dict], shapes: dict, suggestion: dict) -> None:
 
             x = f"{d['ms'] / b['ms']:5.2f}" if d and b else f"{'-':>5}"
             print(f"{kernel:6} {D:>4} {T:>6} | {cell(d)} | {cell(b)} {x} | {n_ok}/{n_timed}/{n_bad}")
-    print("Effective TFLOP/s (ms), default -> best configs; f+b = prologue + fwd + backward (dq + dkdv, or fused where")
-    print("marked); op = the autograd op")
+    print("Effective TFLOP/s (ms), default -> best configs; f+b = prologue + fwd + dq + dkdv; op = the autograd op")
     print("with the default configs, fwd / f+b; peers fwd / f+b (SDPA per causal pair):")
     nan = float("nan")
     for s in summary(rows, shapes):
@@ -611,10 +569,9 @@ def print_table(rows: list[dict], shapes: dict, suggestion: dict) -> None:
         if "default_fwd_tflops" in s:
             line += f"fwd {s['default_fwd_tflops']:3.0f} ({fwd[0]:.3f}) -> {s['best_fwd_tflops']:3.0f} ({fwd[1]:.3f})"
             line += f"{aim[0]} | "
-        if "default_fwdbwd_tflops" in s and "best_fwdbwd_tflops" in s:  # the forward and a backward swept
-            fused = [" fused" if s.get(f"{w}_backward") == "fused" else "" for w in ("default", "best")]
-            line += f"f+b {s['default_fwdbwd_tflops']:3.0f} ({fb[0]:.3f}{fused[0]}) -> "
-            line += f"{s['best_fwdbwd_tflops']:3.0f} ({fb[1]:.3f}{fused[1]}){aim[1]} | "
+        if "default_fwdbwd_tflops" in s:  # every kernel swept
+            line += f"f+b {s['default_fwdbwd_tflops']:3.0f} ({fb[0]:.3f}) -> {s['best_fwdbwd_tflops']:3.0f} "
+            line += f"({fb[1]:.3f}){aim[1]} | "
         line += f"op {ours.get('fwd_tflops', nan):3.0f}/{ours.get('fwdbwd_tflops', nan):3.0f}"
         line += f" [target {target[0]}/{target[1]}]" if target else ""
         for peer, label in (
@@ -633,12 +590,10 @@ def print_table(rows: list[dict], shapes: dict, suggestion: dict) -> None:
     print("launch_config entries (least summed ms over the T's; a capped config is not for the table, see suggest):")
     for key, cfg in suggestion.items():
         print(f"  {key}: {tuple(cfg)}")
-    if all(f"{k} D{D}" in suggestion for k in SPLIT for D in (64, 128)):
+    if all(f"{k} D{D}" in suggestion for k in KERNELS for D in (64, 128)):
         print("  as the table of launch_config (hlsa/ops/triton/sparse_attention.py):")
         for k in KERNELS:
-            entry = [suggestion.get(f"{k} D{D}") for D in (64, 128)]
-            entry = [tuple(cfg) if cfg else None for cfg in entry]
-            print(f'        "{k}": {entry[0]} if D <= 64 else {entry[1]},')
+            print(f'        "{k}": {tuple(suggestion[f"{k} D64"])} if D <= 64 else {tuple(suggestion[f"{k} D128"])},')
 
 
 def require_gpu() -> None:
@@ -663,9 +618,7 @@ def main() -> None:
     parser.add_argument("--flex-dims", default="64", help="FlexAttention only at these head dims (default 64)")
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument(
-        "--kernels",
-        default=",".join(KERNELS),
-        help="comma-separated subset of fwd,dq,dkdv,fused to sweep (default all)",
+        "--kernels", default=",".join(KERNELS), help="comma-separated subset of fwd,dq,dkdv to sweep (default all)"
     )
     parser.add_argument("--compile-worker", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -739,8 +692,7 @@ def main() -> None:
                 if n > 0:  # the default and the fastest checked configs of the first T
                     first = [r for r in rows if (r["kernel"], r["D"], r["T"]) == (kernel, D, Ts[0]) and r.get("ok")]
                     top = [tuple(r["config"]) for r in sorted(first, key=lambda r: r["ms"])[: args.top]]
-                    default = [tuple(case.default[kernel])] if case.default[kernel] else []
-                    cfgs = default + [c for c in top if c not in default]
+                    cfgs = [tuple(case.default[kernel])] + [c for c in top if c != tuple(case.default[kernel])]
                 rows.extend(sweep_kernel(case, kernel, cfgs, compiled, budget, k_stop, ref_case))
             del case, ref_case
             torch.cuda.empty_cache()

@@ -1,12 +1,11 @@
 """Registers and spills of the training attention's kernels, compiled for Hopper (sm_90) on any machine, no GPU.
 
-Usage: `PYTHONPATH=src python3 benchmarks/kernel_resources.py [--dims 64,128] [--kernels fwd,dq,dkdv,fused]
+Usage: `PYTHONPATH=src python3 benchmarks/kernel_resources.py [--dims 64,128] [--kernels fwd,dq,dkdv]
 [--defaults-only] [--dtype bfloat16|float32] [--out DIR]`
 
 A kernel that needs more than the 255 registers a thread may hold spills the rest to local memory (the stack), and
 a spilling attention kernel runs up to several times slower. Whether a tile config spills depends on the Triton
-that compiles it, not on the GPU: each launcher (`forward`, `backward_dq`, `dkdv`, and `dkdv` adding dq for the fused
-backward) is run on small CPU tensors of
+that compiles it, not on the GPU: each launcher (`forward`, `backward_dq`, `dkdv`) is run on small CPU tensors of
 the benchmark pattern (attention.py's: HQ = 16, HKV = 4, W = 768, columns) with its kernels' launches captured
 instead of run, every captured launch is compiled for sm_90 (`triton.compile` with the launch's argument types and
 the alignment Triton would specialise them on, TMA where an H100 takes it), and `cuobjdump -res-usage` reads
@@ -71,9 +70,9 @@ def captured_launches(kernels: list | None = None):
 
 
 def launches_of(kernel: str, D: int, config: tuple | None, dtype: torch.dtype = torch.bfloat16) -> list[tuple]:
-    """The kernel launches of one launcher (`kernel` in fwd, dq, dkdv, fused) with `config` (None: `launch_config`),
-    on the benchmark pattern at `T_CAPTURE` tokens in `dtype`; the launches of the column prologue and of the zeroing
-    of the dk/dv column partials (a few registers, nothing to tune) are left out."""
+    """The kernel launches of one launcher (`kernel` in fwd, dq, dkdv) with `config` (None: `launch_config`), on the
+    benchmark pattern at `T_CAPTURE` tokens in `dtype`; the launches of the column prologue and of the zeroing of the
+    dk/dv column partials (a few registers, nothing to tune) are left out."""
     import hlsa.ops.triton.sparse_attention as fwd
     import hlsa.ops.triton.sparse_attention_bwd as bwd
     from hlsa.ops.triton.sparse_attention_bwd import dkdv
@@ -91,9 +90,6 @@ def launches_of(kernel: str, D: int, config: tuple | None, dtype: torch.dtype = 
             fwd.forward(q, k, v, *pattern, config=config)
         elif kernel == "dq":
             fwd.backward_dq(q, k, v, q, q, lse, *pattern, config=config)
-        elif kernel == "fused":  # the dk/dv kernels adding dq (`backward_fused` without its delta kernel)
-            dq_acc = torch.zeros(q.shape)
-            dkdv(q, k, v, q, lse, lse, *pattern, config=config or fwd.launch_config("fused", D, q.dtype), dq_acc=dq_acc)
         else:
             dkdv(q, k, v, q, lse, lse, *pattern, config=config or fwd.launch_config("dkdv", D, q.dtype))
     return [launch for launch in launches if launch[0] not in (fwd._prologue_kernel, bwd._zero_column_rows_kernel)]
@@ -159,7 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_output_args(parser)
     parser.add_argument("--dims", default="64,128", help="head dims (default 64,128)")
-    parser.add_argument("--kernels", default=",".join(KERNELS), help="subset of fwd,dq,dkdv,fused (default all)")
+    parser.add_argument("--kernels", default=",".join(KERNELS), help="subset of fwd,dq,dkdv (default all)")
     parser.add_argument(
         "--defaults-only", action="store_true", help="only the launch_config tiles (default: every sweep candidate)"
     )
@@ -178,10 +174,8 @@ def main() -> None:
     rows = []
     for kernel in kernels:
         for D in (int(d) for d in args.dims.split(",")):
-            default = launch_config(kernel, D, dtype)  # None: the launch table has no entry (the fused backward)
-            default = tuple(default) if default else None
-            every = [] if args.defaults_only else CANDIDATES[kernel]
-            for cfg in dict.fromkeys([default, *every] if default else every):
+            default = tuple(launch_config(kernel, D, dtype))
+            for cfg in dict.fromkeys([default, *([] if args.defaults_only else CANDIDATES[kernel])]):
                 row = {"kernel": kernel, "D": D, "config": list(cfg), "name": cfg_name(cfg, kernel)}
                 row["default"] = cfg == default
                 try:

@@ -57,8 +57,7 @@ def test_candidates_fit_the_shared_memory(tiles) -> None:
     for kernel in tiles.KERNELS:
         for D in (64, 128):
             keep, skipped = tiles.candidates(kernel, D, 227 * 1024)
-            default = launch_config(kernel, D, torch.bfloat16)  # None: no fused backward in the launch table
-            assert default is None or keep[0] == tuple(default) or os.environ.get("TRITON_INTERPRET")
+            assert keep[0] == tuple(launch_config(kernel, D, torch.bfloat16)) or os.environ.get("TRITON_INTERPRET")
             assert len(set(keep)) == len(keep)
             assert all(tiles.smem_estimate(kernel, c, D) <= 227 * 1024 for c in keep[1:])
             assert all(s["smem_estimate"] > 227 * 1024 for s in skipped)
@@ -70,45 +69,32 @@ def test_config_names(tiles) -> None:
     assert tiles.cfg_name((128, 64, 4, 3), "fwd") == "128x64x4x3"
     assert tiles.cfg_name((128, 64, 4, 3, True), "dq") == "128x64x4x3ws"
     assert tiles.cfg_name((64, 64, 4, 3, True, 168), "dkdv") == "64x64x4x3pkr168"
-    assert tiles.cfg_name((128, 64, 4, 3, False, 0, True), "fwd") == "128x64x4x3mx"
-    assert tiles.cfg_name((128, 32, 4, 3, False, 168, True), "fwd") == "128x32x4x3r168mx"
+    assert tiles.cfg_name((128, 32, 4, 3, False, 168), "fwd") == "128x32x4x3r168"
 
 
 def test_summary_and_suggestion(tiles, capsys: pytest.CaptureFixture) -> None:
     """The table and the suggested launch_config entries from hand-made rows."""
     rows = []
-
-    def row(kernel, T, cfg, ms, default=False, ok=True):
-        return {"kernel": kernel, "D": 64, "T": T, "config": list(cfg), "name": tiles.cfg_name(cfg, kernel),
-                "ok": ok, "ms": ms, "default": default, "tflops": 100.0 / ms}  # fmt: skip
-
     for T, scale in ((4096, 1.0), (16384, 1.2)):
-        for kernel in tiles.SPLIT:
-            rows += [row(kernel, T, (128, 32, 4, 3), 1.0 * scale, default=True), row(kernel, T, (128, 64, 4, 3), 0.8)]
-            rows[-1]["ms"] *= scale
-            rows.append(row(kernel, T, (64, 64, 4, 3, True), 0.1, ok=False))
-        rows.append(row("fused", T, (64, 128, 8, 2), 2.0 * scale))  # slower than dq + dk/dv (1.6 ms at 4096)
+        for kernel in tiles.KERNELS:
+            for cfg, ms, default in (((128, 32, 4, 3), 1.0, True), ((128, 64, 4, 3), 0.8, False)):
+                name = tiles.cfg_name(cfg, kernel)
+                rows.append({"kernel": kernel, "D": 64, "T": T, "config": list(cfg), "name": name,
+                             "ok": True, "ms": ms * scale, "default": default, "tflops": 100.0 / ms})  # fmt: skip
+            rows.append({"kernel": kernel, "D": 64, "T": T, "config": [64, 64, 4, 3, True], "ok": False, "ms": 0.1})
     shapes = {(64, T): {"pairs": 10**9, "ours": {"prologue_ms": 0.01}} for T in (4096, 16384)}
     (s, _) = tiles.summary(rows, shapes)
     assert s["best_fwd"]["config"] == [128, 64, 4, 3] and s["default_fwd"]["config"] == [128, 32, 4, 3]
-    assert abs(s["best_fwdbwd_sum_ms"] - 2.41) < 1e-9 and s["best_backward"] == "split"
-    assert abs(s["default_fwdbwd_sum_ms"] - 3.01) < 1e-9 and s["default_backward"] == "split"
+    assert abs(s["best_fwdbwd_sum_ms"] - 2.41) < 1e-9
     suggestion = tiles.suggest(rows, [64], [4096, 16384])
-    assert suggestion == {f"{k} D64": [128, 64, 4, 3] for k in tiles.SPLIT}  # the failed 0.1 ms row is not taken
+    assert suggestion == {f"{k} D64": [128, 64, 4, 3] for k in tiles.KERNELS}  # the failed 0.1 ms row is not taken
     # A capped config that wins is named apart: the launch table stays uncapped (torch.compile drops the cap).
     capped = [dict(r, config=[128, 32, 4, 3, False, 168], ms=r["ms"] / 2) for r in rows if r.get("default")]
     suggestion_capped = tiles.suggest(rows + capped, [64], [4096, 16384])
-    assert suggestion_capped == suggestion | {f"{k} D64 capped": [128, 32, 4, 3, False, 168] for k in tiles.SPLIT}
+    assert suggestion_capped == suggestion | {f"{k} D64 capped": [128, 32, 4, 3, False, 168] for k in tiles.KERNELS}
     tiles.print_table(rows, shapes, suggestion)
     out = capsys.readouterr().out
     assert "128x64x4x3" in out and "fwd D64: (128, 64, 4, 3)" in out
-    assert '"fused": None if D <= 64 else None' not in out  # no D = 128 rows: no table printed
-    # A fused backward faster than dq + dk/dv together is suggested, and counted in the best forward + backward.
-    faster = [row("fused", T, (64, 64, 4, 2), 1.0 * scale) for T, scale in ((4096, 1.0), (16384, 1.2))]
-    (s, _) = tiles.summary(rows + faster, shapes)
-    assert abs(s["best_fwdbwd_sum_ms"] - 1.81) < 1e-9 and s["best_backward"] == "fused"
-    assert s["default_backward"] == "split"  # the op runs the split backward: no default fused row
-    assert tiles.suggest(rows + faster, [64], [4096, 16384]) == suggestion | {"fused D64": [64, 64, 4, 2]}
 
 
 def test_launch_table_has_no_register_cap(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,22 +105,21 @@ def test_launch_table_has_no_register_cap(monkeypatch: pytest.MonkeyPatch) -> No
 
     for on in (False, True):
         monkeypatch.setattr(kernels, "interpreted", lambda on=on: on)
-        for kernel in ("fwd", "dq", "dkdv", "fused"):
+        for kernel in ("fwd", "dq", "dkdv"):
             for D in (32, 48, 64, 128):
                 for dtype in (torch.bfloat16, torch.float16, torch.float32):
-                    config = launch_config(kernel, D, dtype)  # None: no fused backward
-                    assert config is None or tile_config(config).maxnreg is None, (kernel, D, dtype, on)
+                    assert tile_config(launch_config(kernel, D, dtype)).maxnreg is None, (kernel, D, dtype, on)
 
 
 def test_tile_config() -> None:
-    assert tile_config((64, 32, 4, 2)) == (64, 32, 4, 2, False, None, False)
+    assert tile_config((64, 32, 4, 2)) == (64, 32, 4, 2, False, None)
     # warp_specialize (fwd, dq), packed (dk/dv)
-    assert tile_config((64, 32, 4, 2, True)) == (64, 32, 4, 2, True, None, False)
-    assert tile_config((64, 32, 4, 2, False, 168)) == (64, 32, 4, 2, False, 168, False)  # at most 168 registers
-    assert tile_config((64, 32, 4, 2, True, 0)) == (64, 32, 4, 2, True, None, False)
-    assert tile_config((64, 32, 4, 2, False, 0, True)) == (64, 32, 4, 2, False, None, True)  # mixed exponentials
-    with pytest.raises(ValueError, match="tile config"):
-        tile_config((64, 32, 4))
+    assert tile_config((64, 32, 4, 2, True)) == (64, 32, 4, 2, True, None)
+    assert tile_config((64, 32, 4, 2, False, 168)) == (64, 32, 4, 2, False, 168)  # at most 168 registers
+    assert tile_config((64, 32, 4, 2, True, 0)) == (64, 32, 4, 2, True, None)
+    for bad in ((64, 32, 4), (64, 32, 4, 2, False, 0, True)):
+        with pytest.raises(ValueError, match="tile config"):
+            tile_config(bad)
 
 
 def _case(B, T, HQ, HKV, D, window, pad):
@@ -246,10 +231,8 @@ def test_main_flow_with_cpu_stand_ins(tiles, monkeypatch: pytest.MonkeyPatch, tm
     by = {(r["kernel"], r["T"], r["name"]): r for r in rows}
     for kernel in tiles.KERNELS:
         assert by[(kernel, 32, "32x32x2x1")]["compile"] == "E" and "ms" not in by[(kernel, 32, "32x32x2x1")]
-        if kernel != "fused":  # the launch table has no fused backward: it has no default row
-            assert by[(kernel, 32, "16x16x1x1")]["default"] and by[(kernel, 32, "16x16x1x1")]["ok"]
+        assert by[(kernel, 32, "16x16x1x1")]["default"] and by[(kernel, 32, "16x16x1x1")]["ok"]
         assert by[(kernel, 32, "32x16x2x1")]["ok"], by[(kernel, 32, "32x16x2x1")]
-    assert by[("fused", 32, "16x32x1x2pk")]["ok"]  # the fused backward, packed tiles, against the reference
     assert not by[("dq", 32, "16x32x1x2ws")]["ok"]  # wrong outputs: found by both checks
     assert by[("dq", 32, "16x32x1x2ws")]["ref_rel_err"] > 0.1
     assert by[("fwd", 32, "16x32x1x2ws")]["ok"]  # warp_specialize is a no-op under the interpreter

@@ -22,10 +22,6 @@ from kernel_resources import captured_launches, compile_launch, launches_of
 which = sys.argv[1]
 if which in ("fwd", "dq", "dkdv"):
     launches = launches_of(which, 64, None)
-elif which == "fused":  # the dk/dv kernels adding dq, at dk/dv's tiles
-    from hlsa.ops.triton.sparse_attention import launch_config
-
-    launches = launches_of(which, 64, launch_config("dkdv", 64, torch.bfloat16))
 elif which == "nsa_decode":
     from hlsa.ops.triton import nsa_decode as mod
 
@@ -62,7 +58,6 @@ for fn, args, kwargs in launches:
         ("fwd", ["_fwd_kernel"]),
         ("dq", ["_dq_kernel"]),
         ("dkdv", ["_dkdv_col_kernel", "_dkdv_band_kernel"]),
-        ("fused", ["_dkdv_col_kernel", "_dkdv_band_kernel"]),
         ("nsa_decode", ["nsa_decode_kernel"]),
         ("gated_delta_decode", ["gated_delta_step_kernel"]),
     ],

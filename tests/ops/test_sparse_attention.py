@@ -210,41 +210,6 @@ def test_triton_logits_that_keep_growing(poisoned_empty) -> None:
         assert (a - b).norm() <= 1e-4 * b.norm() + 1e-5, (name, rel_err(a, b))
 
 
-@pytest.fixture
-def fused_backward(monkeypatch: pytest.MonkeyPatch):
-    """The op's backward through `backward_fused` with a given config (`fused_backward(config)`), the dq kernel
-    made to fail so that a test cannot pass through it."""
-    import hlsa.ops.triton.sparse_attention as kernels
-
-    table = kernels.launch_config
-
-    def use(config: tuple) -> None:
-        monkeypatch.setattr(
-            kernels, "launch_config", lambda k, D, dtype: config if k == "fused" else table(k, D, dtype)
-        )
-        monkeypatch.setattr(kernels, "backward_dq", lambda *a, **kw: pytest.fail("the split backward ran"))
-
-    return use
-
-
-# Unpacked tiles: BM positions of one head (per-element atomics under the interpreter, TMA reductions on Hopper);
-# packed: 16 rows of up to 4 heads at 16 // 4 positions each.
-@pytest.mark.parametrize("config", [(16, 16, 1, 1), (16, 32, 1, 2, True)], ids=["one-head", "packed"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-T{}-HQ{}-HKV{}-D{}-W{}-cols{}-pad{}".format(*c))
-def test_triton_fused_backward_matches_reference(case, config, fused_backward, poisoned_empty) -> None:
-    """The backward that adds dq in the dk/dv kernels (atomically, in fp32), run by the op, against the reference."""
-    fused_backward(config)
-    check_triton(*case)
-
-
-def test_row_delta_matches_torch(poisoned_empty) -> None:
-    """rowsum(o * do) `[B, HQ, T]` over 16-row blocks that cross positions and sequences (HQ = 3, D = 48)."""
-    from hlsa.ops.triton.sparse_attention_bwd import row_delta
-
-    o, do = torch.randn(2, 13, 3, 48), torch.randn(2, 13, 3, 48)
-    torch.testing.assert_close(row_delta(o, do), (o * do).sum(-1).transpose(1, 2), atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("window,buffer_size", [(5, 3), (1, 17)], ids=lambda x: str(x))
 def test_triton_inference_rule(window, buffer_size, poisoned_empty) -> None:
     """column_end from the per-query top-N rule (finite ends), with sinks and left padding."""
@@ -254,75 +219,6 @@ def test_triton_inference_rule(window, buffer_size, poisoned_empty) -> None:
     score[0, :pad] = float("-inf")
     column_end = lte_column_end_scan(score, window=window, buffer_size=buffer_size)
     check_triton(B, T, 4, HKV, 32, window, None, pad, column_end=column_end)
-
-
-def _forward_with(config: tuple, q, k, v, window: int, column_end) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse) of the Triton forward with a tile config, no key mask (so the band's interior tiles are mask-free)."""
-    from hlsa.ops.triton.sparse_attention import forward
-
-    cols, ccount = column_prologue(column_end, None, window)
-    return forward(q, k, v, column_end, q, cols, ccount, window, q.shape[-1] ** -0.5, True, config=config)
-
-
-def check_mixed_exponentials(q, k, v, ce, window: int, tiles: tuple) -> None:
-    """The forward with `tiles` plus mixed exponentials against the same tiles with `tl.exp2` only and against the
-    reference: o within half-precision rounding of both, lse within the cubic's error of the plain tiles' but not
-    equal to it (the mixed path ran)."""
-    with torch.no_grad():
-        plain_o, plain_lse = _forward_with(tiles, q, k, v, window, ce)
-        o, lse = _forward_with((*tiles, False, 0, True), q, k, v, window, ce)
-        ref = sparse_attention_ref(q.float(), k.float(), v.float(), window=window, column_end=ce)
-    assert rel_err(o.float(), ref) < 1e-2
-    assert rel_err(o.float(), plain_o.float()) < 1e-2
-    assert (lse - plain_lse).abs().max() < 2e-4  # base-2 log: 8e-5 relative in a sum of exponentials
-    assert not torch.equal(lse, plain_lse)
-
-
-@pytest.mark.parametrize("HQ,HKV", [(4, 1), (2, 2)])
-def test_triton_forward_with_mixed_exponentials(HQ: int, HKV: int, poisoned_empty) -> None:
-    """A quarter of the exponentials of the band's mask-free tiles on the FP32 units (`exp2_mixed`), in fp16 (the
-    interpreter's bf16 products are wrong; bf16 runs on CUDA below). The window spans several 16-key tiles, so the
-    band has interior tiles."""
-    q, k, v, ce, _ = make_case(2, 150, HQ, HKV, 32, 9, 0, dtype=torch.float16)
-    check_mixed_exponentials(q, k, v, ce, 70, (16, 16, 1, 1))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("D,tiles", [(64, (128, 64, 4, 3)), (128, (128, 32, 4, 4))], ids=str)
-def test_cuda_forward_with_mixed_exponentials(D: int, tiles: tuple) -> None:
-    """bf16 at the GPU's tiles (the forward's defaults), GQA 4, with columns."""
-    torch.set_default_device("cuda")
-    try:
-        q, k, v, ce, _ = make_case(2, 1000, 8, 2, D, 40, 0, dtype=torch.bfloat16)
-        check_mixed_exponentials(q, k, v, ce, 300, tiles)
-    finally:
-        torch.set_default_device(None)
-
-
-def test_triton_forward_in_fp32_ignores_mixed_exponentials(poisoned_empty) -> None:
-    """fp32 is the exact path: a config that asks for mixed exponentials gives the plain config's o and lse bit for
-    bit."""
-    with torch.no_grad():
-        q, k, v, ce, _ = make_case(1, 120, 4, 1, 32, 9, 0)
-        plain = _forward_with((16, 16, 1, 1), q, k, v, 70, ce)
-        mixed = _forward_with((16, 16, 1, 1, False, 0, True), q, k, v, 70, ce)
-    assert all(torch.equal(a, b) for a, b in zip(plain, mixed))
-
-
-def test_only_the_forward_takes_mixed_exponentials() -> None:
-    from hlsa.ops.triton.sparse_attention import backward_dq
-    from hlsa.ops.triton.sparse_attention_bwd import dkdv
-
-    q, k, v, ce, _ = make_case(1, 40, 2, 1, 32, 3, 0)
-    cols, ccount = column_prologue(ce, None, 8)
-    lse = torch.zeros(1, 2, 40)
-    pattern = (ce, q, cols, ccount, 8, 32**-0.5, True)
-    mixed = (16, 16, 1, 1, False, 0, True)
-    with pytest.raises(ValueError, match="dq: mixed_exp"):
-        backward_dq(q, k, v, q, q, lse, *pattern, config=mixed)
-    with pytest.raises(ValueError, match="dkdv: mixed_exp"):
-        dkdv(q, k, v, q, lse, lse, *pattern, config=mixed)
 
 
 @pytest.mark.parametrize("T,window,pad", [(1, 0, 0), (37, 3, 5), (100, 20, 0), (70, 0, 69)])
@@ -396,14 +292,9 @@ def test_bad_arguments() -> None:
 @pytest.mark.parametrize("HQ,HKV,D", [(8, 2, 64), (8, 2, 48), (4, 4, 128)], ids=lambda x: str(x))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_cuda_matches_reference(dtype, HQ, HKV, D) -> None:
-    check_cuda(2, HQ, HKV, D, dtype)
-
-
-def check_cuda(B: int, HQ: int, HKV: int, D: int, dtype: torch.dtype) -> None:
-    """o, dq, dk, dv of the op on CUDA (T = 1000, W = 100, 40 columns, left padding) against the fp64 reference."""
     torch.set_default_device("cuda")
     try:
-        q, k, v, ce, km = make_case(B, 1000, HQ, HKV, D, 40, 17, dtype=dtype)
+        q, k, v, ce, km = make_case(2, 1000, HQ, HKV, D, 40, 17, dtype=dtype)
         out = sparse_attention(q, k, v, window=100, column_end=ce, key_mask=km)
         do = torch.randn_like(out)
         grads = torch.autograd.grad(out, (q, k, v), do)
@@ -411,24 +302,10 @@ def check_cuda(B: int, HQ: int, HKV: int, D: int, dtype: torch.dtype) -> None:
         ref = sparse_attention_ref(*up, window=100, column_end=ce, key_mask=km)
         grads_ref = torch.autograd.grad(ref, up, do.double())
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
-        for name, a, b in zip(("o", "dq", "dk", "dv"), (out, *grads), (ref, *grads_ref)):
-            assert rel_err(a, b) < tol, (name, rel_err(a, b))
+        for a, b in zip((out, *grads), (ref, *grads_ref)):
+            assert rel_err(a, b) < tol
     finally:
         torch.set_default_device(None)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-# (64, 64, 4, 2): one head per tile, dq added by TMA reductions on Hopper; packed: per-element atomics. fp32 takes the
-# launch table's small dk/dv tiles (one head: TMA reductions of fp32 blocks of 16 rows).
-@pytest.mark.parametrize("config", [(64, 64, 4, 2), (64, 64, 4, 3, True)], ids=["one-head", "packed"])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_cuda_fused_backward_matches_reference(dtype, D, config, fused_backward) -> None:
-    from hlsa.ops.triton.sparse_attention import launch_config
-
-    fused_backward(config if dtype == torch.bfloat16 else launch_config("dkdv", D, dtype))
-    check_cuda(3, 8, 2, D, dtype)  # B = 3: TMA blocks that cross from one sequence into the next
 
 
 class FakeDriver:

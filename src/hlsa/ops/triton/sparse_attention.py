@@ -25,20 +25,16 @@ import triton
 import triton.language as tl
 
 from hlsa.ops.triton import interpreted
-from hlsa.ops.triton.exp2 import exp2_mixed
 from hlsa.ops.triton.rows import block_rows, load_query_rows, load_rows, query_rows, rows_descriptor, use_tma
-from hlsa.ops.triton.sparse_attention_bwd import backward_fused, dkdv, n_columns_before
+from hlsa.ops.triton.sparse_attention_bwd import dkdv, n_columns_before
 from hlsa.ops.triton.tiles import precision, tile_config
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, APPLY_MASK: tl.constexpr, PREC: tl.constexpr,
-              MIXED_EXP: tl.constexpr):  # fmt: skip
-    """One online-softmax step over a `[BM, BN]` tile (base-2 logits `scale * q.k`). With `MIXED_EXP` a quarter of
-    the exponentials run on the FP32 units (`exp2_mixed`); for mask-free tiles only, where every logit is finite, so
-    that no exponential must be exactly 0, which `exp2_mixed` never gives.
+def _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, APPLY_MASK: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step over a `[BM, BN]` tile (base-2 logits `scale * q.k`).
 
     The running max moves, and `acc`, `l_i` are rescaled, at every tile. FlashAttention-4's conditional rescaling
     (only when a row's max grows by more than 2^8) was tried and measured slower on the H200 (forward +10%
@@ -51,10 +47,7 @@ def _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, APPLY_MASK: tl.constexpr
     m_new = tl.maximum(m_i, tl.max(b_s, 1) * scale)
     # A row with nothing visible yet keeps m = -inf; shifting by 0 instead avoids exp2(-inf - -inf) = nan.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    if MIXED_EXP:
-        b_p = exp2_mixed(b_s * scale - m_safe[:, None], b_s.shape[0], b_s.shape[1])
-    else:
-        b_p = tl.exp2(b_s * scale - m_safe[:, None])
+    b_p = tl.exp2(b_s * scale - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(b_p, 1)
     acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
@@ -146,7 +139,7 @@ def _fwd_kernel(
     q, k, v, o, lse, ce, km, cols, ccount, scale, T, W, k_desc, v_desc, q_desc,
     HQ: tl.constexpr, HKV: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    ROWS_TMA: tl.constexpr, WS: tl.constexpr, MIXED_EXP: tl.constexpr,
+    ROWS_TMA: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64 (see the legend)
     i_b, i_hk, i_bk, t0, o_m, m_row, p_row, p_lse, p_k, p_v, km_b = _program_rows(k, v, km, T, HQ, HKV, GP, D, BM)
@@ -158,23 +151,23 @@ def _fwd_kernel(
         n_col = n_columns_before(ccount, i_bk, t0 + BM // GP - 1 - W, T)
         for c0 in range(0, n_col, BN):
             vis, b_k, b_v = _column_tile(cols, ce, p_k, p_v, i_b, i_hk, i_bk, c0, n_col, o_m, T, W, HKV, D, BD, BN)
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC, False)
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
     s0, a, d, t_end = _band_bounds(t0, T, W, BM // GP, BN)
     for n0 in range(s0, a, BN):
         vis, b_k, b_v = _band_tile(
             p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, True, USE_KM, TMA
         )
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC, False)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
     for n0 in tl.range(a, d, BN, warp_specialize=WS):
         vis, b_k, b_v = _band_tile(
             p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, False, USE_KM, TMA
         )
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, USE_KM, PREC, MIXED_EXP)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, USE_KM, PREC)
     for n0 in range(d, t_end, BN):
         vis, b_k, b_v = _band_tile(
             p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, True, USE_KM, TMA
         )
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC, False)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
     _store_program_rows(o, acc, p_row, m_row, D, BD)
@@ -225,17 +218,12 @@ def _dq_kernel(
     _store_program_rows(dq, b_dq, p_row, m_row, D, BD)
 
 
-def launch_config(kernel: str, D: int, dtype: torch.dtype) -> tuple | None:
-    """(BM, BN, num_warps, num_stages[, flag[, maxnreg[, mixed_exp]]]) (`tile_config`) for `kernel` in {"fwd", "dq",
-    "dkdv", "fused"}; small tiles under the interpreter. "fused" is the backward that adds dq in the dk/dv kernels
-    (`sparse_attention_bwd.backward_fused`, with dk/dv's tiles): None where the op runs the dq kernel and then dk/dv.
+def launch_config(kernel: str, D: int, dtype: torch.dtype) -> tuple:
+    """(BM, BN, num_warps, num_stages[, flag[, maxnreg]]) (`tile_config`) for `kernel` in {"fwd", "dq",
+    "dkdv"}; small tiles under the interpreter.
 
-    The launchers (`forward`, `backward_dq`, `dkdv`, `backward_fused`) take an explicit `config` instead;
-    benchmarks/attention_tiles.py sweeps them and prints this table's entries."""
-    if kernel == "fused":
-        # Not timed against the separate kernels on a GPU yet (docs/kernels.md); tests/ops/test_sparse_attention.py
-        # runs the op through it.
-        return None
+    The launchers (`forward`, `backward_dq`, `dkdv`) take an explicit `config` instead; benchmarks/attention_tiles.py
+    sweeps them and prints this table's entries."""
     if interpreted():
         return 16, 16, 1, 1
     if dtype == torch.float32:
@@ -246,14 +234,15 @@ def launch_config(kernel: str, D: int, dtype: torch.dtype) -> tuple | None:
         # float32; tests/test_kernel_resources.py).
         return {"fwd": (32, 16, 8, 1), "dq": (16, 16, 8, 1), "dkdv": (16, 16, 4, 1)}[kernel]
     # The least summed time over T = 4096 and 16384 of every candidate that passed the reference check, bf16, on an
-    # H100 (benchmarks/results/attention_tiles-h100.json; the H200 sweep chose the same forward and dq tiles;
-    # docs/kernels.md). dq at D = 128 leaves out the warp specialisation that timed 1% faster at T = 16384 only, a
-    # path the GPU tests cover less. dk/dv at D = 64: the packed (64, 64, 4, 3) tiles, which spill no registers, over
-    # the packed (128, 64, 4, 2) ones, which spill and timed 0.2% faster in sum (a tie).
+    # H100 (benchmarks/results/attention_tiles-h100.json; docs/kernels.md), where it was more than a tie: the
+    # forward at D = 128 keeps (128, 32, 4, 4) over (128, 32, 4, 3), 0.2% apart in sum, and dq at D = 128 leaves out
+    # the warp specialisation that timed 1% faster, at T = 16384 only, a path the GPU tests cover less. The dk/dv
+    # tiles spill a little (152-176 bytes per thread at D = 64, 32-56 at D = 128; benchmarks/kernel_resources.py) and
+    # were 4% and 8% faster in sum than the spill-free packed (64, 64, 4, 3) and (32, 64, 4, 3) tiles.
     table = {
         "fwd": (128, 64, 4, 3) if D <= 64 else (128, 32, 4, 4),
         "dq": (128, 64, 4, 3) if D <= 64 else (128, 64, 8, 3),
-        "dkdv": (64, 64, 4, 3, True) if D <= 64 else (32, 64, 4, 3, True),
+        "dkdv": (128, 64, 4, 2, True) if D <= 64 else (64, 128, 8, 3, True),
     }
     return table[kernel]
 
@@ -326,7 +315,7 @@ def forward(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Launch the forward kernel -> (o [B, T, HQ, D], lse [B, HQ, T] fp32).
 
-    `config`: (BM, BN, num_warps, num_stages[, warp_specialize[, maxnreg[, mixed_exp]]]) instead of
+    `config`: (BM, BN, num_warps, num_stages[, warp_specialize[, maxnreg]]) instead of
     `launch_config("fwd", ...)` (for tile sweeps; see `tile_config`)."""
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
@@ -344,8 +333,7 @@ def forward(
         rows_descriptor(q, BM) if rows_tma else None,
         HQ=HQ, HKV=HKV, GP=GP, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN, USE_COLS=use_cols,
         USE_KM=km is not q, PREC=precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, WS=tiles.flag,
-        # The interior tiles are mask-free only without a key mask; fp32 keeps its exact exponentials.
-        MIXED_EXP=tiles.mixed_exp and km is q and q.dtype != torch.float32, **tiles.launch_options(),
+        **tiles.launch_options(),
     )  # fmt: skip
     return o, lse
 
@@ -358,7 +346,7 @@ def backward_dq(
 
     `config` as in `forward` (default `launch_config("dq", ...)`)."""
     B, T, HQ, D = q.shape
-    tiles = tile_config(config or launch_config("dq", D, q.dtype)).without_mixing("dq")
+    tiles = tile_config(config or launch_config("dq", D, q.dtype))
     BN = tiles.BN
     dq = torch.empty_like(q)
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
@@ -404,11 +392,8 @@ class SparseAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse, ce, km, cols, ccount = ctx.saved_tensors
         do = do.contiguous()
         pattern = (ce, km, cols, ccount, ctx.window_eff, ctx.scale, ctx.use_cols)
-        if fused := launch_config("fused", q.shape[-1], q.dtype):
-            dq, dk, dv = backward_fused(q, k, v, o, do, lse, *pattern, config=fused)
-        else:
-            dq, delta = backward_dq(q, k, v, o, do, lse, *pattern)
-            dk, dv = dkdv(q, k, v, do, lse, delta, *pattern, config=launch_config("dkdv", q.shape[-1], q.dtype))
+        dq, delta = backward_dq(q, k, v, o, do, lse, *pattern)
+        dk, dv = dkdv(q, k, v, do, lse, delta, *pattern, config=launch_config("dkdv", q.shape[-1], q.dtype))
         return dq, dk, dv, None, None, None, None
 
 

@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from hlsa.ops.triton import interpreted
 from hlsa.ops.triton.rows import load_query_rows, query_rows, rows_descriptor, use_tma
 from hlsa.ops.triton.tiles import precision, tile_config
 
@@ -38,8 +37,7 @@ def n_columns_before(ccount, i_bk, j, T):
 def _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse, delta, p_lse, m_row, vis, scale,
                APPLY_MASK: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """Transposed tile `[BN keys, BM query rows]`: dv += p^T do, dk += ds^T q (ds w.r.t. natural logits). Rows
-    outside `m_row` get lse = +inf, so p = 0 there even without a mask, and so do their ds. Returns dk, dv and the
-    tile's ds^T in the input dtype (for `_add_dq`)."""
+    outside `m_row` get lse = +inf, so p = 0 there even without a mask."""
     b_lse = tl.load(lse + p_lse, mask=m_row, other=float("inf"))
     b_delta = tl.load(delta + p_lse, mask=m_row, other=0.0)
     b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale - b_lse[None, :])
@@ -47,70 +45,42 @@ def _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse, delta, p_lse, m_row, vis, s
         b_pt = tl.where(vis, b_pt, 0.0)
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
-    b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)
-    b_dk += tl.dot(b_dst, b_q, input_precision=PREC)
-    return b_dk, b_dv, b_dst
-
-
-@triton.jit
-def _add_dq(dq_acc, dq_desc, b_dst, b_k, p_row, m_row, row0, col0, dq_scale, D: tl.constexpr, BD: tl.constexpr,
-            PREC: tl.constexpr, DQ_TMA: tl.constexpr):  # fmt: skip
-    """The fused backward's dq: add `dq_scale * ds @ k` of one tile into the fp32 accumulator `[B, T, HQ, D]`. With
-    DQ_TMA (one head per tile) one TMA reduction of the block at (`row0`, `col0`) of its `[B * T, HQ * D]` view,
-    whose rows past the sequence (the next sequence's, or clipped past the last) get exact zeros: their ds is 0.
-    Else per-element atomics at the rows' offsets `p_row`."""
-    b_dq = tl.dot(tl.trans(b_dst), b_k, input_precision=PREC) * dq_scale
-    if DQ_TMA:
-        dq_desc.atomic_add([row0, col0], b_dq)
-    else:
-        o_d = tl.arange(0, BD)
-        m = m_row[:, None] & (o_d < D)[None, :]
-        tl.atomic_add(dq_acc + p_row[:, None] + o_d[None, :], b_dq, mask=m, sem="relaxed")
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    return b_dk, b_dv
 
 
 @triton.jit
 def _query_tile(q, do, q_desc, do_desc, i_b, i_hk, g0, m0, T, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                 BD: tl.constexpr, BM: tl.constexpr, HP: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
-    """q and do of the tile's rows (`query_rows`), with the rows' positions, mask, `[B, T, HQ, D]` and `[B, HQ, T]`
-    offsets."""
+    """q and do of the tile's rows (`query_rows`), with the rows' positions, mask and `[B, HQ, T]` offsets."""
     o_m, m_row, p_row, p_lse = query_rows(i_b, i_hk, g0, m0, T, HQ, G, D, BM, HP)
     b_q = load_query_rows(q, q_desc, p_row, m_row, i_b, i_hk * G + g0, m0, T, D, BD, TMA)
     b_do = load_query_rows(do, do_desc, p_row, m_row, i_b, i_hk * G + g0, m0, T, D, BD, TMA)
-    return b_q, b_do, o_m, m_row, p_row, p_lse
+    return b_q, b_do, o_m, m_row, p_lse
 
 
 @triton.jit
-def _dkdv_band_tile(b_dk, b_dv, b_k, b_v, o_n, m_key, q, do, q_desc, do_desc, lse, delta, dq_acc, dq_desc, i_b, i_hk,
-                    g0, m0, T, W, scale, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+def _dkdv_band_tile(b_dk, b_dv, b_k, b_v, o_n, m_key, q, do, q_desc, do_desc, lse, delta, i_b, i_hk, g0, m0,
+                    T, W, scale, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                     BM: tl.constexpr, HP: tl.constexpr, EDGE: tl.constexpr, USE_KM: tl.constexpr,
-                    PREC: tl.constexpr, TMA: tl.constexpr, DQ: tl.constexpr, DQ_TMA: tl.constexpr):  # fmt: skip
+                    PREC: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
     """Near pairs of the key block `o_n` with the query tile at (`g0`, `m0`); an interior tile (EDGE False, every
-    position of the tile sees every key of the block) tests only the key mask. With DQ the tile's dq is added too."""
-    b_q, b_do, o_m, m_row, p_row, p_lse = _query_tile(
-        q, do, q_desc, do_desc, i_b, i_hk, g0, m0, T, HQ, G, D, BD, BM, HP, TMA
-    )
+    position of the tile sees every key of the block) tests only the key mask."""
+    b_q, b_do, o_m, m_row, p_lse = _query_tile(q, do, q_desc, do_desc, i_b, i_hk, g0, m0, T, HQ, G, D, BD, BM, HP, TMA)
     if EDGE:
         vis = (o_n[:, None] <= o_m[None, :]) & (o_m[None, :] - o_n[:, None] <= W) & m_key[:, None] & m_row[None, :]
-        b_dk, b_dv, b_dst = _dkdv_step(
-            b_dk, b_dv, b_k, b_v, b_q, b_do, lse, delta, p_lse, m_row, vis, scale, True, PREC
-        )
+        return _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse, delta, p_lse, m_row, vis, scale, True, PREC)
     else:
         vis = m_key[:, None]
-        b_dk, b_dv, b_dst = _dkdv_step(
-            b_dk, b_dv, b_k, b_v, b_q, b_do, lse, delta, p_lse, m_row, vis, scale, USE_KM, PREC
-        )
-    if DQ:
-        row0, col0 = i_b * T + m0, (i_hk * G + g0) * D
-        _add_dq(dq_acc, dq_desc, b_dst, b_k, p_row, m_row, row0, col0, scale / 1.4426950408889634, D, BD, PREC, DQ_TMA)
-    return b_dk, b_dv
+        return _dkdv_step(b_dk, b_dv, b_k, b_v, b_q, b_do, lse, delta, p_lse, m_row, vis, scale, USE_KM, PREC)
 
 
 @triton.jit
 def _dkdv_col_kernel(
-    q, k, v, do, lse, delta, ce, cols, ccount, dk_col, dv_col, dq_acc, scale, T, W, q_desc, do_desc, dq_desc,
+    q, k, v, do, lse, delta, ce, cols, ccount, dk_col, dv_col, scale, T, W, q_desc, do_desc,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HP: tl.constexpr, QS: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, DQ: tl.constexpr,
-    DQ_TMA: tl.constexpr,
+    HP: tl.constexpr, QS: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64 (sparse_attention.py's legend)
     i_s, i_bk = tl.program_id(0), tl.program_id(1)
@@ -138,17 +108,14 @@ def _dkdv_col_kernel(
         q_hi = tl.minimum(tl.max(b_ce), s_hi)
         for g0 in range(0, G, HP):
             for m0 in range(q_lo, q_hi, BMQ):
-                b_q, b_do, o_m, m_row, p_row, p_lse = _query_tile(
+                b_q, b_do, o_m, m_row, p_lse = _query_tile(
                     q, do, q_desc, do_desc, i_b, i_hk, g0, m0, T, HQ, G, D, BD, BM, HP, TMA
                 )
                 m_row = m_row & (o_m < q_hi)
                 vis = (o_m[None, :] - b_pos[:, None] > W) & (o_m[None, :] < b_ce[:, None]) & m_row[None, :]
-                b_dk, b_dv, b_dst = _dkdv_step(
+                b_dk, b_dv = _dkdv_step(
                     b_dk, b_dv, b_k, b_v, b_q, b_do, lse, delta, p_lse, m_row, vis, scale, True, PREC
                 )
-                if DQ:
-                    _add_dq(dq_acc, dq_desc, b_dst, b_k, p_row, m_row, i_b * T + m0, (i_hk * G + g0) * D,
-                            scale / 1.4426950408889634, D, BD, PREC, DQ_TMA)  # fmt: skip
         # Several query segments add into the same column rows.
         p_out = i_bk.to(tl.int64) * T * D + o_c[:, None] * D + o_d[None, :]
         if q_lo < q_hi:
@@ -158,10 +125,9 @@ def _dkdv_col_kernel(
 
 @triton.jit
 def _dkdv_band_kernel(
-    q, k, v, do, dk, dv, lse, delta, km, ccount, dk_col, dv_col, dq_acc, scale, T, W, q_desc, do_desc, dq_desc,
+    q, k, v, do, dk, dv, lse, delta, km, ccount, dk_col, dv_col, scale, T, W, q_desc, do_desc,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HP: tl.constexpr, USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    DQ: tl.constexpr, DQ_TMA: tl.constexpr,
 ):  # fmt: skip
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64 (sparse_attention.py's legend)
     i_n, i_bk = tl.program_id(0), tl.program_id(1)
@@ -206,18 +172,18 @@ def _dkdv_band_kernel(
     for g0 in range(0, G, HP):
         for m0 in range(start, lo, BMQ):
             b_dk, b_dv = _dkdv_band_tile(
-                b_dk, b_dv, b_k, b_v, o_n, m_key, q, do, q_desc, do_desc, lse, delta, dq_acc, dq_desc, i_b, i_hk,
-                g0, m0, T, W, scale, HQ, G, D, BD, BM, HP, True, USE_KM, PREC, TMA, DQ, DQ_TMA,
+                b_dk, b_dv, b_k, b_v, o_n, m_key, q, do, q_desc, do_desc, lse, delta, i_b, i_hk, g0, m0,
+                T, W, scale, HQ, G, D, BD, BM, HP, True, USE_KM, PREC, TMA,
             )  # fmt: skip
         for m0 in range(lo, hi, BMQ):
             b_dk, b_dv = _dkdv_band_tile(
-                b_dk, b_dv, b_k, b_v, o_n, m_key, q, do, q_desc, do_desc, lse, delta, dq_acc, dq_desc, i_b, i_hk,
-                g0, m0, T, W, scale, HQ, G, D, BD, BM, HP, False, USE_KM, PREC, TMA, DQ, DQ_TMA,
+                b_dk, b_dv, b_k, b_v, o_n, m_key, q, do, q_desc, do_desc, lse, delta, i_b, i_hk, g0, m0,
+                T, W, scale, HQ, G, D, BD, BM, HP, False, USE_KM, PREC, TMA,
             )  # fmt: skip
         for m0 in range(hi, q_hi, BMQ):
             b_dk, b_dv = _dkdv_band_tile(
-                b_dk, b_dv, b_k, b_v, o_n, m_key, q, do, q_desc, do_desc, lse, delta, dq_acc, dq_desc, i_b, i_hk,
-                g0, m0, T, W, scale, HQ, G, D, BD, BM, HP, True, USE_KM, PREC, TMA, DQ, DQ_TMA,
+                b_dk, b_dv, b_k, b_v, o_n, m_key, q, do, q_desc, do_desc, lse, delta, i_b, i_hk, g0, m0,
+                T, W, scale, HQ, G, D, BD, BM, HP, True, USE_KM, PREC, TMA,
             )  # fmt: skip
     # ds was taken w.r.t. natural logits; dk = scale * ds^T q (column partials are stored unscaled too).
     b_dk = b_dk * (scale / 1.4426950408889634)
@@ -275,19 +241,17 @@ def dkdv(
     use_cols: bool,
     *,
     config: tuple,
-    dq_acc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dk, dv `[B, T, HKV, D]` from q, do `[B, T, HQ, D]`, lse, delta `[B, HQ, T]` fp32 and the column prologue.
 
     `km is q` means no key mask and `use_cols=False` means no columns (placeholders are never read).
-    `config` = (BM, BN, num_warps, num_stages[, packed[, maxnreg]]) (`tile_config`; no mixed_exp).
-    `dq_acc` (fp32 `[B, T, HQ, D]`, zeroed): the kernels add dq into it as well (`backward_fused`).
+    `config` = (BM, BN, num_warps, num_stages[, packed[, maxnreg]]) (`tile_config`).
     """
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     if T * HKV * D >= 2**31:  # the band kernel's offsets within one sequence's K and V are 32-bit
         raise ValueError(f"sparse attention backward: T * HKV * D = {T * HKV * D} must be below 2**31 per sequence")
-    tiles = tile_config(config).without_mixing("dkdv")
+    tiles = tile_config(config)
     BN = tiles.BN
     HP = triton.next_power_of_2(HQ // HKV) if tiles.flag else 1  # query heads per tile (packed tiles)
     BM = max(tiles.BM, HP)
@@ -296,12 +260,6 @@ def dkdv(
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     tma = HP == 1 and use_tma(q, do)  # a TMA block holds consecutive positions of one head
     descs = (rows_descriptor(q, BM), rows_descriptor(do, BM)) if tma else (None, None)
-    # dq's reductions through TMA need the GPU: the interpreter has no TMA reduction.
-    dq_tma = dq_acc is not None and tma and not interpreted() and use_tma(dq_acc)
-    dq_desc = rows_descriptor(dq_acc, BM) if dq_tma else None
-    fused = {"DQ": dq_acc is not None, "DQ_TMA": dq_tma}
-    if dq_acc is None:
-        dq_acc = lse  # placeholder, never written
     if use_cols:
         # Sized for the worst case (every key a column) so that no host sync reads the count; only the rows of
         # the columns are zeroed (and used).
@@ -310,57 +268,15 @@ def dkdv(
         zero_column_rows(dk_col, dv_col, ccount)
         QS = query_segment(T, B * HKV, BM)
         _dkdv_col_kernel[(triton.cdiv(T, QS), B * HKV)](
-            q, k, v, do, lse, delta, ce, cols, ccount, dk_col, dv_col, dq_acc, scale * LOG2E, T, window_eff, *descs,
-            dq_desc, HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, HP=HP, QS=QS, PREC=prec, TMA=tma, **fused,
+            q, k, v, do, lse, delta, ce, cols, ccount, dk_col, dv_col, scale * LOG2E, T, window_eff, *descs,
+            HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, HP=HP, QS=QS, PREC=prec, TMA=tma,
             **tiles.launch_options(),
         )  # fmt: skip
     else:
         dk_col = dv_col = lse  # placeholders, never read
     _dkdv_band_kernel[(triton.cdiv(T, BN), B * HKV)](
-        q, k, v, do, dk, dv, lse, delta, km, ccount, dk_col, dv_col, dq_acc, scale * LOG2E, T, window_eff, *descs,
-        dq_desc, HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, HP=HP, USE_COLS=use_cols, USE_KM=km is not q, PREC=prec,
-        TMA=tma, **fused, **tiles.launch_options(),
+        q, k, v, do, dk, dv, lse, delta, km, ccount, dk_col, dv_col, scale * LOG2E, T, window_eff, *descs,
+        HQ=HQ, HKV=HKV, D=D, BD=BD, BM=BM, BN=BN, HP=HP, USE_COLS=use_cols, USE_KM=km is not q, PREC=prec, TMA=tma,
+        **tiles.launch_options(),
     )  # fmt: skip
     return dk, dv
-
-
-@triton.jit
-def _delta_kernel(o, do, delta, N, T, HQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
-    """delta = rowsum(o * do) in fp32 for BR of the N = B * T * HQ rows of `[B, T, HQ, D]`, stored `[B, HQ, T]`."""
-    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
-    m_r = o_r < N
-    o_d = tl.arange(0, BD)
-    m = m_r[:, None] & (o_d < D)[None, :]
-    p = o_r.to(tl.int64)[:, None] * D + o_d[None, :]
-    b_o = tl.load(o + p, mask=m, other=0.0).to(tl.float32)
-    b_do = tl.load(do + p, mask=m, other=0.0).to(tl.float32)
-    i_bt, i_h = o_r // HQ, o_r % HQ
-    i_b, i_t = i_bt // T, i_bt % T
-    tl.store(delta + (i_b.to(tl.int64) * HQ + i_h) * T + i_t, tl.sum(b_o * b_do, 1), mask=m_r)
-
-
-def row_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
-    """rowsum(o * do) `[B, HQ, T]` fp32 of `[B, T, HQ, D]` tensors: the softmax gradient's shift of each query row."""
-    B, T, HQ, D = o.shape
-    delta = torch.empty(B, HQ, T, device=o.device, dtype=torch.float32)
-    BR = 16 if interpreted() else 64
-    _delta_kernel[(triton.cdiv(B * T * HQ, BR),)](o, do, delta, B * T * HQ, T, HQ=HQ, D=D,
-                                                    BD=triton.next_power_of_2(D), BR=BR)  # fmt: skip
-    return delta
-
-
-Tensor = torch.Tensor
-
-
-def backward_fused(
-    q: Tensor, k: Tensor, v: Tensor, o: Tensor, do: Tensor, lse: Tensor, ce: Tensor, km: Tensor, cols: Tensor,
-    ccount: Tensor, window_eff: int, scale: float, use_cols: bool, *, config: tuple,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """dq, dk, dv in one pass over the pairs: the dk/dv kernels (`config` as in `dkdv`) also add each tile's dq into
-    an fp32 buffer, which saves the dq kernel's two recomputed products per pair (logits and `dp`) at the price of
-    that buffer (zeroed, then converted) and of the additions into it, whose order varies from run to run."""
-    delta = row_delta(o, do)
-    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    pattern = (ce, km, cols, ccount, window_eff, scale, use_cols)
-    dk, dv = dkdv(q, k, v, do, lse, delta, *pattern, config=config, dq_acc=dq_acc)
-    return dq_acc.to(q.dtype), dk, dv

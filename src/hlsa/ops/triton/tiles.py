@@ -1,6 +1,6 @@
 """Tile configurations of the training attention kernels (forward, dq, dk/dv): what a sweep varies per launch.
 
-A config is written as a tuple `(BM, BN, num_warps, num_stages[, flag[, maxnreg[, mixed_exp]]])`, the form the
+A config is written as a tuple `(BM, BN, num_warps, num_stages[, flag[, maxnreg]])`, the form the
 launch table (`sparse_attention.launch_config`) and the tile sweep (benchmarks/attention_tiles.py) use; `tile_config`
 reads it into a `TileConfig`.
 """
@@ -21,8 +21,6 @@ class TileConfig(NamedTuple):
     of each query head of the group, instead of BM positions of one head).
     maxnreg: a cap on registers per thread (Triton's `maxnreg`; None: no cap), so that more programs fit on an SM at
     the price of spills.
-    mixed_exp: the forward only; a quarter of the exponentials of its mask-free tiles on the FP32 units
-    (`hlsa.ops.triton.exp2.exp2_mixed`; bf16/fp16 inputs).
     """
 
     BM: int
@@ -31,7 +29,6 @@ class TileConfig(NamedTuple):
     stages: int
     flag: bool = False
     maxnreg: int | None = None
-    mixed_exp: bool = False
 
     def launch_options(self) -> dict:
         """Triton's launch options. The cap is passed only when set, so that a default launch passes only the
@@ -39,25 +36,15 @@ class TileConfig(NamedTuple):
         options = {"num_warps": self.warps, "num_stages": self.stages}
         return (options | {"maxnreg": self.maxnreg}) if self.maxnreg else options
 
-    def without_mixing(self, kernel: str) -> TileConfig:
-        """This config for `kernel` (dq or dk/dv), which computes every exponential with `tl.exp2`: asking it to mix
-        is an error."""
-        if self.mixed_exp:
-            raise ValueError(f"{kernel}: mixed_exp (a tile config's seventh element) is for the forward kernel only")
-        return self
-
 
 def tile_config(config: tuple) -> TileConfig:
-    """A `TileConfig` from a 4- to 7-tuple (flag off, no cap, no mix when left out; a cap of 0 is no cap)."""
-    if len(config) not in (4, 5, 6, 7):
-        raise ValueError(
-            f"tile config must be (BM, BN, num_warps, num_stages[, flag[, maxnreg[, mixed_exp]]]); got {config}"
-        )
+    """A `TileConfig` from a 4- to 6-tuple (flag off and no cap when left out; a cap of 0 is no cap)."""
+    if len(config) not in (4, 5, 6):
+        raise ValueError(f"tile config must be (BM, BN, num_warps, num_stages[, flag[, maxnreg]]); got {config}")
     BM, BN, warps, stages = (int(x) for x in config[:4])
     flag = bool(config[4]) if len(config) >= 5 else False
     maxnreg = int(config[5]) if len(config) >= 6 and config[5] else None
-    mixed_exp = bool(config[6]) if len(config) == 7 else False
-    return TileConfig(BM, BN, warps, stages, flag, maxnreg, mixed_exp)
+    return TileConfig(BM, BN, warps, stages, flag, maxnreg)
 
 
 def precision(dtype: torch.dtype) -> str:
