@@ -13,8 +13,9 @@ SCRIPT = REPO / "benchmarks" / "kernel_resources.py"
 
 
 def test_default_tiles_compile_for_sm90_and_spill_little(tmp_path: Path, sm90_compile_env: dict) -> None:
-    """Every bf16 default tile compiles for sm_90 and spills at most 256 bytes per thread (the most with Triton 3.6 is
-    dq's 136 at D = 64), so that a tile change that spills kilobytes fails here, before any GPU run."""
+    """Every bf16 default tile compiles for sm_90 and spills at most 512 bytes per thread (the most is the D = 64 dk/dv
+    column kernel's: 176 with Triton 3.6, 264 with 3.9), so that a tile change that spills kilobytes fails here, before
+    any GPU run."""
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--dims", "64,128", "--defaults-only", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, env=sm90_compile_env,
@@ -31,7 +32,7 @@ def test_default_tiles_compile_for_sm90_and_spill_little(tmp_path: Path, sm90_co
         want = {"fwd": {"_fwd_kernel"}, "dq": {"_dq_kernel"}, "dkdv": {"_dkdv_col_kernel", "_dkdv_band_kernel"}}
         assert names == want[row["kernel"]]
         for c in row["compiled"]:
-            assert 0 < c["regs"] <= 255 and 0 <= c["stack"] <= 256 and c["shared"] > 0, (row["kernel"], row["D"], c)
+            assert 0 < c["regs"] <= 255 and 0 <= c["stack"] <= 512 and c["shared"] > 0, (row["kernel"], row["D"], c)
     assert "_dkdv_band_kernel regs=" in proc.stdout
 
 
