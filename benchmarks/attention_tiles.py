@@ -43,7 +43,7 @@ from contextlib import contextmanager
 import torch
 
 from attention import WINDOW, attended_pairs, flex_times, make_inputs, peers, rel_err, time_pair
-from benchlib import add_output_args, machine, profiled, result_path, write_result
+from benchlib import add_output_args, error_text, machine, profiled, result_path, write_result
 from hlsa.ops.triton.tiles import tile_config
 
 HQ, HKV = 16, 4
@@ -255,7 +255,7 @@ def compile_worker(jobs: list[tuple[str, int, tuple]]) -> None:
             torch.cuda.synchronize()
             status = "ok"
         except Exception as err:  # a compile or launch error belongs to this candidate only
-            status = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            status = error_text(err, 300)
         line = {"kernel": kernel, "D": D, "config": list(cfg), "status": status, "s": time.perf_counter() - t0}
         print(json.dumps(line), flush=True)
 
@@ -373,7 +373,7 @@ def sweep_kernel(case: Case, kernel: str, configs: list[tuple], compiled: dict, 
             row["ms"] = bench_ms(functools.partial(case.call, kernel, cfg))
             row["tflops"] = tflops(case, kernel, row["ms"])
         except Exception as err:  # a launch error of one candidate is a result, not the end of the run
-            row["ok"], row["error"] = False, f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            row["ok"], row["error"] = False, error_text(err, 300)
         row["default"] = is_default
         # The kernels this config's first calls loaded (none when an earlier shape already did).
         row["kernels"] = kernel_resources([k for i, k in loaded_kernels().items() if i not in before])

@@ -37,7 +37,7 @@ import torch
 
 from attention import WINDOW
 from attention_tiles import CANDIDATES, HKV, HQ, KERNELS, cfg_name, parse_kernels
-from benchlib import add_output_args, machine, write_result
+from benchlib import add_output_args, error_text, machine, write_result
 
 T_CAPTURE = 1024  # the launchers' length: a multiple of 16, as the benchmark's (the same specialisation)
 SM90 = (9, 0)
@@ -184,7 +184,7 @@ def main() -> None:
                         for fn, a, kw in launches_of(kernel, D, cfg, dtype)
                     ]
                 except Exception as err:  # a config that does not compile is a result, not the end of the run
-                    row["error"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                    row["error"] = error_text(err, 300)
                 rows.append(row)
                 usage = "  ".join(f"{c['name']} regs={c['regs']} stack={c['stack']}" for c in row.get("compiled", []))
                 print(f"{kernel:4} D{D:<3} {row['name']:>12}{' (default)' if row['default'] else '':10} "
