@@ -43,7 +43,7 @@ from contextlib import contextmanager
 import torch
 
 from attention import WINDOW, attended_pairs, flex_times, make_inputs, peers, rel_err, time_pair
-from benchlib import add_output_args, error_text, machine, profiled, result_path, write_result
+from benchlib import add_output_args, device_timeline, error_text, machine, result_path, write_result
 from hlsa.ops.triton.tiles import tile_config
 
 HQ, HKV = 16, 4
@@ -400,8 +400,8 @@ def default_row(rows: list[dict], kernel: str, D: int, T: int) -> dict | None:
 
 def ours_totals(case: Case) -> dict:
     """The autograd op with the default configs (forward, forward + backward), the column prologue alone, and the
-    kernels of the op's forward + backward under the profiler (`op_kernels`: where the op's time goes beyond the sum
-    of its Triton kernels timed alone)."""
+    timeline of the op's forward + backward (`op_timeline`, `benchlib.device_timeline`: its kernels, the GPU's idle
+    time between them and what the host did meanwhile: where the op's time goes beyond its kernels timed alone)."""
     import hlsa.ops.triton.sparse_attention as kernels
     from hlsa.ops.sparse_attention import sparse_attention
 
@@ -416,7 +416,7 @@ def ours_totals(case: Case) -> dict:
             leaf.grad = None
         op().backward(do)
 
-    out["op_kernels"] = profiled(step, steps=5, cuda=case.q.is_cuda)[0]
+    out["op_timeline"] = device_timeline(step, steps=5, cuda=case.q.is_cuda)
     flops = 4 * case.D * case.pairs
     if "fwd_ms" in out:
         out["fwd_tflops"] = flops / out["fwd_ms"] / 1e9

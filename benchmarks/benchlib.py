@@ -171,6 +171,97 @@ def profiled(fn: Callable[[], object], steps: int, cuda: bool) -> tuple[dict, fl
     return kernel_table(prof, steps, cuda), wall_ms
 
 
+STEP = "benchlib_step"  # the profiler annotation around each step of `device_timeline`
+DEVICE_WORK = ("kernel", "gpu_memset", "gpu_memcpy")  # trace categories of work on the GPU
+LAUNCHES = ("cuda_runtime", "cuda_driver")  # trace categories of host calls into CUDA
+
+
+def device_timeline(fn: Callable[[], object], steps: int, cuda: bool, sustain_s: float = 0.2) -> dict:
+    """Run `fn` `steps` times under the profiler and say where each step's GPU time goes: `step_timeline` of the
+    exported trace, plus `host_us`, the host's microseconds per call timed without the profiler (calls that return
+    long before their kernels end leave the GPU no reason to wait on the host). The profiled steps follow
+    `sustain_s` seconds of calls, as long as `do_bench` keeps the GPU busy, so that they run at the clocks a timing
+    sees. On the CPU only `host_us` is measured (`steps` 0)."""
+    import tempfile
+
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    host_us = (time.perf_counter() - t0) * 1e6 / steps
+    sync()
+    while time.perf_counter() - t0 < sustain_s:  # one call at a time: the host must not queue seconds of work
+        fn()
+        sync()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            with torch.profiler.record_function(STEP):
+                fn()
+        sync()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    return {"host_us": host_us, **step_timeline(events)}
+
+
+def step_timeline(events: list[dict], min_gap_us: float = 5.0, top: int = 6) -> dict:
+    """Per step (a `STEP` annotation) of a Chrome trace: the GPU's busy time, its span (first start to last end) and
+    the idle time between, averaged over the steps; the work items of one step in order; and the gaps of the step
+    with the most idle time. A work item belongs to the step its host launch lies in (autograd launches the backward
+    from a thread of its own). Each gap longer than `min_gap_us` names the work before and after it, `launched_late_us`
+    (how long after the work before it ended the host finished launching the work after it: > 0 means the GPU waited
+    for the host) and the `top` longest host calls that ran in between."""
+    steps = sorted((e for e in events if e.get("cat") == "user_annotation" and e.get("name") == STEP), key=_ts)
+    launches = {
+        e["args"]["correlation"]: e for e in events if e.get("cat") in LAUNCHES and "correlation" in e.get("args", {})
+    }
+    work = sorted((e for e in events if e.get("cat") in DEVICE_WORK), key=_ts)
+    host = [e for e in events if e.get("cat") in ("cpu_op", *LAUNCHES)]
+    per_step = []
+    for step in steps:
+        s0, s1 = step["ts"], step["ts"] + step["dur"]
+        items = [w for w in work if s0 <= launches.get(w.get("args", {}).get("correlation"), {}).get("ts", -1.0) <= s1]
+        if not items:
+            continue
+        busy = sum(w["dur"] for w in items)
+        span = items[-1]["ts"] + items[-1]["dur"] - items[0]["ts"]
+        gaps = []
+        for before, after in zip(items, items[1:], strict=False):
+            end = before["ts"] + before["dur"]
+            if after["ts"] - end <= min_gap_us:
+                continue
+            launch = launches[after["args"]["correlation"]]
+            between = [e for e in host if e["ts"] < launch["ts"] and e["ts"] + e["dur"] > end]
+            between.sort(key=lambda e: -e["dur"])
+            gaps.append({
+                "before": before["name"][:80], "after": after["name"][:80], "gap_us": after["ts"] - end,
+                "launched_late_us": launch["ts"] + launch["dur"] - end,
+                "host_between": [{"name": e["name"][:80], "us": e["dur"]} for e in between[:top]],
+            })  # fmt: skip
+        per_step.append({"busy": busy, "span": span, "host": step["dur"], "items": items, "gaps": gaps})
+    if not per_step:
+        return {"steps": 0}
+    worst = max(per_step, key=lambda s: s["span"] - s["busy"])
+    busy, span = (statistics.fmean(s[key] for s in per_step) for key in ("busy", "span"))
+    return {
+        "steps": len(per_step),
+        "busy_us": busy,
+        "span_us": span,
+        "idle_us": span - busy,
+        "profiled_host_us": statistics.fmean(s["host"] for s in per_step),
+        "work": [{"name": w["name"][:80], "us": w["dur"]} for w in per_step[0]["items"]],
+        "gaps_of_worst_step": worst["gaps"],
+    }
+
+
+def _ts(event: dict) -> float:
+    return event["ts"]
+
+
 def copy_bandwidth(device: str = "cuda", nbytes: int = 2**31) -> dict:
     """GB/s of a device-to-device `copy_` of `nbytes`, counting bytes read plus bytes written: `eager` (median of 5
     after a warm-up copy), on CUDA also `graph` (CUDA-graph replayed); `peer` is the higher of the two, the bound a
