@@ -198,9 +198,9 @@ def device_timeline(fn: Callable[[], object], steps: int, cuda: bool, sustain_s:
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
-            with torch.profiler.record_function(STEP):
+            with torch.profiler.record_function(STEP):  # the step's work runs inside its annotation
                 fn()
-        sync()
+                sync()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
@@ -209,12 +209,12 @@ def device_timeline(fn: Callable[[], object], steps: int, cuda: bool, sustain_s:
 
 
 def step_timeline(events: list[dict], min_gap_us: float = 5.0, top: int = 6) -> dict:
-    """Per step (a `STEP` annotation) of a Chrome trace: the GPU's busy time, its span (first start to last end) and
-    the idle time between, averaged over the steps; the work items of one step in order; and the gaps of the step
-    with the most idle time. A work item belongs to the step its host launch lies in (autograd launches the backward
-    from a thread of its own). Each gap longer than `min_gap_us` names the work before and after it, `launched_late_us`
-    (how long after the work before it ended the host finished launching the work after it: > 0 means the GPU waited
-    for the host) and the `top` longest host calls that ran in between."""
+    """Per step (a `STEP` annotation that ends after the step's work: `device_timeline` synchronises inside it) of a
+    Chrome trace: the GPU's busy time, its span (first start to last end) and the idle time between, averaged over
+    the steps; the work items of one step in order; and the gaps of the step with the most idle time. Each gap longer
+    than `min_gap_us` names the work before and after it, `launched_late_us` (how long after the work before it ended
+    the host finished launching the work after it: > 0 means the GPU waited for the host; None where the trace has
+    no launch for it) and the `top` longest host calls that ran in the gap."""
     steps = sorted((e for e in events if e.get("cat") == "user_annotation" and e.get("name") == STEP), key=_ts)
     launches = {
         e["args"]["correlation"]: e for e in events if e.get("cat") in LAUNCHES and "correlation" in e.get("args", {})
@@ -223,8 +223,7 @@ def step_timeline(events: list[dict], min_gap_us: float = 5.0, top: int = 6) -> 
     host = [e for e in events if e.get("cat") in ("cpu_op", *LAUNCHES)]
     per_step = []
     for step in steps:
-        s0, s1 = step["ts"], step["ts"] + step["dur"]
-        items = [w for w in work if s0 <= launches.get(w.get("args", {}).get("correlation"), {}).get("ts", -1.0) <= s1]
+        items = [w for w in work if step["ts"] <= w["ts"] <= step["ts"] + step["dur"]]
         if not items:
             continue
         busy = sum(w["dur"] for w in items)
@@ -234,15 +233,15 @@ def step_timeline(events: list[dict], min_gap_us: float = 5.0, top: int = 6) -> 
             end = before["ts"] + before["dur"]
             if after["ts"] - end <= min_gap_us:
                 continue
-            launch = launches[after["args"]["correlation"]]
-            between = [e for e in host if e["ts"] < launch["ts"] and e["ts"] + e["dur"] > end]
-            between.sort(key=lambda e: -e["dur"])
+            launch = launches.get(after.get("args", {}).get("correlation"))
+            until = launch["ts"] if launch else after["ts"]
+            between = sorted((e for e in host if e["ts"] < until and e["ts"] + e["dur"] > end), key=lambda e: -e["dur"])
             gaps.append({
                 "before": before["name"][:80], "after": after["name"][:80], "gap_us": after["ts"] - end,
-                "launched_late_us": launch["ts"] + launch["dur"] - end,
+                "launched_late_us": launch["ts"] + launch["dur"] - end if launch else None,
                 "host_between": [{"name": e["name"][:80], "us": e["dur"]} for e in between[:top]],
             })  # fmt: skip
-        per_step.append({"busy": busy, "span": span, "host": step["dur"], "items": items, "gaps": gaps})
+        per_step.append({"busy": busy, "span": span, "items": items, "gaps": gaps})
     if not per_step:
         return {"steps": 0}
     worst = max(per_step, key=lambda s: s["span"] - s["busy"])
@@ -252,7 +251,6 @@ def step_timeline(events: list[dict], min_gap_us: float = 5.0, top: int = 6) -> 
         "busy_us": busy,
         "span_us": span,
         "idle_us": span - busy,
-        "profiled_host_us": statistics.fmean(s["host"] for s in per_step),
         "work": [{"name": w["name"][:80], "us": w["dur"]} for w in per_step[0]["items"]],
         "gaps_of_worst_step": worst["gaps"],
     }
