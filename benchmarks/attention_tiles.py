@@ -20,6 +20,10 @@ Effective TFLOP/s count attended pairs (attention.py's `attended_pairs`; causal 
 pair forward, 3.5x that forward + backward. Forward + backward of ours is timed as the autograd op with the default
 configs, and as the sum of the kernels (prologue + forward + dq + dk/dv) with the default and the best configs.
 
+`--mma-v2` compiles every product for the warp-level tensor-core instructions (`mma.sync`) instead of Hopper's
+warpgroup ones, for a sweep of its own (`attention_tiles_mmav2-<gpu>.json`): ptxas can interleave those with the
+softmax, which Triton's warpgroup products, waited on right after they are issued, do not allow.
+
 `--budget-s` bounds the run: the compile gets 40% of it, sweeping stops when it is spent (the results so far are
 still written). Writes `attention_tiles-<gpu>.json` (DIR default benchmarks/results; `attention_tiles_dkdv-<gpu>.json`
 and the like for a `--kernels` subset) after each shape, and prints a
@@ -620,9 +624,17 @@ def main() -> None:
     parser.add_argument(
         "--kernels", default=",".join(KERNELS), help="comma-separated subset of fwd,dq,dkdv to sweep (default all)"
     )
+    parser.add_argument(
+        "--mma-v2",
+        action="store_true",
+        help="compile every product for the warp-level tensor-core instructions (mma.sync, as on Ampere) instead of "
+        "Hopper's warpgroup ones (Triton's DISABLE_MMA_V3=1, for this process and its compile workers)",
+    )
     parser.add_argument("--compile-worker", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     require_gpu()
+    if args.mma_v2:  # before anything compiles: Triton reads it per compile, and its cache key includes it
+        os.environ["DISABLE_MMA_V3"] = "1"
     if args.compile_worker:
         compile_worker([(kernel, D, tuple(cfg)) for kernel, D, cfg in json.loads(args.compile_worker)])
         return
@@ -634,9 +646,12 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     smem = getattr(props, "shared_memory_per_block_optin", 0) or SMEM_DEFAULT
     result = {"machine": machine(args.commit), "dtype": "bfloat16", "HQ": HQ, "HKV": HKV, "window": WINDOW,
-              "tokens": TOKENS, "smem_limit": smem, "budget_s": args.budget_s}  # fmt: skip
-    # A sweep of some kernels only gets a file of its own, so that it does not replace the full sweep's.
+              "tokens": TOKENS, "smem_limit": smem, "budget_s": args.budget_s,
+              "mma": "mma.sync (DISABLE_MMA_V3=1)" if args.mma_v2 else "default"}  # fmt: skip
+    # A sweep of some kernels, or with other products, gets a file of its own, so that it does not replace the full
+    # sweep's.
     name = "attention_tiles" if set(swept) == set(KERNELS) else "attention_tiles_" + "_".join(swept)
+    name += "_mmav2" if args.mma_v2 else ""
     path = result_path(name, args.out)
     configs, skipped = {}, {}
     for kernel in swept:
