@@ -64,14 +64,17 @@ TARGETS = {
 }  # effective TFLOP/s aimed at: forward, forward + backward  # H100 / H200 opt-in shared memory per block
 
 # (BM, BN, num_warps, num_stages[, flag[, maxnreg]]) (`tile_config`); the forward and dq pack G = 4
-# heads into BM rows (BM / 4 positions), their flag is warp_specialize; dk/dv: BM query rows per tile, BN keys per
-# program, the flag packs the G heads into the BM rows as well (else BM positions of one head). The default config is
-# added first where missing.
+# heads into BM rows (BM / 4 positions); the forward's flag runs the Gluon kernel (sparse_attention_wgmma.py; stages
+# is its ring of K/V slots), dq's is warp_specialize; dk/dv: BM query rows per tile, BN keys per program, the flag
+# packs the G heads into the BM rows as well (else BM positions of one head). The default config is added first where
+# missing.
 CANDIDATES = {
     "fwd": [
         (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (128, 64, 4, 2),
         (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (256, 64, 8, 2), (256, 32, 8, 3), (128, 128, 4, 2),
-        (128, 64, 4, 3, True), (128, 32, 4, 3, True), (128, 64, 8, 3, True),
+        # the Gluon kernel (compiled for sm_90 only (128, 32, 4, 3) spills, 80 bytes at D = 128)
+        (128, 64, 8, 3, True), (128, 32, 8, 3, True), (128, 64, 8, 4, True), (128, 32, 4, 3, True),
+        (64, 64, 4, 3, True), (64, 32, 4, 3, True),
         # more programs per SM under a cap on registers a thread: three at 168, four at 128; under their cap at
         # D = 64 the (128, 64) tiles spill 96 bytes, the others at most 8 (sm_90; benchmarks/kernel_resources.py)
         (128, 64, 4, 3, False, 168), (128, 32, 4, 4, False, 168), (128, 32, 4, 3, False, 168),
@@ -131,10 +134,10 @@ def parse_kernels(text: str) -> list[str]:
 
 
 def cfg_name(cfg: tuple, kernel: str) -> str:
-    """`128x64x4x3`, with "ws" (forward, dq: warp_specialize) or "pk" (dk/dv: packed query tiles) for the flag,
-    "r168" for a cap of 168 registers per thread."""
+    """`128x64x4x3`, with "gl" (forward: the Gluon kernel), "ws" (dq: warp_specialize) or "pk" (dk/dv: packed query
+    tiles) for the flag, "r168" for a cap of 168 registers per thread."""
     tiles = tile_config(cfg)
-    flag = ("pk" if kernel == "dkdv" else "ws") if tiles.flag else ""
+    flag = {"fwd": "gl", "dq": "ws", "dkdv": "pk"}[kernel] if tiles.flag else ""
     cap = f"r{tiles.maxnreg}" if tiles.maxnreg else ""
     return "x".join(str(x) for x in tiles[:4]) + flag + cap
 
@@ -330,9 +333,10 @@ def loaded_kernels() -> dict[int, object]:
     """The training attention's kernels that this process has compiled or loaded from Triton's cache, by id."""
     import hlsa.ops.triton.sparse_attention as fwd
     import hlsa.ops.triton.sparse_attention_bwd as bwd
+    import hlsa.ops.triton.sparse_attention_wgmma as wgmma
 
     found = {}
-    for fn in (fwd._fwd_kernel, fwd._dq_kernel, bwd._dkdv_col_kernel, bwd._dkdv_band_kernel):
+    for fn in (fwd._fwd_kernel, wgmma._fwd_wgmma_kernel, fwd._dq_kernel, bwd._dkdv_col_kernel, bwd._dkdv_band_kernel):
         for cache in getattr(fn, "device_caches", {}).values():
             found.update((id(k), k) for k in cache[0].values())
     return found

@@ -48,12 +48,14 @@ def captured_launches(kernels: list | None = None):
     """Inside, launches of `kernels` (`@triton.jit` functions; default the training attention's) are recorded as
     `(kernel, args, kwargs)` instead of run (`torch.cuda.get_device_capability` answers sm_90 so that the launchers
     pick the Hopper paths)."""
+    import hlsa.ops.triton.sparse_attention_wgmma as wgmma
+
     if kernels is None:
         import hlsa.ops.triton.sparse_attention as fwd
         import hlsa.ops.triton.sparse_attention_bwd as bwd
 
-        kernels = [fwd._prologue_kernel, fwd._fwd_kernel, fwd._dq_kernel, bwd._zero_column_rows_kernel,
-                   bwd._dkdv_col_kernel, bwd._dkdv_band_kernel]  # fmt: skip
+        kernels = [fwd._prologue_kernel, fwd._fwd_kernel, wgmma._fwd_wgmma_kernel, fwd._dq_kernel,
+                   bwd._zero_column_rows_kernel, bwd._dkdv_col_kernel, bwd._dkdv_band_kernel]  # fmt: skip
     launches: list[tuple] = []
 
     def recorder(fn):  # `kernel[grid](...)` calls `kernel.run(..., grid=, warmup=)`
@@ -64,6 +66,8 @@ def captured_launches(kernels: list | None = None):
 
     with mock.patch.object(torch.cuda, "get_device_capability", lambda device=None: SM90):
         with contextlib.ExitStack() as stack:
+            # The Gluon forward's check wants CUDA tensors; the launches are only recorded here.
+            stack.enter_context(mock.patch.object(wgmma, "supported", lambda q, k: True))
             for fn in kernels:
                 stack.enter_context(mock.patch.object(fn, "run", recorder(fn)))
             yield launches
@@ -101,10 +105,12 @@ def compile_launch(fn, args: tuple, kwargs: dict, float_type: str = "fp32"):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
     from triton.runtime.jit import mangle_type
 
     values = dict(zip(fn.arg_names, args)) | {k: v for k, v in kwargs.items() if k in fn.arg_names}
-    options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
+    # A Gluon kernel also takes `num_warps` as a parameter: it is both an argument and an option.
+    options = {k: v for k, v in kwargs.items() if k not in fn.arg_names or k == "num_warps"}
     signature, constexprs, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
         value = values[name]
@@ -117,7 +123,8 @@ def compile_launch(fn, args: tuple, kwargs: dict, float_type: str = "fp32"):
         )
         if aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    source_type = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
+    source = source_type(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     with quiet_stderr():  # a failing pass prints its whole module; the error that follows says enough
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 

@@ -139,7 +139,7 @@ def _fwd_kernel(
     q, k, v, o, lse, ce, km, cols, ccount, scale, T, W, k_desc, v_desc, q_desc,
     HQ: tl.constexpr, HKV: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, USE_COLS: tl.constexpr, USE_KM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    ROWS_TMA: tl.constexpr, WS: tl.constexpr,
+    ROWS_TMA: tl.constexpr,
 ):  # fmt: skip
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64 (see the legend)
     i_b, i_hk, i_bk, t0, o_m, m_row, p_row, p_lse, p_k, p_v, km_b = _program_rows(k, v, km, T, HQ, HKV, GP, D, BM)
@@ -158,7 +158,7 @@ def _fwd_kernel(
             p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, True, USE_KM, TMA
         )
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
-    for n0 in tl.range(a, d, BN, warp_specialize=WS):
+    for n0 in range(a, d, BN):
         vis, b_k, b_v = _band_tile(
             p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, False, USE_KM, TMA
         )
@@ -315,11 +315,22 @@ def forward(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Launch the forward kernel -> (o [B, T, HQ, D], lse [B, HQ, T] fp32).
 
-    `config`: (BM, BN, num_warps, num_stages[, warp_specialize[, maxnreg]]) instead of
-    `launch_config("fwd", ...)` (for tile sweeps; see `tile_config`)."""
+    `config`: (BM, BN, num_warps, num_stages[, gluon[, maxnreg]]) instead of `launch_config("fwd", ...)` (for tile
+    sweeps; see `tile_config`); with the flag set, the Gluon kernel of sparse_attention_wgmma.py runs instead (bf16 or
+    fp16 on a Hopper GPU)."""
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     tiles = tile_config(config or launch_config("fwd", D, q.dtype))
+    if tiles.flag:
+        from hlsa.ops.triton import sparse_attention_wgmma as wgmma
+
+        if not wgmma.supported(q, k):
+            raise ValueError(
+                f"sparse attention forward: config {config} asks for the Gluon kernel, which needs bf16 or fp16 on a "
+                f"Hopper GPU (sm_90) and a power-of-two head dim of 16-128; got {q.dtype}, D={D} on {q.device}: drop "
+                "the config's flag for the Triton kernel"
+            )
+        return wgmma.forward_wgmma(q, k, v, ce, km, cols, ccount, window_eff, scale, use_cols, config=tiles[:4])
     BN = tiles.BN
     GP = triton.next_power_of_2(HQ // HKV)
     BM = max(tiles.BM, GP)  # rows per program: BM // GP positions of each of the group's query heads
@@ -332,8 +343,7 @@ def forward(
         q, k, v, o, lse, ce, km, cols, ccount, scale * LOG2E, T, window_eff, *descs,
         rows_descriptor(q, BM) if rows_tma else None,
         HQ=HQ, HKV=HKV, GP=GP, D=D, BD=triton.next_power_of_2(D), BM=BM, BN=BN, USE_COLS=use_cols,
-        USE_KM=km is not q, PREC=precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, WS=tiles.flag,
-        **tiles.launch_options(),
+        USE_KM=km is not q, PREC=precision(q.dtype), TMA=tma, ROWS_TMA=rows_tma, **tiles.launch_options(),
     )  # fmt: skip
     return o, lse
 
@@ -344,7 +354,8 @@ def backward_dq(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Launch the dq kernel -> dq [B, T, HQ, D] and delta = rowsum(o * do) [B, HQ, T] fp32 (for `dkdv`).
 
-    `config` as in `forward` (default `launch_config("dq", ...)`)."""
+    `config` as in `forward` (default `launch_config("dq", ...)`), the flag being warp specialisation of the band's
+    interior loop here."""
     B, T, HQ, D = q.shape
     tiles = tile_config(config or launch_config("dq", D, q.dtype))
     BN = tiles.BN
