@@ -244,6 +244,8 @@ def test_main_flow_with_cpu_stand_ins(tiles, monkeypatch: pytest.MonkeyPatch, tm
     assert result["shapes"][0]["peers"]["flex_compiled"]["fwd_ms"] == 30.0
     timeline = result["shapes"][0]["ours"]["op_timeline"]  # on the CPU: the host's time per call only
     assert timeline["host_us"] > 0 and timeline["steps"] == 0
+    host = result["shapes"][0]["ours"]["op_host"]  # the host's time by function: the op's own Function among them
+    assert host and any("sparse_attention" in row["function"] for row in host), host
     assert "launch_config entries" in out and "dq D32: (32, 16, 2, 1)" in out
 
 

@@ -4,27 +4,27 @@ of the next tile are computed while the softmax of this one runs.
 `_fwd_kernel` (sparse_attention.py) computes the same o and lse, and its legend and visit order hold here. What
 differs is the schedule. Triton compiles each `tl.dot` to warpgroup products (`wgmma`) and waits on them right
 after issuing them, so within a warp the tile's products, exponentials and FP32 work run one after another
-(docs/kernels.md). Here the products are issued asynchronously:
+(docs/kernels.md). Here the products are issued asynchronously, FlashAttention-3's overlap within a warpgroup:
 
     for each tile j of the program:
-        wait for the copies of tile j + 1; issue the copies of tile j + STAGES - 1 (cp.async, into the slot that
-        tile j - 1 used)
-        issue S_{j+1} = q k_{j+1}^T          (async)
-        softmax of S_j (mask, max, exp2, sum), rescale o
-        issue o += p_j v_j                   (async)
-        wait for both
+        wait for the copies of tile j + 1; copy tile j + STAGES - 2 into the slot of tile j - 2 (cp.async)
+        issue S_{j+1} = q k_{j+1}^T               (async; o += p_{j-1} v_{j-1} may still run)
+        softmax of S_j (mask, max, exp2, sum)
+        wait for o += p_{j-1} v_{j-1}; rescale o; issue o += p_j v_j (async)
+        wait for S_{j+1}
 
-so the tensor cores run S_{j+1} during the exponentials of tile j. A program's tiles are one sequence, its column
-chunks first and then its band tiles, each loaded by position (columns are gathered; cp.async reads any rows), into
-a ring of STAGES shared-memory slots. Visibility is one rule for both kinds of key: key k is visible to a query at
-position i when `lo[k] <= i < hi[k]`, with lo = j + W + 1 and hi = column_end[j] for a column at position j, and
-lo = n, hi = n + W + 1 for band key n (hi = 0 for a masked or padding key); the band's interior tiles skip the
-test (every row of the program sees every key there) unless there is a key mask.
+so the tensor cores run both products of the neighbouring tiles during the exponentials of tile j. A program's
+tiles are one sequence, its column chunks first and then its band tiles, each loaded by position (columns are
+gathered; cp.async reads any rows), into a ring of STAGES shared-memory slots. Visibility is one rule for both kinds
+of key: key k is visible to a query at position i when `lo[k] <= i < hi[k]`, with lo = j + W + 1 and hi =
+column_end[j] for a column at position j, and lo = n, hi = n + W + 1 for band key n (hi = 0 for a masked or padding
+key); the band's interior tiles skip the test (every row of the program sees every key there) unless there is a key
+mask.
 
 Limits: bf16 or fp16, head dim 16-128 and a power of two, a GPU with warpgroup products (sm_90). `supported` says
-whether a call qualifies; the op falls back to `_fwd_kernel` otherwise. There is no interpreter for Gluon: the CPU
-tests compile the kernel for sm_90 (tests/ops/test_sparse_attention_wgmma.py), the GPU tests check it against the
-reference.
+whether a call qualifies; `sparse_attention.forward` runs this kernel for a config whose flag is set and refuses one
+it cannot take. There is no interpreter for Gluon: the CPU tests compile the kernel for sm_90
+(tests/ops/test_sparse_attention_wgmma.py), the GPU tests check it against the reference.
 """
 
 from __future__ import annotations
@@ -34,7 +34,12 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
 
 from hlsa.ops.triton.tiles import tile_config
 
@@ -47,24 +52,28 @@ _thread_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 
 
 @gluon.jit
-def _tile_keys(j, n_chunks, n_col, s0, cols_row, T, BN: gl.constexpr, layout: gl.constexpr):
+def _tile_keys(j, n_chunks, n_col, s0, cols_row, T, BN: gl.constexpr, layout: gl.constexpr, USE_COLS: gl.constexpr):
     """Tile j of a program: its keys' positions `[BN]` (in `layout`), which are real keys (not past the column list
     or the sequence), and whether the tile is a column chunk (else a band tile starting at s0 + (j - n_chunks) BN)."""
     o = gl.arange(0, BN, layout=layout)
-    is_col = j < n_chunks
-    o_c = j * BN + o
-    m_c = (o_c < n_col) & is_col
-    c_pos = gl.load(cols_row + o_c, mask=m_c, other=0)
     n_pos = s0 + (j - n_chunks) * BN + o
-    return gl.where(is_col, c_pos, n_pos), gl.where(is_col, m_c, n_pos < T), is_col
+    if USE_COLS:
+        is_col = j < n_chunks
+        o_c = j * BN + o
+        m_c = (o_c < n_col) & is_col
+        c_pos = gl.load(cols_row + o_c, mask=m_c, other=0)
+        return gl.where(is_col, c_pos, n_pos), gl.where(is_col, m_c, n_pos < T), is_col
+    else:
+        return n_pos, n_pos < T, False
 
 
 @gluon.jit
 def _issue_tile(j, n_tiles, n_chunks, n_col, s0, cols_row, k_slab, v_slab, k_slot, v_slot, T,
-                HKV: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, ld_l: gl.constexpr):  # fmt: skip
+                HKV: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, ld_l: gl.constexpr,
+                USE_COLS: gl.constexpr):  # fmt: skip
     """Start copying tile j's K and V rows into a slot (one commit group; rows that are not real keys, and every row
     of a j past the last tile, are zero-filled)."""
-    pos, real, is_col = _tile_keys(j, n_chunks, n_col, s0, cols_row, T, BN, gl.SliceLayout(1, ld_l))
+    pos, real, _ = _tile_keys(j, n_chunks, n_col, s0, cols_row, T, BN, gl.SliceLayout(1, ld_l), USE_COLS)
     real = real & (j < n_tiles)
     o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld_l))
     offsets = pos[:, None] * (HKV * D) + o_d[None, :]
@@ -123,38 +132,44 @@ def _fwd_wgmma_kernel(
     n_tiles = n_chunks + gl.cdiv(gl.minimum(t0 + BMQ, T) - s0, BN)
 
     pos_r = t0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s_l)) % BMQ
-    acc = gl.zeros([BM, D], gl.float32, layout=o_l)
+    acc = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, layout=o_l))  # a product's result, possibly in flight
     m_i = gl.full([BM], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_l))
     l_i = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, s_l))
     zero_s = gl.zeros([BM, BN], gl.float32, layout=s_l)
 
-    for j in gl.static_range(STAGES - 1):
+    AHEAD: gl.constexpr = STAGES - 2  # tiles copied ahead; two more slots hold the tiles whose products run
+    for j in gl.static_range(AHEAD):
         _issue_tile(j, n_tiles, n_chunks, n_col, s0, cols_row, k_slab, v_slab, k_s.index(j), v_s.index(j), T,
-                    HKV, D, BN, ld_l)  # fmt: skip
-    async_copy.wait_group(STAGES - 2)
+                    HKV, D, BN, ld_l, USE_COLS)  # fmt: skip
+    async_copy.wait_group(AHEAD - 1)
     # Each thread orders its copies (generic proxy) before the products' reads (async proxy), then all threads meet.
     fence_async_shared()
     _thread_barrier()
     s = warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), zero_s, use_acc=False)
     for j in range(0, n_tiles):
-        async_copy.wait_group(STAGES - 3)  # tile j + 1 has landed
+        # In flight here: o += p_{j-1} v_{j-1}. Slots: j - 1 and j (values being read), j + 1 .. j + AHEAD - 1
+        # (copied or being copied), j + AHEAD = j - 2 (free: every warpgroup finished with tile j - 2 before the
+        # barrier below).
+        async_copy.wait_group(AHEAD - 2)  # tile j + 1 has landed
         fence_async_shared()
-        # Every thread's copies have landed and every warpgroup is done with tile j - 1, whose slot is reused.
         _thread_barrier()
-        ahead = j + STAGES - 1
+        ahead = j + AHEAD
         _issue_tile(ahead, n_tiles, n_chunks, n_col, s0, cols_row, k_slab, v_slab, k_s.index(ahead % STAGES),
-                    v_s.index(ahead % STAGES), T, HKV, D, BN, ld_l)  # fmt: skip
+                    v_s.index(ahead % STAGES), T, HKV, D, BN, ld_l, USE_COLS)  # fmt: skip
         # The next tile's logits (zeros past the last tile) run on the tensor cores during this tile's softmax.
         s_next = warpgroup_mma(q_s, k_s.index((j + 1) % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        pos, real, is_col = _tile_keys(j, n_chunks, n_col, s0, cols_row, T, BN, gl.SliceLayout(0, s_l))
+        pos, real, is_col = _tile_keys(j, n_chunks, n_col, s0, cols_row, T, BN, gl.SliceLayout(0, s_l), USE_COLS)
         n0 = s0 + (j - n_chunks) * BN
         if is_col | (n0 < a) | (n0 >= d) | USE_KM:
             band_key = real
             if USE_KM:
                 band_key = band_key & gl.load(km + i_b.to(gl.int64) * T + pos, mask=real, other=0).to(gl.int1)
-            c_end = gl.load(ce + (i_b.to(gl.int64) * T + pos) * HKV + i_hk, mask=real & is_col, other=0)
-            lo = gl.where(is_col, pos + W + 1, pos)
-            hi = gl.where(is_col, gl.where(real, c_end, 0), gl.where(band_key, pos + W + 1, 0))
+            lo = pos
+            hi = gl.where(band_key, pos + W + 1, 0)
+            if USE_COLS:
+                c_end = gl.load(ce + (i_b.to(gl.int64) * T + pos) * HKV + i_hk, mask=real & is_col, other=0)
+                lo = gl.where(is_col, pos + W + 1, lo)
+                hi = gl.where(is_col, gl.where(real, c_end, 0), hi)
             vis = (pos_r[:, None] >= lo[None, :]) & (pos_r[:, None] < hi[None, :])
             s = gl.where(vis, s, float("-inf"))
         # As in `_fwd_step`: the max before scaling, and a row with nothing visible yet shifts by 0.
@@ -164,9 +179,11 @@ def _fwd_wgmma_kernel(
         alpha = gl.exp2(m_i - m_safe)
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))  # o += p_{j-1} v_{j-1} is done, s_next may run on
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
         acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_s.index(j % STAGES), acc, is_async=True)
-        s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_next, acc))
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next,))  # s_next is done, o += p_j v_j may run on
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
     seen = l_i > 0
@@ -202,13 +219,13 @@ def forward_wgmma(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(o `[B, T, HQ, D]`, lse `[B, HQ, T]` fp32), as `sparse_attention.forward` computes them, with the inputs
     and placeholders it takes (`supported` must hold). `config` = (BM, BN, num_warps, stages): BM rows (BM // GP
-    positions of each query head of the group; at least 16 rows per warp), BN keys per tile, 4 or 8 warps, STAGES >= 3
-    shared-memory slots for K and V."""
+    positions of each query head of the group; at least 16 rows per warp), BN keys per tile, 4 or 8 warps, STAGES >= 4
+    shared-memory slots for K and V (STAGES - 2 tiles copied ahead)."""
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     tiles = tile_config(config)
-    if tiles.stages < 3 or tiles.warps not in (4, 8) or tiles.BM < 16 * tiles.warps:
-        raise ValueError(f"forward_wgmma: config {config} needs stages >= 3, 4 or 8 warps and BM >= 16 * warps")
+    if tiles.stages < 4 or tiles.warps not in (4, 8) or tiles.BM < 16 * tiles.warps:
+        raise ValueError(f"forward_wgmma: config {config} needs stages >= 4, 4 or 8 warps and BM >= 16 * warps")
     GP = triton.next_power_of_2(HQ // HKV)
     BM = max(tiles.BM, GP)
     o = torch.empty_like(q)
