@@ -306,3 +306,23 @@ def test_main_sweeps_only_the_kernels_asked_for(
     monkeypatch.setattr(sys, "argv", argv + ["--kernels", "dkdv,bwd"])
     with pytest.raises(SystemExit, match="--kernels: expected a comma-separated subset"):
         tiles.main()
+
+
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="tiny shapes for the interpreter")
+def test_mma_v2_sweeps_into_a_file_of_its_own(tiles, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--mma-v2` sets Triton's switch for this process (and the compile workers it starts) before anything compiles,
+    and writes its own results file, which says so, instead of replacing the default sweep's."""
+    import json
+
+    _stand_ins(tiles, monkeypatch, tmp_path)
+    monkeypatch.delenv("DISABLE_MMA_V3", raising=False)
+    argv = ["attention_tiles.py", "--dims", "32", "--lengths", "32", "--kernels", "fwd", "--budget-s", "100000"]
+    monkeypatch.setattr(sys, "argv", argv + ["--no-flex", "--workers", "1", "--mma-v2"])
+    try:
+        tiles.main()
+        assert os.environ["DISABLE_MMA_V3"] == "1"
+    finally:
+        os.environ.pop("DISABLE_MMA_V3", None)
+    result = json.loads((tmp_path / "attention_tiles_fwd_mmav2-test.json").read_text())
+    assert "DISABLE_MMA_V3" in result["mma"] and {r["kernel"] for r in result["rows"]} == {"fwd"}
+    assert not (tmp_path / "attention_tiles-test.json").exists()
