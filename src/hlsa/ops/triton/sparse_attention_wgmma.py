@@ -7,8 +7,9 @@ after issuing them, so within a warp the tile's products, exponentials and FP32 
 (docs/kernels.md). Here the products are issued asynchronously, FlashAttention-3's overlap within a warpgroup:
 
     for each tile j of the program:
-        wait for the copies of tile j + 1; copy tile j + STAGES - 2 into the slot of tile j - 2 (cp.async)
+        wait for the copies of tile j + 1
         issue S_{j+1} = q k_{j+1}^T               (async; o += p_{j-1} v_{j-1} may still run)
+        copy tile j + STAGES - 2 into the slot of tile j - 2 (cp.async)
         softmax of S_j (mask, max, exp2, sum)
         wait for o += p_{j-1} v_{j-1}; rescale o; issue o += p_j v_j (async)
         wait for S_{j+1}
@@ -153,11 +154,12 @@ def _fwd_wgmma_kernel(
         async_copy.wait_group(AHEAD - 2)  # tile j + 1 has landed
         fence_async_shared()
         _thread_barrier()
+        # The next tile's logits (zeros past the last tile) run on the tensor cores during this tile's softmax; they
+        # are issued before the copies, whose addresses may wait on a load of column positions.
+        s_next = warpgroup_mma(q_s, k_s.index((j + 1) % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         ahead = j + AHEAD
         _issue_tile(ahead, n_tiles, n_chunks, n_col, s0, cols_row, k_slab, v_slab, k_s.index(ahead % STAGES),
                     v_s.index(ahead % STAGES), T, HKV, D, BN, ld_l, USE_COLS)  # fmt: skip
-        # The next tile's logits (zeros past the last tile) run on the tensor cores during this tile's softmax.
-        s_next = warpgroup_mma(q_s, k_s.index((j + 1) % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         pos, real, is_col = _tile_keys(j, n_chunks, n_col, s0, cols_row, T, BN, gl.SliceLayout(0, s_l), USE_COLS)
         n0 = s0 + (j - n_chunks) * BN
         if is_col | (n0 < a) | (n0 >= d) | USE_KM:
