@@ -43,15 +43,23 @@ def _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, APPLY_MASK: tl.constexpr
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     if APPLY_MASK:
         b_s = tl.where(vis, b_s, float("-inf"))
-    # The max is taken before scaling (scale > 0), so scaling and shifting below are one multiply-add per logit.
-    m_new = tl.maximum(m_i, tl.max(b_s, 1) * scale)
-    # A row with nothing visible yet keeps m = -inf; shifting by 0 instead avoids exp2(-inf - -inf) = nan.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    b_p = tl.exp2(b_s * scale - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(b_p, 1)
+    b_p, alpha, m_new, l_i = online_softmax(b_s, m_i, l_i, scale)
     acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
     return acc, m_new, l_i
+
+
+@triton.jit
+def online_softmax(s, m_i, l_i, scale):
+    """One tile's step of the running softmax over raw logits `s` `[rows, keys]` (base-2 logits `scale * s`):
+    (p, the factor that rescales the rows' earlier sums, the new running max, the new running sum). Shared with the
+    Gluon forward (sparse_attention_wgmma.py)."""
+    # The max is taken before scaling (scale > 0), so scaling and shifting below are one multiply-add per logit.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
+    # A row with nothing visible yet keeps m = -inf; shifting by 0 instead avoids exp2(-inf - -inf) = nan.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s * scale - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit

@@ -42,6 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from hlsa.ops.triton.sparse_attention import online_softmax
 from hlsa.ops.triton.tiles import tile_config
 
 LOG2E = 1.4426950408889634
@@ -174,13 +175,7 @@ def _fwd_wgmma_kernel(
                 hi = gl.where(is_col, gl.where(real, c_end, 0), hi)
             vis = (pos_r[:, None] >= lo[None, :]) & (pos_r[:, None] < hi[None, :])
             s = gl.where(vis, s, float("-inf"))
-        # As in `_fwd_step`: the max before scaling, and a row with nothing visible yet shifts by 0.
-        m_new = gl.maximum(m_i, gl.max(s, 1) * scale)
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        p = gl.exp2(s * scale - m_safe[:, None])
-        alpha = gl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
+        p, alpha, m_i, l_i = online_softmax(s, m_i, l_i, scale)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))  # o += p_{j-1} v_{j-1} is done, s_next may run on
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
         acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_s.index(j % STAGES), acc, is_async=True)
