@@ -109,14 +109,19 @@ def smem_estimate(kernel: str, config: tuple, D: int, elt: int = 2) -> int:
     return stages * 2 * BM * D * elt + 2 * BN * D * elt + BM * BN * 4  # q, do tiles per step; k, v held
 
 
-def candidates(kernel: str, D: int, smem_limit: int) -> tuple[list[tuple], list[dict]]:
-    """(configs to try, default first; configs skipped because their estimate exceeds `smem_limit`)."""
+def candidates(kernel: str, D: int, smem_limit: int, flagged_only: bool = False) -> tuple[list[tuple], list[dict]]:
+    """(configs to try, default first; configs skipped because their estimate exceeds `smem_limit`). `flagged_only`:
+    the default and the candidates of the kernel's variant (flag set) alone."""
     from hlsa.ops.triton.sparse_attention import launch_config
 
     default = tuple(launch_config(kernel, D, torch.bfloat16))
     keep, skipped = [default], []
     for cfg in CANDIDATES[kernel]:
-        if cfg in keep or (len(cfg) == 5 and not cfg[4] and cfg[:4] in keep):
+        if (
+            cfg in keep
+            or (len(cfg) == 5 and not cfg[4] and cfg[:4] in keep)
+            or (flagged_only and not tile_config(cfg).flag)
+        ):
             continue
         if smem_estimate(kernel, cfg, D) > smem_limit:
             skipped.append({"config": list(cfg), "smem_estimate": smem_estimate(kernel, cfg, D)})
@@ -638,6 +643,12 @@ def main() -> None:
         help="compile every product for the warp-level tensor-core instructions (mma.sync, as on Ampere) instead of "
         "Hopper's warpgroup ones (Triton's DISABLE_MMA_V3=1, for this process and its compile workers)",
     )
+    parser.add_argument(
+        "--flagged-only",
+        action="store_true",
+        help="only the default and each kernel's variant (the Gluon forward, warp-specialised dq, packed dk/dv), "
+        "into a results file of its own",
+    )
     parser.add_argument("--compile-worker", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     require_gpu()
@@ -655,16 +666,17 @@ def main() -> None:
     smem = getattr(props, "shared_memory_per_block_optin", 0) or SMEM_DEFAULT
     result = {"machine": machine(args.commit), "dtype": "bfloat16", "HQ": HQ, "HKV": HKV, "window": WINDOW,
               "tokens": TOKENS, "smem_limit": smem, "budget_s": args.budget_s,
-              "mma": "mma.sync (DISABLE_MMA_V3=1)" if args.mma_v2 else "default"}  # fmt: skip
+              "mma": "mma.sync (DISABLE_MMA_V3=1)" if args.mma_v2 else "default",
+              "flagged_only": args.flagged_only}  # fmt: skip
     # A sweep of some kernels, or with other products, gets a file of its own, so that it does not replace the full
     # sweep's.
     name = "attention_tiles" if set(swept) == set(KERNELS) else "attention_tiles_" + "_".join(swept)
-    name += "_mmav2" if args.mma_v2 else ""
+    name += ("_mmav2" if args.mma_v2 else "") + ("_flagged" if args.flagged_only else "")
     path = result_path(name, args.out)
     configs, skipped = {}, {}
     for kernel in swept:
         for D in Ds:
-            configs[kernel, D], skipped[f"{kernel} D{D}"] = candidates(kernel, D, smem)
+            configs[kernel, D], skipped[f"{kernel} D{D}"] = candidates(kernel, D, smem, args.flagged_only)
     result["smem_skipped"] = skipped
     jobs = [(kernel, D, cfg) for (kernel, D), cfgs in configs.items() for cfg in cfgs]
     t0 = time.monotonic()

@@ -63,6 +63,11 @@ def test_candidates_fit_the_shared_memory(tiles) -> None:
             assert all(s["smem_estimate"] > 227 * 1024 for s in skipped)
     # The D = 128 forward with 128-key tiles and 3 stages would ask for more than 227 KiB.
     assert tiles.smem_estimate("fwd", (128, 128, 8, 3), 128) > 227 * 1024
+    # --flagged-only: the default, then the Gluon forward's candidates alone
+    default, *gluon = tiles.candidates("fwd", 64, 227 * 1024, flagged_only=True)[0]
+    assert default == tiles.candidates("fwd", 64, 227 * 1024)[0][0]
+    assert gluon and all(tile_config(c).flag for c in gluon)
+    assert len(gluon) == sum(tile_config(c).flag for c in tiles.CANDIDATES["fwd"])
 
 
 def test_config_names(tiles) -> None:
