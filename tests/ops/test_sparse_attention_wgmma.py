@@ -13,6 +13,7 @@ import torch
 from hlsa.ops.lte_retention import lte_column_end_scan
 from hlsa.ops.sparse_attention import sparse_attention_ref
 from hlsa.ops.triton.sparse_attention import column_prologue, forward
+from hlsa.ops.triton.sparse_attention_wgmma import forward_wgmma
 
 from .test_sparse_attention import INT32_MAX, make_case, poisoned_empty, rel_err  # noqa: F401 (a fixture)
 
@@ -92,6 +93,10 @@ def test_refused_where_it_cannot_run() -> None:
         with pytest.raises(ValueError, match="Gluon kernel.*drop the config's flag"):
             forward(*(x.detach().to(dtype) for x in (q, k, v)), ce, q, cols, ccount, 5, 32**-0.5, True,
                     config=(64, 32, 4, 4, True))  # fmt: skip
+    # configs the kernel cannot run, refused before any launch: a ring of 3 slots, 4 warps for 32 rows, a register cap
+    for bad in ((64, 32, 4, 3, True), (32, 32, 4, 4, True), (64, 32, 4, 4, True, 168)):
+        with pytest.raises(ValueError, match="needs stages >= 4, 4 or 8 warps, BM >= 16 \\* warps and no register cap"):
+            forward_wgmma(q, k, v, ce, q, cols, ccount, 5, 32**-0.5, True, config=bad)
 
 
 def _hopper() -> bool:

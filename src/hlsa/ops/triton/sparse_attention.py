@@ -86,7 +86,7 @@ def _band_vis(o_m, o_n, km, T, W, EDGE: tl.constexpr, USE_KM: tl.constexpr):
 
 
 @triton.jit
-def _band_bounds(t0, T, W, BM: tl.constexpr, BN: tl.constexpr):
+def band_bounds(t0, T, W, BM: tl.constexpr, BN: tl.constexpr):
     """Band key tiles of the queries [t0, t0 + BM): edge [s0, a), interior [a, d), edge [d, t_end), in whole BN tiles
     (d = t0 rounded down to a tile: with BM < BN the diagonal tile starts before t0)."""
     s0 = (tl.maximum(t0 - W, 0) // BN) * BN
@@ -160,7 +160,7 @@ def _fwd_kernel(
         for c0 in range(0, n_col, BN):
             vis, b_k, b_v = _column_tile(cols, ce, p_k, p_v, i_b, i_hk, i_bk, c0, n_col, o_m, T, W, HKV, D, BD, BN)
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, b_q, b_k, b_v, vis, scale, True, PREC)
-    s0, a, d, t_end = _band_bounds(t0, T, W, BM // GP, BN)
+    s0, a, d, t_end = band_bounds(t0, T, W, BM // GP, BN)
     for n0 in range(s0, a, BN):
         vis, b_k, b_v = _band_tile(
             p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, True, USE_KM, TMA
@@ -205,7 +205,7 @@ def _dq_kernel(
         for c0 in range(0, n_col, BN):
             vis, b_k, b_v = _column_tile(cols, ce, p_k, p_v, i_b, i_hk, i_bk, c0, n_col, o_m, T, W, HKV, D, BD, BN)
             b_dq = _dq_step(b_dq, b_q, b_do, b_lse, b_delta, b_k, b_v, vis, scale, True, PREC)
-    s0, a, d, t_end = _band_bounds(t0, T, W, BM // GP, BN)
+    s0, a, d, t_end = band_bounds(t0, T, W, BM // GP, BN)
     for n0 in range(s0, a, BN):
         vis, b_k, b_v = _band_tile(
             p_k, p_v, k_desc, v_desc, km_b, i_b, i_hk, n0, o_m, T, W, HKV, D, BD, BN, True, USE_KM, TMA
@@ -338,7 +338,7 @@ def forward(
                 f"Hopper GPU (sm_90) and a power-of-two head dim of 16-128; got {q.dtype}, D={D} on {q.device}: drop "
                 "the config's flag for the Triton kernel"
             )
-        return wgmma.forward_wgmma(q, k, v, ce, km, cols, ccount, window_eff, scale, use_cols, config=tiles[:4])
+        return wgmma.forward_wgmma(q, k, v, ce, km, cols, ccount, window_eff, scale, use_cols, config=tiles)
     BN = tiles.BN
     GP = triton.next_power_of_2(HQ // HKV)
     BM = max(tiles.BM, GP)  # rows per program: BM // GP positions of each of the group's query heads

@@ -42,7 +42,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from hlsa.ops.triton.sparse_attention import online_softmax
+from hlsa.ops.triton.sparse_attention import band_bounds, online_softmax
+from hlsa.ops.triton.sparse_attention_bwd import n_columns_before
 from hlsa.ops.triton.tiles import tile_config
 
 LOG2E = 1.4426950408889634
@@ -126,12 +127,10 @@ def _fwd_wgmma_kernel(
     # [s0, t_end): edge tiles [s0, a), interior [a, d) where every row sees every key, edge [d, t_end).
     n_col = 0
     if USE_COLS:
-        n_col = gl.load(ccount + i_bk.to(gl.int64) * (T + 1) + gl.minimum(gl.maximum(t0 + BMQ - 1 - W, 0), T))
+        n_col = n_columns_before(ccount, i_bk, t0 + BMQ - 1 - W, T)
     n_chunks = gl.cdiv(n_col, BN)
-    s0 = (gl.maximum(t0 - W, 0) // BN) * BN
-    d = (t0 // BN) * BN
-    a = gl.minimum(gl.maximum(gl.cdiv(gl.maximum(t0 + BMQ - 1 - W, 0), BN) * BN, s0), d)
-    n_tiles = n_chunks + gl.cdiv(gl.minimum(t0 + BMQ, T) - s0, BN)
+    s0, a, d, t_end = band_bounds(t0, T, W, BMQ, BN)
+    n_tiles = n_chunks + gl.cdiv(t_end - s0, BN)
 
     pos_r = t0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s_l)) % BMQ
     acc = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, layout=o_l))  # a product's result, possibly in flight
@@ -217,12 +216,14 @@ def forward_wgmma(
     """(o `[B, T, HQ, D]`, lse `[B, HQ, T]` fp32), as `sparse_attention.forward` computes them, with the inputs
     and placeholders it takes (`supported` must hold). `config` = (BM, BN, num_warps, stages): BM rows (BM // GP
     positions of each query head of the group; at least 16 rows per warp), BN keys per tile, 4 or 8 warps, STAGES >= 4
-    shared-memory slots for K and V (STAGES - 2 tiles copied ahead)."""
+    shared-memory slots for K and V (STAGES - 2 tiles copied ahead), and no cap on registers."""
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     tiles = tile_config(config)
-    if tiles.stages < 4 or tiles.warps not in (4, 8) or tiles.BM < 16 * tiles.warps:
-        raise ValueError(f"forward_wgmma: config {config} needs stages >= 4, 4 or 8 warps and BM >= 16 * warps")
+    if tiles.stages < 4 or tiles.warps not in (4, 8) or tiles.BM < 16 * tiles.warps or tiles.maxnreg:
+        raise ValueError(
+            f"forward_wgmma: config {config} needs stages >= 4, 4 or 8 warps, BM >= 16 * warps and no register cap"
+        )
     GP = triton.next_power_of_2(HQ // HKV)
     BM = max(tiles.BM, GP)
     o = torch.empty_like(q)

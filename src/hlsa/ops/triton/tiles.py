@@ -17,7 +17,7 @@ class TileConfig(NamedTuple):
 
     BM, BN: query rows and keys per tile. warps, stages: Triton's `num_warps` and `num_stages`.
     flag: each kernel's variant. Forward: the Gluon kernel with asynchronous warpgroup products
-    (sparse_attention_wgmma.py; bf16 or fp16 on a Hopper GPU; `stages` is then its ring of K/V slots, 3 or more). dq:
+    (sparse_attention_wgmma.py; bf16 or fp16 on a Hopper GPU; `stages` is then its ring of K/V slots, 4 or more). dq:
     warp specialisation of the band's mask-free interior loop into producer and consumer warps
     (`tl.range(..., warp_specialize=True)`). dk/dv: packed query tiles (BM // GP positions of each query head of the
     group, instead of BM positions of one head).
