@@ -158,6 +158,20 @@ def gpu_state(plan: Plan) -> dict[str, float | str | None] | None:
         return None
 
 
+def compile_phase_seconds() -> dict[str, float]:
+    """Seconds this process has spent so far in each phase of torch.compile that dynamo times (the whole frame's
+    compile, dynamo's tracing, AOT autograd, Inductor's lowering and code generation, waiting for the kernels'
+    compiles, ...; the phases nest, so they do not add up), by phase."""
+    return {phase: sum(times) for phase, times in torch._dynamo.utils.compilation_time_metrics.items()}
+
+
+def phases_since(before: dict[str, float], least_s: float = 0.01) -> dict[str, float]:
+    """The phases of `compile_phase_seconds` that took some time, at least `least_s`, since `before`, the longest
+    first."""
+    spent = {phase: seconds - before.get(phase, 0.0) for phase, seconds in compile_phase_seconds().items()}
+    return {phase: round(s, 3) for phase, s in sorted(spent.items(), key=lambda kv: -kv[1]) if s > 0 and s >= least_s}
+
+
 def decode_step(model: HybridForCausalLM, token: torch.Tensor, cache: HybridCache) -> torch.Tensor:
     return model(token, cache=cache).logits
 
@@ -168,9 +182,10 @@ def decode_point(
     """One decode measurement at (batch, context); OOM is recorded, not raised. `fresh_compile`: see `prepare_step`.
     The row also records where the point's wall time went (`point_seconds`, of which `prepare_seconds` compiled,
     warmed up and captured the step) and how many graphs dynamo compiled for it (`graphs_compiled`, 0 when an
-    earlier point's compile was reused), which is what a run's length depends on."""
+    earlier point's compile was reused), which is what a run's length depends on, and where the compile's time went
+    (`compile_phases`, `phases_since`)."""
     row = {"arch": arch, "batch": batch, "context": context}
-    start, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
+    start, graphs, phases = time.perf_counter(), counters["stats"]["unique_graphs"], compile_phase_seconds()
     # Warm-up (3), capture (1), upload (1) and timed steps must fit in a growing cache's spare slots: see HEADROOM.
     if 5 + plan.steps * plan.repeats > HEADROOM:
         raise ValueError(f"{plan.steps} x {plan.repeats} timed steps exceed the {HEADROOM} spare cache slots")
@@ -204,7 +219,7 @@ def decode_point(
             "step_bytes_per_seq": per_seq,
             "cache_bytes_per_seq": cache.nbytes() // batch, "peak_memory_bytes": peak_memory(plan),
             "graphs_compiled": counters["stats"]["unique_graphs"] - graphs, "prepare_seconds": prepare,
-            "point_seconds": time.perf_counter() - start}  # fmt: skip
+            "compile_phases": phases_since(phases), "point_seconds": time.perf_counter() - start}  # fmt: skip
 
 
 def prefill_point(model: HybridForCausalLM, arch: str, length: int, plan: Plan) -> dict:

@@ -178,6 +178,18 @@ def test_compiled_decode_step_compiles_once(arch: str, request: pytest.FixtureRe
     assert cache.seen == 44
 
 
+def test_a_compiles_phases_are_timed_from_a_given_point() -> None:
+    """`phases_since` gives the compile phases of what compiled after the snapshot, and nothing of what came before."""
+    torch._dynamo.reset()
+    torch.compile(lambda x: x.sin() + 1, backend="eager")(torch.ones(3))
+    before = e2e_timing.compile_phase_seconds()
+    assert e2e_timing.phases_since(before, least_s=0.0) == {}
+    torch.compile(lambda x: x.cos() * 2, backend="eager")(torch.ones(3))
+    phases = e2e_timing.phases_since(before, least_s=0.0)
+    assert phases and all(seconds >= 0 for seconds in phases.values())
+    assert list(phases.values()) == sorted(phases.values(), reverse=True)
+
+
 @pytest.mark.parametrize("arch", ["transformer", "gdn_nsa"])
 def test_a_growing_cache_of_another_context_reuses_the_compiled_step(arch: str, request: pytest.FixtureRequest) -> None:
     """With the slots of growing caches marked dynamic before the first compile, a cache of another context (more
@@ -255,6 +267,7 @@ def test_every_point_records_its_order_and_the_gpu_state(smoke_json: dict) -> No
     assert all(r["gpu"] is None for r in smoke_json["decode"])
     for r in smoke_json["decode"]:
         assert 0 < r["prepare_seconds"] < r["point_seconds"] and r["graphs_compiled"] == 0, r
+        assert r["compile_phases"] == {}, r
     state = e2e_timing.parse_gpu_state("1980, 3201, 152.38, 41, 0x0000000000000004")
     assert state == {
         "clocks.sm": 1980.0,
