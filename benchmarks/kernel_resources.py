@@ -17,7 +17,10 @@ in the results file's `triton`):
 
 Writes `kernel_resources-sm90.json` (`kernel_resources_float32-sm90.json` with `--dtype float32`; DIR default
 benchmarks/results): per kernel, D and tile config, every compiled kernel's name, registers, stack bytes and shared
-memory.
+memory, and what decides whether its warpgroup products overlap its other work: whether ptxas serialised them, how
+many exponentials lie between a product's issue and its wait in the SASS, and each loop's issue cost per trip
+(`loop_paths`: the fewest and the most instructions a thread issues from the loop's head to its back edge, and the
+opcodes of the fewest; a mask-free tile takes the fewest).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
@@ -143,19 +147,105 @@ def quiet_stderr():
         os.close(saved)
 
 
-def resource_usage(compiled) -> dict:
-    """Registers per thread, stack bytes (spilled registers) and shared memory of a compiled kernel's cubin."""
+def cuobjdump(compiled, flag: str) -> str:
+    """`cuobjdump <flag>` of a compiled kernel's cubin (the cuobjdump that comes with Triton)."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(compiled.asm["cubin"])
-        out = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(tool), flag, str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(compiled) -> dict:
+    """Registers per thread, stack bytes (spilled registers) and shared memory of a compiled kernel's cubin."""
+    out = cuobjdump(compiled, "-res-usage")
     found = re.search(r"REG:(\d+)\s+STACK:(\d+)", out)
     if not found:
         raise RuntimeError(f"cuobjdump -res-usage gave no REG/STACK line: {out[-300:]!r}")
     return {"regs": int(found.group(1)), "stack": int(found.group(2)), "shared": compiled.metadata.shared}
+
+
+def wgmma_serialized(compiled) -> bool:
+    """Whether ptxas serialises the kernel's warpgroup products, each waited for before the next instruction that may
+    need its tensor cores' time (it says so as it assembles the kernel's PTX: `ptxas -v`, "wgmma.mma_async
+    instructions are serialized"); a kernel built on asynchronous products then overlaps nothing."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ptx"
+        path.write_text(compiled.asm["ptx"])
+        command = [get_ptxas(90).path, "--gpu-name", "sm_90a", "-v", str(path), "-o", str(path.with_suffix(".cubin"))]
+        out = subprocess.run(command, capture_output=True, text=True, check=True)
+    return "serialized" in out.stdout + out.stderr
+
+
+def exponentials_in_flight(text: str) -> int:
+    """The most exponentials (MUFU.EX2) in a kernel's SASS between a warpgroup product's issue (HGMMA) and the next
+    wait on products (WARPGROUP.DEPBAR): the softmax work that runs while the tensor cores do."""
+    most, count, issued = 0, 0, False
+    for op in re.findall(r"\b(HGMMA|WARPGROUP\.DEPBAR|MUFU\.EX2)", text):
+        if op == "HGMMA":
+            issued = True
+        elif op == "WARPGROUP.DEPBAR":
+            most, count, issued = max(most, count), 0, False
+        elif issued:
+            count += 1
+    return most
+
+
+SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def loop_paths(text: str) -> list[dict]:
+    """The loops of a kernel's SASS (a branch back to an earlier address), each with the fewest and the most
+    instructions a thread issues on one trip from its head to its back edge (inner loops, such as waits that spin on
+    a barrier, counted once), and the opcodes of the fewest: a loop's cost in issue slots, per path. Largest first."""
+    code = [(int(m.group(1), 16), m.group(2) is not None, m.group(3), m.group(4)) for m in SASS_LINE.finditer(text)]
+
+    def target(op: str, operands: str) -> int | None:
+        found = re.search(r"0x([0-9a-f]+)\s*$", operands.strip()) if op == "BRA" else None
+        return int(found.group(1), 16) if found else None
+
+    loops = []
+    for latch, _, op, operands in code:
+        head = target(op, operands)
+        if head is None or head > latch:
+            continue
+        body = [c for c in code if head <= c[0] <= latch]
+        index = {c[0]: i for i, c in enumerate(body)}
+        fewest: list[tuple[int, list[str]] | None] = [None] * len(body)
+        most: list[int | None] = [None] * len(body)
+        fewest[0], most[0] = (1, [body[0][2]]), 1
+        for i, (address, pred, op_i, operands_i) in enumerate(body[:-1]):
+            if fewest[i] is None:
+                continue  # not reached from the head on a forward path
+            to = target(op_i, operands_i)
+            ends = op_i in ("EXIT", "RET") or (op_i == "BRA" and not pred and "P" not in operands_i.split(",")[0])
+            steps = ([i + 1] if not ends else []) + (
+                [index[to]] if to is not None and to > address and to in index else []
+            )
+            for j in steps:
+                count, ops = fewest[i]
+                if fewest[j] is None or count + 1 < fewest[j][0]:
+                    fewest[j] = (count + 1, ops + [body[j][2]])
+                most[j] = max(most[j] or 0, most[i] + 1)
+        if fewest[-1] is None:
+            continue
+        loops.append({"head": hex(head), "latch": hex(latch), "fewest": fewest[-1][0], "most": most[-1],
+                      "fewest_mix": dict(Counter(fewest[-1][1]).most_common())})  # fmt: skip
+    return sorted(loops, key=lambda loop: -loop["most"])
+
+
+def issue_report(fn, compiled) -> dict:
+    """What the results file records of one compiled kernel: registers, stack and shared memory, whether ptxas
+    serialised its warpgroup products, the exponentials between a product's issue and its wait, and its loops' issue
+    cost per trip (`loop_paths`; spin loops of one or two instructions left out)."""
+    text = cuobjdump(compiled, "-sass")
+    loops = [loop for loop in loop_paths(text) if loop["most"] > 2]
+    return {"name": fn.__name__, **resource_usage(compiled), "serialized": wgmma_serialized(compiled),
+            "exponentials_in_flight": exponentials_in_flight(text), "loops": loops}  # fmt: skip
 
 
 def main() -> None:
@@ -186,10 +276,8 @@ def main() -> None:
                 row = {"kernel": kernel, "D": D, "config": list(cfg), "name": cfg_name(cfg, kernel)}
                 row["default"] = cfg == default
                 try:
-                    row["compiled"] = [
-                        {"name": fn.__name__, **resource_usage(compile_launch(fn, a, kw))}
-                        for fn, a, kw in launches_of(kernel, D, cfg, dtype)
-                    ]
+                    row["compiled"] = [issue_report(fn, compile_launch(fn, a, kw)) for fn, a, kw in
+                                       launches_of(kernel, D, cfg, dtype)]  # fmt: skip
                 except Exception as err:  # a config that does not compile is a result, not the end of the run
                     row["error"] = error_text(err, 300)
                 rows.append(row)

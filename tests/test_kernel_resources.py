@@ -75,3 +75,41 @@ def test_bad_kernel_names_are_refused(tmp_path: Path, compile_env: dict) -> None
         capture_output=True, text=True, timeout=120, env=compile_env,
     )  # fmt: skip
     assert proc.returncode != 0 and "--kernels: expected a comma-separated subset" in proc.stderr
+
+
+def _sass(*lines: str) -> str:
+    """cuobjdump -sass lines, one instruction each, at addresses 0x0000, 0x0010, ..."""
+    return "\n".join(f"        /*{16 * i:04x}*/                   {line} ;" for i, line in enumerate(lines))
+
+
+def test_loop_paths_count_each_path_of_a_loop_once(monkeypatch) -> None:
+    """A loop of 12 instructions whose body either skips three instructions or not, holding a barrier wait that spins
+    on itself: 9 instructions on the short path, 12 on the long one (the spin counted once), the opcodes of the short
+    one; the branch out of the loop and the spin are not loops of their own unless they go back."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import kernel_resources
+
+    text = _sass(
+        "IMAD R1, R2, R3, RZ",  # 0x00: head
+        "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R5",  # 0x10
+        "@!P0 BRA 0x10",  # 0x20: spins on the wait
+        "@P1 BRA 0x70",  # 0x30: skips 0x40-0x60
+        "MUFU.EX2 R4, R4",
+        "MUFU.EX2 R5, R5",
+        "FADD R6, R4, R5",
+        "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24",  # 0x70
+        "@P2 BRA 0x200",  # 0x80: out of the loop
+        "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+        "IADD3 R7, R7, 0x1, RZ",
+        "@P3 BRA 0x0",  # 0xb0: the back edge
+        "EXIT",
+    )
+    loops = kernel_resources.loop_paths(text)
+    assert [(loop["head"], loop["latch"], loop["fewest"], loop["most"]) for loop in loops] == [
+        ("0x0", "0xb0", 9, 12),
+        ("0x10", "0x20", 2, 2),
+    ]
+    assert loops[0]["fewest_mix"]["BRA"] == 4 and "MUFU.EX2" not in loops[0]["fewest_mix"]
+    assert kernel_resources.exponentials_in_flight(text) == 0  # the exponentials come before the product
+    late = text.replace("MUFU.EX2 R5, R5", "HGMMA.64x64x16.F32.BF16 R56, gdesc[UR8], R56")
+    assert kernel_resources.exponentials_in_flight(late.replace("FADD R6, R4, R5", "MUFU.EX2 R6, R6")) == 1

@@ -21,34 +21,17 @@ REPO = Path(__file__).resolve().parents[2]
 # (BM, BN, warps, stages, Gluon): none spills at D = 64 or 128
 CONFIGS = [(128, 64, 8, 4, True), (64, 64, 4, 4, True), (64, 32, 4, 5, True)]
 
-# Compiles each case's launch for sm_90 and prints its registers, stack bytes and whether a MUFU.EX2 (an exponential)
-# lies between a warpgroup product (HGMMA) and the next wait on products (WARPGROUP.DEPBAR) in the SASS.
+# Compiles each case's launch for sm_90 and prints its registers and stack bytes, whether ptxas serialised the
+# warpgroup products, and the most exponentials between a product's issue and its wait (kernel_resources.py's
+# `issue_report`).
 COMPILE_SCRIPT = """
-import json, re, subprocess, sys, tempfile
-from pathlib import Path
-import torch, triton
-from kernel_resources import captured_launches, compile_launch, resource_usage
+import json, sys
+import torch
+from kernel_resources import captured_launches, compile_launch, issue_report
 import hlsa.ops.triton.sparse_attention as fwd
 import hlsa.ops.triton.sparse_attention_wgmma as wgmma
 
-def overlapped(cubin):
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    ops = re.findall(r"\\b(HGMMA|WARPGROUP\\.DEPBAR|MUFU\\.EX2)", sass)
-    issued = False
-    for op in ops:
-        if op == "HGMMA":
-            issued = True
-        elif op == "WARPGROUP.DEPBAR":
-            issued = False
-        elif issued:
-            return True
-    return False
-
-for HQ, HKV, D, key_mask, cfg in json.loads(sys.argv[1]):
+for HQ, HKV, D, use_cols, key_mask, cfg in json.loads(sys.argv[1]):
     T, W = 1024, 100
     q = torch.randn(1, T, HQ, D, dtype=torch.bfloat16)
     k, v = (torch.randn(1, T, HKV, D, dtype=torch.bfloat16) for _ in range(2))
@@ -56,22 +39,24 @@ for HQ, HKV, D, key_mask, cfg in json.loads(sys.argv[1]):
     ce[:, ::8] = 2**31 - 1
     km = torch.ones(1, T, dtype=torch.bool) if key_mask else None
     cols, ccount = fwd.column_prologue_ref(ce, km, W)
+    pattern = (ce, cols, ccount, W) if use_cols else (q, q, q, T)
     with captured_launches() as launches:
-        fwd.forward(q, k, v, ce, q if km is None else km, cols, ccount, W, D**-0.5, True, config=tuple(cfg))
+        fwd.forward(q, k, v, pattern[0], q if km is None else km, *pattern[1:], D**-0.5, use_cols, config=tuple(cfg))
     (launch,) = [l for l in launches if l[0] is wgmma._fwd_wgmma_kernel]
-    compiled = compile_launch(*launch)
-    print(json.dumps({"case": [HQ, HKV, D, key_mask, cfg], **resource_usage(compiled),
-                      "overlapped": overlapped(compiled.asm["cubin"])}))
+    report = issue_report(launch[0], compile_launch(*launch))
+    print(json.dumps({"case": [HQ, HKV, D, use_cols, key_mask, cfg], **report}))
 """
 
 
 def test_compiles_for_sm90_without_spills_and_overlaps(sm90_compile_env: dict) -> None:
-    """Configs of the tile sweep, at D = 64 and 128 (and 32, with a key mask, one head per group), compile for sm_90
-    with no spilled registers, and issue a product before exponentials that they wait after (ptxas serialises the
-    products of some tiles, e.g. (64, 32, 4, 5) at D = 128 with Triton 3.6: those are left out here)."""
-    overlapping = {64: [*CONFIGS, (128, 32, 4, 4, True)], 128: CONFIGS[:2]}
-    cases = [[16, 4, D, False, list(cfg)] for D in (64, 128) for cfg in overlapping[D]]
-    cases += [[4, 4, 32, True, [64, 32, 4, 4, True]], [6, 2, 128, True, [128, 64, 8, 4, True]]]
+    """Configs of the tile sweep, at D = 64 and 128, with and without columns or a key mask, one head per group or
+    three, compile for sm_90 with no spilled registers, and the products overlap the softmax: ptxas does not serialise
+    them (it does for a kernel that reads a product's registers while the product may still run), and a whole tile's
+    exponentials (BM * BN / (32 * warps) per thread) run between a product's issue and its wait. The version that
+    waited for its products where it read them had at most 16 of the 32 there, and ptxas serialised it."""
+    cases = [[16, 4, D, True, False, list(cfg)] for D in (64, 128) for cfg in CONFIGS]
+    cases += [[16, 4, 64, False, False, [64, 64, 4, 4, True]], [4, 4, 32, False, True, [64, 32, 4, 4, True]]]
+    cases += [[6, 2, 128, True, True, [128, 64, 8, 4, True]], [2, 2, 16, True, False, [64, 32, 4, 5, True]]]
     env = {**sm90_compile_env, "PYTHONPATH": f"{REPO / 'src'}:{REPO / 'benchmarks'}"}
     proc = subprocess.run(
         [sys.executable, "-c", COMPILE_SCRIPT, json.dumps(cases)],
@@ -81,8 +66,10 @@ def test_compiles_for_sm90_without_spills_and_overlaps(sm90_compile_env: dict) -
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [row["case"] for row in rows] == cases
     for row in rows:
+        BM, BN, warps = row["case"][-1][:3]
         assert 0 < row["regs"] <= 255 and row["stack"] == 0, row
-        assert row["overlapped"], row
+        assert not row["serialized"], row
+        assert row["exponentials_in_flight"] >= BM * BN // (32 * warps), row
 
 
 def test_refused_where_it_cannot_run() -> None:

@@ -1,5 +1,5 @@
-"""The sparse attention forward for Hopper GPUs, written in Gluon (Triton's lower-level language) so that the logits
-of the next tile are computed while the softmax of this one runs.
+"""The sparse attention forward for Hopper GPUs, written in Gluon (Triton's lower-level language) so that the tensor
+cores compute the products of the neighbouring tiles while the softmax of this one runs.
 
 `_fwd_kernel` (sparse_attention.py) computes the same o and lse, and its legend and visit order hold here. What
 differs is the schedule. Triton compiles each `tl.dot` to warpgroup products (`wgmma`) and waits on them right
@@ -8,19 +8,22 @@ after issuing them, so within a warp the tile's products, exponentials and FP32 
 
     for each tile j of the program:
         wait for the copies of tile j + 1
-        issue S_{j+1} = q k_{j+1}^T               (async; o += p_{j-1} v_{j-1} may still run)
-        copy tile j + STAGES - 2 into the slot of tile j - 2 (cp.async)
-        softmax of S_j (mask, max, exp2, sum)
-        wait for o += p_{j-1} v_{j-1}; rescale o; issue o += p_j v_j (async)
-        wait for S_{j+1}
+        issue o += p_{j-1} v_{j-1} and S_{j+1} = q k_{j+1}^T    (async; p_{j-1} from shared memory)
+        copy tile j + STAGES - 2 into the slot of tile j - 2    (cp.async)
+        softmax of S_j (mask, max, exp2, sum); store p_j        (into the p slot the product does not read)
+        wait for both products; rescale o
 
-so the tensor cores run both products of the neighbouring tiles during the exponentials of tile j. A program's
-tiles are one sequence, its column chunks first and then its band tiles, each loaded by position (columns are
-gathered; cp.async reads any rows), into a ring of STAGES shared-memory slots. Visibility is one rule for both kinds
-of key: key k is visible to a query at position i when `lo[k] <= i < hi[k]`, with lo = j + W + 1 and hi =
-column_end[j] for a column at position j, and lo = n, hi = n + W + 1 for band key n (hi = 0 for a masked or padding
-key); the band's interior tiles skip the test (every row of the program sees every key there) unless there is a key
-mask.
+Two things keep ptxas from undoing the overlap, both checked on the CPU in the compiled code: no product is in flight
+across the loop's back edge, or where the code reads its registers (ptxas then serialises every product of the
+kernel), and p goes through shared memory, stored before the wait (with p in registers ptxas moved the wait before
+the exponentials, to give the next p the registers of the last one).
+
+A program's tiles are one sequence, its column chunks first and then its band tiles, into a ring of STAGES
+shared-memory slots: a chunk's K and V rows gathered by the positions in the column list, a band tile's consecutive
+rows (cp.async reads any rows). Key k is visible to a query at position i when `lo[k] <= i < hi[k]`, with
+lo = j + W + 1 and hi = column_end[j] for a column at position j, and lo = n, hi = n + W + 1 for band key n (hi = 0
+for a masked or padding key); the band's interior tiles skip the test (every row of the program sees every key
+there) unless there is a key mask.
 
 Limits: bf16 or fp16, head dim 16-128 and a power of two, a GPU with warpgroup products (sm_90). `supported` says
 whether a call qualifies; `sparse_attention.forward` runs this kernel for a config whose flag is set and refuses one
@@ -38,7 +41,6 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     warpgroup_mma,
-    warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 
@@ -55,35 +57,57 @@ _thread_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 
 
 @gluon.jit
-def _tile_keys(j, n_chunks, n_col, s0, cols_row, T, BN: gl.constexpr, layout: gl.constexpr, USE_COLS: gl.constexpr):
-    """Tile j of a program: its keys' positions `[BN]` (in `layout`), which are real keys (not past the column list
-    or the sequence), and whether the tile is a column chunk (else a band tile starting at s0 + (j - n_chunks) BN)."""
-    o = gl.arange(0, BN, layout=layout)
-    n_pos = s0 + (j - n_chunks) * BN + o
-    if USE_COLS:
-        is_col = j < n_chunks
-        o_c = j * BN + o
-        m_c = (o_c < n_col) & is_col
-        c_pos = gl.load(cols_row + o_c, mask=m_c, other=0)
-        return gl.where(is_col, c_pos, n_pos), gl.where(is_col, m_c, n_pos < T), is_col
-    else:
-        return n_pos, n_pos < T, False
-
-
-@gluon.jit
-def _issue_tile(j, n_tiles, n_chunks, n_col, s0, cols_row, k_slab, v_slab, k_slot, v_slot, T,
+def _issue_tile(j, n_chunks, n_col, s0, cols_row, k_slab, v_slab, k_slot, v_slot, T,
                 HKV: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, ld_l: gl.constexpr,
                 USE_COLS: gl.constexpr):  # fmt: skip
-    """Start copying tile j's K and V rows into a slot (one commit group; rows that are not real keys, and every row
-    of a j past the last tile, are zero-filled)."""
-    pos, real, _ = _tile_keys(j, n_chunks, n_col, s0, cols_row, T, BN, gl.SliceLayout(1, ld_l), USE_COLS)
-    real = real & (j < n_tiles)
+    """Start copying tile j's K and V rows into a slot, as one commit group: a column chunk's rows gathered by the
+    positions in the column list, a band tile's consecutive rows from s0 + (j - n_chunks) BN. Rows that are not keys
+    (past the column list or the sequence) are zero-filled; a j past the program's last tile copies rows no product
+    reads."""
+    o = gl.arange(0, BN, layout=gl.SliceLayout(1, ld_l))
     o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld_l))
+    if USE_COLS and j < n_chunks:
+        o_c = j * BN + o
+        real = o_c < n_col
+        pos = gl.load(cols_row + o_c, mask=real, other=0)
+    else:
+        pos = s0 + (j - n_chunks) * BN + o
+        real = pos < T
     offsets = pos[:, None] * (HKV * D) + o_d[None, :]
     mask = real[:, None] & (o_d < D)[None, :]
     _copy_to_shared(k_slot, k_slab + offsets, mask=mask)
     _copy_to_shared(v_slot, v_slab + offsets, mask=mask)
     async_copy.commit_group()
+
+
+@gluon.jit
+def _visible_logits(s, j, n_chunks, n_col, s0, a, d, pos_r, cols_row, ce, km, i_b, i_hk, T, W,
+                    HKV: gl.constexpr, BN: gl.constexpr, s_l: gl.constexpr, USE_COLS: gl.constexpr,
+                    USE_KM: gl.constexpr):  # fmt: skip
+    """Tile j's logits `s` with the pairs its rows may not see set to -inf: key k is visible to a query at position i
+    when `lo[k] <= i < hi[k]`. A column chunk's keys (gathered positions p) have lo = p + W + 1, hi = column_end[p]; a
+    band tile's (n = its first key + 0, 1, ...) lo = n, hi = n + W + 1, and hi = 0 for a masked key or one past the
+    sequence. The band's interior tiles [a, d) are returned as they are (every row sees every key) unless there is a
+    key mask."""
+    o = gl.arange(0, BN, layout=gl.SliceLayout(0, s_l))
+    if USE_COLS and j < n_chunks:
+        o_c = j * BN + o
+        real = o_c < n_col
+        pos = gl.load(cols_row + o_c, mask=real, other=0)
+        hi = gl.load(ce + (i_b.to(gl.int64) * T + pos) * HKV + i_hk, mask=real, other=0)
+        if USE_KM:
+            hi = gl.where(gl.load(km + i_b.to(gl.int64) * T + pos, mask=real, other=0).to(gl.int1), hi, 0)
+        s = gl.where((pos_r[:, None] > (pos + W)[None, :]) & (pos_r[:, None] < hi[None, :]), s, float("-inf"))
+    else:
+        n0 = s0 + (j - n_chunks) * BN
+        if (n0 < a) | (n0 >= d) | USE_KM:
+            pos = n0 + o
+            key = pos < T
+            if USE_KM:
+                key = key & gl.load(km + i_b.to(gl.int64) * T + pos, mask=key, other=0).to(gl.int1)
+            hi = gl.where(key, pos + W + 1, 0)
+            s = gl.where((pos_r[:, None] >= pos[None, :]) & (pos_r[:, None] < hi[None, :]), s, float("-inf"))
+    return s
 
 
 @gluon.jit
@@ -100,11 +124,11 @@ def _fwd_wgmma_kernel(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BN, 16]
     )
     o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, D, 16])
-    p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
     TPR: gl.constexpr = D // 8  # threads per row of a `[rows, D]` copy, 16 bytes each
     ld_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [num_warps, 1], [1, 0])
     q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, D], dtype)
     kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, D], dtype)
+    p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BN], dtype)
 
     i_bk = gl.program_id(1)
     i_b, i_hk = i_bk // HKV, i_bk % HKV
@@ -133,53 +157,51 @@ def _fwd_wgmma_kernel(
     n_tiles = n_chunks + gl.cdiv(t_end - s0, BN)
 
     pos_r = t0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s_l)) % BMQ
-    acc = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, layout=o_l))  # a product's result, possibly in flight
+    acc = gl.zeros([BM, D], gl.float32, layout=o_l)
     m_i = gl.full([BM], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_l))
     l_i = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, s_l))
     zero_s = gl.zeros([BM, BN], gl.float32, layout=s_l)
 
     AHEAD: gl.constexpr = STAGES - 2  # tiles copied ahead; two more slots hold the tiles whose products run
     for j in gl.static_range(AHEAD):
-        _issue_tile(j, n_tiles, n_chunks, n_col, s0, cols_row, k_slab, v_slab, k_s.index(j), v_s.index(j), T,
-                    HKV, D, BN, ld_l, USE_COLS)  # fmt: skip
+        _issue_tile(j, n_chunks, n_col, s0, cols_row, k_slab, v_slab, k_s.index(j), v_s.index(j), T, HKV, D, BN, ld_l,
+                    USE_COLS)  # fmt: skip
+    # Tile j's softmax runs while the tensor cores compute o += p_{j-1} v_{j-1} and the logits of tile j + 1; both
+    # are waited for at the end of the step, so that no product is in flight across the loop's back edge (ptxas
+    # serialises every product of a kernel whose code reads a product's registers while it may still run). p goes
+    # through shared memory, in two slots: p_j is stored before that wait (slot j % 2; the product in flight reads the
+    # other), so ptxas cannot schedule the wait before the exponentials (with p in registers it waited first, to reuse
+    # the registers of p_{j-1}). Tile 0's step adds p_{-1} v_{-1} = 0: the zeros stored here into slot 1 and into the
+    # K/V slot of tile -1.
+    p_s = gl.allocate_shared_memory(dtype, [2, BM, BN], p_sl)
+    p_s.index(1).store(gl.zeros([BM, BN], dtype, layout=s_l))
+    v_s.index(STAGES - 1).store(gl.zeros([BN, D], dtype, layout=ld_l))
     async_copy.wait_group(AHEAD - 1)
-    # Each thread orders its copies (generic proxy) before the products' reads (async proxy), then all threads meet.
+    # Each thread orders its copies and stores (generic proxy) before the products' reads (async proxy), then all
+    # threads meet.
     fence_async_shared()
     _thread_barrier()
     s = warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), zero_s, use_acc=False)
     for j in range(0, n_tiles):
-        # In flight here: o += p_{j-1} v_{j-1}. Slots: j - 1 and j (values being read), j + 1 .. j + AHEAD - 1
-        # (copied or being copied), j + AHEAD = j - 2 (free: every warpgroup finished with tile j - 2 before the
-        # barrier below).
+        # Slots: j - 1 (its v being read) and j + 1 (its k being read), j, j + 2 .. j + AHEAD - 1 (copied or being
+        # copied), j + AHEAD = j - 2 (free: every warp finished with tile j - 2 before the barrier below).
         async_copy.wait_group(AHEAD - 2)  # tile j + 1 has landed
         fence_async_shared()
         _thread_barrier()
-        # The next tile's logits (zeros past the last tile) run on the tensor cores during this tile's softmax; they
-        # are issued before the copies, whose addresses may wait on a load of column positions.
+        acc = warpgroup_mma(p_s.index((j + 1) % 2), v_s.index((j + STAGES - 1) % STAGES), acc, is_async=True)
         s_next = warpgroup_mma(q_s, k_s.index((j + 1) % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         ahead = j + AHEAD
-        _issue_tile(ahead, n_tiles, n_chunks, n_col, s0, cols_row, k_slab, v_slab, k_s.index(ahead % STAGES),
+        _issue_tile(ahead, n_chunks, n_col, s0, cols_row, k_slab, v_slab, k_s.index(ahead % STAGES),
                     v_s.index(ahead % STAGES), T, HKV, D, BN, ld_l, USE_COLS)  # fmt: skip
-        pos, real, is_col = _tile_keys(j, n_chunks, n_col, s0, cols_row, T, BN, gl.SliceLayout(0, s_l), USE_COLS)
-        n0 = s0 + (j - n_chunks) * BN
-        if is_col | (n0 < a) | (n0 >= d) | USE_KM:
-            band_key = real
-            if USE_KM:
-                band_key = band_key & gl.load(km + i_b.to(gl.int64) * T + pos, mask=real, other=0).to(gl.int1)
-            lo = pos
-            hi = gl.where(band_key, pos + W + 1, 0)
-            if USE_COLS:
-                c_end = gl.load(ce + (i_b.to(gl.int64) * T + pos) * HKV + i_hk, mask=real & is_col, other=0)
-                lo = gl.where(is_col, pos + W + 1, lo)
-                hi = gl.where(is_col, gl.where(real, c_end, 0), hi)
-            vis = (pos_r[:, None] >= lo[None, :]) & (pos_r[:, None] < hi[None, :])
-            s = gl.where(vis, s, float("-inf"))
+        s = _visible_logits(s, j, n_chunks, n_col, s0, a, d, pos_r, cols_row, ce, km, i_b, i_hk, T, W, HKV, BN, s_l,
+                            USE_COLS, USE_KM)  # fmt: skip
         p, alpha, m_i, l_i = online_softmax(s, m_i, l_i, scale)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))  # o += p_{j-1} v_{j-1} is done, s_next may run on
+        p_s.index(j % 2).store(p.to(dtype))  # read by the next step's product, after its fence and barrier
+        acc, s = warpgroup_mma_wait(num_outstanding=0, deps=(acc, s_next))
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_s.index(j % STAGES), acc, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next,))  # s_next is done, o += p_j v_j may run on
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    fence_async_shared()
+    _thread_barrier()
+    acc = warpgroup_mma(p_s.index((n_tiles - 1) % 2), v_s.index((n_tiles - 1) % STAGES), acc)
     async_copy.wait_group(0)
 
     seen = l_i > 0
