@@ -16,7 +16,8 @@ after issuing them, so within a warp the tile's products, exponentials and FP32 
 Two things keep ptxas from undoing the overlap, both checked on the CPU in the compiled code: no product is in flight
 across the loop's back edge, or where the code reads its registers (ptxas then serialises every product of the
 kernel), and p goes through shared memory, stored before the wait (with p in registers ptxas moved the wait before
-the exponentials, to give the next p the registers of the last one).
+the exponentials, to give the next p the registers of the last one). The loop takes two steps per trip, so that
+neither step's logits need copying at the back edge.
 
 A program's tiles are one sequence, its column chunks first and then its band tiles, into a ring of STAGES
 shared-memory slots: a chunk's K and V rows gathered by the positions in the column list, a band tile's consecutive
@@ -111,6 +112,33 @@ def _visible_logits(s, j, n_chunks, n_col, s0, a, d, pos_r, cols_row, ce, km, i_
 
 
 @gluon.jit
+def _step(j, acc, s, m_i, l_i, q_s, k_s, v_s, p_s, zero_s, n_chunks, n_col, s0, a, d, pos_r, cols_row, ce, km, k_slab,
+          v_slab, i_b, i_hk, T, W, scale, HKV: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+          s_l: gl.constexpr, o_l: gl.constexpr, ld_l: gl.constexpr, USE_COLS: gl.constexpr,
+          USE_KM: gl.constexpr):  # fmt: skip
+    """Tile j's step (see the module docstring): o += p_{j-1} v_{j-1} and S_{j+1} on the tensor cores while tile j's
+    logits `s` are masked and softmaxed -> (o, S_{j+1}, m, l), every product waited for."""
+    AHEAD: gl.constexpr = STAGES - 2
+    # Slots: j - 1 (its v being read) and j + 1 (its k being read), j, j + 2 .. j + AHEAD - 1 (copied or being
+    # copied), j + AHEAD = j - 2 (free: every warp finished with tile j - 2 before the barrier below).
+    async_copy.wait_group(AHEAD - 2)  # tile j + 1 has landed
+    fence_async_shared()
+    _thread_barrier()
+    acc = warpgroup_mma(p_s.index((j + 1) % 2), v_s.index((j + STAGES - 1) % STAGES), acc, is_async=True)
+    s_next = warpgroup_mma(q_s, k_s.index((j + 1) % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    ahead = j + AHEAD
+    _issue_tile(ahead, n_chunks, n_col, s0, cols_row, k_slab, v_slab, k_s.index(ahead % STAGES),
+                v_s.index(ahead % STAGES), T, HKV, D, BN, ld_l, USE_COLS)  # fmt: skip
+    s = _visible_logits(s, j, n_chunks, n_col, s0, a, d, pos_r, cols_row, ce, km, i_b, i_hk, T, W, HKV, BN, s_l,
+                        USE_COLS, USE_KM)  # fmt: skip
+    p, alpha, m_i, l_i = online_softmax(s, m_i, l_i, scale)
+    p_s.index(j % 2).store(p.to(p_s.dtype))  # read by the next step's product, after its fence and barrier
+    acc, s_next = warpgroup_mma_wait(num_outstanding=0, deps=(acc, s_next))
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
+    return acc, s_next, m_i, l_i
+
+
+@gluon.jit
 def _fwd_wgmma_kernel(
     q, k, v, o, lse, ce, km, cols, ccount, scale, T, W,
     HQ: gl.constexpr, HKV: gl.constexpr, GP: gl.constexpr, D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
@@ -182,23 +210,19 @@ def _fwd_wgmma_kernel(
     fence_async_shared()
     _thread_barrier()
     s = warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), zero_s, use_acc=False)
-    for j in range(0, n_tiles):
-        # Slots: j - 1 (its v being read) and j + 1 (its k being read), j, j + 2 .. j + AHEAD - 1 (copied or being
-        # copied), j + AHEAD = j - 2 (free: every warp finished with tile j - 2 before the barrier below).
-        async_copy.wait_group(AHEAD - 2)  # tile j + 1 has landed
-        fence_async_shared()
-        _thread_barrier()
-        acc = warpgroup_mma(p_s.index((j + 1) % 2), v_s.index((j + STAGES - 1) % STAGES), acc, is_async=True)
-        s_next = warpgroup_mma(q_s, k_s.index((j + 1) % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        ahead = j + AHEAD
-        _issue_tile(ahead, n_chunks, n_col, s0, cols_row, k_slab, v_slab, k_s.index(ahead % STAGES),
-                    v_s.index(ahead % STAGES), T, HKV, D, BN, ld_l, USE_COLS)  # fmt: skip
-        s = _visible_logits(s, j, n_chunks, n_col, s0, a, d, pos_r, cols_row, ce, km, i_b, i_hk, T, W, HKV, BN, s_l,
-                            USE_COLS, USE_KM)  # fmt: skip
-        p, alpha, m_i, l_i = online_softmax(s, m_i, l_i, scale)
-        p_s.index(j % 2).store(p.to(dtype))  # read by the next step's product, after its fence and barrier
-        acc, s = warpgroup_mma_wait(num_outstanding=0, deps=(acc, s_next))
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
+    # Two steps per trip: each step's logits then land in registers the other step's logits left free, where one step
+    # per trip would copy them at the back edge (32 moves a thread per tile at BM * BN / 128 threads = 32).
+    for j in range(0, n_tiles - 1, 2):
+        acc, s, m_i, l_i = _step(j, acc, s, m_i, l_i, q_s, k_s, v_s, p_s, zero_s, n_chunks, n_col, s0, a, d, pos_r,
+                                 cols_row, ce, km, k_slab, v_slab, i_b, i_hk, T, W, scale, HKV, D, BN, STAGES, s_l,
+                                 o_l, ld_l, USE_COLS, USE_KM)  # fmt: skip
+        acc, s, m_i, l_i = _step(j + 1, acc, s, m_i, l_i, q_s, k_s, v_s, p_s, zero_s, n_chunks, n_col, s0, a, d,
+                                 pos_r, cols_row, ce, km, k_slab, v_slab, i_b, i_hk, T, W, scale, HKV, D, BN, STAGES,
+                                 s_l, o_l, ld_l, USE_COLS, USE_KM)  # fmt: skip
+    if n_tiles % 2 == 1:
+        acc, s, m_i, l_i = _step(n_tiles - 1, acc, s, m_i, l_i, q_s, k_s, v_s, p_s, zero_s, n_chunks, n_col, s0, a,
+                                 d, pos_r, cols_row, ce, km, k_slab, v_slab, i_b, i_hk, T, W, scale, HKV, D, BN,
+                                 STAGES, s_l, o_l, ld_l, USE_COLS, USE_KM)  # fmt: skip
     fence_async_shared()
     _thread_barrier()
     acc = warpgroup_mma(p_s.index((n_tiles - 1) % 2), v_s.index((n_tiles - 1) % STAGES), acc)
