@@ -201,7 +201,8 @@ SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*
 def loop_paths(text: str) -> list[dict]:
     """The loops of a kernel's SASS (a branch back to an earlier address), each with the fewest and the most
     instructions a thread issues on one trip from its head to its back edge (inner loops, such as waits that spin on
-    a barrier, counted once), and the opcodes of the fewest: a loop's cost in issue slots, per path. Largest first."""
+    a barrier, counted once), and the twelve commonest opcodes of the fewest (`MUFU` for `MUFU.EX2`): a loop's cost in
+    issue slots, per path. Largest first."""
     code = [(int(m.group(1), 16), m.group(2) is not None, m.group(3), m.group(4)) for m in SASS_LINE.finditer(text)]
 
     def target(op: str, operands: str) -> int | None:
@@ -233,8 +234,9 @@ def loop_paths(text: str) -> list[dict]:
                 most[j] = max(most[j] or 0, most[i] + 1)
         if fewest[-1] is None:
             continue
+        mix = Counter(op.split(".")[0] for op in fewest[-1][1])
         loops.append({"head": hex(head), "latch": hex(latch), "fewest": fewest[-1][0], "most": most[-1],
-                      "fewest_mix": dict(Counter(fewest[-1][1]).most_common())})  # fmt: skip
+                      "fewest_mix": dict(mix.most_common(12))})  # fmt: skip
     return sorted(loops, key=lambda loop: -loop["most"])
 
 
