@@ -82,7 +82,7 @@ def _issue_tile(j, n_chunks, n_col, s0, cols_row, k_slab, v_slab, k_slot, v_slot
 
 
 @gluon.jit
-def _visible_logits(s, j, n_chunks, n_col, s0, a, d, pos_r, cols_row, ce, km, i_b, i_hk, T, W,
+def _visible_logits(s, j, n_chunks, n_col, s0, a, d, pos_r, cols_row, ce_row, km_row, T, W,
                     HKV: gl.constexpr, BN: gl.constexpr, s_l: gl.constexpr, USE_COLS: gl.constexpr,
                     USE_KM: gl.constexpr):  # fmt: skip
     """Tile j's logits `s` with the pairs its rows may not see set to -inf: key k is visible to a query at position i
@@ -95,9 +95,9 @@ def _visible_logits(s, j, n_chunks, n_col, s0, a, d, pos_r, cols_row, ce, km, i_
         o_c = j * BN + o
         real = o_c < n_col
         pos = gl.load(cols_row + o_c, mask=real, other=0)
-        hi = gl.load(ce + (i_b.to(gl.int64) * T + pos) * HKV + i_hk, mask=real, other=0)
+        hi = gl.load(ce_row + pos * HKV, mask=real, other=0)
         if USE_KM:
-            hi = gl.where(gl.load(km + i_b.to(gl.int64) * T + pos, mask=real, other=0).to(gl.int1), hi, 0)
+            hi = gl.where(gl.load(km_row + pos, mask=real, other=0).to(gl.int1), hi, 0)
         s = gl.where((pos_r[:, None] > (pos + W)[None, :]) & (pos_r[:, None] < hi[None, :]), s, float("-inf"))
     else:
         n0 = s0 + (j - n_chunks) * BN
@@ -105,16 +105,16 @@ def _visible_logits(s, j, n_chunks, n_col, s0, a, d, pos_r, cols_row, ce, km, i_
             pos = n0 + o
             key = pos < T
             if USE_KM:
-                key = key & gl.load(km + i_b.to(gl.int64) * T + pos, mask=key, other=0).to(gl.int1)
+                key = key & gl.load(km_row + pos, mask=key, other=0).to(gl.int1)
             hi = gl.where(key, pos + W + 1, 0)
             s = gl.where((pos_r[:, None] >= pos[None, :]) & (pos_r[:, None] < hi[None, :]), s, float("-inf"))
     return s
 
 
 @gluon.jit
-def _step(j, acc, s, m_i, l_i, q_s, k_s, v_s, p_s, zero_s, n_chunks, n_col, s0, a, d, pos_r, cols_row, ce, km, k_slab,
-          v_slab, i_b, i_hk, T, W, scale, HKV: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
-          s_l: gl.constexpr, o_l: gl.constexpr, ld_l: gl.constexpr, USE_COLS: gl.constexpr,
+def _step(j, acc, s, m_i, l_i, q_s, k_s, v_s, p_s, zero_s, n_chunks, n_col, s0, a, d, pos_r, cols_row, ce_row,
+          km_row, k_slab, v_slab, T, W, scale, HKV: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
+          STAGES: gl.constexpr, s_l: gl.constexpr, o_l: gl.constexpr, ld_l: gl.constexpr, USE_COLS: gl.constexpr,
           USE_KM: gl.constexpr):  # fmt: skip
     """Tile j's step (see the module docstring): o += p_{j-1} v_{j-1} and S_{j+1} on the tensor cores while tile j's
     logits `s` are masked and softmaxed -> (o, S_{j+1}, m, l), every product waited for."""
@@ -129,8 +129,8 @@ def _step(j, acc, s, m_i, l_i, q_s, k_s, v_s, p_s, zero_s, n_chunks, n_col, s0, 
     ahead = j + AHEAD
     _issue_tile(ahead, n_chunks, n_col, s0, cols_row, k_slab, v_slab, k_s.index(ahead % STAGES),
                 v_s.index(ahead % STAGES), T, HKV, D, BN, ld_l, USE_COLS)  # fmt: skip
-    s = _visible_logits(s, j, n_chunks, n_col, s0, a, d, pos_r, cols_row, ce, km, i_b, i_hk, T, W, HKV, BN, s_l,
-                        USE_COLS, USE_KM)  # fmt: skip
+    s = _visible_logits(s, j, n_chunks, n_col, s0, a, d, pos_r, cols_row, ce_row, km_row, T, W, HKV, BN, s_l, USE_COLS,
+                        USE_KM)  # fmt: skip
     p, alpha, m_i, l_i = online_softmax(s, m_i, l_i, scale)
     p_s.index(j % 2).store(p.to(p_s.dtype))  # read by the next step's product, after its fence and barrier
     acc, s_next = warpgroup_mma_wait(num_outstanding=0, deps=(acc, s_next))
@@ -174,6 +174,8 @@ def _fwd_wgmma_kernel(
     k_slab = k + (i_b.to(gl.int64) * T * HKV + i_hk) * D
     v_slab = v + (i_b.to(gl.int64) * T * HKV + i_hk) * D
     cols_row = cols + i_bk.to(gl.int64) * T
+    ce_row = ce + i_b.to(gl.int64) * T * HKV + i_hk  # column ends of the kv head, a stride HKV apart
+    km_row = km + i_b.to(gl.int64) * T
 
     # The program's tiles: its column chunks (columns older than the band of its last row), then its band tiles
     # [s0, t_end): edge tiles [s0, a), interior [a, d) where every row sees every key, edge [d, t_end).
@@ -211,17 +213,17 @@ def _fwd_wgmma_kernel(
     _thread_barrier()
     s = warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), zero_s, use_acc=False)
     # Two steps per trip: each step's logits then land in registers the other step's logits left free, where one step
-    # per trip would copy them at the back edge (32 moves a thread per tile at BM * BN / 128 threads = 32).
+    # per trip would copy them at the back edge (a move per logit a thread holds).
     for j in range(0, n_tiles - 1, 2):
         acc, s, m_i, l_i = _step(j, acc, s, m_i, l_i, q_s, k_s, v_s, p_s, zero_s, n_chunks, n_col, s0, a, d, pos_r,
-                                 cols_row, ce, km, k_slab, v_slab, i_b, i_hk, T, W, scale, HKV, D, BN, STAGES, s_l,
+                                 cols_row, ce_row, km_row, k_slab, v_slab, T, W, scale, HKV, D, BN, STAGES, s_l,
                                  o_l, ld_l, USE_COLS, USE_KM)  # fmt: skip
         acc, s, m_i, l_i = _step(j + 1, acc, s, m_i, l_i, q_s, k_s, v_s, p_s, zero_s, n_chunks, n_col, s0, a, d,
-                                 pos_r, cols_row, ce, km, k_slab, v_slab, i_b, i_hk, T, W, scale, HKV, D, BN, STAGES,
+                                 pos_r, cols_row, ce_row, km_row, k_slab, v_slab, T, W, scale, HKV, D, BN, STAGES,
                                  s_l, o_l, ld_l, USE_COLS, USE_KM)  # fmt: skip
     if n_tiles % 2 == 1:
         acc, s, m_i, l_i = _step(n_tiles - 1, acc, s, m_i, l_i, q_s, k_s, v_s, p_s, zero_s, n_chunks, n_col, s0, a,
-                                 d, pos_r, cols_row, ce, km, k_slab, v_slab, i_b, i_hk, T, W, scale, HKV, D, BN,
+                                 d, pos_r, cols_row, ce_row, km_row, k_slab, v_slab, T, W, scale, HKV, D, BN,
                                  STAGES, s_l, o_l, ld_l, USE_COLS, USE_KM)  # fmt: skip
     fence_async_shared()
     _thread_barrier()
