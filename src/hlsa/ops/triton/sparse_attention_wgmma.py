@@ -200,9 +200,9 @@ def _fwd_wgmma_kernel(
     # are waited for at the end of the step, so that no product is in flight across the loop's back edge (ptxas
     # serialises every product of a kernel whose code reads a product's registers while it may still run). p goes
     # through shared memory, in two slots: p_j is stored before that wait (slot j % 2; the product in flight reads the
-    # other), so ptxas cannot schedule the wait before the exponentials (with p in registers it waited first, to reuse
-    # the registers of p_{j-1}). Tile 0's step adds p_{-1} v_{-1} = 0: the zeros stored here into slot 1 and into the
-    # K/V slot of tile -1.
+    # other), and ptxas keeps the wait after the exponentials (with p in registers it waited first, to reuse the
+    # registers of p_{j-1}; the CPU tests check the SASS). Tile 0's step adds p_{-1} v_{-1} = 0: the zeros stored here
+    # into p slot 1 and into the V slot of tile -1.
     p_s = gl.allocate_shared_memory(dtype, [2, BM, BN], p_sl)
     p_s.index(1).store(gl.zeros([BM, BN], dtype, layout=s_l))
     v_s.index(STAGES - 1).store(gl.zeros([BN, D], dtype, layout=ld_l))
