@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from attention_tiles import HKV, HQ, KERNELS, SMEM_DEFAULT, TOKENS, Case, candidates, cfg_name, parse_kernels
+from attention_tiles import HKV, HQ, KERNELS, TOKENS, Case, candidates, cfg_name, parse_kernels, smem_limit
 from benchlib import add_output_args, error_text, machine, result_path, write_result
 
 # The kernels each launcher runs that ncu profiles, in launch order (dk/dv's row-zeroing kernel is left out).
@@ -290,8 +290,7 @@ def main() -> None:
     if ncu is None:
         sys.exit("kernel_counters.py: no ncu on the PATH or in /opt/nvidia/nsight-compute; set NCU to the binary")
     names, dims = parse_kernels(args.kernels), [int(x) for x in args.dims.split(",")]
-    props = torch.cuda.get_device_properties(0)
-    launches = plan_launches(names, dims, getattr(props, "shared_memory_per_block_optin", 0) or SMEM_DEFAULT)
+    launches = plan_launches(names, dims, smem_limit())
     print(f"profiling {len(launches)} launches with {ncu}", flush=True)
     statuses, text, info = run_ncu(ncu, launches, args.length, args.timeout_s)
     kernels, units = parse_raw_csv(text)
